@@ -1,0 +1,202 @@
+"""Hugging Face model directory (config.json + safetensors) <-> cybertron ModelConfig and state dict.
+
+Our parameter names equal HF's minus the `model.` prefix, and RoPE uses HF's half-rotation convention, so
+conversion is a rename table: no permutation of q/k weights and no per-family code paths. A new family is
+a new row in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cybertron.errors import UserError
+from cybertron.models.config import ModelConfig
+from cybertron.models.llama import Transformer
+
+# Architecture -> fixed features of the family (fields that HF configs imply rather than state).
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {"model_type": "llama"},
+    "MistralForCausalLM": {"model_type": "mistral"},
+    "Qwen2ForCausalLM": {"model_type": "qwen2", "qkv_bias": True},
+    "Qwen3ForCausalLM": {"model_type": "qwen3", "qk_norm": True},
+}
+
+# HF config key -> ModelConfig field, for the keys whose meaning is shared by every family above.
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "intermediate_size": "ffn_dim",
+    "rms_norm_eps": "norm_eps",
+    "max_position_embeddings": "max_seq_len",
+    "tie_word_embeddings": "tie_embeddings",
+}
+# HF fields we carry through untouched so an exported config is as complete as the imported one.
+_PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "use_sliding_window",
+                "initializer_range", "hidden_act")
+
+
+def hf_key_to_ours(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def our_key_to_hf(key: str) -> str:
+    return key if key.startswith("lm_head.") else "model." + key
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a parsed HF config.json; UserError for an architecture we do not implement."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unsupported architecture {arch!r} in config.json; supported: {', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[arch]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json; only 'silu' (SwiGLU)")
+    values: dict[str, Any] = {ours: hf[key] for key, ours in _CONFIG_KEYS.items() if key in hf}
+    values.setdefault("n_kv_heads", values.get("n_heads"))
+    if hf.get("head_dim") and hf["head_dim"] != hf["hidden_size"] // hf["num_attention_heads"]:
+        values["head_dim"] = hf["head_dim"]
+    # transformers >= 5 nests RoPE settings in `rope_parameters`; older files use rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or {})
+    values["rope_theta"] = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    values["rope_scaling"] = dict(scaling) if scaling else None
+    values["qkv_bias"] = bool(family.get("qkv_bias", hf.get("attention_bias", False)))
+    values["qk_norm"] = bool(family.get("qk_norm", False))
+    values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
+    try:
+        cfg = ModelConfig(**values)
+        cfg.validate()
+    except (TypeError, ValueError) as err:
+        raise UserError(f"config.json describes an impossible model: {err}") from err
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """An HF config.json dict that `transformers.AutoModelForCausalLM` builds the same model from."""
+    arch = cfg.extra.get("architecture")
+    if arch not in ARCHITECTURES:
+        arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    hf: dict[str, Any] = {"architectures": [arch], "model_type": ARCHITECTURES[arch]["model_type"]}
+    hf.update({key: getattr(cfg, ours) for key, ours in _CONFIG_KEYS.items()})
+    hf["head_dim"] = cfg.head_size
+    hf["hidden_act"] = "silu"
+    hf["attention_bias"] = cfg.qkv_bias
+    hf["rope_theta"] = cfg.rope_theta
+    hf["rope_scaling"] = cfg.rope_scaling
+    hf["rope_parameters"] = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
+    hf["torch_dtype"] = torch_dtype
+    hf["dtype"] = torch_dtype
+    hf.update({k: v for k, v in cfg.extra.items() if k != "architecture"})
+    return hf
+
+
+def read_hf_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} is not a Hugging Face model directory: config.json is missing")
+    try:
+        return config_from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    raise UserError(f"{model_dir} has no weights: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_hf_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory (single or sharded safetensors), renamed to our keys."""
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(model_dir)):
+        if not file.is_file():
+            raise UserError(f"weight shard {file} listed in the index is missing")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    state[hf_key_to_ours(key)] = tensor.to(dtype) if dtype is not None else tensor
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"cannot read weights from {file}: {err}") from err
+    return state
+
+
+def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build our Transformer from an HF directory with its weights (no random init is spent)."""
+    cfg = read_hf_config(model_dir)
+    state = read_hf_state_dict(model_dir, dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise UserError(f"weights in {model_dir} do not match config.json: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.to(device)
+
+
+def save_hf_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write config.json and safetensors (sharded with an index above max_shard_bytes) that `transformers`
+    loads. `state_dict` uses our keys and holds full (unsharded) tensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in state_dict.items():
+        if cfg.tie_embeddings and key == "lm_head.weight":
+            continue  # HF stores a tied head once, as the embedding
+        value = value.detach().to("cpu")
+        tensors[our_key_to_hf(key)] = (value.to(dtype) if dtype is not None else value).contiguous()
+    saved_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    shards = _split_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, saved_dtype), indent=2))
+    return out
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards

@@ -1,0 +1,210 @@
+"""Llama-family decoder: RMSNorm, RoPE (HF convention), grouped-query attention, SwiGLU.
+
+One plain single-device module. Parallelism is applied to it from outside (cybertron/parallel), so:
+- attention infers local head counts from tensor shapes (`view(b, t, -1, head_dim)`), which is what lets
+  tensor parallelism shard q/k/v column-wise without this file knowing;
+- blocks live in a ModuleDict keyed by their index, so a pipeline stage that keeps layers 4..7 still calls
+  them `layers.4` .. `layers.7` and checkpoints stay layout-independent;
+- embedding, final norm and output head are optional, so a pipeline stage can drop them.
+Parameter names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...); see models/hf.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cybertron.models.config import ModelConfig
+from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+class KVCache(Protocol):
+    """What attention needs from a KV cache. The cache owns storage *and* the attention over it (a paged
+    cache runs paged attention), so the model code is the same for training, generation and serving."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (batch, seq, kv_heads, head_dim) for this layer and return attention output
+        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, exactly as HF does (parity under bf16 too).
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = cfg.head_size
+        hd = self.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        # Local head counts come from the shapes: under tensor parallelism each rank holds a slice.
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            out = cache.attend(self.layer_idx, q, k, v)
+        else:
+            out = causal_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA over (B, T, heads, hd) tensors; `mask` (B, 1, T, T) bool replaces the plain causal mask."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """`model(tokens, positions=None, cache=None)` -> logits (B, T, vocab), or hidden states for a
+    pipeline stage without an output head. A stage without an embedding takes hidden states (B, T, dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        b, t = h.shape[:2]
+        mask = None
+        if positions is None:
+            positions = torch.arange(t, device=h.device).expand(b, t)
+        else:
+            positions = positions.expand(b, t) if positions.dim() == 1 else positions
+            if cache is None:
+                mask = document_causal_mask(positions)
+        inv_freq = inverse_frequencies(self.config.head_size, self.config.rope_theta, self.config.rope_scaling,
+                                       device=h.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, h.dtype)
+        for block in self.layers.values():
+            h = block(h, cos, sin, mask, cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.lm_head is not None:
+            h = self.lm_head(h)
+        return h
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                s = residual_std if name.endswith(("o_proj", "down_proj")) else std
+                _normal_(module.weight, s, gen)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                _normal_(module.weight, std, gen)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+
+def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+    # Draw on CPU with an explicit generator so every device and layout gets the very same weights.
+    values = torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
+
+
+def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row. A document starts
+    wherever the position restarts at 0 (or drops), so packed examples never see each other."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
+    doc = starts.cumsum(dim=1)
+    t = positions.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:
+    """Build on `device` and initialise deterministically (meta device: shapes only, no init)."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    if str(device) != "meta":
+        model.init_weights(seed)
+    return model

@@ -1,0 +1,58 @@
+"""Named model shapes. Data, not code: a new shape is a new entry here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cybertron.models.config import ModelConfig
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on the bundled corpus in minutes on 2 CPU cores (the embedded default).
+    "tiny": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768,
+                 max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
+    # Used by tests: a few thousand parameters per layer, fast in every parallel layout.
+    "debug": dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    "llama3-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                      norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
+                      tie_embeddings=True),
+    "llama3-3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
+                      norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
+                      tie_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072),
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                      norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
+    "mistral-7b": dict(vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768),
+    "qwen2-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+                       norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True,
+                       tie_embeddings=True),
+    "qwen2-7b": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
+                     norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True),
+    "qwen3-0.6b": dict(vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       ffn_dim=3072, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, qk_norm=True,
+                       tie_embeddings=True),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig for a named preset, with field overrides (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = dict(PRESETS[name])
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown model field {key!r}")
+        if value is not None:
+            values[key] = value
+    return ModelConfig(**values)

@@ -1,0 +1,60 @@
+"""Rotary position embeddings in Hugging Face's convention (rotate_half over two contiguous halves).
+
+Matching HF exactly (same frequencies, fp32 cos/sin, the same half rotation) is what lets checkpoints move
+between cybertron and `transformers` with a rename table and no permutation of q/k weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None, device=None) -> torch.Tensor:
+    """Per-pair rotation frequencies, with Llama 3's long-context scaling when `scaling` asks for it."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type in (None, "default"):
+        return inv_freq
+    if rope_type == "llama3":
+        return _llama3_scaled(inv_freq, scaling)
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly.
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (batch, seq, head_dim) for integer positions of shape (batch, seq)."""
+    # Computed in fp32 whatever the autocast state, as HF does: bf16 angles lose whole radians at 8k.
+    with torch.autocast(device_type=positions.device.type, enabled=False):
+        freqs = positions[..., None].float() * inv_freq.float().to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (batch, seq, heads, head_dim) by angles of shape (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (x * cos) + (_rotate_half(x) * sin)

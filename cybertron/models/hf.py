@@ -155,8 +155,7 @@ def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"weights in {model_dir} do not match config.json: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model.tie_weights()
     return model.to(device)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from cybertron.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""One entry point: `cybertron <command> ...`. Each command's own module parses its flags; this file only
+dispatches and turns user errors into one clear line and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from cybertron.errors import UserError
+
+# command -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("cybertron.train.run", "main", "pretrain a model (default: the tiny preset on the stdlib corpus)"),
+    "generate": ("cybertron.serve.generate_cli", "main", "sample text from a run directory or HF model"),
+    "serve": ("cybertron.serve.server", "main", "OpenAI-compatible HTTP server"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cybertron <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`cybertron <command> --help` lists the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            argv = ["train"]  # the embedded default: `cybertron` alone trains the tiny preset
+        else:
+            print(_usage())
+            return 0
+    name, rest = argv[0], argv[1:]
+    if name.startswith("-"):
+        name, rest = "train", argv  # `cybertron --steps 10` means train
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Run configuration: typed dataclass sections, a TOML file (`--config FILE`) and `--section.key=value`
+overrides. Every key is validated; an unknown key is named with the closest valid one."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cybertron.errors import ConfigError
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - `help` reads best at call sites
+    """A config field with its meaning, shown by `--help`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelSection:
+    preset: str = opt("tiny", "named shape from cybertron/models/presets.py (tiny, debug, llama3-1b, ...)")
+    init_from: str = opt("", "Hugging Face model directory to start from instead of random weights")
+    vocab_size: int | None = opt(None, "override the preset's vocabulary size (default: the tokenizer's)")
+    dim: int | None = opt(None, "override the hidden size")
+    n_layers: int | None = opt(None, "override the number of layers")
+    n_heads: int | None = opt(None, "override the number of attention heads")
+    n_kv_heads: int | None = opt(None, "override the number of key/value heads (GQA)")
+    ffn_dim: int | None = opt(None, "override the SwiGLU hidden size")
+    max_seq_len: int | None = opt(None, "override the longest sequence the model accepts")
+    tie_embeddings: bool | None = opt(None, "override whether the output head shares the embedding")
+
+
+@dataclass
+class DataSection:
+    path: str = opt("", "text file, folder, .jsonl or .parquet; empty = the Python stdlib's own source")
+    text_field: str = opt("text", "field holding the text in .jsonl/.parquet records")
+    tokenizer: str = opt("", "tokenizer.json (or a folder with one); empty = train a BPE tokenizer on the data")
+    vocab_size: int = opt(4096, "vocabulary size when training a tokenizer")
+    tokenizer_train_chars: int = opt(8_000_000, "characters of data the tokenizer is trained on")
+    seq_len: int = opt(256, "tokens per training sequence")
+    val_fraction: float = opt(0.01, "fraction of documents held out for validation")
+    cache_dir: str = opt("", "where tokenized shards are cached; empty = ~/.cache/cybertron")
+
+
+@dataclass
+class TrainSection:
+    steps: int = opt(300, "optimizer steps")
+    global_batch_size: int = opt(16, "sequences per optimizer step, over all data-parallel ranks")
+    micro_batch_size: int = opt(0, "sequences per forward/backward on one rank; 0 = no accumulation")
+    lr: float = opt(3e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = opt(30, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off")
+    seed: int = opt(0, "seed for weights and data order")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)")
+    device: str = opt("auto", "auto, cpu or cuda")
+    compile: bool = opt(False, "torch.compile each transformer block")
+
+
+@dataclass
+class EvalSection:
+    every: int = opt(100, "evaluate every N steps (and at the end); 0 = only at the end")
+    batches: int = opt(8, "validation batches per evaluation")
+    batch_size: int = opt(16, "sequences per validation batch")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = opt(100, "save every N steps (and at the end); 0 = only at the end")
+    keep: int = opt(2, "complete checkpoints kept; older ones are deleted")
+
+
+@dataclass
+class LogSection:
+    every: int = opt(10, "log metrics every N steps")
+    tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
+    progress: str = opt("auto", "auto (bar on a terminal), bar, or lines")
+
+
+@dataclass
+class RunSection:
+    out: str = opt("", "run directory; empty = runs/<timestamp>")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in the run directory")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+# Shortcut flags -> full keys.
+SHORTCUTS = {"--steps": "train.steps", "--out": "run.out", "--resume": "run.resume", "--device": "train.device"}
+
+
+def sections(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def all_keys(cfg: Any) -> list[str]:
+    return [f"{name}.{f.name}" for name, sec in sections(cfg).items() for f in dataclasses.fields(sec)]
+
+
+def _field_type(section: Any, key: str) -> Any:
+    hints = typing.get_type_hints(type(section))
+    return hints[key]
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a TOML or command-line value to the field's type; ConfigError naming the key if it can't."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, args[0], key)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{key} expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _unknown_key(key: str, cfg: Any) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(cfg), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else "; `--help` lists every key"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def set_key(cfg: Any, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    secs = sections(cfg)
+    if section_name not in secs or not name or name not in {f.name for f in dataclasses.fields(secs[section_name])}:
+        raise _unknown_key(key, cfg)
+    section = secs[section_name]
+    setattr(section, name, coerce(value, _field_type(section, name), key))
+
+
+def apply_toml(cfg: Any, path: str | Path) -> None:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    for section_name, values in data.items():
+        if not isinstance(values, dict):
+            raise _unknown_key(section_name, cfg)
+        for name, value in values.items():
+            set_key(cfg, f"{section_name}.{name}", value)
+
+
+def parse_args(argv: list[str], cfg: Any) -> Any:
+    """Apply `--config FILE` first, then `--section.key=value` / `--section.key value` overrides in order."""
+    pairs: list[tuple[str, Any]] = []
+    config_file = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        flag = "--" + name
+        is_bool_flag = flag == "--resume" or (flag in SHORTCUTS and SHORTCUTS[flag].endswith("resume"))
+        if not eq and not is_bool_flag:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a value")
+            value = argv[i + 1]
+            i += 1
+        elif not eq:
+            value = "true"
+        i += 1
+        if flag == "--config":
+            config_file = value
+        else:
+            pairs.append((SHORTCUTS.get(flag, name), value))
+    if config_file:
+        apply_toml(cfg, config_file)
+    for key, value in pairs:
+        set_key(cfg, key, value)
+    return cfg
+
+
+def help_text(cfg: Any, command: str) -> str:
+    lines = [f"usage: cybertron {command} [--config FILE] [--section.key=value ...]", "",
+             "shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()), ""]
+    for section_name, section in sections(cfg).items():
+        lines.append(f"[{section_name}]")
+        for f in dataclasses.fields(section):
+            default = getattr(section, f.name)
+            lines.append(f"  --{section_name}.{f.name:<24} {default!r:<14} {f.metadata.get('help', '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_toml(cfg: Any) -> str:
+    """The resolved config as TOML (None values are omitted: TOML has no null)."""
+    out = []
+    for section_name, section in sections(cfg).items():
+        out.append(f"[{section_name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if value is not None:
+                out.append(f"{f.name} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} to TOML")

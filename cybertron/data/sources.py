@@ -1,0 +1,172 @@
+"""Documents from the bundled default corpus (the stdlib's own source) or from user text/jsonl/parquet files.
+
+A *source* is a path (file or directory) or None for the default corpus. Every file is read by its
+suffix: `.jsonl`/`.json` are JSON Lines (one document per line, from a named field), `.parquet` is a
+column of a table, anything else is one UTF-8 document per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cybertron.errors import DataError
+
+# Installed third-party packages and bytecode are not "the stdlib"; they also differ between machines.
+_DEFAULT_CORPUS_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_JSON_LINES_SUFFIXES = frozenset({".jsonl", ".json"})
+_PARQUET_SUFFIX = ".parquet"
+_PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch: bounds memory on large tables
+
+
+def default_corpus_root() -> Path:
+    """The Python standard library's directory: a corpus that exists wherever Python does."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_default(path: str | None) -> bool:
+    return path is None or path == ""
+
+
+def _walk_sorted(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:
+    """Regular files under root whose directories pass keep_dir, sorted by path relative to root."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if keep_dir(d)]
+        for name in filenames:
+            file = Path(dirpath) / name
+            if keep_file(name) and file.is_file():
+                found.append(file)
+    return sorted(found, key=lambda f: f.relative_to(root).as_posix())
+
+
+def list_source_files(path: str | None) -> list[Path]:
+    """Files that make up a source: the default corpus for None/"", [path] for a file, a directory's files."""
+    if _is_default(path):
+        return _walk_sorted(
+            default_corpus_root(),
+            keep_dir=lambda d: d not in _DEFAULT_CORPUS_SKIP_DIRS,
+            keep_file=lambda name: name.endswith(".py"),
+        )
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {path} does not exist; give an existing file or directory, or none "
+                        "for the bundled default corpus")
+    if p.is_file():
+        return [p]
+    # Hidden entries (.git, .DS_Store, editor swap files) are never data.
+    visible = lambda name: not name.startswith(".")
+    return _walk_sorted(p, keep_dir=visible, keep_file=visible)
+
+
+def _source_root(path: str | None) -> Path:
+    """The directory that relative file names (for fingerprints) are taken against."""
+    if _is_default(path):
+        return default_corpus_root()
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def _iter_json_lines(file: Path, text_field: str) -> Iterator[str]:
+    with open(file, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file} line {line_number} is not UTF-8 ({e.reason}); JSON Lines files "
+                                "must be UTF-8") from e
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file} line {line_number} is not valid JSON ({e.msg}); expected one JSON "
+                                "object per line (JSON Lines)") from e
+            value = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise DataError(f"{file} line {line_number} has no string field {text_field!r}; every line "
+                                f"needs one, or set the text field to the name your file uses")
+            yield value
+
+
+def _import_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError("reading .parquet files needs pyarrow; run `pip install pyarrow`") from e
+    return pq
+
+
+def _iter_parquet(file: Path, text_field: str) -> Iterator[str]:
+    pq = _import_parquet()
+    try:
+        table = pq.ParquetFile(file)
+        names = table.schema_arrow.names
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for a bad file
+        raise DataError(f"{file} is not a readable parquet file ({e}); check that it is complete") from e
+    if text_field not in names:
+        raise DataError(f"{file} has no column {text_field!r}; its columns are {names}")
+    try:
+        for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"{file} column {text_field!r} holds {type(value).__name__} values; "
+                                    "it must hold strings")
+                if value:
+                    yield value
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{file} is not a readable parquet file ({e}); check that it is complete") from e
+
+
+def _read_text_file(file: Path, skip_undecodable: bool) -> Iterator[str]:
+    try:
+        # Decode bytes (not read_text) so documents keep their exact line endings.
+        yield file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not skip_undecodable:
+            raise DataError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 file, "
+                            ".jsonl or .parquet") from e
+
+
+def _iter_file(file: Path, text_field: str, in_directory: bool) -> Iterator[str]:
+    suffix = file.suffix.lower()
+    if suffix in _JSON_LINES_SUFFIXES:
+        return _iter_json_lines(file, text_field)
+    if suffix == _PARQUET_SUFFIX:
+        return _iter_parquet(file, text_field)
+    return _read_text_file(file, skip_undecodable=in_directory)
+
+
+def iter_documents(path: str | None, text_field: str = "text") -> Iterator[str]:
+    """Yield every non-empty document of a source, in a stable order (files sorted by relative path)."""
+    files = list_source_files(path)
+    in_directory = _is_default(path) or Path(path).is_dir()
+    found_any = False
+    for file in files:
+        for document in _iter_file(file, text_field, in_directory):
+            if document:
+                found_any = True
+                yield document
+    if not found_any:
+        name = "the default corpus" if _is_default(path) else f"data path {path}"
+        raise DataError(f"{name} contains no text; give UTF-8 text, .jsonl or .parquet files with "
+                        f"non-empty {text_field!r} values")
+
+
+def fingerprint_source(path: str | None, text_field: str) -> str:
+    """sha256 over every file's relative name and bytes plus text_field: changes when any content does."""
+    root = _source_root(path)
+    digest = hashlib.sha256()
+    digest.update(f"text_field={text_field}\0".encode())
+    for file in list_source_files(path):
+        name = file.relative_to(root).as_posix().encode()
+        data = file.read_bytes()
+        # Length prefixes keep (name, bytes) pairs unambiguous when concatenated.
+        digest.update(len(name).to_bytes(8, "little") + name)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()

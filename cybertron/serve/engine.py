@@ -1,0 +1,357 @@
+"""Continuous batching over a paged KV cache.
+
+Each `step()` is one scheduling iteration: running requests get room for their next token (the newest
+ones are preempted if the pool is full), waiting requests are admitted while blocks and batch slots last
+and are prefilled, and every running request decodes one token. Requests join and leave between steps,
+so a short request never waits for a long one to finish.
+
+A preempted request gives back all its blocks and later re-enters with prompt + output so far as its new
+prompt (recomputation); its generator keeps its state, so what it samples is unchanged.
+
+The engine is single-threaded: one thread calls add_request/cancel/step (see async_engine.py for the
+server's background loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cybertron.data.tokenizer import TextTokenizer
+from cybertron.models.llama import Transformer
+from cybertron.serve.cache import PagedKVCache
+from cybertron.serve.detokenize import OutputText
+from cybertron.serve.sampling import InvalidParameter, SamplingParams, make_generator, sample
+
+CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
+CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (streamed to its consumer)."""
+
+    request_id: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    text: str  # new text that is safe to show (stop strings already cut)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class Result:
+    """A finished generation. token_ids/logprobs hold every sampled token, the end-of-text token included
+    (so they align with what a trainer scores); `text` excludes special tokens and ends before any stop
+    string."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str = ""
+    prompt_len: int = 0
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    requests_added: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    text: OutputText | None
+    on_output: Callable[[RequestOutput], None] | None
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class Engine:
+    """`Engine(model, tokenizer)`; `add_request(prompt_ids, params)` -> id; `step()` -> outputs."""
+
+    def __init__(self, model: Transformer, tokenizer: TextTokenizer | None = None,
+                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16,
+                 device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
+                 max_prefill_tokens: int = 4096):
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size)
+        self._eos = {tokenizer.eos_id} if tokenizer is not None else set()
+        self._ids = itertools.count()
+        self._requests: dict[int, _Request] = {}
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.stats = EngineStats()
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """InvalidParameter (a UserError) if the request can never run. Reads only fixed settings, so any
+        thread may call it."""
+        params.validate()
+        n, context = len(prompt_ids), self.config.max_seq_len
+        if n == 0:
+            raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
+        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
+            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if n >= context:
+            raise InvalidParameter("prompt", f"the prompt has {n} tokens but the model's context is "
+                                   f"{context}; shorten it", code="context_length_exceeded")
+        if n + params.max_tokens > context:
+            raise InvalidParameter("max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
+                                   f"exceeds the model's context of {context}; ask for at most "
+                                   f"{context - n}", code="context_length_exceeded")
+        need = self.cache.blocks_for(n + params.max_tokens)
+        if need > self.cache.num_total_blocks:
+            raise InvalidParameter("max_tokens", f"the request needs {need} KV cache blocks but the cache "
+                                   f"has {self.cache.num_total_blocks}; ask for fewer tokens")
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameter("stop", "stop strings need a tokenizer; this engine has none")
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> int:
+        """Queue a request; it is admitted at the next step with room. Returns its id."""
+        params = params or SamplingParams()
+        self.check_request(prompt_ids, params)
+        text = OutputText(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        generator = None if params.greedy else make_generator(params.seed, self.device)
+        request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output)
+        self._requests[request.id] = request
+        self.waiting.append(request)
+        self.stats.requests_added += 1
+        self.stats.prompt_tokens += len(request.prompt)
+        return request.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request and free its blocks now; False if it already finished. Its consumer (on_output)
+        gets a final output with finish_reason "cancelled"."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request, "cancelled")
+        self.stats.requests_cancelled += 1
+        if request.on_output is not None:
+            request.on_output(RequestOutput(request.id, [], [], [], "", True, "cancelled"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- scheduling -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: make room, admit and prefill, decode one token for the others. Returns the
+        outputs of this step (also handed to each request's on_output)."""
+        with torch.inference_mode():
+            decoding = self._reserve_decode_slots()
+            admitted = self._admit()
+            produced = self._forward(decoding, prefill=False) if decoding else []
+            if admitted:
+                produced += self._forward(admitted, prefill=True)
+        for request, output in produced:
+            if request.on_output is not None:
+                request.on_output(output)
+        return [output for _, output in produced]
+
+    def _reserve_decode_slots(self) -> list[_Request]:
+        """Room for each running request's next token, oldest first; the newest are preempted if needed."""
+        ready: list[_Request] = []
+        for request in list(self.running):
+            if request not in self.running:
+                continue  # preempted below to make room for an older one
+            need = len(request.tokens)
+            while self.cache.extra_blocks_needed(request.id, need) > self.cache.num_free_blocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is request:
+                    break
+            else:
+                self.cache.reserve(request.id, need)
+                ready.append(request)
+        return [r for r in ready if r in self.running]
+
+    def _preempt(self, request: _Request) -> None:
+        self.cache.release(request.id)
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+        self.stats.preemptions += 1
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests, first come first served, while batch slots, blocks and the prefill budget last
+        (a single prompt larger than the budget is still admitted alone)."""
+        admitted: list[_Request] = []
+        longest = 0
+        while self.waiting and len(self.running) < self.max_batch_size:
+            request = self.waiting[0]
+            n = len(request.tokens)
+            if admitted and max(longest, n) * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            if self.cache.blocks_for(n) > self.cache.num_free_blocks:
+                break
+            self.cache.reserve(request.id, n)
+            self.waiting.popleft()
+            self.running.append(request)
+            admitted.append(request)
+            longest = max(longest, n)
+        return admitted
+
+    def _forward(self, requests: list[_Request], prefill: bool) -> list[tuple[_Request, RequestOutput]]:
+        """One model call for `requests` (whole prompts when prefilling, else one new token each), then
+        one sampled token per request."""
+        if prefill:
+            inputs = [r.tokens for r in requests]
+            starts = [0] * len(requests)
+        else:
+            inputs = [r.tokens[-1:] for r in requests]
+            starts = [len(r.tokens) - 1 for r in requests]
+        lengths = [len(x) for x in inputs]
+        width = max(lengths)
+        tokens = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64)
+        batch = self.cache.batch([r.id for r in requests], starts, lengths)
+        logits = self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch)
+        if width == 1:
+            last = logits[:, 0]
+        else:
+            index = torch.tensor(lengths, device=self.device) - 1
+            last = logits[torch.arange(len(requests), device=self.device), index]
+        drawn = sample(last, [r.params for r in requests], [r.generator for r in requests])
+        return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i]))
+                for i, r in enumerate(requests)]
+
+    def _append(self, request: _Request, token: int, logprob: float,
+                top: list[tuple[int, float]]) -> RequestOutput:
+        request.output.append(token)
+        request.logprobs.append(logprob)
+        if request.params.top_logprobs:
+            request.top_logprobs.append(top)
+        self.stats.generated_tokens += 1
+        params, text, reason = request.params, "", None
+        is_eos = token in self._eos or token in params.stop_token_ids
+        if is_eos and not params.ignore_eos:
+            reason = "stop"
+        elif request.text is not None:
+            text = request.text.push(token)
+            if request.text.stopped:
+                reason = "stop"
+        if reason is None and (len(request.output) >= params.max_tokens
+                               or len(request.tokens) >= self.config.max_seq_len):
+            reason = "length"
+        if reason is not None:
+            if request.text is not None:
+                text += request.text.finish()
+            self._finish(request, reason)
+        return RequestOutput(request.id, [token], [logprob], [top] if params.top_logprobs else [], text,
+                             reason is not None, reason)
+
+    def _finish(self, request: _Request, reason: str) -> None:
+        request.finish_reason = reason
+        self.cache.release(request.id)
+        if request in self.running:
+            self.running.remove(request)
+        del self._requests[request.id]
+        if reason != "cancelled":
+            self.stats.requests_finished += 1
+
+    # ---- synchronous helpers ----------------------------------------------------------------------------
+
+    def stream(self, prompt_ids: Sequence[int],
+               params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Add a request and step the engine until it finishes, yielding its outputs (other requests in the
+        engine advance too). Closing the iterator early cancels the request."""
+        mine: list[RequestOutput] = []
+        request_id = self.add_request(prompt_ids, params, on_output=mine.append)
+        finished = False
+        try:
+            while not finished:
+                self.step()
+                yield from mine
+                finished = any(o.finished for o in mine)
+                mine.clear()
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
+        """Run every prompt to completion (batched continuously) and return the results in prompt order."""
+        per_prompt = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        collected: list[list[RequestOutput]] = [[] for _ in prompts]
+        for prompt, p, sink in zip(prompts, per_prompt, collected):
+            self.add_request(prompt, p, on_output=sink.append)
+        while not all(sink and sink[-1].finished for sink in collected):
+            self.step()
+        return [_result(prompt, sink) for prompt, sink in zip(prompts, collected)]
+
+
+def _result(prompt: Sequence[int], outputs: list[RequestOutput]) -> Result:
+    return Result(token_ids=[t for o in outputs for t in o.token_ids],
+                  logprobs=[lp for o in outputs for lp in o.logprobs],
+                  finish_reason=outputs[-1].finish_reason or "stop",
+                  text="".join(o.text for o in outputs), prompt_len=len(prompt),
+                  top_logprobs=[t for o in outputs for t in o.top_logprobs])
+
+
+def build_cache(model: Transformer, device: torch.device, block_size: int, num_blocks: int | None,
+                kv_memory_bytes: int | None, max_batch_size: int) -> PagedKVCache:
+    """A pool in the model's dtype, sized by num_blocks, else by default_num_blocks."""
+    cfg, dtype = model.config, next(model.parameters()).dtype
+    if num_blocks is None:
+        num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
+    return PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype, device)
+
+
+def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, device: torch.device,
+                       max_batch_size: int, kv_memory_bytes: int | None) -> int:
+    """Blocks for `kv_memory_bytes`, else enough for max_batch_size full contexts, capped by a default
+    budget (1 GiB on CPU; half the free memory on CUDA)."""
+    cfg = model.config
+    per_block = PagedKVCache.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, block_size, dtype)
+    if kv_memory_bytes is None:
+        want = max_batch_size * -(-cfg.max_seq_len // block_size)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * CUDA_KV_FRACTION)
+        else:
+            budget = CPU_KV_BUDGET_BYTES
+        return max(1, min(want, budget // per_block))
+    blocks = kv_memory_bytes // per_block
+    if blocks < 1:
+        raise InvalidParameter("kv_memory_bytes", f"a KV budget of {kv_memory_bytes} bytes holds no block "
+                               f"(one block takes {per_block} bytes)")
+    return int(blocks)

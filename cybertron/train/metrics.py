@@ -1,0 +1,120 @@
+"""Throughput, MFU and memory; console progress (a bar on a terminal, plain lines otherwise), metrics.jsonl
+and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from cybertron.models.config import ModelConfig
+
+# Dense bf16 peak FLOP/s by device-name fragment; MFU is null where the peak is unknown (e.g. CPUs).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (weights that do matmuls, head included) + attention's 12 x L x H x hd x T."""
+    matmul_params = cfg.num_params(include_embedding=False)
+    if cfg.tie_embeddings:
+        matmul_params += cfg.vocab_size * cfg.dim  # the tied head still multiplies
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory: CUDA max allocated, or this process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class ProgressDisplay:
+    """One updating line on a terminal; one line per log step otherwise."""
+
+    def __init__(self, total_steps: int, mode: str = "auto", stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.total = total_steps
+        self.bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        self.start = time.perf_counter()
+
+    def step(self, step: int, record: dict[str, Any]) -> None:
+        text = (f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:,.0f} tok/s")
+        if self.bar:
+            frac = step / max(1, self.total)
+            filled = int(24 * frac)
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(frac, 1e-9) - elapsed
+            bar = "=" * filled + (">" if filled < 24 else "") + " " * (23 - filled)
+            self.stream.write(f"\r[{bar}] {text} eta {_clock(eta)}  ")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.bar:
+            self.stream.write("\n")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds)) if math.isfinite(seconds) else 0
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl (one object per logged step / evaluation) and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, display: ProgressDisplay | None, tensorboard: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.display = display
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is an optional extra
+                self.writer = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps after the checkpoint so the file reads as one clean run."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+        if self.display is not None and "loss" in record:
+            self.display.step(record["step"], record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

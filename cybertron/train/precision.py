@@ -1,0 +1,35 @@
+"""Compute dtype: fp32, or bf16 autocast with fp32 master weights and optimizer state."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from cybertron.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in DTYPES:
+        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {name!r}")
+    return name
+
+
+def autocast(dtype_name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if dtype_name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use cpu or auto")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)

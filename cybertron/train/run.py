@@ -1,0 +1,253 @@
+"""`cybertron train`: config -> data -> model -> Trainer loop -> checkpoints, on one device.
+
+Each stage is a small build_* function so later layers (parallel layouts, fine-tuning) reuse them."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cybertron.config import TrainConfig, help_text, parse_args, to_toml
+from cybertron.data.loader import PackedLoader, iter_eval_batches
+from cybertron.data.prepare import PreparedData, prepare_data
+from cybertron.errors import ConfigError, UserError
+from cybertron.models.config import ModelConfig
+from cybertron.models.llama import Transformer, build_model
+from cybertron.models.presets import preset_config
+from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.metrics import MetricsLogger, ProgressDisplay, device_peak_flops, flops_per_token, memory_gib
+from cybertron.train.optim import build_optimizer
+from cybertron.train.precision import autocast, resolve_device, resolve_dtype
+from cybertron.train.schedule import lr_at
+from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(TrainConfig(), "train"))
+        return 0
+    cfg = parse_args(argv, TrainConfig())
+    validate(cfg)
+    run_training(cfg)
+    return 0
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible values before any work starts; each message names the key."""
+    t, d = cfg.train, cfg.data
+    checks = [
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.lr >= 0, f"train.lr must be >= 0, got {t.lr} (a negative learning rate ascends the loss)"),
+        (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
+        (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+        (d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}"),
+        (0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (cfg.eval.every >= 0 and cfg.checkpoint.every >= 0, "eval.every and checkpoint.every must be >= 0"),
+        (cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1"),
+        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+        (cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}"),
+        (cfg.log.progress in ("auto", "bar", "lines"), f"log.progress must be auto, bar or lines, "
+                                                         f"got {cfg.log.progress!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    resolve_dtype(t.dtype, torch.device("cpu"))
+    resolve_device(t.device)
+    if not cfg.model.init_from:
+        try:
+            preset_config(cfg.model.preset)
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from err
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.run.out:
+        return Path(cfg.run.out)
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to start over a run that has checkpoints without --resume."""
+    latest = ckpt_io.latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume to continue "
+                        "it or choose another --out")
+    if latest is not None:
+        ckpt_io.read_trainer_state(latest)  # fail now, before anything is written, if it is unreadable
+    return latest if resume else None
+
+
+def build_data(cfg: TrainConfig) -> PreparedData:
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "cybertron"
+    return prepare_data(cfg.data.path or None, cfg.data.text_field, cfg.data.tokenizer or None,
+                        cfg.data.vocab_size, cache_dir, cfg.data.val_fraction, cfg.train.seed,
+                        cfg.data.tokenizer_train_chars)
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    m = cfg.model
+    if m.init_from:
+        from cybertron.models.hf import read_hf_config
+
+        model_cfg = read_hf_config(m.init_from)
+    else:
+        overrides = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                                "max_seq_len", "tie_embeddings")}
+        model_cfg = preset_config(m.preset, vocab_size=m.vocab_size or vocab_size, **overrides)
+    try:
+        model_cfg.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if model_cfg.vocab_size < vocab_size:
+        raise ConfigError(f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the model's maximum sequence length "
+                          f"{model_cfg.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+    return model_cfg
+
+
+def build_weights(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> Transformer:
+    if cfg.model.init_from:
+        from cybertron.models.hf import load_hf_model
+
+        return load_hf_model(cfg.model.init_from, device=device)
+    return build_model(model_cfg, device=device, seed=cfg.train.seed)
+
+
+def split_micro_batches(inputs: torch.Tensor, targets: torch.Tensor, micro: int, device) -> list[Batch]:
+    micro = micro or inputs.shape[0]
+    return [to_device({"inputs": i, "labels": t}, device)
+            for i, t in zip(inputs.split(micro), targets.split(micro))]
+
+
+@dataclass
+class RunState:
+    """What is built once per run and shared by the loop's hooks."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    model_cfg: ModelConfig
+    model: Transformer
+    trainer: Trainer
+    loader: PackedLoader
+    data: PreparedData
+    logger: MetricsLogger
+    display: ProgressDisplay
+    flops_per_token: float
+    peak_flops: float | None
+
+
+def run_training(cfg: TrainConfig) -> RunState:
+    run_dir = resolve_run_dir(cfg)
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    device = resolve_device(cfg.train.device)
+    dtype_name = resolve_dtype(cfg.train.dtype, device)
+    data = build_data(cfg)
+    model_cfg = build_model_config(cfg, data.tokenizer.vocab_size)
+    model = build_weights(cfg, model_cfg, device)
+    if cfg.train.compile:
+        for name, block in model.layers.items():
+            model.layers[name] = torch.compile(block)
+    t = cfg.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    trainer = Trainer(model, optimizer, LanguageModelStep(), schedule, t.grad_clip,
+                      autocast=lambda: autocast(dtype_name, device))
+    loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, seed=t.seed)
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        start_step = int(state["step"])
+    write_run_files(run_dir, cfg, data)
+    display = ProgressDisplay(t.steps, cfg.log.progress)
+    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard)
+    run = RunState(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display,
+                   flops_per_token(model_cfg, cfg.data.seq_len), device_peak_flops(device))
+    if resume_from is not None:
+        logger.truncate_after(start_step)
+        display.message(f"resumed from {resume_from} at step {start_step}")
+    else:
+        display.message(describe_run(run))
+    try:
+        train_loop(run, start_step)
+    finally:
+        logger.close()
+    return run
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    data.tokenizer.save(run_dir)
+
+
+def describe_run(run: RunState) -> str:
+    n_params = sum(p.numel() for p in run.model.parameters())
+    shards = run.data.shards
+    cached = "cached" if shards.cache_hit else "tokenized now"
+    return (f"model {n_params / 1e6:.1f}M parameters on {run.device}; data {len(shards.train):,} train / "
+            f"{len(shards.val):,} val tokens ({cached}); vocab {run.data.tokenizer.vocab_size}; "
+            f"run dir {run.run_dir}")
+
+
+def eval_batches(run: RunState) -> list[Batch]:
+    c = run.cfg
+    return [to_device({"inputs": i, "labels": t}, run.device)
+            for i, t in iter_eval_batches(run.data.shards.val, c.data.seq_len, c.eval.batch_size, c.eval.batches)]
+
+
+def log_eval(run: RunState, step: int) -> float:
+    val_loss = run.trainer.evaluate(eval_batches(run))
+    run.logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+    return val_loss
+
+
+def save(run: RunState, step: int) -> Path:
+    state = {"loader": run.loader.state_dict()}
+    return ckpt_io.save_checkpoint(run.run_dir, step, run.model, run.trainer.optimizer, state, run.model_cfg,
+                                   keep=run.cfg.checkpoint.keep)
+
+
+def train_loop(run: RunState, start_step: int) -> None:
+    c = run.cfg
+    total = c.train.steps
+
+    def next_micro_batches() -> list[Batch]:
+        inputs, targets = run.loader.next_batch()
+        return split_micro_batches(inputs, targets, c.train.micro_batch_size, run.device)
+
+    def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        mfu = tokens_per_s * run.flops_per_token / run.peak_flops if run.peak_flops else None
+        run.logger.log({"step": step, "loss": result.loss.item(), "lr": run.trainer.lr_at(step - 1),
+                        "grad_norm": result.grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu,
+                        "mem_gib": memory_gib(run.device), "tokens": step * c.train.global_batch_size * c.data.seq_len})
+
+    def on_step_end(step: int) -> None:
+        if c.eval.every and step % c.eval.every == 0 and step != total:
+            log_eval(run, step)
+        if c.checkpoint.every and step % c.checkpoint.every == 0 and step != total:
+            save(run, step)
+
+    if start_step == 0:
+        log_eval(run, 0)
+    fit(run.trainer, start_step, total, LoopHooks(next_micro_batches, on_log, on_step_end, log_every=c.log.every))
+    val_loss = log_eval(run, total)
+    path = save(run, total)
+    run.display.message(f"done: step {total}, validation loss {val_loss:.4f} (perplexity "
+                        f"{math.exp(min(val_loss, 50.0)):.2f}); checkpoint saved to {path}")

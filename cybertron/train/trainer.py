@@ -1,0 +1,149 @@
+"""The training loop. It knows nothing of the task: a step function turns (model, batch) into a summed
+loss, and the trainer handles accumulation, clipping, the optimizer, the schedule, logging, evaluation and
+checkpoints. Pretraining, SFT, DPO, reward modelling and GRPO differ only by step function and data."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from cybertron.train.losses import IGNORE_INDEX, cross_entropy_sum
+
+Batch = dict[str, torch.Tensor]
+
+
+class StepFunction(Protocol):
+    def weight(self, batch: Batch) -> torch.Tensor:
+        """How many loss units (tokens, pairs, ...) the batch holds: the loss is normalised by the global sum."""
+        ...
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss over the batch's units, extra metric sums to log)."""
+        ...
+
+
+class LanguageModelStep:
+    """Next-token prediction; labels of IGNORE_INDEX (prompt tokens, padding) carry no loss."""
+
+    def weight(self, batch: Batch) -> torch.Tensor:
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["inputs"], positions=batch.get("positions"))
+        return cross_entropy_sum(logits, batch["labels"]), {}
+
+
+def _default_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+@dataclass
+class Collectives:
+    """What the loop needs from the parallel layout. Single process: identities. parallel/ supplies real ones
+    (sums over data-parallel ranks, the global gradient norm over all shards, DDP's no_sync)."""
+
+    dp_size: int = 1
+    sum_over_dp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] = _default_clip
+    no_sync: Callable[[nn.Module, bool], contextlib.AbstractContextManager] = (
+        lambda model, last: contextlib.nullcontext())
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss per unit over the global batch (a 0-dim tensor: no host sync yet)
+    grad_norm: torch.Tensor
+    units: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFunction,
+                 lr_at: Callable[[int], float], grad_clip: float,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 collectives: Collectives | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.step_fn = step_fn
+        self.lr_at = lr_at
+        self.grad_clip = grad_clip
+        self.autocast = autocast
+        self.comm = collectives or Collectives()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        local_units = torch.stack([self.step_fn.weight(mb) for mb in micro_batches]).sum().float()
+        global_units = self.comm.sum_over_dp(local_units).clamp(min=1)
+        # Every rank divides by the global count; DP averaging over dp_size ranks is undone by the factor.
+        scale = self.comm.dp_size / global_units
+        loss_sum = torch.zeros((), dtype=torch.float32, device=global_units.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(micro_batches):
+            with self.comm.no_sync(self.model, i == len(micro_batches) - 1), self.autocast():
+                loss, extra = self.step_fn(self.model, mb)
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
+            for key, value in extra.items():
+                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
+        grad_norm = self.comm.clip_grad_norm(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {k: self.comm.sum_over_dp(v) / global_units for k, v in metric_sums.items()}
+        return StepResult(self.comm.sum_over_dp(loss_sum) / global_units, grad_norm, global_units, metrics)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> float:
+        """Mean loss per unit over `batches` (this rank's share), summed over data-parallel ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, units = None, None
+        for batch in batches:
+            with self.autocast():
+                loss, _ = self.step_fn(self.model, batch)
+            weight = self.step_fn.weight(batch).float()
+            loss_sum = loss.float() if loss_sum is None else loss_sum + loss.float()
+            units = weight if units is None else units + weight
+        self.model.train(was_training)
+        return (self.comm.sum_over_dp(loss_sum) / self.comm.sum_over_dp(units).clamp(min=1)).item()
+
+
+@dataclass
+class LoopHooks:
+    """What happens around the steps of `fit`: where batches come from and what runs every so often."""
+
+    next_micro_batches: Callable[[], list[Batch]]
+    on_log: Callable[[int, StepResult, float, int], None]  # (step, result, seconds since last log, tokens)
+    on_step_end: Callable[[int], None] = lambda step: None  # evaluation, checkpoints
+    tokens_in: Callable[[list[Batch]], int] = lambda mbs: sum(int(mb["inputs"].numel()) for mb in mbs)
+    log_every: int = 10
+
+
+def fit(trainer: Trainer, start_step: int, total_steps: int, hooks: LoopHooks) -> None:
+    """Run steps start_step+1 .. total_steps (1-based step numbers, as logged and checkpointed)."""
+    trainer.model.train()
+    last_time = time.perf_counter()
+    tokens_since_log = 0
+    for step in range(start_step + 1, total_steps + 1):
+        micro_batches = hooks.next_micro_batches()
+        result = trainer.train_step(step - 1, micro_batches)
+        tokens_since_log += hooks.tokens_in(micro_batches) * trainer.comm.dp_size
+        if step % hooks.log_every == 0 or step == total_steps or step == start_step + 1:
+            now = time.perf_counter()  # the .item() inside on_log syncs the device: timing is honest
+            hooks.on_log(step, result, now - last_time, tokens_since_log)
+            last_time, tokens_since_log = time.perf_counter(), 0
+        hooks.on_step_end(step)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -154,8 +154,22 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     raise ConfigError(f"{key} expects {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
+# Names users bring from other trainers (transformers, torchtitan, DeepSpeed) -> ours, for suggestions.
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "training_steps": "steps",
+           "batch_size": "global_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "max_grad_norm": "grad_clip", "warmup": "warmup_steps", "output_dir": "out",
+           "seq_length": "seq_len", "max_seq_length": "seq_len", "sequence_length": "seq_len"}
+
+
 def _unknown_key(key: str, cfg: Any) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(cfg), n=1, cutoff=0.5)
+    section, _, name = key.partition(".")
+    keys = all_keys(cfg)
+    alias = f"{section}.{ALIASES[name]}" if name in ALIASES else None
+    same_section = [k for k in keys if k.startswith(section + ".")]
+    close = ([alias] if alias in keys else []) or [
+        f"{section}.{m}" for m in difflib.get_close_matches(name, [k.split(".", 1)[1] for k in same_section],
+                                                            n=1, cutoff=0.5)
+    ] or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]}?" if close else "; `--help` lists every key"
     return ConfigError(f"unknown config key {key!r}{hint}")
 

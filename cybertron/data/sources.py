@@ -33,7 +33,7 @@ def _is_default(path: str | None) -> bool:
 
 
 def _walk_sorted(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:
-    """Regular files under root whose directories pass keep_dir, sorted by path relative to root."""
+    """Regular files passing keep_file in directories passing keep_dir, sorted by path relative to root."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if keep_dir(d)]
@@ -74,21 +74,27 @@ def _source_root(path: str | None) -> Path:
 def _iter_json_lines(file: Path, text_field: str) -> Iterator[str]:
     with open(file, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{file} line {line_number} is not UTF-8 ({e.reason}); JSON Lines files "
-                                "must be UTF-8") from e
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file} line {line_number} is not valid JSON ({e.msg}); expected one JSON "
-                                "object per line (JSON Lines)") from e
-            value = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise DataError(f"{file} line {line_number} has no string field {text_field!r}; every line "
-                                f"needs one, or set the text field to the name your file uses")
-            yield value
+            if raw.strip():
+                yield _text_of_json_line(raw, f"{file} line {line_number}", text_field)
+
+
+def _text_of_json_line(raw: bytes, where: str, text_field: str) -> str:
+    """The text field of one JSON Lines record; `where` names the file and line for error messages."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 ({e.reason}); JSON Lines files must be UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e.msg}); expected one JSON object per line "
+                        "(JSON Lines)") from e
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object; expected one object "
+                        f"per line with a {text_field!r} field (JSON Lines)")
+    value = record.get(text_field)
+    if not isinstance(value, str):
+        raise DataError(f"{where} has no string field {text_field!r}; every line needs one, or set the "
+                        "text field to the name your file uses")
+    return value
 
 
 def _import_parquet():

@@ -70,7 +70,9 @@ class TextTokenizer:
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # numpy arrays and tensors hold numpy/torch scalars, which the Rust side does not accept as ints.
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def content_hash(self) -> str:
         """sha256 of the serialized tokenizer and its eos: identifies the token ids it produces."""

@@ -19,7 +19,13 @@ from cybertron.models.config import ModelConfig
 from cybertron.models.llama import Transformer, build_model
 from cybertron.models.presets import preset_config
 from cybertron.train import checkpoint as ckpt_io
-from cybertron.train.metrics import MetricsLogger, ProgressDisplay, device_peak_flops, flops_per_token, memory_gib
+from cybertron.train.metrics import (
+    MetricsLogger,
+    ProgressDisplay,
+    device_peak_flops,
+    flops_per_token,
+    memory_gib,
+)
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_device, resolve_dtype
 from cybertron.train.schedule import lr_at

@@ -78,7 +78,10 @@ def test_jsonl_line_without_the_field_names_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"records.json line 2 has no string field 'text'"):
         list(iter_documents(str(file)))
     write_jsonl(file, [{"text": 5}])
-    with pytest.raises(DataError, match="line 1"):
+    with pytest.raises(DataError, match="line 1 has no string field"):
+        list(iter_documents(str(file)))
+    write_jsonl(file, [[{"text": "a JSON array is not JSON Lines"}]])
+    with pytest.raises(DataError, match="line 1 is a JSON list, not an object"):
         list(iter_documents(str(file)))
 
 

@@ -1,7 +1,9 @@
 import json
 import random
 
+import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from cybertron.data.tokenizer import IncrementalDecoder, TextTokenizer, train_bpe_tokenizer
@@ -92,6 +94,12 @@ def test_trained_bpe_has_endoftext_as_id_zero_eos(bpe):
 
 def test_encode_batch_equals_encode(bpe):
     assert bpe.encode_batch(CORPUS[:4]) == [bpe.encode(text) for text in CORPUS[:4]]
+
+
+def test_decode_accepts_numpy_and_torch_ids(bpe):
+    ids = bpe.encode(CORPUS[1])
+    assert bpe.decode(np.asarray(ids, dtype=np.uint16)) == CORPUS[1]
+    assert bpe.decode(torch.tensor(ids)) == CORPUS[1]
 
 
 def test_vocab_size_below_byte_alphabet_is_rejected():

@@ -1,0 +1,128 @@
+"""`cybertron train` as a user runs it: a subprocess, killed and resumed; bad input gets one clear line."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import cli_env, read_metrics
+
+
+def _cli(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "cybertron", *args], capture_output=True, text=True,
+                          env=cli_env(), timeout=300, **kwargs)
+
+
+def _losses(run_dir):
+    # the last record per step wins (a resumed run re-logs nothing it kept)
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path, fast_run_args):
+    steps = 24
+    args = [*fast_run_args, "--steps", str(steps), "--checkpoint.every", "4", "--eval.every", "0"]
+    full = _cli([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cybertron", *args, "--out", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step-8").exists():  # killed after two checkpoints, mid-run
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(run_dir))
+    assert killed_at < steps
+
+    resumed = _cli([*args, "--out", str(run_dir), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    expected, got = _losses(tmp_path / "full"), _losses(run_dir)
+    assert sorted(got) == sorted(expected) and len(got) == steps
+    assert got == expected  # bitwise: float equality of every step's loss
+    val = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r and r["step"] == steps]
+    full_val = [r["val_loss"] for r in read_metrics(tmp_path / "full") if "val_loss" in r and r["step"] == steps]
+    assert val == full_val
+
+
+def test_run_directory_contract(tmp_path, fast_run_args):
+    run_dir = tmp_path / "run"
+    result = _cli([*fast_run_args, "--steps", "3", "--out", str(run_dir)])
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "config.toml").is_file() and (run_dir / "tokenizer.json").is_file()
+    assert (run_dir / "checkpoints" / "step-3" / "trainer_state.json").is_file()
+    records = read_metrics(run_dir)
+    step_records = [r for r in records if "loss" in r]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib"):
+        assert all(key in r for r in step_records), key
+    assert all(r["mfu"] is None for r in step_records)  # no known peak for a CPU
+    assert any("val_loss" in r for r in records)
+    assert "validation loss" in result.stdout and str(run_dir / "checkpoints" / "step-3") in result.stdout
+    # the saved config reproduces the run: it parses back and names the same data
+    again = _cli(["--config", str(run_dir / "config.toml"), "--steps", "1", "--out", str(tmp_path / "again")])
+    assert again.returncode == 0, again.stderr
+
+
+def test_help_lists_every_key_with_default():
+    from cybertron.config import TrainConfig, all_keys
+
+    result = _cli(["train", "--help"])
+    assert result.returncode == 0
+    for key in all_keys(TrainConfig()):
+        assert f"--{key}" in result.stdout, key
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, small_corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad_parquet = tmp_path / "broken.parquet"
+    bad_parquet.write_bytes(b"PAR1 this is not parquet")
+    return {
+        "missing data path": (["--data.path", str(tmp_path / "nope.txt")], "does not exist"),
+        "empty data": (["--data.path", str(empty)], "no text"),
+        "unreadable parquet": (["--data.path", str(bad_parquet)], "broken.parquet"),
+        "seq_len above model max": (["--data.seq_len", "100000"], "maximum sequence length"),
+        "negative learning rate": (["--train.lr", "-1"], "train.lr"),
+        "unknown key": (["--train.learning_rate", "1"], "did you mean train.lr"),
+        "bad value type": (["--train.steps", "many"], "train.steps expects int"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data path", "empty data", "unreadable parquet",
+                                  "seq_len above model max", "negative learning rate", "unknown key",
+                                  "bad value type"])
+def test_bad_input_is_one_clear_line_and_exit_2(case, bad_inputs, fast_run_args, tmp_path):
+    extra, fragment = bad_inputs[case]
+    run_dir = tmp_path / "run"
+    result = _cli([*fast_run_args, "--steps", "2", "--out", str(run_dir), *extra])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not run_dir.exists()  # nothing written
+
+
+def test_corrupted_checkpoint_fails_resume_without_touching_the_run(tmp_path, fast_run_args):
+    run_dir = tmp_path / "run"
+    assert _cli([*fast_run_args, "--steps", "2", "--out", str(run_dir)]).returncode == 0
+    shard = next((run_dir / "checkpoints" / "step-2").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 3])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = _cli([*fast_run_args, "--steps", "4", "--out", str(run_dir), "--resume"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step-2" in result.stderr and "corrupted" in result.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, fast_run_args):
+    run_dir = tmp_path / "run"
+    assert _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir)]).returncode == 0
+    result = _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir)])
+    assert result.returncode == 2 and "--resume" in result.stderr

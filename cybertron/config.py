@@ -235,7 +235,8 @@ def help_text(cfg: Any, command: str) -> str:
         lines.append(f"[{section_name}]")
         for f in dataclasses.fields(section):
             default = getattr(section, f.name)
-            lines.append(f"  --{section_name}.{f.name:<24} {default!r:<14} {f.metadata.get('help', '')}")
+            flag = f"--{section_name}.{f.name}"
+            lines.append(f"  {flag:<34} {default!r:<12} {f.metadata.get('help', '')}")
         lines.append("")
     return "\n".join(lines)
 

@@ -40,7 +40,8 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (batch, seq, head_dim) for integer positions of shape (batch, seq)."""
     # Computed in fp32 whatever the autocast state, as HF does: bf16 angles lose whole radians at 8k.
     with torch.autocast(device_type=positions.device.type, enabled=False):

@@ -93,7 +93,8 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(render_metrics(runner, state.counters), media_type="text/plain; version=0.0.4")
+        text = render_metrics(runner, state.counters)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -112,7 +113,8 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
         jobs = [Job(i * body.n + j, prompt, body.sampling_params(
                     _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j))
                 for i, prompt in enumerate(prompts) for j in range(body.n)]
-        return await respond(state, request, jobs, fmt, body.stream, body.include_usage)
+        prompt_tokens = sum(len(p) for p in prompts)
+        return await respond(state, request, jobs, fmt, body.stream, body.include_usage, prompt_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -125,7 +127,7 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
         params = [body.sampling_params(_max_tokens(max_tokens, prompt, state.context), body.logprobs,
                                        body.top_logprobs or 0, j) for j in range(body.n)]
         jobs = [Job(j, prompt, p) for j, p in enumerate(params)]
-        return await respond(state, request, jobs, fmt, body.stream, body.include_usage)
+        return await respond(state, request, jobs, fmt, body.stream, body.include_usage, len(prompt))
 
     return app
 
@@ -148,11 +150,10 @@ def _max_tokens(asked: int | None, prompt: Sequence[int], context: int) -> int:
 
 
 async def respond(state: ServerState, request: Request, jobs: list[Job], fmt: CompletionFormat,
-                  stream: bool, include_usage: bool) -> Response:
+                  stream: bool, include_usage: bool, prompt_tokens: int) -> Response:
     for job in jobs:  # every choice is validated before any starts: errors get a proper status code
         state.runner.check_request(job.prompt, job.params)
     response_id = new_id(fmt.id_prefix)
-    prompt_tokens = sum(len(job.prompt) for job in jobs[:: max(1, _n_per_prompt(jobs))])
     if stream:
         events = sse_events(state, jobs, fmt, response_id, prompt_tokens, include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
@@ -164,11 +165,6 @@ async def respond(state: ServerState, request: Request, jobs: list[Job], fmt: Co
     completion_tokens = sum(len(o.token_ids) for outs in results.values() for o in outs)
     return JSONResponse(envelope(fmt.kind, response_id, state.model_name, choices,
                                  usage=usage(prompt_tokens, completion_tokens)))
-
-
-def _n_per_prompt(jobs: list[Job]) -> int:
-    """Choices that share a prompt object (the n samples of one prompt) count its tokens once."""
-    return sum(1 for job in jobs if job.prompt is jobs[0].prompt)
 
 
 async def merge(runner: AsyncEngine, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -236,7 +232,8 @@ async def sse_events(state: ServerState, jobs: list[Job], fmt: CompletionFormat,
                      prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     def event(choices: list[dict], **extra) -> str:
-        return f"data: {json.dumps(envelope(fmt.chunk_kind, response_id, state.model_name, choices, **extra))}\n\n"
+        chunk = envelope(fmt.chunk_kind, response_id, state.model_name, choices, **extra)
+        return f"data: {json.dumps(chunk)}\n\n"
 
     completion_tokens = 0
     try:
@@ -304,6 +301,7 @@ def main(argv: list[str]) -> int:
                     block_size=args.block_size)
     app = create_app(engine, tokenizer, args.model_name or name, api_key=args.api_key)
     print(f"serving {args.model_name or name} on http://{args.host}:{args.port} ({device}, "
-          f"{engine.cache.num_total_blocks} KV blocks of {args.block_size} tokens)", file=sys.stderr, flush=True)
+          f"{engine.cache.num_total_blocks} KV blocks of {args.block_size} tokens)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

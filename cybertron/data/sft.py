@@ -1,0 +1,204 @@
+"""Supervised fine-tuning data: chat examples -> tokens with a loss mask -> packed rows -> batches.
+
+Input is `.jsonl`, one example per line, in either format:
+  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   (OpenAI chat format)
+  {"prompt": "...", "response": "..."}                                              (one exchange)
+Every example is rendered through the model's own chat template, and only the tokens the assistant wrote
+(its replies and their end-of-turn markers) carry loss. Several examples are packed into one row; each
+restarts its positions at 0, which makes the model's attention block-diagonal, so a packed batch gives the
+same per-token losses as one example per row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cybertron.data.chat_template import Message, render_with_assistant_spans
+from cybertron.data.tokenizer import TextTokenizer
+from cybertron.errors import DataError
+
+IGNORE_INDEX = -100  # the label value the loss skips (same as cybertron.train.losses.IGNORE_INDEX)
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One tokenized conversation: inputs[i] predicts labels[i] (IGNORE_INDEX where there is no loss)."""
+
+    inputs: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def read_conversations(path: str | Path) -> list[list[Message]]:
+    """Conversations from a .jsonl file; DataError naming the file and line for anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"SFT data file {path} does not exist")
+    conversations = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            conversations.append(_conversation(record, f"{path}:{lineno}"))
+    if not conversations:
+        raise DataError(f"SFT data file {path} holds no examples")
+    return conversations
+
+
+def _conversation(record: object, where: str) -> list[Message]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with 'messages' or 'prompt'/'response'")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for m in messages:
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}"[:300])
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: the conversation has no assistant message to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
+        return [*system, {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["response"]}]
+    raise DataError(f"{where}: expected 'messages' (chat format) or string 'prompt' and 'response' fields, "
+                    f"got keys {sorted(record)}")
+
+
+def tokenize_conversation(tokenizer: TextTokenizer, messages: list[Message]) -> Example:
+    """Render with the tokenizer's chat template and mark each token the assistant wrote as a target."""
+    if tokenizer.chat_template is None:
+        raise DataError("the tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
+                        "chat_template.jinja); SFT renders examples through the model's own template")
+    text, spans = render_with_assistant_spans(tokenizer.chat_template, messages, tokenizer.bos_token or "",
+                                              tokenizer.eos_token)
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    ids = encoding.ids
+    # A token is the assistant's when its first character lies in an assistant span.
+    starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
+    is_target = np.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        is_target |= (starts >= lo) & (starts < hi)
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], is_target[1:])]
+    return Example(inputs=ids[:-1], labels=labels)
+
+
+def tokenize_examples(tokenizer: TextTokenizer, conversations: list[list[Message]],
+                      max_len: int) -> tuple[list[Example], int]:
+    """Tokenized examples cut to max_len, dropping those left without a target; (examples, n_truncated)."""
+    examples, truncated = [], 0
+    for messages in conversations:
+        ex = tokenize_conversation(tokenizer, messages)
+        if len(ex) > max_len:
+            ex, truncated = Example(ex.inputs[:max_len], ex.labels[:max_len]), truncated + 1
+        if any(label != IGNORE_INDEX for label in ex.labels):
+            examples.append(ex)
+    return examples, truncated
+
+
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
+    """Rows of seq_len tokens: {"inputs", "labels", "positions"} (N, seq_len) int64.
+
+    Greedy packing in order: an example goes into the current row if it fits, else starts a new one
+    (pack=False: one example per row). Padding has no loss, and its positions are all 0, which makes each
+    pad token a document of its own that attends to nothing else."""
+    rows: list[list[Example]] = []
+    used = seq_len  # forces a new row for the first example
+    for ex in examples:
+        assert len(ex) <= seq_len, "examples are cut to seq_len before packing"
+        if not pack or used + len(ex) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex)
+    inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.int64)
+    positions = torch.zeros((len(rows), seq_len), dtype=torch.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for ex in row:
+            n = len(ex)
+            inputs[r, at:at + n] = torch.tensor(ex.inputs)
+            labels[r, at:at + n] = torch.tensor(ex.labels)
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+    return {"inputs": inputs, "labels": labels, "positions": positions}
+
+
+@dataclass
+class SFTData:
+    train: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor] | None
+    n_examples: int
+    n_truncated: int
+
+
+def build_sft_data(path: str | Path, tokenizer: TextTokenizer, seq_len: int, val_fraction: float, seed: int,
+                   pack: bool = True) -> SFTData:
+    """Read, tokenize, split (seeded, by example) and pack. A held-out set is kept when it gets >= 1 example."""
+    conversations = read_conversations(path)
+    examples, truncated = tokenize_examples(tokenizer, conversations, seq_len)
+    if not examples:
+        raise DataError(f"no example in {path} has an assistant token within data.seq_len={seq_len}")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = int(len(examples) * val_fraction) if len(examples) > 1 else 0
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return SFTData(train=pack_examples(train, seq_len, pad_id, pack),
+                   val=pack_examples(val, seq_len, pad_id, pack) if val else None,
+                   n_examples=len(examples), n_truncated=truncated)
+
+
+class RowLoader:
+    """Shuffled batches of packed rows, resumable: its whole state is the number of rows consumed
+    (epoch e visits the rows in a permutation seeded by (seed, e))."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int = 0):
+        self.rows = rows
+        self.n_rows = rows["inputs"].shape[0]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.samples_consumed = 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch spans at most two epochs unless it is larger than the data
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        return self._perms[epoch]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        slots = np.arange(self.samples_consumed, self.samples_consumed + self.batch_size)
+        epochs, at = np.divmod(slots, self.n_rows)
+        index = np.array([self._permutation(int(e))[i] for e, i in zip(epochs, at)], dtype=np.int64)
+        self.samples_consumed += self.batch_size
+        picked = torch.from_numpy(index)
+        return {key: value[picked] for key, value in self.rows.items()}
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_consumed = int(state["samples_consumed"])
+        self.seed = int(state["seed"])
+        self._perms.clear()
+
+
+def eval_batches(rows: dict[str, torch.Tensor], batch_size: int, max_batches: int) -> list[dict[str, torch.Tensor]]:
+    n = min(rows["inputs"].shape[0], batch_size * max_batches)
+    return [{key: value[i:i + batch_size] for key, value in rows.items()} for i in range(0, n, batch_size)]

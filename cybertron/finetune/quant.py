@@ -1,0 +1,85 @@
+"""NF4 storage of frozen base weights for QLoRA, with torchao's NF4Tensor (runs on CPU and CUDA).
+
+NF4 keeps 4-bit codes per weight plus an absmax scale per block of `block_size` weights; the scales are
+themselves quantized to int8 in groups ("double quantization"), so storage is about 4 + 8/64 bits per
+weight. The matmul dequantizes on the fly; gradients flow to the input (for the adapters), never to the
+frozen weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from cybertron.errors import ConfigError
+from cybertron.finetune.lora import LoRALinear, lora_modules
+
+DEFAULT_BLOCK_SIZE = 64
+MAX_SCALER_BLOCK = 256
+
+
+def _nf4() -> Any:
+    """torchao's NF4 module (its home moved between releases), imported only when QLoRA is asked for."""
+    # torchao logs a warning for each optional CUDA kernel library it cannot load; on CPU that is expected.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:
+        try:
+            from torchao.dtypes import nf4tensor as nf4_tensor
+        except ImportError as err:
+            raise ConfigError("finetune.method=qlora needs torchao: pip install 'cybertron[quant]'") from err
+    return nf4_tensor
+
+
+def nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _nf4().linear_nf4(x, weight)
+
+
+def _scaler_block(n_blocks: int) -> int:
+    """The largest group size <= 256 dividing the number of scales (torchao requires an exact division)."""
+    return next(size for size in range(min(MAX_SCALER_BLOCK, n_blocks), 0, -1) if n_blocks % size == 0)
+
+
+def to_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    if weight.numel() % block_size:
+        raise ConfigError(f"a weight of shape {tuple(weight.shape)} does not split into NF4 blocks of "
+                          f"{block_size}; choose a finetune.nf4_block_size that divides {weight.numel()}")
+    n_blocks = weight.numel() // block_size
+    return _nf4().to_nf4(weight.detach().contiguous(), block_size, _scaler_block(n_blocks))
+
+
+@torch.no_grad()
+def quantize_base_(model: nn.Module, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Store the base weight of every LoRALinear in NF4 (in place); returns how many were quantized."""
+    count = 0
+    for _, module in lora_modules(model):
+        if not module.quantized:
+            module.weight = nn.Parameter(to_nf4(module.weight, block_size), requires_grad=False)
+            module.quantized = True
+            count += 1
+    return count
+
+
+def nf4_storage_bytes(weight: torch.Tensor) -> int:
+    """Bytes an NF4 tensor keeps: codes, quantized scales, their factors and mean, and the 16-entry table."""
+    parts = (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+             weight.nf4)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def quantized_bits_per_param(model: nn.Module) -> float:
+    """Measured storage of the NF4 base weights, in bits per weight (0 when none is quantized)."""
+    stored, count = 0, 0
+    for _, module in lora_modules(model):
+        if module.quantized:
+            stored += nf4_storage_bytes(module.weight)
+            count += module.weight.numel()
+    return 8 * stored / count if count else 0.0
+
+
+def is_quantized(module: LoRALinear) -> bool:
+    return module.quantized

@@ -1,0 +1,122 @@
+"""ParallelDims: the degrees of every parallel dimension, validated once, and the one DeviceMesh built from them.
+
+Validation needs only the world size and the model's shape, so a bad layout fails before any process group
+or model exists, with a message that names the constraint. The mesh always has the dims
+("pp", "dp_replicate", "dp_shard", "tp") (size-1 dims included, which keeps slicing uniform) plus a
+flattened "dp" = dp_replicate x dp_shard for sums over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cybertron.errors import ConfigError
+from cybertron.models.config import ModelConfig
+
+DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    world_size: int = 1
+    data_parallel: str = "zero3"
+
+    @classmethod
+    def resolve(cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1, pp: int = 1,
+                data_parallel: str = "zero3", cp: int = 1, ep: int = 1) -> ParallelDims:
+        """Fill in dp_shard=-1 ("the rest of the world") and check that the degrees multiply to world_size.
+
+        ddp and zero1 replicate over every data-parallel rank, so their degree dp_replicate x dp_shard is
+        moved entirely to dp_replicate."""
+        if data_parallel not in DATA_PARALLEL:
+            raise ConfigError(f"parallel.data_parallel must be one of {', '.join(DATA_PARALLEL)}, "
+                              f"got {data_parallel!r}")
+        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
+            if value < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
+        if cp != 1 or ep != 1:
+            raise ConfigError(f"context and expert parallelism are not implemented yet (cp={cp}, ep={ep}); "
+                              "use 1")
+        if dp_shard == -1:
+            others = dp_replicate * tp * pp
+            if world_size % others:
+                raise ConfigError(f"world size {world_size} is not divisible by parallel.dp_replicate x tp x pp "
+                                  f"= {others}, so parallel.dp_shard=-1 cannot take the rest")
+            dp_shard = world_size // others
+        elif dp_shard < 1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest), got {dp_shard}")
+        product = dp_replicate * dp_shard * tp * pp * cp
+        if product != world_size:
+            raise ConfigError(f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} x "
+                              f"pp={pp} = {product} must equal the world size {world_size}")
+        if data_parallel in ("ddp", "zero1"):
+            dp_replicate, dp_shard = dp_replicate * dp_shard, 1
+        return cls(dp_replicate, dp_shard, cp, tp, pp, ep, world_size, data_parallel)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many ranks see different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        parts = [f"{name}={getattr(self, name)}" for name in MESH_DIMS if getattr(self, name) > 1]
+        return f"{self.data_parallel} " + (" x ".join(parts) or "single process")
+
+    def validate_model(self, cfg: ModelConfig, virtual_stages: int = 1) -> None:
+        """Constraints between the layout and the model's shape."""
+        if self.tp > 1:
+            for name in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+                value = getattr(cfg, name)
+                if value % self.tp:
+                    raise ConfigError(f"parallel.tp={self.tp} must divide model.{name}={value} (tensor "
+                                      f"parallelism splits it evenly across ranks)")
+        stages = self.pp * virtual_stages
+        if self.pp > 1 and stages > cfg.n_layers:
+            raise ConfigError(f"parallel.pp={self.pp} x parallel.pp_virtual_stages={virtual_stages} = {stages} "
+                              f"pipeline stages is larger than the number of layers model.n_layers="
+                              f"{cfg.n_layers}; every stage needs at least one layer")
+        if self.pp > 1 and cfg.tie_embeddings:
+            raise ConfigError("pipeline parallelism (parallel.pp > 1) needs model.tie_embeddings=false: the "
+                              "embedding and the output head live on different stages")
+
+    def validate_batch(self, global_batch: int, micro_batch: int, pp_microbatches: int,
+                       virtual_stages: int = 1) -> None:
+        """Constraints between the layout and the batch sizes (micro_batch 0 = no accumulation)."""
+        if global_batch % self.dp:
+            raise ConfigError(f"train.global_batch_size={global_batch} is not divisible by the data-parallel "
+                              f"degree {self.dp} (dp_replicate x dp_shard); use a multiple of {self.dp}")
+        local = global_batch // self.dp
+        per_step = micro_batch or local
+        if local % per_step:
+            raise ConfigError(f"train.micro_batch_size={micro_batch} must divide the per-rank batch {local} "
+                              f"(global_batch_size {global_batch} / data-parallel degree {self.dp})")
+        if self.pp > 1:
+            stages = self.pp * virtual_stages
+            n_micro = pp_microbatches or stages
+            if n_micro < stages:
+                raise ConfigError(f"parallel.pp_microbatches={n_micro} is fewer than the {stages} pipeline "
+                                  "stages; the schedule needs at least one micro-batch per stage")
+            if per_step % n_micro:
+                raise ConfigError(f"parallel.pp_microbatches={n_micro} must divide the {per_step} sequences "
+                                  "each rank runs per forward/backward")
+
+
+def build_mesh(dims: ParallelDims, device_type: str):
+    """The world's DeviceMesh with named dims (and the flattened "dp"); the process group must exist."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = tuple(getattr(dims, name) for name in MESH_DIMS)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")  # private but stable since 2.4; torchtitan relies on it
+    return mesh

@@ -1,0 +1,52 @@
+"""Tensor-parallel plans for the Llama family, as data: module FQN pattern -> ParallelStyle.
+
+The residual stream is sequence-sharded (Shard(1)) between blocks when sequence parallelism is on, and
+replicated otherwise. Inside a block q/k/v and gate/up are column-parallel (each rank holds whole heads /
+FFN columns), o_proj and down_proj row-parallel. The output head is column-parallel over the vocabulary;
+with loss parallelism its logits stay vocabulary-sharded and the cross-entropy runs on the shards.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+# Attention is called as self_attn(x, cos, sin, mask, cache): only x is laid out; the rest stay local.
+_ATTN_EXTRA_ARGS = (None, None, None, None)
+
+
+def llama_tp_plan(sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+    """The plan for cybertron.models.llama.Transformer (embed_tokens / layers.* / norm / lm_head)."""
+    stream = Shard(1) if sequence_parallel else Replicate()
+    # With sequence parallelism the stream stays a DTensor so the model sees global shapes (RoPE positions).
+    keep_dtensor = sequence_parallel
+    plan: dict[str, ParallelStyle] = {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
+                                        use_local_output=not keep_dtensor),
+        "layers.*.self_attn": PrepareModuleInput(input_layouts=(stream, *_ATTN_EXTRA_ARGS),
+                                                 desired_input_layouts=(Replicate(), *_ATTN_EXTRA_ARGS),
+                                                 use_local_output=True),
+        "layers.*.self_attn.q_proj": ColwiseParallel(),
+        "layers.*.self_attn.k_proj": ColwiseParallel(),
+        "layers.*.self_attn.v_proj": ColwiseParallel(),
+        "layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=stream, use_local_output=not keep_dtensor),
+        "layers.*.mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
+                                           use_local_output=True),
+        "layers.*.mlp.gate_proj": ColwiseParallel(),
+        "layers.*.mlp.up_proj": ColwiseParallel(),
+        "layers.*.mlp.down_proj": RowwiseParallel(output_layouts=stream, use_local_output=not keep_dtensor),
+        "lm_head": ColwiseParallel(input_layouts=stream,
+                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                   use_local_output=not loss_parallel),
+    }
+    if sequence_parallel:
+        plan["layers.*.input_layernorm"] = SequenceParallel()
+        plan["layers.*.post_attention_layernorm"] = SequenceParallel()
+        plan["norm"] = SequenceParallel()
+    return plan

@@ -104,9 +104,15 @@ class PackedLoader:
 
 def iter_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
                       max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Unshuffled windows from the start of `tokens`, in batches (the last may be smaller); at most
-    max_batches. Windows step by seq_len, so every token after the first is a target exactly once."""
-    n_windows = min(_count_windows(len(tokens), seq_len), batch_size * max(max_batches, 0))
-    for first in range(0, n_windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, n_windows), dtype=np.int64) * seq_len
-        yield _windows(tokens, starts, seq_len)
+    """Unshuffled, non-overlapping windows in batches (the last may be smaller); at most max_batches.
+
+    When the budget covers fewer windows than the data holds, the chosen windows are spread evenly over the
+    whole stream: the first N windows would measure only the first few validation documents."""
+    available = _count_windows(len(tokens), seq_len)
+    wanted = min(available, batch_size * max(max_batches, 0))
+    if wanted == 0:
+        return
+    # Evenly spaced window indices (all of them when the budget allows), always deterministic.
+    indices = (np.arange(wanted, dtype=np.int64) * available) // wanted
+    for first in range(0, wanted, batch_size):
+        yield _windows(tokens, indices[first:first + batch_size] * seq_len, seq_len)

@@ -123,6 +123,13 @@ def test_eval_batches_are_sequential_and_bounded():
     assert len(list(iter_eval_batches(TOKENS, SEQ_LEN, batch_size=10, max_batches=2))) == 2
 
 
+def test_eval_batches_spread_over_the_whole_stream_when_budget_is_short():
+    batches = list(iter_eval_batches(TOKENS, SEQ_LEN, batch_size=2, max_batches=2))  # 4 of 25 windows
+    starts = [i for inputs, _ in batches for i in window_index(inputs)]
+    assert starts == [0, 6, 12, 18]  # evenly spaced, reaching the last quarter of the data
+    assert len(set(starts)) == 4
+
+
 def test_eval_batches_on_short_data():
     assert [b[0].shape for b in iter_eval_batches(TOKENS[:9], SEQ_LEN, 4, 3)] == [(1, SEQ_LEN)]
     assert list(iter_eval_batches(TOKENS[:8], SEQ_LEN, 4, 3)) == []

@@ -113,3 +113,17 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert id(model.norm.weight) not in decayed
     total = sum(len(g["params"]) for g in opt.param_groups)
     assert total == len(list(model.parameters()))
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32():
+    from cybertron.train.precision import autocast
+
+    model_a, trainer_a = _setup()
+    model_b, trainer_b = _setup()
+    trainer_b.autocast = lambda: autocast("bf16", torch.device("cpu"))
+    batch = _batch(4)
+    for step in range(3):
+        res_a = trainer_a.train_step(step, [batch])
+        res_b = trainer_b.train_step(step, [batch])
+        assert abs(res_a.loss.item() - res_b.loss.item()) < 0.05  # bf16 rounding, not a different model
+    assert all(p.dtype == torch.float32 for p in model_b.parameters())  # fp32 master weights

@@ -4,15 +4,18 @@
     python bench/decode.py --shape llama3-1b    # on CUDA (random weights, bf16)
 
 Prints batch-1 decode tokens/s and aggregate tokens/s with --concurrency requests, for cybertron and for
-transformers (greedy, same prompt and new-token count; on CPU both the default dynamic cache and
-cache_implementation="static" are timed and the faster is reported), their ratio, and on CUDA the share of
-the memory-bandwidth roofline (weight bytes per token / measured device copy bandwidth).
+transformers (greedy, same prompt, same new-token count, end-of-text ignored), their ratio, and on CUDA
+the share of the memory-bandwidth roofline (weight bytes read per token / measured device copy bandwidth).
+For transformers, the default dynamic cache and cache_implementation="static" are both timed and the
+faster one is compared against. The variants are timed in turns (round robin, best of --repeats), so a
+co-tenant's load on a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -26,128 +29,118 @@ from cybertron.serve.sampling import SamplingParams
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="tiny", help="model preset (random weights)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the best time of each is kept)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads for both engines (default 1: on a shared 2-core machine, "
+                             "OpenMP threads that wait for each other make 2-thread timings 10x noisier)")
     parser.add_argument("--skip-transformers", action="store_true")
     return parser.parse_args()
 
 
-def best_time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up: allocations, kernel selection, compilation
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def cybertron_rates(model: Transformer, prompts: list[list[int]], args, sync) -> tuple[float, float, list[int]]:
+def cybertron_runs(model: Transformer, prompts: list[list[int]], args) -> dict[str, Callable]:
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     engine = Engine(model, None, max_batch_size=len(prompts), block_size=16,
                     num_blocks=len(prompts) * -(-(args.prompt_len + args.new_tokens) // 16))
-    first: list[int] = []
-
-    def one() -> None:
-        first[:] = engine.generate(prompts[:1], params)[0].token_ids
-
-    def many() -> None:
-        engine.generate(prompts, params)
-
-    t1 = best_time(one, args.repeats, sync)
-    tn = best_time(many, args.repeats, sync)
-    return args.new_tokens / t1, len(prompts) * args.new_tokens / tn, first
+    return {"cybertron/1": lambda: engine.generate(prompts[:1], params)[0].token_ids,
+            "cybertron/n": lambda: engine.generate(prompts, params)[0].token_ids}
 
 
 def transformers_model(model: Transformer):
     import transformers
 
-    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(model.config, str(_dtype(model)).split(".")[-1]))
-    with torch.device(_device(model)):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=_dtype(model))
+    dtype = next(model.parameters()).dtype
+    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(model.config, str(dtype).split(".")[-1]))
+    with torch.device(next(model.parameters()).device):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     state = {our_key_to_hf(k): v for k, v in model.state_dict().items()}
     missing, _ = hf.load_state_dict(state, strict=False)
     assert not [k for k in missing if "rotary" not in k and k != "lm_head.weight"], missing
     return hf.eval()
 
 
-def transformers_rates(hf, prompts: list[list[int]], args, sync) -> tuple[float, float, str, list[int]]:
+def transformers_runs(hf, prompts: list[list[int]], args) -> dict[str, Callable]:
     device = next(hf.parameters()).device
-    batch1 = torch.tensor(prompts[:1], device=device)
-    batchn = torch.tensor(prompts, device=device)
-    first: list[int] = []
-    best = (0.0, 0.0, "", first)
+    batches = {"1": torch.tensor(prompts[:1], device=device), "n": torch.tensor(prompts, device=device)}
+    runs = {}
     for cache in ("dynamic", "static"):
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                       pad_token_id=0)
         if cache == "static":
             kwargs["cache_implementation"] = "static"
+        for size, batch in batches.items():
+            def run(batch=batch, kwargs=kwargs) -> list[int]:
+                with torch.inference_mode():
+                    return hf.generate(batch, **kwargs)[0, batch.shape[1]:].tolist()
+            runs[f"transformers-{cache}/{size}"] = run
+    return runs
 
-        def one(kwargs=kwargs) -> None:
-            with torch.inference_mode():
-                first[:] = hf.generate(batch1, **kwargs)[0, len(prompts[0]):].tolist()
 
-        def many(kwargs=kwargs) -> None:
-            with torch.inference_mode():
-                hf.generate(batchn, **kwargs)
-
-        t1 = best_time(one, args.repeats, sync)
-        tn = best_time(many, args.repeats, sync)
-        rates = (args.new_tokens / t1, len(prompts) * args.new_tokens / tn)
-        print(f"  transformers {cache:>7} cache: batch 1 {rates[0]:8.1f} tok/s, "
-              f"{len(prompts)} concurrent {rates[1]:8.1f} tok/s")
-        if rates[0] > best[0]:
-            best = (*rates, cache, list(first))
-    return best
+def time_round_robin(runs: dict[str, Callable], repeats: int, sync: Callable) -> tuple[dict, dict]:
+    """Best wall time of each run over `repeats` rounds, each round timing every run once."""
+    outputs = {name: run() for name, run in runs.items()}  # warm-up: allocation, kernel choice
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, outputs
 
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large device-to-device copy (read + write), the decode roofline's denominator."""
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = best_time(lambda: dst.copy_(src), 5, lambda: torch.cuda.synchronize(device))
-    return 2 * src.numel() / seconds
+    best, _ = time_round_robin({"copy": lambda: dst.copy_(src)}, 10, lambda: torch.cuda.synchronize(device))
+    return 2 * src.numel() / best["copy"]
 
 
-def _dtype(model: Transformer) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _device(model: Transformer) -> torch.device:
-    return next(model.parameters()).device
-
-
-def main() -> None:
-    args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = preset_config(args.shape)
-    model = build_model(cfg, device=device, seed=0).to(dtype).eval()
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, cfg.vocab_size, (args.concurrency, args.prompt_len), generator=gen).tolist()
-    print(f"shape {args.shape} ({cfg.num_params() / 1e6:.1f}M params, {dtype}) on {device}, "
-          f"{torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
-    ours1, oursn, our_tokens = cybertron_rates(model, prompts, args, sync)
-    print(f"  cybertron             : batch 1 {ours1:8.1f} tok/s, {args.concurrency} concurrent "
-          f"{oursn:8.1f} tok/s")
-    if not args.skip_transformers:
-        hf1, hfn, cache, hf_tokens = transformers_rates(transformers_model(model), prompts, args, sync)
-        print(f"  ratio cybertron / transformers ({cache} cache): batch 1 x{ours1 / hf1:.2f}, "
-              f"{args.concurrency} concurrent x{oursn / hfn:.2f}")
-        same = sum(a == b for a, b in zip(our_tokens, hf_tokens))
-        print(f"  greedy tokens identical to transformers: {same}/{len(our_tokens)}")
+def report(best: dict[str, float], outputs: dict, args, model: Transformer, device: torch.device) -> None:
+    n = args.concurrency
+    rate = {name: (1 if name.endswith("/1") else n) * args.new_tokens / t for name, t in best.items()}
+    for system in dict.fromkeys(name.split("/")[0] for name in rate):
+        print(f"  {system:<22} batch 1 {rate[system + '/1']:9.1f} tok/s   {n} concurrent "
+              f"{rate[system + '/n']:9.1f} tok/s")
+    hf = [s for s in ("transformers-dynamic", "transformers-static") if s + "/1" in rate]
+    if hf:
+        fastest = max(hf, key=lambda s: rate[s + "/1"])
+        print(f"  cybertron / {fastest}: batch 1 x{rate['cybertron/1'] / rate[fastest + '/1']:.2f}, "
+              f"{n} concurrent x{rate['cybertron/n'] / max(rate[s + '/n'] for s in hf):.2f} "
+              f"(vs the faster transformers cache at each size)")
+        same = sum(a == b for a, b in zip(outputs["cybertron/1"], outputs[fastest + "/1"]))
+        print(f"  greedy tokens identical to transformers: {same}/{args.new_tokens}")
     if device.type == "cuda":
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         roofline = copy_bandwidth(device) / weight_bytes
         print(f"  batch-1 roofline {roofline:.1f} tok/s ({weight_bytes / 1e9:.2f} GB of weights per token): "
-              f"cybertron reaches {ours1 / roofline:.1%}")
+              f"cybertron reaches {rate['cybertron/1'] / roofline:.1%}")
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = preset_config(args.shape)
+    model = build_model(cfg, device=device, seed=0).to(dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (args.concurrency, args.prompt_len), generator=gen).tolist()
+    print(f"shape {args.shape} ({cfg.num_params() / 1e6:.1f}M params, {dtype}) on {device}, "
+          f"{torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    runs = cybertron_runs(model, prompts, args)
+    if not args.skip_transformers:
+        runs.update(transformers_runs(transformers_model(model), prompts, args))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    best, outputs = time_round_robin(runs, args.repeats, sync)
+    report(best, outputs, args, model, device)
 
 
 if __name__ == "__main__":

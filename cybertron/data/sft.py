@@ -39,7 +39,11 @@ class Example:
 
 def read_conversations(path: str | Path) -> list[list[Message]]:
     """Conversations from a .jsonl file; DataError naming the file and line for anything malformed."""
-    path = Path(path)
+    return [messages for _, messages in _read_numbered(Path(path))]
+
+
+def _read_numbered(path: Path) -> list[tuple[int, list[Message]]]:
+    """(line number, conversation) pairs, so later errors (a template rejecting one) can name the line."""
     if not path.is_file():
         raise DataError(f"SFT data file {path} does not exist")
     conversations = []
@@ -51,7 +55,7 @@ def read_conversations(path: str | Path) -> list[list[Message]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            conversations.append(_conversation(record, f"{path}:{lineno}"))
+            conversations.append((lineno, _conversation(record, f"{path}:{lineno}")))
     if not conversations:
         raise DataError(f"SFT data file {path} holds no examples")
     return conversations
@@ -96,12 +100,18 @@ def tokenize_conversation(tokenizer: TextTokenizer, messages: list[Message]) -> 
     return Example(inputs=ids[:-1], labels=labels)
 
 
-def tokenize_examples(tokenizer: TextTokenizer, conversations: list[list[Message]],
-                      max_len: int) -> tuple[list[Example], int]:
-    """Tokenized examples cut to max_len, dropping those left without a target; (examples, n_truncated)."""
+def tokenize_examples(tokenizer: TextTokenizer, conversations: list[list[Message]], max_len: int,
+                      sources: list[str] | None = None) -> tuple[list[Example], int]:
+    """Tokenized examples cut to max_len, dropping those left without a target; (examples, n_truncated).
+    `sources` (e.g. "file:line" per conversation) prefixes the error of a conversation that fails."""
     examples, truncated = [], 0
-    for messages in conversations:
-        ex = tokenize_conversation(tokenizer, messages)
+    for i, messages in enumerate(conversations):
+        try:
+            ex = tokenize_conversation(tokenizer, messages)
+        except DataError as err:
+            if sources is None:
+                raise
+            raise DataError(f"{sources[i]}: {err}") from err
         if len(ex) > max_len:
             ex, truncated = Example(ex.inputs[:max_len], ex.labels[:max_len]), truncated + 1
         if any(label != IGNORE_INDEX for label in ex.labels):
@@ -149,8 +159,9 @@ class SFTData:
 def build_sft_data(path: str | Path, tokenizer: TextTokenizer, seq_len: int, val_fraction: float, seed: int,
                    pack: bool = True) -> SFTData:
     """Read, tokenize, split (seeded, by example) and pack. A held-out set is kept when it gets >= 1 example."""
-    conversations = read_conversations(path)
-    examples, truncated = tokenize_examples(tokenizer, conversations, seq_len)
+    numbered = _read_numbered(Path(path))
+    sources = [f"{path}:{lineno}" for lineno, _ in numbered]
+    examples, truncated = tokenize_examples(tokenizer, [m for _, m in numbered], seq_len, sources)
     if not examples:
         raise DataError(f"no example in {path} has an assistant token within data.seq_len={seq_len}")
     order = np.random.default_rng(seed).permutation(len(examples))

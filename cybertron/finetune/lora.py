@@ -51,12 +51,13 @@ class LoRALinear(nn.Module):
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         self.rank, self.scale = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device, dtype = base.weight.device, torch.float32 if base.weight.dtype.is_floating_point else None
-        self.lora_A = nn.Parameter(_kaiming_uniform((rank, self.in_features), generator).to(device, dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
-        self.magnitude = nn.Parameter(self.base_weight().float().norm(dim=1)) if dora else None
+        # Adapters are trained, so they stay fp32 (master weights) even over a bf16 or NF4 base.
+        device = base.weight.device
+        self.lora_A = nn.Parameter(_kaiming_uniform((rank, self.in_features), generator).to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         self.disabled = False  # True inside `adapters_disabled`: the layer is its base alone
         self.quantized = False  # set by finetune.quant when the base weight is stored in NF4
+        self.magnitude = nn.Parameter(self.weight.detach().float().norm(dim=1)) if dora else None
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a plain tensor (dequantized when stored in NF4)."""

@@ -8,6 +8,7 @@ frozen weight.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -15,16 +16,21 @@ import torch
 from torch import nn
 
 from cybertron.errors import ConfigError
-from cybertron.finetune.lora import LoRALinear, lora_modules
+from cybertron.finetune.lora import lora_modules
 
 DEFAULT_BLOCK_SIZE = 64
 MAX_SCALER_BLOCK = 256
 
 
+@functools.cache
 def _nf4() -> Any:
     """torchao's NF4 module (its home moved between releases), imported only when QLoRA is asked for."""
-    # torchao logs a warning for each optional CUDA kernel library it cannot load; on CPU that is expected.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # Importing torchao logs a warning per optional CUDA kernel library it cannot load (expected on CPU) and
+    # torch logs a deprecation notice about torchao's enums: noise for a user, so muted for the import only.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     except ImportError:
@@ -32,6 +38,9 @@ def _nf4() -> Any:
             from torchao.dtypes import nf4tensor as nf4_tensor
         except ImportError as err:
             raise ConfigError("finetune.method=qlora needs torchao: pip install 'cybertron[quant]'") from err
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return nf4_tensor
 
 
@@ -80,6 +89,3 @@ def quantized_bits_per_param(model: nn.Module) -> float:
             count += module.weight.numel()
     return 8 * stored / count if count else 0.0
 
-
-def is_quantized(module: LoRALinear) -> bool:
-    return module.quantized

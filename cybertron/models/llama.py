@@ -157,9 +157,7 @@ class Transformer(nn.Module):
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
             if cache is None:
                 mask = document_causal_mask(positions)
-        inv_freq = inverse_frequencies(self.config.head_size, self.config.rope_theta, self.config.rope_scaling,
-                                       device=h.device)
-        cos, sin = rope_cos_sin(positions, inv_freq, h.dtype)
+        cos, sin = rope_cos_sin(positions, self._inv_freq(h.device), h.dtype)
         for block in self.layers.values():
             h = block(h, cos, sin, mask, cache)
         if self.norm is not None:
@@ -167,6 +165,16 @@ class Transformer(nn.Module):
         if self.lm_head is not None:
             h = self.lm_head(h)
         return h
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        # Cached per device as a plain attribute, not a buffer: a buffer would be lost by meta-device
+        # construction + to_empty and would travel into checkpoints, and it is a pure function of config.
+        cached = self.__dict__.get("_inv_freq_cache")
+        if cached is None or cached.device != device:
+            cfg = self.config
+            cached = inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, device=device)
+            self.__dict__["_inv_freq_cache"] = cached
+        return cached
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -154,7 +154,7 @@ class CacheBatch:
                     block_table=put([tb + [SCRATCH_BLOCK] * (width - len(tb)) for tb in tables]),
                     context_lens=put(lens), fresh=fresh, span=span, mask=None)
         if not fresh and span is None:
-            batch.mask = _visible_keys(batch.positions, width * bs)
+            batch.mask = visible_keys(batch.positions, width * bs)
         return batch
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -173,16 +173,24 @@ class CacheBatch:
             first, length = self.span
             keys, values = k_pool[first:first + length][None], v_pool[first:first + length][None]
             return _sdpa(q, keys, values, None)
-        keys = self.cache.k[layer_idx][self.block_table].flatten(1, 2)  # (B, S, nkv, hd)
-        values = self.cache.v[layer_idx][self.block_table].flatten(1, 2)
+        keys = _gather(self.cache.k[layer_idx], self.block_table)  # (B, S, nkv, hd)
+        values = _gather(self.cache.v[layer_idx], self.block_table)
         return _sdpa(q, keys, values, self.mask)
+
+
+def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Each row's blocks, in table order, as one (B, blocks * block_size, nkv, hd) tensor. An embedding
+    lookup of whole blocks: on CPU about 4x faster than advanced indexing (`pool[block_table]`)."""
+    num_blocks, block_size, n_kv, hd = pool.shape
+    rows = F.embedding(block_table, pool.view(num_blocks, -1))  # (B, max_blocks, block_size * nkv * hd)
+    return rows.view(block_table.shape[0], -1, n_kv, hd)
 
 
 def _consecutive(blocks: list[int]) -> bool:
     return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b - a == 1 for a, b in zip(blocks, blocks[1:]))
 
 
-def _visible_keys(positions: torch.Tensor, s: int) -> torch.Tensor:
+def visible_keys(positions: torch.Tensor, s: int) -> torch.Tensor:
     """(B, 1, T, S) bool: key j is visible to a query at position p iff j <= p (causal, and never past the
     row's context, since p < context length; padded queries repeat a real position so no row is empty)."""
     key_pos = torch.arange(s, device=positions.device)

@@ -24,8 +24,9 @@ import torch
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.models.llama import Transformer
 from cybertron.serve.cache import PagedKVCache
+from cybertron.serve.decode_graphs import DecodeGraphs
 from cybertron.serve.detokenize import OutputText
-from cybertron.serve.sampling import InvalidParameter, SamplingParams, make_generator, sample
+from cybertron.serve.sampling import InvalidParameter, SamplingBatch, SamplingParams, make_generator, sample
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
@@ -92,14 +93,17 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer | None = None,
                  max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16,
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
+                 decode_graphs: bool | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_attention_keys = max_attention_keys
         self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size)
+        self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
         self._eos = {tokenizer.eos_id} if tokenizer is not None else set()
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
@@ -138,7 +142,7 @@ class Engine:
         params = params or SamplingParams()
         self.check_request(prompt_ids, params)
         text = OutputText(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        generator = None if params.greedy else make_generator(params.seed, self.device)
+        generator = None if params.greedy else make_generator(params.seed)
         request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output)
         self._requests[request.id] = request
         self.waiting.append(request)
@@ -179,7 +183,9 @@ class Engine:
         with torch.inference_mode():
             decoding = self._reserve_decode_slots()
             admitted = self._admit()
-            produced = self._forward(decoding, prefill=False) if decoding else []
+            produced = []
+            for group in self._decode_groups(decoding):
+                produced += self._forward(group, prefill=False)
             if admitted:
                 produced += self._forward(admitted, prefill=True)
         for request, output in produced:
@@ -203,6 +209,20 @@ class Engine:
                 self.cache.reserve(request.id, need)
                 ready.append(request)
         return [r for r in ready if r in self.running]
+
+    def _decode_groups(self, requests: list[_Request]) -> list[list[_Request]]:
+        """Decode batches of similar context lengths whose gathered keys (rows x longest context) stay
+        within max_attention_keys: a few long sequences neither pad every short one nor exhaust memory."""
+        groups: list[list[_Request]] = []
+        longest = 0
+        for request in sorted(requests, key=lambda r: len(r.tokens)):
+            longest = max(longest, len(request.tokens))
+            if groups and (len(groups[-1]) + 1) * longest <= self.max_attention_keys:
+                groups[-1].append(request)
+            else:
+                groups.append([request])
+                longest = len(request.tokens)
+        return groups
 
     def _preempt(self, request: _Request) -> None:
         self.cache.release(request.id)
@@ -231,26 +251,33 @@ class Engine:
 
     def _forward(self, requests: list[_Request], prefill: bool) -> list[tuple[_Request, RequestOutput]]:
         """One model call for `requests` (whole prompts when prefilling, else one new token each), then
-        one sampled token per request."""
-        if prefill:
-            inputs = [r.tokens for r in requests]
-            starts = [0] * len(requests)
-        else:
-            inputs = [r.tokens[-1:] for r in requests]
-            starts = [len(r.tokens) - 1 for r in requests]
-        lengths = [len(x) for x in inputs]
-        width = max(lengths)
-        tokens = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64)
-        batch = self.cache.batch([r.id for r in requests], starts, lengths)
-        logits = self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch)
-        if width == 1:
-            last = logits[:, 0]
-        else:
-            index = torch.tensor(lengths, device=self.device) - 1
-            last = logits[torch.arange(len(requests), device=self.device), index]
-        drawn = sample(last, [r.params for r in requests], [r.generator for r in requests])
+        one sampled token per request. Every host -> device input, sampling's included, is sent before
+        the forward is launched, and all results come back in one transfer at the end."""
+        sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device)
+        logits = self._prefill_logits(requests) if prefill else self._decode_logits(requests)
+        drawn = sample(logits, sampling)
         return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i]))
                 for i, r in enumerate(requests)]
+
+    def _prefill_logits(self, requests: list[_Request]) -> torch.Tensor:
+        """(B, vocab) logits at each prompt's last token; prompts right-padded into one batch."""
+        lengths = [len(r.tokens) for r in requests]
+        width = max(lengths)
+        tokens = torch.tensor([r.tokens + [0] * (width - n) for r, n in zip(requests, lengths)])
+        last = torch.tensor(lengths).to(self.device, non_blocking=True) - 1
+        batch = self.cache.batch([r.id for r in requests], [0] * len(requests), lengths)
+        logits = self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch)
+        return logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
+
+    def _decode_logits(self, requests: list[_Request]) -> torch.Tensor:
+        """(B, vocab) logits of one new token per request, through the captured graphs when enabled."""
+        ids, positions = [r.id for r in requests], [len(r.tokens) - 1 for r in requests]
+        tokens = [r.output[-1] for r in requests]
+        if self.decode_graphs is not None:
+            return self.decode_graphs(ids, tokens, positions)
+        batch = self.cache.batch(ids, positions, [1] * len(requests))
+        inputs = torch.tensor(tokens)[:, None].to(self.device, non_blocking=True)
+        return self.model(inputs, positions=batch.positions, cache=batch)[:, 0]
 
     def _append(self, request: _Request, token: int, logprob: float,
                 top: list[tuple[int, float]]) -> RequestOutput:
@@ -311,6 +338,8 @@ class Engine:
         per_prompt = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        for prompt, p in zip(prompts, per_prompt):
+            self.check_request(prompt, p)  # all or nothing: no request is left behind in the engine
         collected: list[list[RequestOutput]] = [[] for _ in prompts]
         for prompt, p, sink in zip(prompts, per_prompt, collected):
             self.add_request(prompt, p, on_output=sink.append)
@@ -334,6 +363,16 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
     if num_blocks is None:
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
     return PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype, device)
+
+
+def build_decode_graphs(model: Transformer, cache: PagedKVCache, max_batch_size: int,
+                        enabled: bool | None) -> DecodeGraphs | None:
+    """CUDA graphs for decode by default on CUDA. enabled=True elsewhere runs the same static, padded
+    path eagerly (how CPU tests cover it); False always decodes eagerly."""
+    on_cuda = cache.device.type == "cuda"
+    if not (on_cuda if enabled is None else enabled):
+        return None
+    return DecodeGraphs(model, cache, max_batch_size, capture=on_cuda)
 
 
 def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, device: torch.device,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.serve.engine import RequestOutput
-from cybertron.serve.sampling import InvalidParameter, SamplingParams
+from cybertron.serve.sampling import MAX_TOP_LOGPROBS, InvalidParameter, SamplingParams
 
 
 class APIError(Exception):
@@ -80,7 +80,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
@@ -105,7 +105,7 @@ class ChatRequest(_SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 # ---- responses ------------------------------------------------------------------------------------------

@@ -68,14 +68,40 @@ class SamplingParams:
             raise InvalidParameter("stop", "stop strings must be non-empty strings")
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """The request's own random stream; an unseeded request draws a fresh nondeterministic seed."""
-    generator = torch.Generator(device=device)
+def make_generator(seed: int | None) -> torch.Generator:
+    """The request's own random stream, on the CPU whatever the model's device: a seed then gives the same
+    draws on any machine, and drawing costs no device kernel. Unseeded requests get a fresh random seed."""
+    generator = torch.Generator()
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
     return generator
+
+
+@dataclass
+class SamplingBatch:
+    """A step's sampling inputs, moved to the device *before* the forward is launched, so that nothing
+    between the forward and the final read-back waits for the device."""
+
+    params: list[SamplingParams]
+    rows: torch.Tensor | None  # (S,) rows that sample (the others are greedy); None if all are greedy
+    temperature: torch.Tensor | None  # (S, 1)
+    top_k: torch.Tensor | None  # (S, 1); "off" is a k larger than any vocabulary
+    top_p: torch.Tensor | None  # (S, 1)
+    uniform: torch.Tensor | None  # (S,) one draw per sampled row from that request's generator
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+              device: torch.device | str) -> SamplingBatch:
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:
+            return cls(list(params), None, None, None, None, None)
+        uniform = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled])
+        columns = torch.tensor([[i, params[i].top_k or 2**62] for i in sampled], dtype=torch.int64)
+        floats = torch.tensor([[params[i].temperature, params[i].top_p] for i in sampled], dtype=torch.float32)
+        columns, floats, uniform = (t.to(device, non_blocking=True) for t in (columns, floats, uniform))
+        return cls(list(params), columns[:, 0], floats[:, :1], columns[:, 1:], floats[:, 1:], uniform)
 
 
 @dataclass
@@ -85,48 +111,39 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]]  # per row, best first; empty where not asked for
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> SampleOutput:
-    """One token per row of `logits` (B, vocab), each row with its own parameters and generator.
-    Everything stays on the device until one transfer of the results at the end."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+    """One token per row of `logits` (B, vocab), each row with its own parameters and random stream.
+    Everything stays on the device until one transfer of all results at the end (one sync per step)."""
     logits = logits.float()
     model_logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        drawn = _sample_rows(logits[rows], [params[i] for i in sampled], [generators[i] for i in sampled])
-        tokens = tokens.index_copy(0, rows, drawn)
-    chosen = model_logprobs.gather(1, tokens[:, None])[:, 0]
-    k = max(p.top_logprobs for p in params)
-    top = torch.topk(model_logprobs, k, dim=-1) if k else None
-    # The single device -> host transfer of the step.
-    host_tokens, host_logprobs = tokens.tolist(), chosen.tolist()
-    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
-    top_lists = [list(zip(top_ids[i][:p.top_logprobs], top_values[i][:p.top_logprobs])) if p.top_logprobs
-                 else [] for i, p in enumerate(params)]
-    return SampleOutput(host_tokens, host_logprobs, top_lists)
+    if batch.rows is not None:
+        tokens = tokens.index_copy(0, batch.rows, _sample_rows(logits[batch.rows], batch))
+    chosen = model_logprobs.gather(1, tokens[:, None])
+    k = max(p.top_logprobs for p in batch.params)
+    columns = [tokens[:, None].double(), chosen.double()]
+    if k:
+        top = torch.topk(model_logprobs, k, dim=-1)
+        columns += [top.indices.double(), top.values.double()]
+    # Token ids are exact in float64, so ids and log-probs travel in one tensor: one transfer, one sync.
+    rows = torch.cat(columns, dim=1).tolist()
+    top_lists = [list(zip(map(int, row[2:2 + p.top_logprobs]), row[2 + k:2 + k + p.top_logprobs]))
+                 for row, p in zip(rows, batch.params)]
+    return SampleOutput([int(row[0]) for row in rows], [row[1] for row in rows], top_lists)
 
 
-def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def _sample_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Temperature, then top-k, then top-p (on the tempered distribution, as vLLM and HF do), then inverse
-    transform sampling with one uniform per row from that row's generator."""
-    device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    values, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
+    transform sampling with the row's uniform draw."""
+    values, order = (logits / batch.temperature).sort(dim=-1, descending=True)
     probs = torch.softmax(values, dim=-1)
-    rank = torch.arange(vocab, device=device)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
     # A token survives top-p if the mass strictly before it is below top_p: the smallest set reaching
     # top_p is kept, and the most likely token always survives.
     mass_before = probs.cumsum(dim=-1) - probs
-    keep = (rank[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])
-    probs = probs * keep
-    cdf = probs.cumsum(dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
+    keep = (rank[None, :] < batch.top_k) & (mass_before < batch.top_p)
+    cdf = (probs * keep).cumsum(dim=-1)
     # First rank whose cdf exceeds u * total: a token with zero mass (filtered out) can never be picked.
-    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    pick = torch.searchsorted(cdf, (batch.uniform * cdf[:, -1])[:, None], right=True)
     pick = torch.minimum(pick, keep.sum(dim=-1, keepdim=True) - 1)  # rounding at the very top of the cdf
     return order.gather(1, pick)[:, 0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -38,7 +39,7 @@ from cybertron.serve.protocol import (
     new_id,
     usage,
 )
-from cybertron.serve.sampling import SamplingParams
+from cybertron.serve.sampling import InvalidParameter, SamplingParams
 
 
 @dataclass
@@ -84,22 +85,31 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
     install_error_handlers(app, state.counters)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    add_status_routes(app, state)
+    add_generation_routes(app, state)
+    return app
 
+
+def add_status_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if not runner.is_running:
+        if not state.runner.is_running:
             return JSONResponse(error_body("the engine loop is not running", "server_error"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = render_metrics(runner, state.counters)
+        text = render_metrics(state.runner, state.counters)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "cybertron", "max_model_len": state.context}]}
+
+
+def add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    tokenizer = state.tokenizer
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -109,27 +119,26 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
             raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
         prompts = completion_prompts(tokenizer, body.prompt)
         k = body.logprobs
-        fmt = CompletionFormat(tokenizer, logprobs=k is not None)
         jobs = [Job(i * body.n + j, prompt, body.sampling_params(
                     _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j))
                 for i, prompt in enumerate(prompts) for j in range(body.n)]
-        prompt_tokens = sum(len(p) for p in prompts)
-        return await respond(state, request, jobs, fmt, body.stream, body.include_usage, prompt_tokens)
+        fmt = CompletionFormat(tokenizer, logprobs=k is not None)
+        return await respond(state, request, jobs, fmt, body, sum(len(p) for p in prompts))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         state.counters["http_requests"] += 1
         state.check_model(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = tokenizer.encode(render_chat(tokenizer, messages))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        jobs = [Job(j, prompt, body.sampling_params(_max_tokens(max_tokens, prompt, state.context),
+                                                    body.logprobs, body.top_logprobs or 0, j))
+                for j in range(body.n)]
         fmt = ChatFormat(tokenizer, logprobs=body.logprobs)
-        params = [body.sampling_params(_max_tokens(max_tokens, prompt, state.context), body.logprobs,
-                                       body.top_logprobs or 0, j) for j in range(body.n)]
-        jobs = [Job(j, prompt, p) for j, p in enumerate(params)]
-        return await respond(state, request, jobs, fmt, body.stream, body.include_usage, len(prompt))
-
-    return app
+        return await respond(state, request, jobs, fmt, body, len(prompt), prompt_param="messages")
 
 
 def completion_prompts(tokenizer: TextTokenizer, prompt: str | list) -> list[list[int]]:
@@ -150,12 +159,20 @@ def _max_tokens(asked: int | None, prompt: Sequence[int], context: int) -> int:
 
 
 async def respond(state: ServerState, request: Request, jobs: list[Job], fmt: CompletionFormat,
-                  stream: bool, include_usage: bool, prompt_tokens: int) -> Response:
-    for job in jobs:  # every choice is validated before any starts: errors get a proper status code
-        state.runner.check_request(job.prompt, job.params)
+                  body: CompletionRequest | ChatRequest, prompt_tokens: int,
+                  prompt_param: str = "prompt") -> Response:
+    """Validate every choice (so errors get a proper status before any stream starts), then stream or
+    collect them."""
+    for job in jobs:
+        try:
+            state.runner.check_request(job.prompt, job.params)
+        except InvalidParameter as err:
+            if err.param == "prompt":  # name the field the client sent (chat has messages, not a prompt)
+                err.param = prompt_param
+            raise
     response_id = new_id(fmt.id_prefix)
-    if stream:
-        events = sse_events(state, jobs, fmt, response_id, prompt_tokens, include_usage)
+    if body.stream:
+        events = sse_events(state, jobs, fmt, response_id, prompt_tokens, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results = await collect(state, request, jobs)
@@ -285,6 +302,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """UserError if the server could not listen there (port out of range or taken, unknown host)."""
+    if not 0 <= port < 65536:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --host "
+                        "or --port") from err
+
+
 def main(argv: list[str]) -> int:
     import uvicorn
 
@@ -293,8 +323,7 @@ def main(argv: list[str]) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if not 0 <= args.port < 65536:
-        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    check_listen_address(args.host, args.port)  # before minutes of model loading, not after
     device = resolve_device(args.device)
     model, tokenizer, name = load_model_and_tokenizer(args.out, args.model, device, args.dtype)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, num_blocks=args.num_blocks,

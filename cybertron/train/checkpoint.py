@@ -21,14 +21,25 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from cybertron.errors import CheckpointError
 from cybertron.models.config import ModelConfig
+from cybertron.train.optim import PartsOptimizer
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
+# Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): the same keys
+# whatever layout saved it, so any rank (a pipeline stage, a ZeRO-1 partition) saves and loads its own share.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _step_of(path: Path) -> int | None:
@@ -65,7 +76,70 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+Model = nn.Module | list[nn.Module]
+
+
+def _pairs(model: Model, optimizer: Any) -> list[tuple[nn.Module, Any]]:
+    """(module, its optimizer) pairs: one for a whole model, one per pipeline stage held by this rank."""
+    if isinstance(optimizer, PartsOptimizer):
+        return optimizer.parts
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    assert optimizer is None or len(models) == 1, "several model parts need a PartsOptimizer"
+    return [(m, optimizer) for m in models]
+
+
+def _zero1_state(model: nn.Module, zero: ZeroRedundancyOptimizer, allocate: bool) -> dict[str, Any]:
+    """Flat optimizer state of the parameters this rank's ZeRO-1 partition owns (allocate: empty tensors
+    of the right shapes to load into)."""
+    module = getattr(model, "module", model)  # DDP
+    names = {id(p): n for n, p in module.named_parameters()}
+    out: dict[str, Any] = {}
+    for group in zero.optim.param_groups:
+        for p in group["params"]:
+            fqn = names[id(p)]
+            if allocate:
+                zero.optim.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                       "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            else:
+                out.update({f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"})
+            out.update({f"state.{fqn}.{k}": v for k, v in zero.optim.state.get(p, {}).items()})
+    return out
+
+
+def collect_state(model: Model, optimizer: Any, for_load: bool = False) -> list[dict[str, Any]]:
+    """Per (module, optimizer) pair: {"model": ..., "optim": ...} state dicts with layout-free keys."""
+    out = []
+    for module, opt in _pairs(model, optimizer):
+        if opt is None:
+            out.append({"model": get_model_state_dict(module)})
+        elif isinstance(opt, ZeroRedundancyOptimizer):
+            out.append({"model": get_model_state_dict(module), "optim": _zero1_state(module, opt, for_load)})
+        else:
+            model_sd, optim_sd = get_state_dict(module, opt, options=_FLAT)
+            out.append({"model": model_sd, "optim": optim_sd})
+    return out
+
+
+def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, sd in part.items():
+            merged.setdefault(key, {}).update(sd)
+    return merged
+
+
+def apply_state(model: Model, optimizer: Any, parts: list[dict[str, Any]], loaded: dict[str, Any]) -> None:
+    """Write `loaded` (what DCP filled in) back into each module and optimizer."""
+    for (module, opt), part in zip(_pairs(model, optimizer), parts):
+        model_sd = {k: loaded["model"][k] for k in part["model"]}
+        if opt is None or isinstance(opt, ZeroRedundancyOptimizer):
+            set_model_state_dict(module, model_sd)  # ZeRO-1 state was loaded in place into its tensors
+        else:
+            optim_sd = {k: loaded["optim"][k] for k in part["optim"]}
+            set_state_dict(module, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_FLAT)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: Model, optimizer: Any,
                     trainer_state: dict[str, Any], model_config: ModelConfig, keep: int = 2,
                     is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> Path:
     """Save on every rank (DCP is collective); rank 0 publishes it atomically and applies retention."""
@@ -75,9 +149,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-        get_state_dict(model, [])[0], None)
-    state = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+    state = _merged(collect_state(model, optimizer))
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp))
     barrier()
@@ -108,17 +180,14 @@ def read_model_config(ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {ckpt} has no readable {MODEL_CONFIG} ({err})") from err
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, model: Model, optimizer: Any) -> dict[str, Any]:
     """Load model (and optimizer) state in place, whatever layout saved it; returns the trainer state."""
     ckpt = Path(ckpt)
     state_meta = read_trainer_state(ckpt)
     if not (ckpt / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: DCP .metadata is missing")
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        state = {"model": get_state_dict(model, [])[0]}
+    parts = collect_state(model, optimizer, for_load=True)
+    state = _merged(parts)
     try:
         with _quiet():
             dcp.load(state, checkpoint_id=str(ckpt))
@@ -126,10 +195,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(f"checkpoint {ckpt} cannot be loaded, it is corrupted or from another model "
                               f"({first_line}); delete it to resume from an older one") from err
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+    apply_state(model, optimizer, parts, state)
     return state_meta
 
 
@@ -152,6 +218,10 @@ def load_inference_model(run_dir: Path, device: torch.device | str = "cpu"):
     from cybertron.models.llama import Transformer
 
     ckpt = resolve_checkpoint(Path(run_dir))
+    if (ckpt.parent.parent / "finetune.json").is_file():  # a fine-tuning run: base + adapters, merged
+        from cybertron.finetune.loading import load_finetuned_model
+
+        return load_finetuned_model(ckpt, device)
     cfg = read_model_config(ckpt)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -1,0 +1,119 @@
+"""`cybertron finetune` configuration: the shared train/eval/checkpoint/log/run sections (with defaults
+suited to fine-tuning) plus the base model, the chat data and the method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cybertron.config import CheckpointSection, EvalSection, LogSection, RunSection, TrainSection, opt
+from cybertron.errors import ConfigError
+from cybertron.finetune.lora import DEFAULT_TARGETS, LoRASpec
+
+METHODS = ("lora", "dora", "qlora", "full")
+
+
+@dataclass
+class BaseModelSection:
+    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json, "
+                        "tokenizer_config.json with a chat template)")
+    dtype: str = opt("auto", "storage dtype of the frozen base: auto (bf16 when adapters train under bf16 "
+                             "autocast, else fp32), fp32 or bf16; full fine-tuning keeps fp32 weights")
+
+
+@dataclass
+class SFTDataSection:
+    path: str = opt("", ".jsonl of {'messages': [...]} (OpenAI chat format) or {'prompt', 'response'} records")
+    seq_len: int = opt(0, "tokens per packed training row, longer examples are cut; 0 = the model's maximum, "
+                          "at most 1024")
+    pack: bool = opt(True, "pack several examples per row (attention never crosses examples)")
+    val_fraction: float = opt(0.05, "fraction of examples held out for validation (none if it rounds to 0)")
+
+
+@dataclass
+class MethodSection:
+    method: str = opt("lora", "lora, dora, qlora (LoRA over an NF4-quantized base) or full (every weight; "
+                              "use a lower --lr such as 2e-5)")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "adapter scale numerator: the update is (alpha / rank) B A")
+    dropout: float = opt(0.0, "dropout on the adapter's input")
+    targets: str = opt(",".join(DEFAULT_TARGETS), "comma-separated linear layer names or fnmatch globs "
+                                                  "of full names (e.g. layers.*.self_attn.q_proj)")
+    nf4_block_size: int = opt(64, "weights per NF4 scale (qlora)")
+
+    def lora_spec(self) -> LoRASpec:
+        targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        return LoRASpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=targets,
+                        dora=self.method == "dora")
+
+
+@dataclass
+class FinetuneConfig:
+    model: BaseModelSection = field(default_factory=BaseModelSection)
+    data: SFTDataSection = field(default_factory=SFTDataSection)
+    finetune: MethodSection = field(default_factory=MethodSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(
+        steps=100, global_batch_size=8, lr=2e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.0))
+    eval: EvalSection = field(default_factory=lambda: EvalSection(every=50, batches=4, batch_size=8))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
+    log: LogSection = field(default_factory=LogSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+# The flags of the common case, `cybertron finetune --model DIR --data FILE --method lora`.
+SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "finetune.method",
+             "--rank": "finetune.rank", "--seq-len": "data.seq_len", "--lr": "train.lr"}
+
+
+def expand_shortcuts(argv: list[str]) -> list[str]:
+    """Rewrite `--model X` / `--model=X` to `--model.path=X` (and the other SHORTCUTS) for parse_args."""
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in SHORTCUTS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            out.append(f"--{SHORTCUTS[name]}={value}")
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Reject impossible values before any work starts; each message names the key."""
+    t, d, f = cfg.train, cfg.data, cfg.finetune
+    checks = [
+        (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory"),
+        (bool(d.path), "data.path (--data) is required: a .jsonl of chat examples"),
+        (f.method in METHODS, f"finetune.method must be one of {', '.join(METHODS)}, got {f.method!r}"),
+        (cfg.model.dtype in ("auto", "fp32", "bf16"), f"model.dtype must be auto, fp32 or bf16, got "
+                                                       f"{cfg.model.dtype!r}"),
+        (not (f.method == "full" and cfg.model.dtype == "bf16"), "model.dtype=bf16 needs an adapter method: "
+                                                                 "full fine-tuning keeps fp32 master weights"),
+        (f.rank >= 1, f"finetune.rank must be >= 1, got {f.rank}"),
+        (f.alpha > 0, f"finetune.alpha must be > 0, got {f.alpha}"),
+        (0 <= f.dropout < 1, f"finetune.dropout must be in [0, 1), got {f.dropout}"),
+        (f.nf4_block_size >= 2, f"finetune.nf4_block_size must be >= 2, got {f.nf4_block_size}"),
+        (bool(f.lora_spec().targets), "finetune.targets names no layer"),
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.lr >= 0, f"train.lr must be >= 0, got {t.lr}"),
+        (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
+        (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+        (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
+        (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (cfg.eval.every >= 0 and cfg.checkpoint.every >= 0, "eval.every and checkpoint.every must be >= 0"),
+        (cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1"),
+        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+        (cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")

@@ -1,0 +1,246 @@
+"""`cybertron finetune`: a Hugging Face model directory + chat .jsonl -> a run directory of checkpoints.
+
+    cybertron finetune --model HF_DIR --data chats.jsonl --method lora [--steps N] [--out RUN_DIR]
+
+Methods: full (every weight trains), lora / dora (adapters only; checkpoints hold adapters alone) and qlora
+(LoRA over a base stored in NF4). The loop is the one Trainer with the language-model step: SFT differs
+from pretraining only by its data (packed chat examples whose prompt tokens carry no loss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cybertron.config import help_text, parse_args, to_toml
+from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
+from cybertron.data.tokenizer import TextTokenizer
+from cybertron.errors import ConfigError, UserError
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, MethodSection, expand_shortcuts, validate
+from cybertron.finetune.lora import apply_lora, count_params, trainable_view
+from cybertron.models.config import ModelConfig
+from cybertron.models.hf import load_hf_model, read_hf_config
+from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
+from cybertron.train.optim import build_optimizer
+from cybertron.train.precision import DTYPES, autocast, resolve_device, resolve_dtype
+from cybertron.train.run import find_resume_checkpoint, resolve_run_dir
+from cybertron.train.schedule import lr_at
+from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
+
+AUTO_MAX_SEQ_LEN = 1024  # data.seq_len=0: the model's context, capped (SFT examples are rarely longer)
+FINETUNE_FILE = "finetune.json"  # marks a fine-tuning run dir: method, base model, adapter shape
+# Files of an HF directory that describe its tokenizer; copied into run dirs and exported directories.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(FinetuneConfig(), "finetune"))
+        print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
+        return 0
+    cfg = parse_args(expand_shortcuts(argv), FinetuneConfig())
+    validate(cfg)
+    run_finetune(cfg)
+    return 0
+
+
+def load_base_tokenizer(model_dir: Path) -> TextTokenizer:
+    tokenizer = TextTokenizer.load(model_dir)
+    if tokenizer.chat_template is None:
+        raise UserError(f"{model_dir} has no chat template (tokenizer_config.json 'chat_template' or "
+                        "chat_template.jinja); SFT renders examples through the model's own template")
+    return tokenizer
+
+
+def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
+    """Everything about an HF directory that can be wrong, checked before any slow work: config, weights,
+    tokenizer with a chat template that fits the vocabulary."""
+    if not model_dir.is_dir():
+        raise UserError(f"model.path {model_dir} is not a directory; give a Hugging Face model directory")
+    model_cfg = read_hf_config(model_dir)
+    # The same files models.hf reads; checked here so a missing weight file fails before the data is built.
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")) \
+            and not any(model_dir.glob("*.safetensors")):
+        raise UserError(f"{model_dir} has no weights: expected model.safetensors or model.safetensors.index.json")
+    tokenizer = load_base_tokenizer(model_dir)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens, more than the model's "
+                        f"vocab_size {model_cfg.vocab_size}")
+    return model_cfg, tokenizer
+
+
+def base_dtype(name: str, compute: str, method: str) -> torch.dtype:
+    """A frozen base may be stored in bf16 when the forward runs under bf16 autocast anyway: half the memory
+    (a 8B base: 16 GB instead of 32). Trained weights and adapters stay fp32."""
+    if name == "auto":
+        name = "bf16" if compute == "bf16" and method != "full" else "fp32"
+    return DTYPES[name]
+
+
+def build_finetune_model(base_dir: Path, method: MethodSection, device: torch.device, seed: int,
+                         dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base model from `base_dir` with the method applied: adapters swapped in, the base frozen (and
+    stored in NF4 for qlora). `full` leaves every weight trainable."""
+    model = load_hf_model(base_dir, device=device, dtype=dtype)
+    if method.method == "full":
+        return model
+    apply_lora(model, method.lora_spec(), seed=seed)
+    if method.method == "qlora":
+        from cybertron.finetune.quant import quantize_base_
+
+        quantize_base_(model, method.nf4_block_size)
+    return model
+
+
+def saved_module(model: nn.Module, method: str) -> nn.Module:
+    """What a checkpoint holds: the whole model for full fine-tuning, else the trainable adapters alone."""
+    return model if method == "full" else trainable_view(model)
+
+
+@dataclass
+class FinetuneRun:
+    cfg: FinetuneConfig
+    run_dir: Path
+    device: torch.device
+    model_cfg: ModelConfig
+    model: nn.Module
+    trainer: Trainer
+    loader: RowLoader
+    data: SFTData
+    logger: MetricsLogger
+    display: ProgressDisplay
+
+
+def run_finetune(cfg: FinetuneConfig) -> FinetuneRun:
+    run_dir = resolve_run_dir(cfg)  # only reads cfg.run
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    device = resolve_device(cfg.train.device)
+    dtype_name = resolve_dtype(cfg.train.dtype, device)
+    base_dir = Path(cfg.model.path)
+    model_cfg, tokenizer = check_model_dir(base_dir)
+    seq_len = cfg.data.seq_len or min(model_cfg.max_seq_len, AUTO_MAX_SEQ_LEN)
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} is above the model's maximum sequence length "
+                          f"{model_cfg.max_seq_len}")
+    t = cfg.train
+    data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+    model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,
+                                 base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    trainer = Trainer(model, optimizer, LanguageModelStep(), schedule, t.grad_clip,
+                      autocast=lambda: autocast(dtype_name, device))
+    loader = RowLoader(data.train, t.global_batch_size, seed=t.seed)
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
+        loader.load_state_dict(state["loader"])
+        start_step = int(state["step"])
+    write_run_files(run_dir, cfg, base_dir)
+    display = ProgressDisplay(t.steps, cfg.log.progress)
+    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard)
+    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display)
+    if resume_from is not None:
+        logger.truncate_after(start_step)
+        display.message(f"resumed from {resume_from} at step {start_step}")
+    else:
+        display.message(describe_run(run))
+    try:
+        finetune_loop(run, start_step)
+    finally:
+        logger.close()
+    return run
+
+
+def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    f = cfg.finetune
+    meta = {"method": f.method, "base_model": str(base_dir.resolve()), "lora": f.lora_spec().to_dict(),
+            "nf4_block_size": f.nf4_block_size}
+    (run_dir / FINETUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    copy_tokenizer_files(base_dir, run_dir)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
+            shutil.copyfile(src / name, dst / name)
+
+
+def describe_run(run: FinetuneRun) -> str:
+    trainable, total = count_params(run.model)
+    method = run.cfg.finetune.method
+    extra = ""
+    if method == "qlora":
+        from cybertron.finetune.quant import quantized_bits_per_param
+
+        extra = f"; NF4 base {quantized_bits_per_param(run.model):.2f} bits/weight"
+    val = run.data.val["inputs"].shape[0] if run.data.val is not None else 0
+    return (f"{method} fine-tuning on {run.device}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
+            f"train{extra}; {run.data.n_examples} examples ({run.data.n_truncated} cut to seq_len) in "
+            f"{run.data.train['inputs'].shape[0]} train / {val} val rows; run dir {run.run_dir}")
+
+
+def log_eval(run: FinetuneRun, step: int) -> float | None:
+    if run.data.val is None:
+        return None
+    c = run.cfg.eval
+    batches = [to_device(b, run.device) for b in eval_batches(run.data.val, c.batch_size, c.batches)]
+    val_loss = run.trainer.evaluate(batches)
+    run.logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+    return val_loss
+
+
+def save(run: FinetuneRun, step: int) -> Path:
+    method = run.cfg.finetune.method
+    return ckpt_io.save_checkpoint(run.run_dir, step, saved_module(run.model, method), run.trainer.optimizer,
+                                   {"loader": run.loader.state_dict(), "method": method}, run.model_cfg,
+                                   keep=run.cfg.checkpoint.keep)
+
+
+def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]:
+    micro = micro or batch["inputs"].shape[0]
+    parts = {key: value.split(micro) for key, value in batch.items()}
+    return [to_device({key: chunks[i] for key, chunks in parts.items()}, device)
+            for i in range(len(parts["inputs"]))]
+
+
+def finetune_loop(run: FinetuneRun, start_step: int) -> None:
+    c = run.cfg
+    total = c.train.steps
+
+    def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
+        run.logger.log({"step": step, "loss": result.loss.item(), "lr": run.trainer.lr_at(step - 1),
+                        "grad_norm": result.grad_norm.item(), "tokens_per_s": tokens / max(seconds, 1e-9),
+                        "loss_tokens": int(result.units.item()), "mem_gib": memory_gib(run.device)})
+
+    def on_step_end(step: int) -> None:
+        if c.eval.every and step % c.eval.every == 0 and step != total:
+            log_eval(run, step)
+        if c.checkpoint.every and step % c.checkpoint.every == 0 and step != total:
+            save(run, step)
+
+    if start_step == 0:
+        log_eval(run, 0)
+    def next_batches() -> list[Batch]:
+        # Adapter dropout draws from the global RNG: seeding it from (seed, step) makes a resumed run
+        # repeat the uninterrupted one exactly without saving RNG state in the checkpoint.
+        step = run.loader.samples_consumed // c.train.global_batch_size
+        torch.manual_seed(c.train.seed * 1_000_003 + step)
+        return micro_batches(run.loader.next_batch(), c.train.micro_batch_size, run.device)
+
+    fit(run.trainer, start_step, total, LoopHooks(next_batches, on_log, on_step_end, log_every=c.log.every))
+    val_loss = log_eval(run, total)
+    path = save(run, total)
+    summary = f"validation loss {val_loss:.4f}; " if val_loss is not None else ""
+    run.display.message(f"done: step {total}, {summary}checkpoint saved to {path}")

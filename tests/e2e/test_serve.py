@@ -1,0 +1,260 @@
+"""`cybertron serve` as a user runs it: a real server process, the official `openai` client, malformed
+requests answered with OpenAI-style errors, client disconnects, a short concurrent load, and no KV block
+leaked at the end."""
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
+
+API_KEY = "test-key"
+CONTEXT = 512
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CORPUS = ["The quick brown fox jumps over the lazy dog. " * 20,
+          "Hello world! Servers stream tokens to clients as they are generated.\n\n" * 20,
+          "def add(a, b):\n    return a + b\n" * 20]
+
+
+def make_model_dir(path):
+    """A tiny random Llama saved by transformers, and a byte-level BPE tokenizer.json trained with
+    `tokenizers`, plus a tokenizer_config.json naming eos and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                            "chat_template": TEMPLATE}))
+    config = transformers.LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                                      eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("serve") / "tiny-llama"
+    make_model_dir(model_dir)
+    port = free_port()
+    log = open(model_dir.parent / "server.log", "w+")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model is fastest on one thread of a shared box
+    process = subprocess.Popen([sys.executable, "-m", "cybertron", "serve", "--model", str(model_dir),
+                                "--port", str(port), "--device", "cpu", "--api-key", API_KEY,
+                                "--max-batch-size", "16", "--num-blocks", "512"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def wait_healthy(url, process, log, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("server did not become healthy in time")
+
+
+def metrics(url):
+    text = httpx.get(f"{url}/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+
+
+def wait_idle(url, timeout=10.0):
+    """Metrics once nothing runs, waits or holds a block (cancellation reaches the engine thread async)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        idle = m["cybertron_requests_running"] == m["cybertron_requests_waiting"] == 0
+        if (idle and m["cybertron_kv_blocks_used"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+
+
+def test_completions_streamed_and_not_agree(client):
+    kwargs = dict(model="tiny-llama", prompt="The quick brown", max_tokens=12, temperature=0.0)
+    whole = client.completions.create(**kwargs)
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens >= 1
+    pieces = [chunk.choices[0].text for chunk in client.completions.create(**kwargs, stream=True)
+              if chunk.choices]
+    assert "".join(pieces) == whole.choices[0].text
+
+
+def test_chat_streamed_and_not_agree(client):
+    kwargs = dict(model="tiny-llama", messages=[{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hello world!"}],
+                  max_tokens=10, temperature=0.7, seed=11, logprobs=True)
+    whole = client.chat.completions.create(**kwargs)
+    reply = whole.choices[0]
+    assert reply.message.role == "assistant"
+    assert len(reply.logprobs.content) == whole.usage.completion_tokens
+    assert all(entry.logprob <= 0.0 for entry in reply.logprobs.content)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.message.content
+    assert chunks[-1].choices[0].finish_reason == reply.finish_reason
+
+
+LONG = list(range(1, 100)) * 6  # 594 token ids: more than the 512-token context
+
+MALFORMED = [
+    ("completions", "{not json", 400, None, "invalid_json"),
+    ("completions", {"model": "gpt-9", "prompt": "Hi"}, 404, "model", "model_not_found"),
+    ("completions", {"prompt": ""}, 400, "prompt", None),
+    ("completions", {"prompt": []}, 400, "prompt", None),
+    ("completions", {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
+    ("completions", {"prompt": "Hi", "max_tokens": 100_000}, 400, "max_tokens", "context_length_exceeded"),
+    ("completions", {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", None),
+    ("completions", {"prompt": "Hi", "temperature": -0.5}, 400, "temperature", None),
+    ("completions", {"prompt": "Hi", "temperature": "hot"}, 400, "temperature", None),
+    ("completions", {"prompt": "Hi", "top_p": 0}, 400, "top_p", None),
+    ("completions", {"prompt": "Hi", "top_p": 1.5}, 400, "top_p", None),
+    ("completions", {"prompt": "Hi", "top_k": 5, "stream": True, "temperature": -1}, 400, "temperature", None),
+    ("completions", {"temperature": 0.5}, 400, "prompt", None),
+    ("chat/completions", {"messages": []}, 400, "messages", None),
+    ("chat/completions", {"messages": "hello"}, 400, "messages", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 600},
+     400, "max_tokens", "context_length_exceeded"),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, status, param, code", MALFORMED)
+def test_malformed_requests_get_openai_errors(server, endpoint, body, status, param, code):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = httpx.post(f"{server}/v1/{endpoint}", content=content, headers=headers, timeout=10)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["param"] == param and error["code"] == code
+
+
+def test_bad_api_key_is_401(server):
+    response = httpx.post(f"{server}/v1/completions", json={"prompt": "Hi"},
+                          headers={"Authorization": "Bearer nope"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_server_keeps_serving_after_errors(client):
+    assert client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=3).choices[0].text is not None
+
+
+def test_client_disconnect_cancels_the_request(server):
+    before = metrics(server)["cybertron_requests_cancelled_total"]
+    body = {"prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    m = wait_idle(server)
+    assert m["cybertron_requests_cancelled_total"] == before + 1
+    assert m["cybertron_kv_blocks_used"] == 0
+
+
+def test_client_giving_up_on_a_non_streamed_request_cancels_it(server):
+    before = metrics(server)["cybertron_requests_cancelled_total"]
+    body = {"prompt": "Hi", "max_tokens": 500, "n": 4, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.1),
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    m = wait_idle(server)
+    assert m["cybertron_requests_cancelled_total"] > before
+    assert m["cybertron_kv_blocks_used"] == 0
+
+
+async def _load(url, clients, seconds):
+    """Streaming clients in a loop until the deadline; every fourth request hangs up after a few chunks."""
+    stats = {"requests": 0, "chunks": 0, "errors": 0, "aborted": 0}
+    deadline = time.monotonic() + seconds
+    rng = random.Random(0)
+
+    async def worker(http):
+        while time.monotonic() < deadline:
+            abort = rng.random() < 0.25
+            body = {"prompt": rng.choice(CORPUS)[:rng.randint(5, 200)], "max_tokens": rng.randint(4, 48),
+                    "temperature": rng.choice([0.0, 0.8]), "stream": True}
+            try:
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    if response.status_code != 200:
+                        stats["errors"] += 1
+                        continue
+                    seen_done = False
+                    async for line in response.aiter_lines():
+                        if line == "data: [DONE]":
+                            seen_done = True
+                        elif line.startswith("data: "):
+                            stats["chunks"] += 1
+                            if abort and stats["chunks"] % 3 == 0:
+                                break
+                    stats["aborted" if abort and not seen_done else "requests"] += 1
+                    if not abort and not seen_done:
+                        stats["errors"] += 1
+            except httpx.HTTPError:
+                stats["errors"] += 1
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30,
+                                 limits=httpx.Limits(max_connections=clients)) as http:
+        await asyncio.gather(*(worker(http) for _ in range(clients)))
+    return stats
+
+
+def test_short_concurrent_load_has_no_errors_and_leaks_no_blocks(server):
+    stats = asyncio.run(_load(server, clients=16, seconds=5))
+    assert stats["errors"] == 0 and stats["requests"] > 16
+    m = wait_idle(server)
+    assert m["cybertron_kv_blocks_used"] == 0
+    assert m["cybertron_kv_blocks_free"] == m["cybertron_kv_blocks_total"] == 512
+    assert m["cybertron_generated_tokens_total"] > stats["chunks"] / 2

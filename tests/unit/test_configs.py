@@ -1,0 +1,29 @@
+"""Every shipped config file parses against its command's schema (no stale keys)."""
+
+from pathlib import Path
+
+import pytest
+
+from cybertron.config import TrainConfig, apply_toml
+from cybertron.finetune.config import FinetuneConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["default.toml", "llama3-1b.toml", "llama3-8b.toml"])
+def test_train_configs_parse(name):
+    cfg = TrainConfig()
+    apply_toml(cfg, CONFIGS / name)
+    assert cfg.model.preset == name.removesuffix(".toml").replace("default", "tiny")
+
+
+def test_default_config_is_the_default():
+    cfg = TrainConfig()
+    apply_toml(cfg, CONFIGS / "default.toml")
+    assert cfg == TrainConfig()  # the file documents the no-argument run exactly
+
+
+def test_lora_sft_config_parses():
+    cfg = FinetuneConfig()
+    apply_toml(cfg, CONFIGS / "lora-sft.toml")
+    assert cfg.finetune.method == "lora" and cfg.finetune.rank == 16

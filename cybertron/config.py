@@ -44,18 +44,18 @@ class DataSection:
     vocab_size: int = opt(4096, "vocabulary size when training a tokenizer")
     tokenizer_train_chars: int = opt(8_000_000, "characters of data the tokenizer is trained on")
     seq_len: int = opt(256, "tokens per training sequence")
-    val_fraction: float = opt(0.01, "fraction of documents held out for validation")
+    val_fraction: float = opt(0.05, "fraction of documents held out for validation")
     cache_dir: str = opt("", "where tokenized shards are cached; empty = ~/.cache/cybertron")
 
 
 @dataclass
 class TrainSection:
-    steps: int = opt(300, "optimizer steps")
+    steps: int = opt(450, "optimizer steps")
     global_batch_size: int = opt(16, "sequences per optimizer step, over all data-parallel ranks")
     micro_batch_size: int = opt(0, "sequences per forward/backward on one rank; 0 = no accumulation")
-    lr: float = opt(3e-3, "peak learning rate")
+    lr: float = opt(2e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = opt(30, "linear warmup steps")
+    warmup_steps: int = opt(10, "linear warmup steps")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
@@ -94,6 +94,24 @@ class RunSection:
 
 
 @dataclass
+class ParallelSection:
+    data_parallel: str = opt("zero3", "how data-parallel ranks share state: ddp, zero1 (optimizer sharded), "
+                                      "zero2 (+ gradients), zero3 (+ parameters; FSDP2)")
+    dp_replicate: int = opt(1, "replicas (HSDP: replicate x dp_shard); ddp/zero1 replicate over all dp ranks")
+    dp_shard: int = opt(-1, "ranks one FSDP group shards over; -1 = the rest of the world")
+    tp: int = opt(1, "tensor-parallel degree (splits heads and the FFN; must divide them)")
+    sequence_parallel: bool = opt(True, "with tp > 1, shard norms and the residual stream over the sequence")
+    loss_parallel: bool = opt(True, "with tp > 1, compute the cross-entropy on vocabulary-sharded logits")
+    pp: int = opt(1, "pipeline-parallel degree (ranks the layers are split over)")
+    pp_schedule: str = opt("1f1b", "gpipe, 1f1b, interleaved_1f1b, looped_bfs, interleaved_zb, zbv, dualpipev")
+    pp_microbatches: int = opt(0, "micro-batches per pipeline step; 0 = the number of stages")
+    pp_virtual_stages: int = opt(1, "stages per pipeline rank (2+ for interleaved schedules, 2 for zbv)")
+    activation_checkpoint: str = opt("none", "recompute activations in backward: none, full or selective")
+    cpu_offload: bool = opt(False, "keep FSDP parameters, gradients and optimizer state in CPU memory")
+    timeout_s: int = opt(600, "seconds a collective may wait before the run fails (not hangs)")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -102,6 +120,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
 
 # Shortcut flags -> full keys.

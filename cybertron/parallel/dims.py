@@ -118,5 +118,13 @@ def build_mesh(dims: ParallelDims, device_type: str):
 
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")  # private but stable since 2.4; torchtitan relies on it
+    dp_mesh(mesh)
     return mesh
+
+
+def dp_mesh(mesh):
+    """The 1-D mesh of all data-parallel ranks (dp_replicate x dp_shard flattened).
+
+    `_flatten` is private but stable since torch 2.4 (torchtitan relies on it); a second call returns the
+    same mesh. Slicing "dp" from the root mesh instead is deprecated."""
+    return mesh["dp_replicate", "dp_shard"]._flatten("dp")

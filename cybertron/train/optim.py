@@ -35,3 +35,24 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         fused = _fused_available(model)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused,
                              foreach=None if fused else True)
+
+
+class PartsOptimizer:
+    """One optimizer per model part (pipeline stages held by one rank), stepped together.
+
+    Checkpoints pair each part with its optimizer, so parameter names stay those of the whole model."""
+
+    def __init__(self, parts: list[tuple[nn.Module, torch.optim.Optimizer]]):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for _, opt in self.parts for group in opt.param_groups]
+
+    def step(self) -> None:
+        for _, opt in self.parts:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)

@@ -1,11 +1,17 @@
-"""`cybertron train`: config -> data -> model -> Trainer loop -> checkpoints, on one device.
+"""`cybertron train`: config -> validate -> mesh -> data -> model -> parallelize -> Trainer loop -> checkpoints.
+
+One process trains on one device; under torchrun (or `--nproc N`) every rank runs this same code with the
+layout of the [parallel] section (see cybertron/parallel/).
 
 Each stage is a small build_* function so later layers (parallel layouts, fine-tuning) reuse them."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +24,15 @@ from cybertron.errors import ConfigError, UserError
 from cybertron.models.config import ModelConfig
 from cybertron.models.llama import Transformer, build_model
 from cybertron.models.presets import preset_config
+from cybertron.parallel.dims import dp_mesh
+from cybertron.parallel.runtime import (
+    DistEnv,
+    init_distributed,
+    launch_torchrun,
+    layout_dims,
+    pop_nproc,
+    shutdown_distributed,
+)
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import (
     MetricsLogger,
@@ -34,15 +49,20 @@ from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepRes
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(TrainConfig(), "train"))
+        print(help_text(TrainConfig(), "train") + "\n--nproc N: start N local ranks with torchrun")
         return 0
+    env = DistEnv.from_environ()  # torchrun's variables, read once here
+    nproc, argv = pop_nproc(argv)
     cfg = parse_args(argv, TrainConfig())
-    validate(cfg)
-    run_training(cfg)
+    world_size = nproc if nproc and env.world_size == 1 else env.world_size
+    validate(cfg, world_size)
+    if nproc and env.world_size == 1 and nproc > 1:
+        return launch_torchrun(nproc, argv)
+    run_training(cfg, env)
     return 0
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Reject impossible values before any work starts; each message names the key."""
     t, d = cfg.train, cfg.data
     checks = [
@@ -77,6 +97,9 @@ def validate(cfg: TrainConfig) -> None:
             preset_config(cfg.model.preset)
         except ValueError as err:
             raise ConfigError(f"model.preset: {err}") from err
+    # The layout against the model's shape; the vocabulary is the tokenizer's unless one is given.
+    layout_dims(cfg, world_size, build_model_config(cfg, cfg.model.vocab_size or cfg.data.vocab_size,
+                                                    check_vocab=False))
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -103,7 +126,7 @@ def build_data(cfg: TrainConfig) -> PreparedData:
                         cfg.data.tokenizer_train_chars)
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, vocab_size: int, check_vocab: bool = True) -> ModelConfig:
     m = cfg.model
     if m.init_from:
         from cybertron.models.hf import read_hf_config
@@ -117,7 +140,7 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
         model_cfg.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if model_cfg.vocab_size < vocab_size:
+    if check_vocab and model_cfg.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the model's maximum sequence length "
@@ -147,7 +170,7 @@ class RunState:
     run_dir: Path
     device: torch.device
     model_cfg: ModelConfig
-    model: Transformer
+    model: torch.nn.Module
     trainer: Trainer
     loader: PackedLoader
     data: PreparedData
@@ -155,35 +178,57 @@ class RunState:
     display: ProgressDisplay
     flops_per_token: float
     peak_flops: float | None
+    parts: list[torch.nn.Module] | None = None  # what checkpoints save (pipeline stages held by this rank)
+    is_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+    layout: str = "single process"
 
 
-def run_training(cfg: TrainConfig) -> RunState:
-    run_dir = resolve_run_dir(cfg)
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+def run_training(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:
+    env = env or DistEnv()
+    dims = layout_dims(cfg, env.world_size)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and dims.is_distributed:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    mesh = init_distributed(env, dims, device, cfg.parallel.timeout_s)
+    try:
+        run = _run(cfg, env, dims, mesh, device)
+    except BaseException:
+        shutdown_distributed(clean=False)  # the other ranks may be inside a collective: no barrier
+        raise
+    shutdown_distributed()
+    return run
+
+
+def _run(cfg: TrainConfig, env: DistEnv, dims, mesh, device: torch.device) -> RunState:
+    barrier = _barrier if mesh is not None else (lambda: None)
+    run_dir = resolve_run_dir(cfg) if mesh is None else Path(_from_main(str(resolve_run_dir(cfg))))
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
-    data = build_data(cfg)
+    with _main_first(env.is_main, barrier):  # rank 0 tokenizes into the cache; the others then read it
+        data = build_data(cfg)
     model_cfg = build_model_config(cfg, data.tokenizer.vocab_size)
-    model = build_weights(cfg, model_cfg, device)
-    if cfg.train.compile:
-        for name, block in model.layers.items():
-            model.layers[name] = torch.compile(block)
+    dims.validate_model(model_cfg, cfg.parallel.pp_virtual_stages if dims.pp > 1 else 1)
+    model = build_weights(cfg, model_cfg, device)  # full weights on every rank: identical to one process
+    trainer, parts = build_trainer(cfg, model, dims, mesh, dtype_name, device)
     t = cfg.train
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-    trainer = Trainer(model, optimizer, LanguageModelStep(), schedule, t.grad_clip,
-                      autocast=lambda: autocast(dtype_name, device))
-    loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, seed=t.seed)
+    dp_rank = dp_mesh(mesh).get_local_rank() if mesh is not None else 0
+    loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, dp_rank=dp_rank,
+                          dp_size=dims.dp, seed=t.seed)
     start_step = 0
     if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, model, optimizer)
+        state = ckpt_io.load_checkpoint(resume_from, parts, trainer.optimizer)
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
-    write_run_files(run_dir, cfg, data)
-    display = ProgressDisplay(t.steps, cfg.log.progress)
-    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard)
-    run = RunState(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display,
-                   flops_per_token(model_cfg, cfg.data.seq_len), device_peak_flops(device))
+    if env.is_main:
+        write_run_files(run_dir, cfg, data)
+    display = ProgressDisplay(t.steps, cfg.log.progress,
+                              stream=None if env.is_main else open(os.devnull, "w"))  # noqa: SIM115
+    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=env.is_main)
+    run = RunState(cfg, run_dir, device, model_cfg, trainer.model, trainer, loader, data, logger, display,
+                   flops_per_token(model_cfg, cfg.data.seq_len), device_peak_flops(device), parts,
+                   env.is_main, barrier, dims.describe() if dims.is_distributed else "single process")
     if resume_from is not None:
         logger.truncate_after(start_step)
         display.message(f"resumed from {resume_from} at step {start_step}")
@@ -196,6 +241,56 @@ def run_training(cfg: TrainConfig) -> RunState:
     return run
 
 
+def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: str,
+                  device: torch.device) -> tuple[Trainer, list[torch.nn.Module]]:
+    """The Trainer for the layout: the plain model on one process, else the parallelized one."""
+    t = cfg.train
+    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    amp = lambda: autocast(dtype_name, device)
+    if mesh is None:
+        if cfg.parallel.activation_checkpoint != "none":
+            from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
+
+            apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
+        if t.compile:
+            for name, block in model.layers.items():
+                model.layers[name] = torch.compile(block)
+        optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        return Trainer(model, optimizer, LanguageModelStep(), schedule, t.grad_clip, autocast=amp), [model]
+    from cybertron.parallel.apply import build_parallel_optimizer, parallelize
+
+    param_dtype = torch.bfloat16 if dtype_name == "bf16" else None
+    par = parallelize(model, dims, mesh, cfg.parallel, compile_blocks=t.compile, param_dtype=param_dtype)
+    optimizer = build_parallel_optimizer(par, dims, mesh, t)
+    trainer = Trainer(par.model, optimizer, par.step_fn, schedule, t.grad_clip, autocast=amp,
+                      collectives=par.collectives, strategy=par.strategy)
+    return trainer, par.parts
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _from_main(value: str) -> str:
+    """Rank 0's value on every rank (e.g. a timestamped run directory)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _main_first(is_main: bool, barrier: Callable[[], None]):
+    if not is_main:
+        barrier()
+    yield
+    if is_main:
+        barrier()
+
+
 def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -203,11 +298,11 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None
 
 
 def describe_run(run: RunState) -> str:
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = run.model_cfg.num_params()
     shards = run.data.shards
     cached = "cached" if shards.cache_hit else "tokenized now"
-    return (f"model {n_params / 1e6:.1f}M parameters on {run.device}; data {len(shards.train):,} train / "
-            f"{len(shards.val):,} val tokens ({cached}); vocab {run.data.tokenizer.vocab_size}; "
+    return (f"model {n_params / 1e6:.1f}M parameters on {run.device} ({run.layout}); data {len(shards.train):,} "
+            f"train / {len(shards.val):,} val tokens ({cached}); vocab {run.data.tokenizer.vocab_size}; "
             f"run dir {run.run_dir}")
 
 
@@ -225,8 +320,9 @@ def log_eval(run: RunState, step: int) -> float:
 
 def save(run: RunState, step: int) -> Path:
     state = {"loader": run.loader.state_dict()}
-    return ckpt_io.save_checkpoint(run.run_dir, step, run.model, run.trainer.optimizer, state, run.model_cfg,
-                                   keep=run.cfg.checkpoint.keep)
+    return ckpt_io.save_checkpoint(run.run_dir, step, run.parts or run.model, run.trainer.optimizer, state,
+                                   run.model_cfg, keep=run.cfg.checkpoint.keep, is_main=run.is_main,
+                                   barrier=run.barrier)
 
 
 def train_loop(run: RunState, start_step: int) -> None:

@@ -55,6 +55,8 @@ class Collectives:
     clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] = _default_clip
     no_sync: Callable[[nn.Module, bool], contextlib.AbstractContextManager] = (
         lambda model, last: contextlib.nullcontext())
+    # Entered around each forward *and* its backward (e.g. tensor parallelism's loss_parallel).
+    step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 @dataclass
@@ -65,11 +67,47 @@ class StepResult:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class ForwardBackward(Protocol):
+    """How one rank turns its micro-batches into gradients. The default runs them one after another
+    (gradient accumulation); pipeline parallelism plugs in a schedule instead (parallel/pipeline.py)."""
+
+    def forward_backward(self, trainer: Trainer, micro_batches: list[Batch],
+                         scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Backpropagate sum-loss x scale; return (this rank's summed loss, extra metric sums)."""
+        ...
+
+    def forward(self, trainer: Trainer, batch: Batch) -> torch.Tensor:
+        """Summed loss of one batch without gradients (evaluation)."""
+        ...
+
+
+class MicroBatchLoop:
+    """Forward and backward each micro-batch in turn; gradients accumulate in .grad."""
+
+    def forward_backward(self, trainer: Trainer, micro_batches: list[Batch],
+                         scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss_sum = torch.zeros((), dtype=torch.float32, device=scale.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(micro_batches):
+            with trainer.comm.no_sync(trainer.model, i == len(micro_batches) - 1), trainer.comm.step_context():
+                with trainer.autocast():
+                    loss, extra = trainer.step_fn(trainer.model, mb)
+                (loss * scale).backward()
+            loss_sum += loss.detach().float()
+            for key, value in extra.items():
+                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
+        return loss_sum, metric_sums
+
+    def forward(self, trainer: Trainer, batch: Batch) -> torch.Tensor:
+        with trainer.comm.step_context(), trainer.autocast():
+            return trainer.step_fn(trainer.model, batch)[0].float()
+
+
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFunction,
                  lr_at: Callable[[int], float], grad_clip: float,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 collectives: Collectives | None = None):
+                 collectives: Collectives | None = None, strategy: ForwardBackward | None = None):
         self.model = model
         self.optimizer = optimizer
         self.step_fn = step_fn
@@ -77,6 +115,7 @@ class Trainer:
         self.grad_clip = grad_clip
         self.autocast = autocast
         self.comm = collectives or Collectives()
+        self.strategy = strategy or MicroBatchLoop()
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepResult:
@@ -87,15 +126,7 @@ class Trainer:
         global_units = self.comm.sum_over_dp(local_units).clamp(min=1)
         # Every rank divides by the global count; DP averaging over dp_size ranks is undone by the factor.
         scale = self.comm.dp_size / global_units
-        loss_sum = torch.zeros((), dtype=torch.float32, device=global_units.device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        for i, mb in enumerate(micro_batches):
-            with self.comm.no_sync(self.model, i == len(micro_batches) - 1), self.autocast():
-                loss, extra = self.step_fn(self.model, mb)
-            (loss * scale).backward()
-            loss_sum += loss.detach().float()
-            for key, value in extra.items():
-                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
+        loss_sum, metric_sums = self.strategy.forward_backward(self, micro_batches, scale)
         grad_norm = self.comm.clip_grad_norm(self.params, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,10 +140,9 @@ class Trainer:
         self.model.eval()
         loss_sum, units = None, None
         for batch in batches:
-            with self.autocast():
-                loss, _ = self.step_fn(self.model, batch)
+            loss = self.strategy.forward(self, batch)
             weight = self.step_fn.weight(batch).float()
-            loss_sum = loss.float() if loss_sum is None else loss_sum + loss.float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
             units = weight if units is None else units + weight
         self.model.train(was_training)
         return (self.comm.sum_over_dp(loss_sum) / self.comm.sum_over_dp(units).clamp(min=1)).item()

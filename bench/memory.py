@@ -1,0 +1,200 @@
+"""Per-rank memory of parameters + gradients + optimizer state for DDP and ZeRO-1/2/3 at world size 4
+(fp32 AdamW), beside the ZeRO paper's per-parameter theory; and the activation memory saved by
+activation checkpointing (none / full / selective) in one process.
+
+    python bench/memory.py                 # both tables
+    python bench/memory.py --world 4 --only zero
+
+Definitions (what the ZeRO paper counts, per rank, divided by the model's parameter count):
+- params: bytes of the parameters the modules compute with, at their largest: after the forward pass
+  (ZeRO-2 keeps them gathered until backward; ZeRO-3 frees them block by block);
+- grads: bytes of gradients after backward (DDP: its buckets; FSDP: the reduce-scattered shards);
+- optim: AdamW's exp_avg and exp_avg_sq after the step (ZeRO-1: the rank's partition).
+FSDP2 also keeps each rank's fp32 shard of the parameters, which ZeRO-2 updates and then re-gathers;
+that copy is reported separately ("shard copy"), like fp32 master weights in the paper's mixed-precision
+accounting. Activation memory: peak RSS during one forward+backward above the RSS before it, in a fresh
+process per mode with a fixed glibc mmap threshold (large blocks go back to the OS when freed, so RSS
+follows live tensors), minus the gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cybertron.models.presets import preset_config  # noqa: E402
+
+# Many similar-sized tensors (8 layers, a small vocabulary): ZeRO-1 partitions whole tensors, so a few
+# huge ones (a 128k-token embedding) would make its partitions uneven.
+MODEL = preset_config("tiny", vocab_size=1024, n_layers=8, tie_embeddings=False)  # ~6.8M params
+THEORY = {  # bytes per parameter, fp32 Adam, N data-parallel ranks
+    "ddp": lambda n: 16.0,
+    "zero1": lambda n: 4 + 4 + 8 / n,
+    "zero2": lambda n: 4 + 12 / n,
+    "zero3": lambda n: 16 / n,
+}
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        storage = local.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _shard_bytes(tensors) -> int:
+    # sharded DTensor parameters: their local pieces (storage may be padded by FSDP, count the elements)
+    return sum(t.to_local().numel() * t.element_size() for t in tensors if hasattr(t, "to_local"))
+
+
+def measure_rank(layout: str, world: int) -> dict:
+    import torch.distributed as dist
+
+    from cybertron.config import ParallelSection, TrainSection
+    from cybertron.models.llama import build_model
+    from cybertron.parallel.apply import build_parallel_optimizer, parallelize
+    from cybertron.parallel.dims import ParallelDims, build_mesh
+    from cybertron.train.losses import cross_entropy_sum
+
+    dims = ParallelDims.resolve(world, data_parallel=layout)
+    mesh = build_mesh(dims, "cpu")
+    par = parallelize(build_model(MODEL, seed=0), dims, mesh, replace(ParallelSection(), data_parallel=layout))
+    opt = build_parallel_optimizer(par, dims, mesh, TrainSection())
+    n_params = MODEL.num_params()
+    tokens = torch.randint(0, MODEL.vocab_size, (2, 65), generator=torch.Generator().manual_seed(dist.get_rank()))
+    shards = _shard_bytes(par.model.parameters())  # FSDP's persistent fp32 shards (0 for DDP)
+    loss = cross_entropy_sum(par.model(tokens[:, :-1]), tokens[:, 1:])
+    # after forward: DDP / ZeRO-1 hold plain replicated parameters, ZeRO-2 the gathered (plain) ones,
+    # ZeRO-3 only its shards again
+    gathered = [p for p in par.model.parameters() if not hasattr(p, "to_local")]
+    param_bytes = _storage_bytes(gathered) if gathered else shards
+    shard_copy = shards if gathered and layout == "zero2" else 0
+    loss.backward()
+    grad_bytes = _storage_bytes([p.grad for p in par.model.parameters() if p.grad is not None])
+    opt.step()
+    local_opt = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer: the rank's partition
+    state = [v for s in local_opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    optim_bytes = _storage_bytes(state)
+    return {k: v / n_params for k, v in
+            {"params": param_bytes, "grads": grad_bytes, "optim": optim_bytes, "shard_copy": shard_copy}.items()}
+
+
+def _worker(rank: int, world: int, port: int, layouts: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    results = {layout: measure_rank(layout, world) for layout in layouts}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def zero_table(world: int) -> list[dict]:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    layouts = list(THEORY)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mem.json"
+        mp.spawn(_worker, args=(world, 29731, layouts, str(out)), nprocs=world, join=True)
+        per_rank = json.loads(out.read_text())
+    rows = []
+    for layout in layouts:
+        # report the largest rank (uneven shards differ by a few elements)
+        worst = max((r[layout] for r in per_rank), key=lambda m: m["params"] + m["grads"] + m["optim"])
+        total = worst["params"] + worst["grads"] + worst["optim"]
+        rows.append({"layout": layout, **worst, "total": total, "theory": THEORY[layout](world)})
+    return rows
+
+
+def activation_child(mode: str) -> dict:
+    """In a fresh process: peak RSS of one forward+backward above the RSS before it."""
+    from cybertron.models.llama import build_model
+    from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
+    from cybertron.train.losses import cross_entropy_sum
+
+    torch.set_num_threads(1)
+    model = apply_activation_checkpoint(build_model(MODEL, seed=0), mode)
+    tokens = torch.randint(0, MODEL.vocab_size, (8, 513), generator=torch.Generator().manual_seed(0))
+    before = _rss_now()
+    cross_entropy_sum(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    grads = sum(p.grad.numel() * 4 for p in model.parameters())
+    return {"mode": mode, "activation_bytes": peak - before - grads}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# A fixed mmap threshold: every tensor above 128 KiB gets its own mapping, returned to the OS when freed
+# (glibc's default threshold grows after the first free and then keeps freed memory in the heap, which
+# made the RSS peak depend on allocation history).
+_EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def activation_table() -> list[dict]:
+    rows = []
+    for mode in ("none", "full", "selective"):
+        out = subprocess.run([sys.executable, __file__, "--activation-child", mode], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", **_EXACT_MALLOC})
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]["activation_bytes"]
+    for row in rows:
+        row["saving"] = 1 - row["activation_bytes"] / base
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--only", choices=["zero", "activations"])
+    parser.add_argument("--check", action="store_true", help="exit 1 unless every total is within 10%% of theory")
+    parser.add_argument("--activation-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.activation_child:
+        print(json.dumps(activation_child(args.activation_child)))
+        return
+    print(f"model: {MODEL.num_params() / 1e6:.2f}M parameters (tiny preset, untied), fp32 AdamW, torch "
+          f"{torch.__version__}, gloo, world size {args.world}")
+    if args.only != "activations":
+        print("\n| layout | params | grads | optim | total B/param | ZeRO theory | off by | FSDP2 shard copy |")
+        print("|---|---|---|---|---|---|---|---|")
+        rows = zero_table(args.world)
+        for r in rows:
+            off = r["total"] / r["theory"] - 1
+            print(f"| {r['layout']} | {r['params']:.2f} | {r['grads']:.2f} | {r['optim']:.2f} | {r['total']:.2f} "
+                  f"| {r['theory']:.2f} | {off:+.1%} | {r['shard_copy']:.2f} |")
+        if args.check and any(abs(r["total"] / r["theory"] - 1) > 0.10 for r in rows):
+            sys.exit("memory differs from the ZeRO theory by more than 10%")
+    if args.only != "zero":
+        print("\n| activation checkpointing | activation MiB (batch 8 x 512 tokens) | saving vs none |")
+        print("|---|---|---|")
+        for r in activation_table():
+            print(f"| {r['mode']} | {r['activation_bytes'] / 2**20:.0f} | {r['saving']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

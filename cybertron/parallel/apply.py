@@ -1,0 +1,143 @@
+"""parallelize(model, dims, mesh, cfg): apply a layout to a plain, initialised model, in the order
+TP -> activation checkpointing -> compile -> FSDP/DDP (each step sees the modules the previous one made),
+with pipeline stages split off first when pp > 1."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor, Shard
+
+from cybertron.config import ParallelSection, TrainSection
+from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
+from cybertron.parallel.collectives import build_collectives
+from cybertron.parallel.data_parallel import apply_ddp, apply_fsdp, build_zero1_optimizer
+from cybertron.parallel.dims import ParallelDims, dp_mesh
+from cybertron.parallel.pipeline import (
+    SCHEDULES,
+    PipelineLoop,
+    PipelineLoss,
+    build_schedule,
+    build_stage_module,
+    local_stage_ids,
+    split_layers,
+)
+from cybertron.parallel.plans import llama_tp_plan
+from cybertron.parallel.tensor_parallel import (
+    LossParallelStep,
+    apply_tensor_parallel,
+    loss_parallel_context,
+    sharded_cross_entropy_sum,
+)
+from cybertron.train.losses import cross_entropy_sum
+from cybertron.train.optim import PartsOptimizer, build_optimizer, param_groups
+from cybertron.train.trainer import Collectives, ForwardBackward, LanguageModelStep, StepFunction
+
+
+@dataclass
+class Parallelized:
+    model: nn.Module  # what the Trainer calls and trains (a ModuleList of this rank's stages under PP)
+    parts: list[nn.Module]  # modules whose state dicts make up (this rank's share of) the model's
+    step_fn: StepFunction
+    collectives: Collectives
+    strategy: ForwardBackward | None  # None: the Trainer's default micro-batch loop
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
+                compile_blocks: bool = False, param_dtype: torch.dtype | None = None) -> Parallelized:
+    tp_on, lp = dims.tp > 1, dims.tp > 1 and cfg.loss_parallel
+    sp = tp_on and cfg.sequence_parallel
+    stages = _split(model, dims, cfg, mesh) if dims.pp > 1 else {0: model}
+    n_stages = dims.pp * cfg.pp_virtual_stages if dims.pp > 1 else 1
+    for stage, part in stages.items():
+        if tp_on:
+            apply_tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp))
+            if dims.pp > 1:
+                _local_stage_io(part, mesh["tp"], first=stage == 0, sp=sp)
+        apply_activation_checkpoint(part, cfg.activation_checkpoint)
+        if compile_blocks:
+            for block in part.layers.values():
+                block.compile()  # in place: parameter names stay those of the plain model
+        stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype)
+    step_context = loss_parallel_context if lp else contextlib.nullcontext
+    collectives = build_collectives(mesh, dims.dp, dims.pp, step_context)
+    step_fn = LossParallelStep() if lp else LanguageModelStep()
+    if dims.pp == 1:
+        return Parallelized(stages[0], [stages[0]], step_fn, collectives, None)
+    strategy = _pipeline_strategy(stages, n_stages, dims, mesh, cfg, lp, sp, model.config.dim)
+    return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
+
+
+def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
+                         param_dtype: torch.dtype | None) -> nn.Module:
+    if dims.data_parallel in ("zero2", "zero3") and (dims.dp > 1 or cfg.cpu_offload):
+        shard_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        return apply_fsdp(part, shard_mesh, reshard_after_forward=dims.data_parallel == "zero3",
+                          cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)
+    if dims.data_parallel in ("ddp", "zero1") and dims.dp > 1:
+        return apply_ddp(part, dp_mesh(mesh))
+    return part
+
+
+def _split(model: nn.Module, dims: ParallelDims, cfg: ParallelSection, mesh: DeviceMesh) -> dict[int, nn.Module]:
+    n_stages = dims.pp * cfg.pp_virtual_stages
+    layers = split_layers(model.config.n_layers, n_stages)
+    style = SCHEDULES[cfg.pp_schedule].style
+    ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, cfg.pp_virtual_stages, style)
+    return {s: build_stage_module(model, s, n_stages, layers[s]) for s in sorted(ids)}
+
+
+def _local_stage_io(part: nn.Module, tp_mesh: DeviceMesh, first: bool, sp: bool) -> None:
+    """Stages exchange plain tensors: with sequence parallelism a stage receives its sequence shard and
+    re-wraps it as a DTensor (so the model sees global shapes), and every stage hands back local tensors."""
+    if sp and not first:
+        part.register_forward_pre_hook(
+            lambda mod, args: (DTensor.from_local(args[0], tp_mesh, [Shard(1)], run_check=False), *args[1:]))
+    part.register_forward_hook(lambda mod, args, out: out.to_local() if isinstance(out, DTensor) else out)
+
+
+def _pipeline_strategy(stages: dict[int, nn.Module], n_stages: int, dims: ParallelDims, mesh: DeviceMesh,
+                       cfg: ParallelSection, lp: bool, sp: bool, dim: int) -> PipelineLoop:
+    tp_mesh = mesh["tp"]
+    device = next(next(iter(stages.values())).parameters()).device
+    if lp:
+        loss_fn = PipelineLoss(lambda out: DTensor.from_local(out, tp_mesh, [Shard(2)], run_check=False),
+                               sharded_cross_entropy_sum)
+    else:
+        loss_fn = PipelineLoss(loss_sum=cross_entropy_sum)
+    pp_group = mesh["pp"].get_group()
+    pipeline_stages = [PipelineStage(part, s, n_stages, device, group=pp_group) for s, part in stages.items()]
+    n_micro = cfg.pp_microbatches or n_stages
+    schedule = build_schedule(cfg.pp_schedule, pipeline_stages, n_micro, loss_fn)
+    seq_div = dims.tp if sp else 1
+    boundary = lambda inputs: (inputs.shape[0], inputs.shape[1] // seq_div, dim)
+    return PipelineLoop(schedule, dict(stages), n_stages, pp_group, loss_fn, boundary,
+                        SCHEDULES[cfg.pp_schedule].style)
+
+
+def build_parallel_optimizer(par: Parallelized, dims: ParallelDims, mesh: DeviceMesh, t: TrainSection):
+    """AdamW for the layout: ZeRO-1's partitioned optimizer, one per pipeline stage, or a plain one."""
+    betas = (t.beta1, t.beta2)
+    if dims.data_parallel == "zero1" and dims.dp > 1:
+        return build_zero1_optimizer(par.model.module, dp_mesh(mesh), t.lr, t.weight_decay, betas, t.eps)
+    optimizers = [(part, _adamw(part, t)) for part in par.parts]
+    return PartsOptimizer(optimizers) if dims.pp > 1 else optimizers[0][1]
+
+
+def _adamw(part: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    if not any(isinstance(p, DTensor) for p in part.parameters()):
+        return build_optimizer(part, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    # foreach kernels refuse a mix of DTensors and plain tensors (tensor parallelism without sequence
+    # parallelism leaves the norms plain), so each decay group is split by tensor type.
+    groups = []
+    for group in param_groups(part, t.weight_decay):
+        for is_dtensor in (True, False):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == is_dtensor]
+            if params:
+                groups.append({**group, "params": params})
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)

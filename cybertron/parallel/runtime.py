@@ -1,0 +1,120 @@
+"""The distributed entry point's plumbing: torchrun's environment (read once, here), layout validation
+against the config, process-group and mesh setup / teardown, and `--nproc` (which runs torchrun itself)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from cybertron.errors import ConfigError
+from cybertron.models.config import ModelConfig
+from cybertron.parallel.activation_checkpoint import MODES
+from cybertron.parallel.dims import ParallelDims, build_mesh
+from cybertron.parallel.pipeline import validate_schedule
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the world, as torchrun (or Slurm via torchrun) describes it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> DistEnv:
+        return cls(int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)),
+                   int(environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def layout_dims(cfg, world_size: int, model_cfg: ModelConfig | None = None) -> ParallelDims:
+    """Validate the [parallel] section against the world size, the batch sizes and (if given) the model
+    shape; ConfigError names the constraint. Runs before any process group or model exists."""
+    p, t = cfg.parallel, cfg.train
+    dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.tp, p.pp, p.data_parallel)
+    if p.activation_checkpoint not in MODES:
+        raise ConfigError(f"parallel.activation_checkpoint must be one of {', '.join(MODES)}, "
+                          f"got {p.activation_checkpoint!r}")
+    if p.pp_virtual_stages < 1 or p.pp_microbatches < 0 or p.timeout_s < 1:
+        raise ConfigError("parallel.pp_virtual_stages and parallel.timeout_s must be >= 1 and "
+                          "parallel.pp_microbatches >= 0")
+    if dims.dp > 1 and dims.data_parallel in ("ddp", "zero1") and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(f"parallel.data_parallel={dims.data_parallel} does not compose with tp/pp; use zero2 "
+                          "or zero3 (FSDP2) for the data-parallel part of a multi-dimensional layout")
+    if p.cpu_offload and (dims.data_parallel not in ("zero2", "zero3") or world_size == 1):
+        raise ConfigError("parallel.cpu_offload needs FSDP: parallel.data_parallel zero2 or zero3 on more "
+                          "than one process")
+    if dims.tp > 1 and p.sequence_parallel and cfg.data.seq_len % dims.tp:
+        raise ConfigError(f"parallel.tp={dims.tp} must divide data.seq_len={cfg.data.seq_len} with "
+                          "parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)")
+    virtual = p.pp_virtual_stages if dims.pp > 1 else 1
+    if dims.pp > 1:
+        validate_schedule(p.pp_schedule, dims.pp, virtual, p.pp_microbatches or dims.pp * virtual, dims.tp,
+                          sharded_dp=dims.dp > 1 or p.cpu_offload)
+    dims.validate_batch(t.global_batch_size, t.micro_batch_size, p.pp_microbatches, virtual)
+    if model_cfg is not None:
+        dims.validate_model(model_cfg, virtual)
+    return dims
+
+
+def init_distributed(env: DistEnv, dims: ParallelDims, device: torch.device, timeout_s: int):
+    """Join the process group (gloo on CPU, NCCL on CUDA) and build the mesh; None for one process."""
+    if not dims.is_distributed:
+        return None
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return build_mesh(dims, device.type)
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """barrier then destroy: without the barrier ranks sometimes abort at exit after the work is done.
+    After an error (clean=False) the barrier is skipped, so a failing rank exits instead of waiting."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`cybertron train --nproc N ...`: start N local ranks with torchrun (torch.distributed.run)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(["--standalone", "--nproc-per-node", str(nproc), "-m", "cybertron", "train", *argv])
+    except ChildFailedError as err:
+        codes = [f.exitcode for f in err.failures.values()]
+        return next((c for c in codes if c > 0), 1)
+    return 0
+
+
+def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """Take `--nproc N` / `--nproc=N` out of argv (it is a launcher flag, not a config key)."""
+    rest, nproc, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--nproc expects a positive number of processes, got {value!r}")
+            nproc = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    return nproc, rest

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Multi-node `cybertron train` under Slurm: one torchrun per node, torchrun's c10d rendezvous on the
+# first node. torchrun sets RANK / LOCAL_RANK / WORLD_SIZE for every rank; cybertron reads them once.
+#
+#   sbatch examples/slurm_multinode.sh                       # 2 nodes x 8 GPUs: FSDP 4 x TP 4
+#   NODES=4 sbatch --nodes 4 examples/slurm_multinode.sh      # the same script on 4 nodes
+#
+#SBATCH --job-name=cybertron
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1          # one torchrun launcher per node; it starts the per-GPU ranks
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --output=slurm-%j.out
+
+set -euo pipefail
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+RDZV_PORT=${RDZV_PORT:-29500}
+RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}  # set RUN_DIR to a fixed path to resume across jobs
+
+export OMP_NUM_THREADS=8
+# NCCL on InfiniBand / RoCE clusters usually needs nothing else; uncomment to debug hangs:
+# export NCCL_DEBUG=INFO TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+
+# Layout: tensor parallel inside a node (fast NVLink), FSDP (ZeRO-3) across nodes; dp_shard=-1 takes
+# the rest of the world, so the same line works for any number of nodes. Resume is automatic after a
+# requeue: --resume continues from the newest complete DCP checkpoint (any layout can resume it).
+srun --kill-on-bad-exit=1 torchrun \
+    --nnodes "$SLURM_JOB_NUM_NODES" \
+    --nproc-per-node "$GPUS_PER_NODE" \
+    --rdzv-id "$SLURM_JOB_ID" \
+    --rdzv-backend c10d \
+    --rdzv-endpoint "$HEAD_NODE:$RDZV_PORT" \
+    -m cybertron train \
+    --model.preset llama3-1b \
+    --data.path "${DATA:-/path/to/corpus.jsonl}" --data.tokenizer "${TOKENIZER:-/path/to/tokenizer.json}" \
+    --data.seq_len 4096 --train.global_batch_size 256 --train.micro_batch_size 2 \
+    --parallel.tp "$GPUS_PER_NODE" --parallel.dp_shard -1 \
+    --parallel.activation_checkpoint selective \
+    --out "$RUN_DIR" --resume

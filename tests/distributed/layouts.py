@@ -1,0 +1,58 @@
+"""The layouts the distributed suite runs, by world size (data: name -> Layout)."""
+
+from __future__ import annotations
+
+from tests.distributed.harness import Layout
+
+SAVE_AT = 3  # checkpoints written after this step; resumed runs train step SAVE_AT + 1
+
+PP = {"pp": 2}
+INTERLEAVED = {"pp_virtual_stages": 2, "pp_microbatches": 4}
+
+WORLD_4 = {
+    "ddp": Layout({"data_parallel": "ddp"}),
+    "zero1": Layout({"data_parallel": "zero1"}, save_at=SAVE_AT),
+    "zero2": Layout({"data_parallel": "zero2"}),
+    "zero3": Layout({"data_parallel": "zero3"}, save_at=SAVE_AT, record_batch=True),
+    "hsdp": Layout({"dp_replicate": 2, "dp_shard": 2}),
+    "hsdp_zero2_offload": Layout({"dp_replicate": 2, "dp_shard": 2, "data_parallel": "zero2", "cpu_offload": True}),
+    "fsdp_tp": Layout({"tp": 2}),
+    "pp_fsdp": Layout({**PP, "pp_schedule": "1f1b"}, micro_batch=4, save_at=SAVE_AT),
+    "pp_tp": Layout({**PP, "tp": 2, "pp_schedule": "gpipe"}, micro_batch=4),
+    "pp_tp_interleaved": Layout({**PP, "tp": 2, "pp_schedule": "interleaved_1f1b", **INTERLEAVED}, micro_batch=8),
+}
+
+WORLD_2 = {
+    "ddp": Layout({"data_parallel": "ddp"}),
+    "zero1": Layout({"data_parallel": "zero1"}),
+    "zero2": Layout({"data_parallel": "zero2"}),
+    "zero3": Layout({"data_parallel": "zero3"}),
+    "zero3_cpu_offload": Layout({"data_parallel": "zero3", "cpu_offload": True}),
+    "zero3_ac_full": Layout({"activation_checkpoint": "full"}),
+    "zero3_ac_selective": Layout({"activation_checkpoint": "selective"}),
+    "tp_sp_loss_parallel": Layout({"tp": 2}),
+    "tp_plain": Layout({"tp": 2, "sequence_parallel": False, "loss_parallel": False}),
+    "pp_gpipe": Layout({**PP, "pp_schedule": "gpipe"}, micro_batch=4),
+    "pp_1f1b": Layout({**PP, "pp_schedule": "1f1b", "pp_microbatches": 4}, micro_batch=4),
+    "pp_interleaved_1f1b": Layout({**PP, "pp_schedule": "interleaved_1f1b", **INTERLEAVED}, micro_batch=4),
+    "pp_interleaved_zero_bubble": Layout({**PP, "pp_schedule": "interleaved_zb", **INTERLEAVED}, micro_batch=4),
+    "pp_looped_bfs": Layout({**PP, "pp_schedule": "looped_bfs", **INTERLEAVED}, micro_batch=4),
+    # resumed from checkpoints written by the 4-rank world (different layouts)
+    "resume_zero3_as_tp": Layout({"tp": 2}, resume_from="zero3", record_batch=True),
+    "resume_pp_as_zero3": Layout({"data_parallel": "zero3"}, resume_from="pp_fsdp", record_batch=True),
+    "resume_zero1_as_pp": Layout({**PP, "pp_schedule": "1f1b"}, micro_batch=4, resume_from="zero1",
+                                 record_batch=True),
+}
+
+# torch 2.13 only with gloo (torch 2.11: "Pair is not connected"), see ARCHITECTURE.md pitfall 10.
+WORLD_2_NEW_TORCH = {
+    "pp_zbv": Layout({**PP, "pp_schedule": "zbv", **INTERLEAVED}, micro_batch=4),
+    "pp_dualpipev": Layout({**PP, "pp_schedule": "dualpipev", **INTERLEAVED}, micro_batch=4),
+}
+
+# PP x TP x DP needs 8 ranks (about 30 s on 2 cores).
+WORLD_8 = {
+    "pp_tp_fsdp": Layout({**PP, "tp": 2, "pp_schedule": "1f1b"}, micro_batch=4),
+    "pp_tp_fsdp_interleaved_1f1b": Layout({**PP, "tp": 2, "pp_schedule": "interleaved_1f1b", **INTERLEAVED},
+                                          micro_batch=4),
+}

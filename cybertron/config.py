@@ -123,6 +123,37 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
 
+def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def validate_shared_sections(cfg: Any) -> None:
+    """Checks of the sections every training command shares (train, eval, checkpoint, log); each names the key."""
+    t = cfg.train
+    raise_first_failure([
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.lr >= 0, f"train.lr must be >= 0, got {t.lr} (a negative learning rate ascends the loss)"),
+        (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
+        (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+        (cfg.eval.every >= 0 and cfg.checkpoint.every >= 0, "eval.every and checkpoint.every must be >= 0"),
+        (cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1"),
+        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+        (cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}"),
+        (cfg.log.progress in ("auto", "bar", "lines"), f"log.progress must be auto, bar or lines, "
+                                                         f"got {cfg.log.progress!r}"),
+    ])
+    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+
+
 # Shortcut flags -> full keys.
 SHORTCUTS = {"--steps": "train.steps", "--out": "run.out", "--resume": "run.resume", "--device": "train.device"}
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cybertron.config import CheckpointSection, EvalSection, LogSection, RunSection, TrainSection, opt
+from cybertron.config import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    RunSection,
+    TrainSection,
+    opt,
+    raise_first_failure,
+    validate_shared_sections,
+)
 from cybertron.errors import ConfigError
 from cybertron.finetune.lora import DEFAULT_TARGETS, LoRASpec
 
@@ -83,8 +92,8 @@ def expand_shortcuts(argv: list[str]) -> list[str]:
 
 def validate(cfg: FinetuneConfig) -> None:
     """Reject impossible values before any work starts; each message names the key."""
-    t, d, f = cfg.train, cfg.data, cfg.finetune
-    checks = [
+    d, f = cfg.data, cfg.finetune
+    raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory"),
         (bool(d.path), "data.path (--data) is required: a .jsonl of chat examples"),
         (f.method in METHODS, f"finetune.method must be one of {', '.join(METHODS)}, got {f.method!r}"),
@@ -97,23 +106,7 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 <= f.dropout < 1, f"finetune.dropout must be in [0, 1), got {f.dropout}"),
         (f.nf4_block_size >= 2, f"finetune.nf4_block_size must be >= 2, got {f.nf4_block_size}"),
         (bool(f.lora_spec().targets), "finetune.targets names no layer"),
-        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
-        (t.lr >= 0, f"train.lr must be >= 0, got {t.lr}"),
-        (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
-        (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
-        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
-        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
-        (cfg.eval.every >= 0 and cfg.checkpoint.every >= 0, "eval.every and checkpoint.every must be >= 0"),
-        (cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1"),
-        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
-        (cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size={t.micro_batch_size}")
+    ])
+    validate_shared_sections(cfg)

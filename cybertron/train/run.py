@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from cybertron.config import TrainConfig, help_text, parse_args, to_toml
+from cybertron.config import (
+    TrainConfig,
+    help_text,
+    parse_args,
+    raise_first_failure,
+    to_toml,
+    validate_shared_sections,
+)
 from cybertron.data.loader import PackedLoader, iter_eval_batches
 from cybertron.data.prepare import PreparedData, prepare_data
 from cybertron.errors import ConfigError, UserError
@@ -65,31 +72,11 @@ def main(argv: list[str]) -> int:
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Reject impossible values before any work starts; each message names the key."""
     t, d = cfg.train, cfg.data
-    checks = [
-        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
-        (t.lr >= 0, f"train.lr must be >= 0, got {t.lr} (a negative learning rate ascends the loss)"),
-        (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
-        (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
-        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
-        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
-        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}"),
-        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+    validate_shared_sections(cfg)
+    raise_first_failure([
         (d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}"),
         (0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
-        (cfg.eval.every >= 0 and cfg.checkpoint.every >= 0, "eval.every and checkpoint.every must be >= 0"),
-        (cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1"),
-        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
-        (cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}"),
-        (cfg.log.progress in ("auto", "bar", "lines"), f"log.progress must be auto, bar or lines, "
-                                                         f"got {cfg.log.progress!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size={t.micro_batch_size}")
+    ])
     resolve_dtype(t.dtype, torch.device("cpu"))
     resolve_device(t.device)
     if not cfg.model.init_from:

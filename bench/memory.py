@@ -7,14 +7,15 @@ activation checkpointing (none / full / selective) in one process.
 
 Definitions (what the ZeRO paper counts, per rank, divided by the model's parameter count):
 - params: bytes of the parameters the modules compute with, at their largest: after the forward pass
-  (ZeRO-2 keeps them gathered until backward; ZeRO-3 frees them block by block);
-- grads: bytes of gradients after backward (DDP: its buckets; FSDP: the reduce-scattered shards);
-- optim: AdamW's exp_avg and exp_avg_sq after the step (ZeRO-1: the rank's partition).
-FSDP2 also keeps each rank's fp32 shard of the parameters, which ZeRO-2 updates and then re-gathers;
-that copy is reported separately ("shard copy"), like fp32 master weights in the paper's mixed-precision
-accounting. Activation memory: peak RSS during one forward+backward above the RSS before it, in a fresh
-process per mode with a fixed glibc mmap threshold (large blocks go back to the OS when freed, so RSS
-follows live tensors), minus the gradients.
+  (DDP, ZeRO-1 and ZeRO-2 replicate them; ZeRO-3 frees them block by block);
+- grads: bytes of gradients after backward (DDP: its buckets; ZeRO-2: the gradients of the parameters
+  the rank's optimizer partition owns, the others were reduced to their owners and dropped; ZeRO-3: the
+  reduce-scattered shards);
+- optim: AdamW's exp_avg and exp_avg_sq after the step (ZeRO-1/2: the rank's partition).
+ZeRO-1/2 partition whole tensors (ZeroRedundancyOptimizer), so the largest rank holds a little more than
+1/N of the gradients and optimizer state. Activation memory: peak RSS during one forward+backward above
+the RSS before it, in a fresh process per mode with a fixed glibc mmap threshold (large blocks go back to
+the OS when freed, so RSS follows live tensors), minus the gradients.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from cybertron.models.presets import preset_config  # noqa: E402
 
 # Many similar-sized tensors (8 layers, a small vocabulary): ZeRO-1 partitions whole tensors, so a few
 # huge ones (a 128k-token embedding) would make its partitions uneven.
-MODEL = preset_config("tiny", vocab_size=1024, n_layers=8, tie_embeddings=False)  # ~6.8M params
+MODEL = preset_config("tiny", vocab_size=1024, n_layers=8, tie_embeddings=False)  # ~3.5M params
 THEORY = {  # bytes per parameter, fp32 Adam, N data-parallel ranks
     "ddp": lambda n: 16.0,
     "zero1": lambda n: 4 + 4 + 8 / n,
@@ -79,11 +80,9 @@ def measure_rank(layout: str, world: int) -> dict:
     tokens = torch.randint(0, MODEL.vocab_size, (2, 65), generator=torch.Generator().manual_seed(dist.get_rank()))
     shards = _shard_bytes(par.model.parameters())  # FSDP's persistent fp32 shards (0 for DDP)
     loss = cross_entropy_sum(par.model(tokens[:, :-1]), tokens[:, 1:])
-    # after forward: DDP / ZeRO-1 hold plain replicated parameters, ZeRO-2 the gathered (plain) ones,
-    # ZeRO-3 only its shards again
-    gathered = [p for p in par.model.parameters() if not hasattr(p, "to_local")]
-    param_bytes = _storage_bytes(gathered) if gathered else shards
-    shard_copy = shards if gathered and layout == "zero2" else 0
+    # after forward: DDP / ZeRO-1 / ZeRO-2 hold plain replicated parameters, ZeRO-3 only its shards again
+    plain = [p for p in par.model.parameters() if not hasattr(p, "to_local")]
+    param_bytes = _storage_bytes(plain) if plain else shards
     loss.backward()
     grad_bytes = _storage_bytes([p.grad for p in par.model.parameters() if p.grad is not None])
     opt.step()
@@ -91,7 +90,7 @@ def measure_rank(layout: str, world: int) -> dict:
     state = [v for s in local_opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
     optim_bytes = _storage_bytes(state)
     return {k: v / n_params for k, v in
-            {"params": param_bytes, "grads": grad_bytes, "optim": optim_bytes, "shard_copy": shard_copy}.items()}
+            {"params": param_bytes, "grads": grad_bytes, "optim": optim_bytes}.items()}
 
 
 def _worker(rank: int, world: int, port: int, layouts: list[str], out: str) -> None:
@@ -180,13 +179,13 @@ def main() -> None:
     print(f"model: {MODEL.num_params() / 1e6:.2f}M parameters (tiny preset, untied), fp32 AdamW, torch "
           f"{torch.__version__}, gloo, world size {args.world}")
     if args.only != "activations":
-        print("\n| layout | params | grads | optim | total B/param | ZeRO theory | off by | FSDP2 shard copy |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| layout | params | grads | optim | total B/param | ZeRO theory | off by |")
+        print("|---|---|---|---|---|---|---|")
         rows = zero_table(args.world)
         for r in rows:
             off = r["total"] / r["theory"] - 1
             print(f"| {r['layout']} | {r['params']:.2f} | {r['grads']:.2f} | {r['optim']:.2f} | {r['total']:.2f} "
-                  f"| {r['theory']:.2f} | {off:+.1%} | {r['shard_copy']:.2f} |")
+                  f"| {r['theory']:.2f} | {off:+.1%} |")
         if args.check and any(abs(r["total"] / r["theory"] - 1) > 0.10 for r in rows):
             sys.exit("memory differs from the ZeRO theory by more than 10%")
     if args.only != "zero":

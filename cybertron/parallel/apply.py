@@ -16,7 +16,13 @@ from torch.distributed.tensor import DTensor, Shard
 from cybertron.config import ParallelSection, TrainSection
 from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
 from cybertron.parallel.collectives import build_collectives
-from cybertron.parallel.data_parallel import apply_ddp, apply_fsdp, build_zero1_optimizer
+from cybertron.parallel.data_parallel import (
+    Zero2Gradients,
+    apply_ddp,
+    apply_fsdp,
+    build_zero1_optimizer,
+    build_zero2_optimizer,
+)
 from cybertron.parallel.dims import ParallelDims, dp_mesh
 from cybertron.parallel.pipeline import (
     SCHEDULES,
@@ -46,6 +52,7 @@ class Parallelized:
     step_fn: StepFunction
     collectives: Collectives
     strategy: ForwardBackward | None  # None: the Trainer's default micro-batch loop
+    zero2: Zero2Gradients | None = None  # the paper's ZeRO-2 (its optimizer learns the partition)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
@@ -64,17 +71,27 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
             for block in part.layers.values():
                 block.compile()  # in place: parameter names stay those of the plain model
         stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype)
+    zero2 = Zero2Gradients(stages[0], dp_mesh(mesh)) if paper_zero2(dims, cfg) else None
     step_context = loss_parallel_context if lp else contextlib.nullcontext
-    collectives = build_collectives(mesh, dims.dp, dims.pp, step_context)
+    collectives = build_collectives(mesh, dims.dp, dims.pp, step_context, zero2)
     step_fn = LossParallelStep() if lp else LanguageModelStep()
     if dims.pp == 1:
-        return Parallelized(stages[0], [stages[0]], step_fn, collectives, None)
+        return Parallelized(stages[0], [stages[0]], step_fn, collectives, None, zero2)
     strategy = _pipeline_strategy(stages, n_stages, dims, mesh, cfg, lp, sp, model.config.dim)
     return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
 
 
+def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
+    """zero2 as in the ZeRO paper (replicated parameters, partitioned gradients and optimizer state) for
+    pure data parallelism; composed with tp, pp, HSDP or CPU offload, zero2 is FSDP2 without resharding."""
+    return (dims.data_parallel == "zero2" and dims.dp > 1 and dims.tp == 1 and dims.pp == 1
+            and dims.dp_replicate == 1 and not cfg.cpu_offload)
+
+
 def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
                          param_dtype: torch.dtype | None) -> nn.Module:
+    if paper_zero2(dims, cfg):
+        return part  # replicated parameters; Zero2Gradients partitions the gradients
     if dims.data_parallel in ("zero2", "zero3") and (dims.dp > 1 or cfg.cpu_offload):
         shard_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         return apply_fsdp(part, shard_mesh, reshard_after_forward=dims.data_parallel == "zero3",
@@ -121,10 +138,12 @@ def _pipeline_strategy(stages: dict[int, nn.Module], n_stages: int, dims: Parall
 
 
 def build_parallel_optimizer(par: Parallelized, dims: ParallelDims, mesh: DeviceMesh, t: TrainSection):
-    """AdamW for the layout: ZeRO-1's partitioned optimizer, one per pipeline stage, or a plain one."""
+    """AdamW for the layout: ZeRO-1/2's partitioned optimizer, one per pipeline stage, or a plain one."""
     betas = (t.beta1, t.beta2)
     if dims.data_parallel == "zero1" and dims.dp > 1:
         return build_zero1_optimizer(par.model.module, dp_mesh(mesh), t.lr, t.weight_decay, betas, t.eps)
+    if par.zero2 is not None:
+        return build_zero2_optimizer(par.model, par.zero2, dp_mesh(mesh), t.lr, t.weight_decay, betas, t.eps)
     optimizers = [(part, _adamw(part, t)) for part in par.parts]
     return PartsOptimizer(optimizers) if dims.pp > 1 else optimizers[0][1]
 

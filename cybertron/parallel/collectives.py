@@ -1,5 +1,6 @@
 """What the Trainer needs from a distributed layout: sums over data-parallel ranks, the true global
-gradient norm (over DTensor shards and pipeline stages) with clipping, and DDP's no_sync."""
+gradient norm (over DTensor shards, ZeRO-2 gradient partitions and pipeline stages) with clipping, and
+DDP's (or ZeRO-2's) no_sync."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.parallel import DistributedDataParallel
 
+from cybertron.parallel.data_parallel import Zero2Gradients
 from cybertron.parallel.dims import dp_mesh
 from cybertron.train.trainer import Collectives
 
@@ -33,12 +35,14 @@ def _sharded_dims(grad: DTensor) -> tuple[int, ...]:
     return tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
 
 
-def global_grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | None) -> torch.Tensor:
+def global_grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | None,
+                     plain_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """L2 norm of all gradients of the whole model, whichever rank holds which piece.
 
     Squares are summed locally per (mesh, sharded dims) bucket, then all-reduced once per bucket and dim;
-    plain tensors are replicated (DDP) and need no reduction; pipeline stages hold disjoint parameters,
-    so their sums are added over the pp group."""
+    plain tensors are replicated (DDP) and need no reduction, unless plain_group is given: then each rank
+    holds a disjoint part of them (ZeRO-2's owned gradients) and their sums are added over it; pipeline
+    stages hold disjoint parameters, so their sums are added over the pp group."""
     buckets: dict[tuple, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float32))
     device = None
     for p in params:
@@ -53,10 +57,16 @@ def global_grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | N
         key = (g.device_mesh, _sharded_dims(g)) if isinstance(g, DTensor) else (None, ())
         sq = local.detach().float().pow(2).sum()
         buckets[key] = buckets[key].to(sq.device) + sq
+    if device is None and params:  # this rank holds no gradient (a ZeRO-2 rank may own none)
+        device = params[0].device
+    if plain_group is not None:  # every rank joins the all-reduce, whether it holds gradients or not
+        buckets[(None, ())] = buckets[(None, ())].to(device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for (mesh, dims), sq in buckets.items():
         for dim in dims:
             dist.all_reduce(sq, group=mesh.get_group(dim))
+        if mesh is None and plain_group is not None:
+            dist.all_reduce(sq, group=plain_group)
         total = total + sq.to(total.device)
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
@@ -81,14 +91,18 @@ def _ddp_no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextMana
 
 def build_collectives(mesh: DeviceMesh, dp_size: int, pp: int,
                       step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                      ) -> Collectives:
+                      zero2: Zero2Gradients | None = None) -> Collectives:
+    """zero2: the paper's ZeRO-2 gradient partitioning, whose no_sync and owned-gradient norm are used."""
     pp_group = mesh["pp"].get_group() if pp > 1 else None
+    dp_group = dp_mesh(mesh).get_group()
+    plain_group = dp_group if zero2 is not None else None
 
     def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        norm = global_grad_norm(params, pp_group)
+        norm = global_grad_norm(params, pp_group, plain_group)
         if max_norm > 0:
             clip_grads_(params, max_norm, norm)
         return norm
 
-    return Collectives(dp_size=dp_size, sum_over_dp=sum_over(dp_mesh(mesh).get_group()), clip_grad_norm=clip,
-                       no_sync=_ddp_no_sync, step_context=step_context)
+    no_sync = zero2.no_sync if zero2 is not None else _ddp_no_sync
+    return Collectives(dp_size=dp_size, sum_over_dp=sum_over(dp_group), clip_grad_norm=clip,
+                       no_sync=no_sync, step_context=step_context)

@@ -12,7 +12,7 @@ INTERLEAVED = {"pp_virtual_stages": 2, "pp_microbatches": 4}
 WORLD_4 = {
     "ddp": Layout({"data_parallel": "ddp"}),
     "zero1": Layout({"data_parallel": "zero1"}, save_at=SAVE_AT),
-    "zero2": Layout({"data_parallel": "zero2"}),
+    "zero2": Layout({"data_parallel": "zero2"}, save_at=SAVE_AT),
     "zero3": Layout({"data_parallel": "zero3"}, save_at=SAVE_AT, record_batch=True),
     "hsdp": Layout({"dp_replicate": 2, "dp_shard": 2}),
     "hsdp_zero2_offload": Layout({"dp_replicate": 2, "dp_shard": 2, "data_parallel": "zero2", "cpu_offload": True}),
@@ -42,6 +42,8 @@ WORLD_2 = {
     "resume_pp_as_zero3": Layout({"data_parallel": "zero3"}, resume_from="pp_fsdp", record_batch=True),
     "resume_zero1_as_pp": Layout({**PP, "pp_schedule": "1f1b"}, micro_batch=4, resume_from="zero1",
                                  record_batch=True),
+    "resume_zero2_as_zero3": Layout({"data_parallel": "zero3"}, resume_from="zero2", record_batch=True),
+    "resume_pp_as_zero2": Layout({"data_parallel": "zero2"}, resume_from="pp_fsdp", record_batch=True),
 }
 
 # torch 2.13 only with gloo (torch 2.11: "Pair is not connected"), see ARCHITECTURE.md pitfall 10.

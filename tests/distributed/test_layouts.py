@@ -74,7 +74,7 @@ def test_checkpoint_resumes_on_another_layout(name, world2, reference):
     _assert_resumed(world2[name], reference)
 
 
-@pytest.mark.parametrize("saved_by", ["zero3", "pp_fsdp", "zero1"])
+@pytest.mark.parametrize("saved_by", ["zero3", "pp_fsdp", "zero1", "zero2"])
 def test_checkpoint_resumes_in_one_process(saved_by, world4, ckpt_dir, reference):
     assert "error" not in world4[saved_by], world4[saved_by].get("trace")
     result = reference_run(Layout(resume_from=saved_by, record_batch=True), out_dir=ckpt_dir / "w4")

@@ -4,7 +4,7 @@ same batch, same AdamW, measured in one process run with interleaved rounds (so 
     python bench/train_throughput.py                      # tiny shape on CPU
     python bench/train_throughput.py --shape llama3-1b --batch 4 --seq 2048   # one GPU
 
-Each side is measured eager and with torch.compile (cybertron: `train.compile`, per block; transformers:
+Each side is measured eager and with torch.compile (cybertron: `train.compile`, forward + loss; transformers:
 torch.compile of the model, its fastest documented setup); the headline ratio is best against best."""
 
 from __future__ import annotations
@@ -44,13 +44,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_ours(cfg, device, dtype_ctx, compile_blocks: bool):
+def make_ours(cfg, device, dtype_ctx, compiled: bool):
+    # What `cybertron train` builds on one device (train/run.py build_trainer), train.compile included.
     model = build_model(cfg, device=device, seed=0)
-    if compile_blocks:
-        for name, block in model.layers.items():
-            model.layers[name] = torch.compile(block)
     opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)
-    trainer = Trainer(model, opt, LanguageModelStep(), lambda s: 1e-4, grad_clip=1.0, autocast=dtype_ctx)
+    trainer = Trainer(model, opt, LanguageModelStep(compile=compiled), lambda s: 1e-4, grad_clip=1.0,
+                      autocast=dtype_ctx)
 
     def step(inputs, targets):
         trainer.train_step(0, [{"inputs": inputs, "labels": targets}])

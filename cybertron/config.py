@@ -50,7 +50,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    steps: int = opt(450, "optimizer steps")
+    steps: int = opt(470, "optimizer steps")
     global_batch_size: int = opt(16, "sequences per optimizer step, over all data-parallel ranks")
     micro_batch_size: int = opt(0, "sequences per forward/backward on one rank; 0 = no accumulation")
     lr: float = opt(2e-3, "peak learning rate")
@@ -64,7 +64,7 @@ class TrainSection:
     seed: int = opt(0, "seed for weights and data order")
     dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)")
     device: str = opt("auto", "auto, cpu or cuda")
-    compile: bool = opt(False, "torch.compile each transformer block")
+    compile: bool = opt(False, "torch.compile: forward + loss on one process, each block under parallel layouts")
 
 
 @dataclass

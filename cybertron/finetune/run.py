@@ -136,7 +136,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneRun:
                                  base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-    trainer = Trainer(model, optimizer, LanguageModelStep(), schedule, t.grad_clip,
+    trainer = Trainer(model, optimizer, LanguageModelStep(compile=t.compile), schedule, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, device))
     loader = RowLoader(data.train, t.global_batch_size, seed=t.seed)
     start_step = 0

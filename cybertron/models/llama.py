@@ -39,6 +39,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # PyTorch's fused kernel: the same arithmetic as below in fp32 (bitwise equal in our tests), with
+            # fewer kernels forward and backward (~1.5% of a tiny-model training step on CPU).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 and cast back before the scale, exactly as HF does (parity under bf16 too).
         dtype = x.dtype
         h = x.float()
@@ -151,8 +155,8 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         b, t = h.shape[:2]
         mask = None
-        if positions is None:
-            positions = torch.arange(t, device=h.device).expand(b, t)
+        if positions is None:  # one row of angles, broadcast over the batch
+            positions = torch.arange(t, device=h.device)[None]
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
             if cache is None:

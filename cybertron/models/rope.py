@@ -42,20 +42,20 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (batch, seq, head_dim) for integer positions of shape (batch, seq)."""
+    """cos and *signed* sin, each (batch, seq, head_dim), for integer positions of shape (batch, seq).
+
+    The sin's first half is negated so apply_rope can rotate with one flip instead of HF's slice + negate +
+    cat: the products are the same floating-point operations (negation is exact), so results are bitwise
+    HF's, while backward avoids two zero-filled slice gradients per tensor."""
     # Computed in fp32 whatever the autocast state, as HF does: bf16 angles lose whole radians at 8k.
     with torch.autocast(device_type=positions.device.type, enabled=False):
         freqs = positions[..., None].float() * inv_freq.float().to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (batch, seq, heads, head_dim) by angles of shape (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (x * cos) + (_rotate_half(x) * sin)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by angles given as cos and signed sin (batch, seq, head_dim):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as [x2, x1] * [-sin, sin]."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    return x * cos.unsqueeze(2) + swapped * signed_sin.unsqueeze(2)

@@ -15,11 +15,13 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: 
     Computed in chunks of rows so fp32 copies of a large-vocabulary logits tensor are never all alive."""
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
+    if logits.shape[0] <= chunk_tokens:  # one chunk: no split, whose backward would copy the gradient
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], chunk_tokens):
-        chunk = logits[start:start + chunk_tokens].float()
-        total = total + F.cross_entropy(chunk, labels[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
-                                        reduction="sum")
+    # split, not slicing: split's backward concatenates the chunk gradients, while each slice's backward
+    # would zero-fill a gradient the size of all logits (measured: ~4% of a tiny-model step on CPU).
+    for chunk, chunk_labels in zip(logits.split(chunk_tokens), labels.split(chunk_tokens)):
+        total = total + F.cross_entropy(chunk.float(), chunk_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total
 
 

@@ -239,11 +239,9 @@ def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: 
             from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
 
             apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
-        if t.compile:
-            for name, block in model.layers.items():
-                model.layers[name] = torch.compile(block)
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-        return Trainer(model, optimizer, LanguageModelStep(), schedule, t.grad_clip, autocast=amp), [model]
+        step_fn = LanguageModelStep(compile=t.compile)  # one process: forward + loss compiled together
+        return Trainer(model, optimizer, step_fn, schedule, t.grad_clip, autocast=amp), [model]
     from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 
     param_dtype = torch.bfloat16 if dtype_name == "bf16" else None

@@ -28,15 +28,27 @@ class StepFunction(Protocol):
         ...
 
 
+def _lm_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 positions: torch.Tensor | None) -> torch.Tensor:
+    return cross_entropy_sum(model(inputs, positions=positions), labels)
+
+
 class LanguageModelStep:
-    """Next-token prediction; labels of IGNORE_INDEX (prompt tokens, padding) carry no loss."""
+    """Next-token prediction; labels of IGNORE_INDEX (prompt tokens, padding) carry no loss.
+
+    With `compile=True` the forward *and* the loss are one torch.compile region, so inductor fuses the
+    output head's log-softmax and cross-entropy too (measured on CPU, tiny preset: 235 ms/step vs 268 ms with
+    per-block compile, vs 257 ms for transformers + torch.compile). Modules are not wrapped, so parameter
+    names, and with them checkpoints, are those of the plain model."""
+
+    def __init__(self, compile: bool = False):
+        self._loss_sum = torch.compile(_lm_loss_sum) if compile else _lm_loss_sum
 
     def weight(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX).sum()
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(batch["inputs"], positions=batch.get("positions"))
-        return cross_entropy_sum(logits, batch["labels"]), {}
+        return self._loss_sum(model, batch["inputs"], batch["labels"], batch.get("positions")), {}
 
 
 def _default_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -127,3 +127,15 @@ def test_bf16_autocast_on_cpu_tracks_fp32():
         res_b = trainer_b.train_step(step, [batch])
         assert abs(res_a.loss.item() - res_b.loss.item()) < 0.05  # bf16 rounding, not a different model
     assert all(p.dtype == torch.float32 for p in model_b.parameters())  # fp32 master weights
+
+
+def test_compiled_step_matches_eager_and_keeps_parameter_names():
+    model_a, trainer_a = _setup()
+    model_b, trainer_b = _setup()
+    trainer_b.step_fn = LanguageModelStep(compile=True)
+    batch = _batch(4)
+    for step in range(2):
+        res_a = trainer_a.train_step(step, [batch])
+        res_b = trainer_b.train_step(step, [batch])
+        assert abs(res_a.loss.item() - res_b.loss.item()) < 1e-5
+    assert list(model_b.state_dict()) == list(model_a.state_dict())  # checkpoints keep the plain names

@@ -30,7 +30,7 @@ from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import DTYPES, autocast, resolve_device, resolve_dtype
-from cybertron.train.run import find_resume_checkpoint, resolve_run_dir
+from cybertron.train.run import announce_and_run, find_resume_checkpoint, resolve_run_dir
 from cybertron.train.schedule import lr_at
 from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
 
@@ -148,15 +148,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     display = ProgressDisplay(t.steps, cfg.log.progress)
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard)
     run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display)
-    if resume_from is not None:
-        logger.truncate_after(start_step)
-        display.message(f"resumed from {resume_from} at step {start_step}")
-    else:
-        display.message(describe_run(run))
-    try:
-        finetune_loop(run, start_step)
-    finally:
-        logger.close()
+    announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
+                     lambda: finetune_loop(run, start_step))
     return run
 
 

@@ -216,16 +216,24 @@ def _run(cfg: TrainConfig, env: DistEnv, dims, mesh, device: torch.device) -> Ru
     run = RunState(cfg, run_dir, device, model_cfg, trainer.model, trainer, loader, data, logger, display,
                    flops_per_token(model_cfg, cfg.data.seq_len), device_peak_flops(device), parts,
                    env.is_main, barrier, dims.describe() if dims.is_distributed else "single process")
+    announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
+                     lambda: train_loop(run, start_step))
+    return run
+
+
+def announce_and_run(logger: MetricsLogger, display: ProgressDisplay, resume_from: Path | None, start_step: int,
+                     describe: Callable[[], str], loop: Callable[[], None]) -> None:
+    """Say what is starting (or resuming: the metrics file then drops records past the checkpoint), run the
+    loop, and close the logger whatever happens. Shared by every training command."""
     if resume_from is not None:
         logger.truncate_after(start_step)
         display.message(f"resumed from {resume_from} at step {start_step}")
     else:
-        display.message(describe_run(run))
+        display.message(describe())
     try:
-        train_loop(run, start_step)
+        loop()
     finally:
         logger.close()
-    return run
 
 
 def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: str,

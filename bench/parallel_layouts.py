@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cybertron.models.presets import preset_config  # noqa: E402
 
-MODEL = preset_config("tiny", vocab_size=1024, n_layers=8, tie_embeddings=False)
+# The shape is spelled out (not just "tiny") so the figures stay comparable when the preset changes, and
+# so tp 4 divides its 8 heads and 4 kv heads.
+MODEL = preset_config("tiny", dim=256, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=1024, n_layers=8,
+                      tie_embeddings=False)
 SEQ, GLOBAL_BATCH, MICRO = 128, 16, 4
 PP2 = {"pp": 2, "pp_microbatches": 2}
 LAYOUTS = {

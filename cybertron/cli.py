@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("cybertron.train.run", "main", "pretrain a model (default: the tiny preset on the stdlib corpus)"),
     "generate": ("cybertron.serve.generate_cli", "main", "sample text from a run directory or HF model"),
     "finetune": ("cybertron.finetune.run", "main", "fine-tune an HF model on chat data (full, lora, dora, qlora)"),
+    "align": ("cybertron.align.run", "main", "align a model: dpo, ipo, simpo, orpo, reward model, grpo"),
     "export": ("cybertron.finetune.convert", "export_main", "write a run as an HF directory (--merge adapters)"),
     "convert": ("cybertron.finetune.convert", "main", "HF directory <-> run directory (--from-hf / --to)"),
     "serve": ("cybertron.serve.server", "main", "OpenAI-compatible HTTP server"),

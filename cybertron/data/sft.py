@@ -180,7 +180,7 @@ class RowLoader:
 
     def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int = 0):
         self.rows = rows
-        self.n_rows = rows["inputs"].shape[0]
+        self.n_rows = next(iter(rows.values())).shape[0]
         self.batch_size = batch_size
         self.seed = seed
         self.samples_consumed = 0

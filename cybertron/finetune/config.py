@@ -23,8 +23,8 @@ METHODS = ("lora", "dora", "qlora", "full")
 
 @dataclass
 class BaseModelSection:
-    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json, "
-                        "tokenizer_config.json with a chat template)")
+    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json; SFT and chat "
+                        "data need a chat template) or a cybertron run directory")
     dtype: str = opt("auto", "storage dtype of the frozen base: auto (bf16 when adapters train under bf16 "
                              "autocast, else fp32), fp32 or bf16; full fine-tuning keeps fp32 weights")
 
@@ -73,17 +73,17 @@ SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "finetu
              "--rank": "finetune.rank", "--seq-len": "data.seq_len", "--lr": "train.lr"}
 
 
-def expand_shortcuts(argv: list[str]) -> list[str]:
-    """Rewrite `--model X` / `--model=X` to `--model.path=X` (and the other SHORTCUTS) for parse_args."""
+def expand_shortcuts(argv: list[str], shortcuts: dict[str, str] = SHORTCUTS) -> list[str]:
+    """Rewrite `--model X` / `--model=X` to `--model.path=X` (and the other shortcuts) for parse_args."""
     out, i = [], 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
-        if name in SHORTCUTS:
+        if name in shortcuts:
             if not eq:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{name} needs a value")
                 value, i = argv[i + 1], i + 1
-            out.append(f"--{SHORTCUTS[name]}={value}")
+            out.append(f"--{shortcuts[name]}={value}")
         else:
             out.append(argv[i])
         i += 1

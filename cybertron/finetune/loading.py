@@ -47,6 +47,9 @@ def load_finetuned_model(path: Path, device: torch.device | str = "cpu",
     ckpt = resolve_checkpoint(Path(path))
     run_dir = ckpt.parent.parent
     meta = read_finetune_meta(run_dir)
+    if meta is not None and meta.get("head") == "reward":
+        raise CheckpointError(f"{run_dir} is a reward model (`cybertron align --method reward`): it scores text "
+                              "and does not generate; use it as `cybertron align --method grpo --reward RUN_DIR`")
     device = torch.device(device)
     if meta is None or meta["method"] == "full":
         with torch.device("meta"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from cybertron.config import help_text, parse_args, to_toml
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError, UserError
+from cybertron.finetune.base import load_base_model, read_base
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, MethodSection, expand_shortcuts, validate
 from cybertron.finetune.lora import apply_lora, count_params, trainable_view
 from cybertron.models.config import ModelConfig
-from cybertron.models.hf import load_hf_model, read_hf_config
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
@@ -52,28 +53,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def load_base_tokenizer(model_dir: Path) -> TextTokenizer:
-    tokenizer = TextTokenizer.load(model_dir)
+def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
+    """Everything about the base that can be wrong, checked before any slow work: config, weights,
+    tokenizer with a chat template that fits the vocabulary."""
+    model_cfg, tokenizer = read_base(model_dir)
     if tokenizer.chat_template is None:
         raise UserError(f"{model_dir} has no chat template (tokenizer_config.json 'chat_template' or "
                         "chat_template.jinja); SFT renders examples through the model's own template")
-    return tokenizer
-
-
-def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
-    """Everything about an HF directory that can be wrong, checked before any slow work: config, weights,
-    tokenizer with a chat template that fits the vocabulary."""
-    if not model_dir.is_dir():
-        raise UserError(f"model.path {model_dir} is not a directory; give a Hugging Face model directory")
-    model_cfg = read_hf_config(model_dir)
-    # The same files models.hf reads; checked here so a missing weight file fails before the data is built.
-    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")) \
-            and not any(model_dir.glob("*.safetensors")):
-        raise UserError(f"{model_dir} has no weights: expected model.safetensors or model.safetensors.index.json")
-    tokenizer = load_base_tokenizer(model_dir)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens, more than the model's "
-                        f"vocab_size {model_cfg.vocab_size}")
     return model_cfg, tokenizer
 
 
@@ -86,13 +72,26 @@ def base_dtype(name: str, compute: str, method: str) -> torch.dtype:
 
 
 def build_finetune_model(base_dir: Path, method: MethodSection, device: torch.device, seed: int,
-                         dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The base model from `base_dir` with the method applied: adapters swapped in, the base frozen (and
-    stored in NF4 for qlora). `full` leaves every weight trainable."""
-    model = load_hf_model(base_dir, device=device, dtype=dtype)
+                         dtype: torch.dtype = torch.float32,
+                         wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The base model from `base_dir` (an HF or run directory) with the method applied: adapters swapped in,
+    the base frozen (and stored in NF4 for qlora). `full` leaves every weight trainable.
+
+    `wrap` puts the base inside a bigger module first (a reward model's scalar head): the parameters it adds
+    are new, so they stay trainable and in fp32 whatever the method."""
+    model = load_base_model(base_dir, device=device, dtype=dtype)
+    head: list[nn.Parameter] = []
+    if wrap is not None:
+        base_params = {id(p) for p in model.parameters()}
+        model = wrap(model)
+        head = [p for p in model.parameters() if id(p) not in base_params]
+        for p in head:
+            p.data = p.data.float()
     if method.method == "full":
         return model
     apply_lora(model, method.lora_spec(), seed=seed)
+    for p in head:
+        p.requires_grad_(True)
     if method.method == "qlora":
         from cybertron.finetune.quant import quantize_base_
 

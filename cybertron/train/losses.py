@@ -29,3 +29,17 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens) under logits (same leading shape), in fp32."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
+    """(B, T-1) fp32 log p(ids[:, t+1] | ids[:, :t+1]) from logits (B, T, V) of the sequence ids (B, T).
+
+    Through cross_entropy (a fused log-softmax + gather) in chunks of rows, so only a few rows' fp32
+    log-probabilities over the vocabulary exist at once."""
+    targets = ids[:, 1:]
+    logits = logits[:, :-1]
+    parts = []
+    for chunk, chunk_targets in zip(logits.split(chunk_rows), targets.split(chunk_rows)):
+        flat = chunk.reshape(-1, chunk.shape[-1]).float()
+        parts.append(-F.cross_entropy(flat, chunk_targets.reshape(-1), reduction="none").view(chunk_targets.shape))
+    return torch.cat(parts)

@@ -1,0 +1,125 @@
+"""`cybertron align` configuration: the base model, the data, the alignment method and its coefficients, the
+weights that train (LoRA family or full, as in `cybertron finetune`), and the shared training sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cybertron.config import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    RunSection,
+    TrainSection,
+    opt,
+    raise_first_failure,
+    validate_shared_sections,
+)
+from cybertron.finetune.config import METHODS as WEIGHT_METHODS
+from cybertron.finetune.config import BaseModelSection, MethodSection
+
+PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
+METHODS = (*PREFERENCE_METHODS, "reward", "grpo")
+
+
+@dataclass
+class AlignDataSection:
+    path: str = opt("", "dpo/ipo/simpo/orpo/reward: .jsonl of {'prompt', 'chosen', 'rejected'} (plain text, or "
+                        "chat messages rendered by the model's template); grpo: .jsonl of {'prompt', ...} whose "
+                        "other fields are passed to the reward function")
+    seq_len: int = opt(0, "most tokens of prompt + response; longer responses are cut (prompts keep their "
+                          "end); 0 = the model's maximum, at most 1024")
+    val_fraction: float = opt(0.05, "fraction of records held out for evaluation (none if it rounds to 0)")
+
+
+@dataclass
+class AlignSection:
+    method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model) or "
+                             "grpo (group-relative policy optimisation with generation in the loop)")
+    beta: float = opt(0.1, "dpo/ipo: strength of the pull towards the reference")
+    label_smoothing: float = opt(0.0, "dpo: assumed share of flipped preference labels (conservative DPO)")
+    simpo_beta: float = opt(2.0, "simpo: reward scale of the length-normalised log-probability")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin")
+    orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term next to the chosen NLL")
+    reward: str = opt("", "grpo: FILE.py:FUNCTION called as f(prompts, completions, **fields) -> list of "
+                          "numbers, or a run directory of `cybertron align --method reward`")
+    group_size: int = opt(8, "grpo: completions sampled per prompt (advantages are relative within a group)")
+    max_new_tokens: int = opt(128, "grpo: most tokens per completion")
+    temperature: float = opt(1.0, "grpo: sampling temperature of the rollouts")
+    top_p: float = opt(1.0, "grpo: nucleus sampling of the rollouts (1 = off)")
+    kl_coef: float = opt(0.04, "grpo: weight of the KL penalty to the reference (0 = no reference is kept)")
+    clip_eps: float = opt(0.2, "grpo: PPO clipping range of the probability ratio")
+    updates_per_rollout: int = opt(1, "grpo: optimizer steps taken on each batch of rollouts")
+    loss_type: str = opt("token", "grpo: token (every completion token weighs the same, as DAPO) or sequence "
+                                  "(each completion's mean, as the GRPO paper)")
+    scale_rewards: bool = opt(True, "grpo: divide advantages by the group's reward std (Dr. GRPO: false)")
+    check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
+                                      "log-probabilities equal the trainer's (needs fp32 and no dropout)")
+    logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability")
+
+
+@dataclass
+class AlignConfig:
+    model: BaseModelSection = field(default_factory=BaseModelSection)
+    data: AlignDataSection = field(default_factory=AlignDataSection)
+    align: AlignSection = field(default_factory=AlignSection)
+    finetune: MethodSection = field(default_factory=MethodSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(
+        steps=100, global_batch_size=8, lr=5e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.0))
+    eval: EvalSection = field(default_factory=lambda: EvalSection(every=50, batches=4, batch_size=8))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
+    log: LogSection = field(default_factory=LogSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+# The flags of the common case: `cybertron align --method dpo --model DIR --data FILE`.
+SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "align.method",
+             "--weights": "finetune.method", "--reward": "align.reward", "--beta": "align.beta",
+             "--lr": "train.lr"}
+
+
+def validate(cfg: AlignConfig) -> None:
+    """Reject impossible values before any work starts; each message names the key."""
+    a, d, f, t = cfg.align, cfg.data, cfg.finetune, cfg.train
+    grpo = a.method == "grpo"
+    raise_first_failure([
+        (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
+                               "directory"),
+        (bool(d.path), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for grpo)"),
+        (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
+        (f.method in WEIGHT_METHODS, f"finetune.method (--weights) must be one of {', '.join(WEIGHT_METHODS)}, "
+                                     f"got {f.method!r}"),
+        (cfg.model.dtype in ("auto", "fp32", "bf16"), f"model.dtype must be auto, fp32 or bf16, got "
+                                                       f"{cfg.model.dtype!r}"),
+        (not (f.method == "full" and cfg.model.dtype == "bf16"), "model.dtype=bf16 needs an adapter method: "
+                                                                 "full training keeps fp32 master weights"),
+        (f.rank >= 1, f"finetune.rank must be >= 1, got {f.rank}"),
+        (0 <= f.dropout < 1, f"finetune.dropout must be in [0, 1), got {f.dropout}"),
+        (a.beta > 0, f"align.beta must be > 0, got {a.beta}"),
+        (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
+        (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),
+        (a.orpo_lambda >= 0, f"align.orpo_lambda must be >= 0, got {a.orpo_lambda}"),
+        (not grpo or bool(a.reward), "align.reward (--reward) is required for grpo: FILE.py:FUNCTION or a "
+                                     "reward-model run directory"),
+        (a.group_size >= 2, f"align.group_size must be >= 2 (advantages compare completions of a prompt), "
+                            f"got {a.group_size}"),
+        (a.max_new_tokens >= 1, f"align.max_new_tokens must be >= 1, got {a.max_new_tokens}"),
+        (a.temperature > 0, f"align.temperature must be > 0 (rollouts must sample), got {a.temperature}"),
+        (0 < a.top_p <= 1, f"align.top_p must be in (0, 1], got {a.top_p}"),
+        (a.kl_coef >= 0, f"align.kl_coef must be >= 0, got {a.kl_coef}"),
+        (a.clip_eps > 0, f"align.clip_eps must be > 0, got {a.clip_eps}"),
+        (a.updates_per_rollout >= 1, f"align.updates_per_rollout must be >= 1, got {a.updates_per_rollout}"),
+        (a.loss_type in ("token", "sequence"), f"align.loss_type must be token or sequence, got {a.loss_type!r}"),
+        (a.logprob_tolerance > 0, f"align.logprob_tolerance must be > 0, got {a.logprob_tolerance}"),
+        (not (grpo and a.check_logprobs and f.dropout > 0 and f.method != "full"),
+         "align.check_logprobs needs finetune.dropout=0: adapter dropout changes the trainer's log-probabilities"),
+        (not (grpo and a.check_logprobs and t.dtype == "bf16"),
+         "align.check_logprobs compares fp32 log-probabilities: set train.dtype=fp32"),
+        (not grpo or cfg.checkpoint.every % a.updates_per_rollout == 0,
+         f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of align.updates_per_rollout "
+         f"({a.updates_per_rollout}) so a resumed run starts at a fresh rollout"),
+        (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
+        (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (getattr(t, "fp8", "none") == "none", "train.fp8 is not supported by `cybertron align` yet"),
+    ])
+    validate_shared_sections(cfg)

@@ -1,0 +1,119 @@
+"""Preference optimisation (DPO, IPO, SimPO, ORPO) as a step function for the one Trainer.
+
+A batch holds pairs: `chosen_*` and `rejected_*` sequences (see preference_data.py) and, for the methods
+that compare against a reference (DPO, IPO), the reference's summed response log-probabilities
+`ref_chosen` / `ref_rejected`. Those are computed once, before training, by `reference_logprobs`: with the
+adapters disabled under LoRA (the base *is* the reference, no second copy of the weights) and from the
+initial weights under full training (again no copy: they are computed before the first update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cybertron.align import losses
+from cybertron.align.preference_data import trim_batch
+from cybertron.finetune.lora import adapters_disabled
+from cybertron.train.losses import next_token_logprobs
+from cybertron.train.trainer import Batch, Trainer, to_device
+
+REFERENCE_METHODS = ("dpo", "ipo")
+
+
+def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's response tokens (B,), response token count (B,)) in fp32."""
+    logp = next_token_logprobs(model(ids), ids)
+    scored = mask[:, 1:]
+    return (logp * scored).sum(-1), scored.sum(-1).float()
+
+
+def pair_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """(chosen log-prob sums, rejected log-prob sums, chosen token counts, rejected token counts), each (B,).
+    Chosen and rejected go through one forward: one pass over the weights."""
+    n = batch["chosen_ids"].shape[0]
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+    logp, tokens = response_logprobs(model, ids, mask)
+    return logp[:n], logp[n:], tokens[:n], tokens[n:]
+
+
+class PreferenceStep:
+    """Sum over pairs of the method's loss; metrics are sums over pairs (the Trainer divides by the count)."""
+
+    def __init__(self, method: str, beta: float = 0.1, label_smoothing: float = 0.0, simpo_beta: float = 2.0,
+                 simpo_gamma: float = 0.5, orpo_lambda: float = 0.1):
+        self.method = method
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.simpo_beta, self.simpo_gamma, self.orpo_lambda = simpo_beta, simpo_gamma, orpo_lambda
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method in REFERENCE_METHODS
+
+    def weight(self, batch: Batch) -> torch.Tensor:
+        ids = batch["chosen_ids"]
+        return torch.tensor(ids.shape[0], device=ids.device)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pc, pr, nc, nr = pair_logprobs(model, batch)
+        if self.method == "dpo":
+            per_pair, rc, rr = losses.dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], self.beta,
+                                               self.label_smoothing)
+        elif self.method == "ipo":
+            per_pair, rc, rr = losses.ipo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], nc, nr, self.beta)
+        elif self.method == "simpo":
+            per_pair, rc, rr = losses.simpo_loss(pc, pr, nc, nr, self.simpo_beta, self.simpo_gamma)
+        elif self.method == "orpo":
+            per_pair, rc, rr = losses.orpo_loss(pc, pr, nc, nr, self.orpo_lambda)
+        else:
+            raise ValueError(f"unknown preference method {self.method!r}")
+        metrics = {"reward_chosen": rc.sum(), "reward_rejected": rr.sum(), "reward_margin": (rc - rr).sum(),
+                   "reward_accuracy": (rc > rr).float().sum(), "logp_chosen": pc.detach().sum(),
+                   "logp_rejected": pr.detach().sum()}
+        return per_pair.sum(), metrics
+
+
+def pair_batches(rows: Batch, batch_size: int) -> list[Batch]:
+    """Consecutive batches of `rows` (in order), each cut to its own longest sequence."""
+    n = rows["chosen_ids"].shape[0]
+    return [trim_batch({k: v[i:i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, rows: Batch, batch_size: int, device: torch.device,
+                       autocast: Callable[[], contextlib.AbstractContextManager]) -> Batch:
+    """`rows` plus `ref_chosen` / `ref_rejected` (N,) fp32: the reference's summed response log-probabilities,
+    i.e. the model as it is now with every LoRA adapter disabled, in eval mode."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    with adapters_disabled(model):
+        for batch in pair_batches(rows, batch_size):
+            batch = to_device(batch, device)
+            with autocast():
+                pc, pr, _, _ = pair_logprobs(model, batch)
+            chosen.append(pc.cpu())
+            rejected.append(pr.cpu())
+    model.train(was_training)
+    return {**rows, "ref_chosen": torch.cat(chosen), "ref_rejected": torch.cat(rejected)}
+
+
+@torch.no_grad()
+def evaluate_metrics(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
+    """Mean loss and mean of every step metric per unit (pair, completion) over `batches`."""
+    was_training = trainer.model.training
+    trainer.model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    units = torch.zeros(())
+    for batch in batches:
+        with trainer.comm.step_context(), trainer.autocast():
+            loss, metrics = trainer.step_fn(trainer.model, batch)
+        for key, value in {"loss": loss, **metrics}.items():
+            sums[key] = sums.get(key, 0) + value.detach().float().cpu()
+        units += trainer.step_fn.weight(batch).float().cpu()
+    trainer.model.train(was_training)
+    return {key: float(value / units.clamp(min=1)) for key, value in sums.items()}

@@ -1,0 +1,181 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) with generation in the loop by cybertron's own engine.
+
+Each rollout samples `group_size` completions for every prompt with `serve.engine.Engine` running the very
+model being trained (same module, same parameters: nothing is copied or synchronised), scores them, and
+turns rewards into group-relative advantages A = (r - mean_group) / std_group. The step function then
+minimises the clipped policy-gradient loss with a k3 KL penalty to the reference (the base with adapters
+disabled under LoRA; a frozen copy only for full training with kl_coef > 0).
+
+Generator and trainer run the same code on the same weights, so the token log-probabilities the engine
+reports equal the trainer's (fp32); `check_logprobs` asserts it at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cybertron.align.preference_data import PromptRecord, TokenizedSequence, pad_sequences, trim_batch
+from cybertron.finetune.lora import adapters_disabled
+from cybertron.serve.engine import Engine, Result
+from cybertron.serve.sampling import SamplingParams
+from cybertron.train.losses import next_token_logprobs
+from cybertron.train.trainer import Batch, to_device
+
+
+class LogprobMismatch(RuntimeError):
+    """The generator's log-probabilities differ from the trainer's beyond the tolerance (check_logprobs)."""
+
+
+def request_seed(seed: int, step: int, index: int) -> int:
+    """A sampling seed per (run seed, rollout step, request): rollouts repeat exactly on resume."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
+
+
+def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: int, max_new_tokens: int,
+                      temperature: float, top_p: float, seed: int, step: int) -> list[Result]:
+    """group_size sampled completions per prompt (prompt-major order), run as one continuous batch."""
+    requests, params = [], []
+    for p, record in enumerate(prompts):
+        for g in range(group_size):
+            requests.append(record.ids)
+            params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                         seed=request_seed(seed, step, p * group_size + g), logprobs=True))
+    return engine.generate(requests, params)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std + eps) per completion (std unbiased, as TRL); scale=False leaves the
+    difference unscaled (Dr. GRPO). A group whose rewards are all equal gets zero advantage: no signal."""
+    groups = rewards.view(-1, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
+    return centered.reshape(-1)
+
+
+def rollout_rows(prompts: list[PromptRecord], results: list[Result], advantages: torch.Tensor, group_size: int,
+                 pad_id: int) -> Batch:
+    """Right-padded rows of prompt + completion: seq_ids/seq_mask/seq_len, the generator's log-probability of
+    each completion token aligned with its position (`gen_logprobs`, (N, L), 0 elsewhere) and advantages."""
+    seqs = []
+    for i, result in enumerate(results):
+        prompt, completion = prompts[i // group_size].ids, result.token_ids
+        seqs.append(TokenizedSequence(prompt + completion, [False] * len(prompt) + [True] * len(completion)))
+    rows = pad_sequences(seqs, pad_id, "seq")
+    gen = torch.zeros(rows["seq_ids"].shape, dtype=torch.float32)
+    for i, result in enumerate(results):
+        start = len(prompts[i // group_size].ids)
+        gen[i, start:start + len(result.logprobs)] = torch.tensor(result.logprobs, dtype=torch.float32)
+    return {**rows, "gen_logprobs": gen, "advantages": advantages.float()}
+
+
+def row_batches(rows: Batch, batch_size: int) -> list[Batch]:
+    n = rows["seq_ids"].shape[0]
+    return [trim_batch({k: v[i:i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, rows: Batch, batch_size: int, device: torch.device,
+                   autocast: Callable[[], contextlib.AbstractContextManager],
+                   disable_adapters: bool = False) -> torch.Tensor:
+    """(N, L) fp32 log p(token at t | tokens before) under `model` in eval mode (column 0 is 0), with the
+    LoRA adapters disabled when asked (the reference of a LoRA policy)."""
+    width = rows["seq_ids"].shape[1]
+    was_training = model.training
+    model.eval()
+    out = []
+    with adapters_disabled(model) if disable_adapters else contextlib.nullcontext():
+        for batch in row_batches(rows, batch_size):
+            ids = to_device(batch, device)["seq_ids"]
+            with autocast():
+                logp = next_token_logprobs(model(ids), ids).cpu()
+            out.append(torch.nn.functional.pad(logp, (1, width - 1 - logp.shape[1])))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class GRPOStep:
+    """Clipped policy gradient + k3 KL to the reference, summed over completion tokens ("token") or over
+    completions of per-completion means ("sequence"); the Trainer divides by the global unit count.
+
+    Batch: seq_ids, seq_mask, advantages, and optionally old_logprobs (the policy before this rollout's
+    first update, when several updates reuse it), ref_logprobs (kl_coef > 0) and gen_logprobs (compared with
+    the trainer's log-probabilities: logged as `logprob_gap`, asserted under `check`)."""
+
+    def __init__(self, clip_eps: float = 0.2, kl_coef: float = 0.04, loss_type: str = "token", check: bool = False,
+                 tolerance: float = 1e-5):
+        self.clip_eps, self.kl_coef, self.loss_type = clip_eps, kl_coef, loss_type
+        self.check, self.tolerance = check, tolerance
+
+    def weight(self, batch: Batch) -> torch.Tensor:
+        if self.loss_type == "token":
+            return batch["seq_mask"][:, 1:].sum()
+        return torch.tensor(batch["seq_ids"].shape[0], device=batch["seq_ids"].device)
+
+    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.loss_type == "token":
+            return (per_token * mask).sum()
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = batch["seq_ids"]
+        mask = batch["seq_mask"][:, 1:].float()
+        logp = next_token_logprobs(model(ids), ids)
+        metrics: dict[str, torch.Tensor] = {}
+        if "gen_logprobs" in batch:
+            gap = (logp.detach() - batch["gen_logprobs"][:, 1:]).abs() * mask
+            if self.check:
+                self._assert_close(gap, batch)
+            metrics["logprob_gap"] = self._reduce(gap, mask)
+        old = batch["old_logprobs"][:, 1:] if "old_logprobs" in batch else logp.detach()
+        ratio = torch.exp(logp - old)
+        advantages = batch["advantages"][:, None]
+        clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps)
+        per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+        metrics["clip_fraction"] = self._reduce(((ratio - clipped).abs() > 0).float(), mask)
+        if "ref_logprobs" in batch:
+            delta = batch["ref_logprobs"][:, 1:] - logp
+            kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0 (Schulman 2020)
+            per_token = per_token + self.kl_coef * kl
+            metrics["kl"] = self._reduce(kl.detach(), mask)
+        return self._reduce(per_token, mask), metrics
+
+    def _assert_close(self, gap: torch.Tensor, batch: Batch) -> None:
+        worst = float(gap.max())
+        if worst > self.tolerance:
+            row, col = divmod(int(gap.argmax()), gap.shape[1])
+            raise LogprobMismatch(f"generator and trainer log-probabilities differ by {worst:.3g} (tolerance "
+                                  f"{self.tolerance:g}) at completion row {row}, token {col + 1} (id "
+                                  f"{int(batch['seq_ids'][row, col + 1])})")
+
+
+@dataclass
+class RolloutStats:
+    reward_mean: float
+    reward_std: float
+    completion_tokens: int
+    mean_completion_len: float
+    truncated_fraction: float
+    zero_advantage_groups: float  # share of groups whose completions all scored the same (no signal)
+    seconds: float
+
+    def to_log(self) -> dict[str, float]:
+        return {"reward": self.reward_mean, "reward_std": self.reward_std,
+                "completion_len": self.mean_completion_len, "truncated": self.truncated_fraction,
+                "zero_adv_groups": self.zero_advantage_groups,
+                "rollout_tokens_per_s": self.completion_tokens / max(self.seconds, 1e-9)}
+
+
+def rollout_stats(rewards: torch.Tensor, results: list[Result], group_size: int, seconds: float) -> RolloutStats:
+    lengths = [len(r.token_ids) for r in results]
+    groups = rewards.view(-1, group_size)
+    flat = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean()
+    return RolloutStats(float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 0.0, sum(lengths),
+                        sum(lengths) / len(lengths), sum(r.finish_reason == "length" for r in results) / len(results),
+                        float(flat), seconds)

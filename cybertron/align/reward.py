@@ -1,0 +1,116 @@
+"""Reward models: a decoder whose head maps the hidden state of a sequence's last token to one number,
+trained on preference pairs with the Bradley-Terry loss, and used by GRPO to score rollouts.
+
+Parameter names are those of `transformers`' LlamaForSequenceClassification (`model.*`, `score.weight`), so
+the weights load there unchanged (tests/parity compares the scores).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cybertron.align.losses import bradley_terry_loss
+from cybertron.errors import CheckpointError
+from cybertron.models.llama import Transformer
+from cybertron.train.trainer import Batch
+
+HEAD = "reward"  # finetune.json "head" of a reward-model run
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: Transformer, seed: int = 0):
+        super().__init__()
+        backbone.lm_head = None  # the vocabulary projection is replaced by the scalar head
+        self.model = backbone
+        self.config = backbone.config
+        weight = backbone.embed_tokens.weight
+        self.score = nn.Linear(self.config.dim, 1, bias=False, device=weight.device, dtype=weight.dtype)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            values = torch.empty(self.score.weight.shape).normal_(0.0, self.config.init_std, generator=generator)
+            self.score.weight.copy_(values)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) fp32 score after each token."""
+        return self.score(self.model(tokens, positions=positions)).squeeze(-1).float()
+
+    def sequence_scores(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) score of each right-padded row at its last real token."""
+        return self(ids).gather(1, (lengths - 1)[:, None]).squeeze(1)
+
+
+class RewardStep:
+    """Bradley-Terry: the sum over pairs of -log sigmoid(r(chosen) - r(rejected))."""
+
+    def weight(self, batch: Batch) -> torch.Tensor:
+        ids = batch["chosen_ids"]
+        return torch.tensor(ids.shape[0], device=ids.device)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = batch["chosen_ids"].shape[0]
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+        lengths = torch.cat([batch["chosen_len"], batch["rejected_len"]])
+        scores = model.sequence_scores(ids, lengths)
+        chosen, rejected = scores[:n], scores[n:]
+        metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
+                   "score_chosen": chosen.detach().sum(), "score_rejected": rejected.detach().sum()}
+        return bradley_terry_loss(chosen, rejected).sum(), metrics
+
+
+class RewardModelScorer:
+    """Scores token sequences with a trained reward model, in batches, without gradients."""
+
+    def __init__(self, model: RewardModel, batch_size: int = 16):
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        scores: list[float] = []
+        for i in range(0, len(sequences), self.batch_size):
+            chunk = sequences[i:i + self.batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
+            lengths = torch.tensor([len(s) for s in chunk], device=self.device)
+            scores += self.model.sequence_scores(ids, lengths).tolist()
+        return scores
+
+
+def is_reward_run(path: Path) -> bool:
+    meta = Path(path) / "finetune.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("head") == HEAD
+
+
+def load_reward_model(run_dir: Path, device: torch.device | str = "cpu") -> RewardModel:
+    """The reward model of a `cybertron align --method reward` run (newest checkpoint), in eval mode."""
+    from cybertron.finetune.loading import method_from_meta, read_finetune_meta
+    from cybertron.finetune.lora import trainable_view
+    from cybertron.finetune.run import build_finetune_model
+    from cybertron.train.checkpoint import load_checkpoint, read_model_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(Path(run_dir))
+    run_dir = ckpt.parent.parent
+    meta = read_finetune_meta(run_dir)
+    if meta is None or meta.get("head") != HEAD:
+        raise CheckpointError(f"{run_dir} is not a reward-model run (`cybertron align --method reward`)")
+    device = torch.device(device)
+    if meta["method"] == "full":  # the checkpoint holds every weight: build empty, then load
+        with torch.device("meta"):
+            model = RewardModel(Transformer(read_model_config(ckpt)))
+        model.to_empty(device=device)
+        model.model.tie_weights()
+        load_checkpoint(ckpt, model, None)
+    else:
+        base = Path(meta["base_model"])
+        if not base.is_dir():
+            raise CheckpointError(f"the base model {base} of reward run {run_dir} is gone; its checkpoints hold "
+                                  "adapters and the score head only")
+        model = build_finetune_model(base, method_from_meta(meta), device, seed=0, wrap=RewardModel)
+        load_checkpoint(ckpt, trainable_view(model), None)
+    return model.eval()

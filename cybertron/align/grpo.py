@@ -55,7 +55,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     groups = rewards.view(-1, group_size)
     centered = groups - groups.mean(dim=1, keepdim=True)
     if scale:
-        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
+        std = groups.std(dim=1, keepdim=True)
+        centered = torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
     return centered.reshape(-1)
 
 

@@ -16,7 +16,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group (LoRA adapters are all matrices) breaks DCP's flattened optimizer state on load.
+    return [g for g in groups if g["params"]]
 
 
 def _fused_available(model: nn.Module) -> bool:

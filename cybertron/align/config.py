@@ -43,7 +43,8 @@ class AlignSection:
     orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term next to the chosen NLL")
     reward: str = opt("", "grpo: FILE.py:FUNCTION called as f(prompts, completions, **fields) -> list of "
                           "numbers, or a run directory of `cybertron align --method reward`")
-    group_size: int = opt(8, "grpo: completions sampled per prompt (advantages are relative within a group)")
+    group_size: int = opt(8, "grpo: completions sampled per prompt (advantages are relative within a group); "
+                             "train.global_batch_size and train.micro_batch_size count prompts")
     max_new_tokens: int = opt(128, "grpo: most tokens per completion")
     temperature: float = opt(1.0, "grpo: sampling temperature of the rollouts")
     top_p: float = opt(1.0, "grpo: nucleus sampling of the rollouts (1 = off)")

@@ -302,7 +302,7 @@ def make_rollout(run: AlignRun, step: int, records: list) -> tuple[Batch, Rollou
     pad_id = run.tokenizer.pad_id if run.tokenizer.pad_id is not None else run.tokenizer.eos_id
     rows = rollout_rows(records, results, group_advantages(rewards, a.group_size, a.scale_rewards), a.group_size,
                         pad_id)
-    micro = c.train.micro_batch_size or rows["seq_ids"].shape[0]
+    micro = c.train.micro_batch_size * a.group_size or rows["seq_ids"].shape[0]
     if a.kl_coef > 0:
         reference = run.extra["reference"]
         rows["ref_logprobs"] = token_logprobs(reference if reference is not None else run.model, rows, micro,
@@ -338,7 +338,8 @@ def grpo_loop(run: AlignRun, start_step: int) -> None:
             state["rows"], state["stats"] = make_rollout(run, step, [prompts[i] for i in indices])
             state["gen_seconds"] = state.get("gen_seconds", 0.0) + state["stats"].seconds
         rows = {k: v for k, v in state["rows"].items() if first_update or k != "gen_logprobs"}
-        return _split_rows(rows, c.train.micro_batch_size, run.device, row_batches)
+        # train.micro_batch_size counts prompts, as global_batch_size does: each brings its whole group.
+        return _split_rows(rows, c.train.micro_batch_size * a.group_size, run.device, row_batches)
 
     def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
         gen = state.pop("gen_seconds", 0.0)

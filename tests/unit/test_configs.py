@@ -27,3 +27,14 @@ def test_lora_sft_config_parses():
     cfg = FinetuneConfig()
     apply_toml(cfg, CONFIGS / "lora-sft.toml")
     assert cfg.finetune.method == "lora" and cfg.finetune.rank == 16
+
+
+@pytest.mark.parametrize("name, method", [("dpo.toml", "dpo"), ("grpo.toml", "grpo"), ("reward.toml", "reward")])
+def test_align_configs_parse_and_validate(name, method):
+    from cybertron.align.config import AlignConfig, validate
+
+    cfg = AlignConfig()
+    apply_toml(cfg, CONFIGS / name)
+    assert cfg.align.method == method
+    cfg.model.path, cfg.data.path, cfg.align.reward = "m", "d.jsonl", "r.py:f"
+    validate(cfg)  # the shipped values pass every check

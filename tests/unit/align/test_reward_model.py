@@ -64,3 +64,16 @@ def test_reward_model_separates_held_out_pairs_and_reloads(hf_dir, tmp_path):
         torch.testing.assert_close(loaded.sequence_scores(ids, lengths), run.model.sequence_scores(ids, lengths))
     with pytest.raises(CheckpointError, match="is a reward model"):
         load_inference_model(run.run_dir)
+
+    # The trained reward model scores GRPO rollouts: `--reward RUN_DIR`.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("the sky is", "my cat is", "grass")))
+    grpo = parse_args([f"--model.path={hf_dir}", f"--data.path={prompts}", f"--run.out={tmp_path / 'grpo'}",
+                       "--align.method=grpo", f"--align.reward={run.run_dir}", "--train.steps=2",
+                       "--train.global_batch_size=2", "--align.group_size=4", "--align.max_new_tokens=5",
+                       "--data.val_fraction=0", "--log.progress=lines", "--log.tensorboard=false", "--log.every=1"],
+                      AlignConfig())
+    validate(grpo)
+    grpo_run = run_align(grpo)
+    steps = [r for r in map(json.loads, (grpo_run.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 2 and all(r["reward_std"] > 0 for r in steps)  # real, varying scores

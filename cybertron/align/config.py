@@ -60,6 +60,14 @@ class AlignSection:
 
 
 @dataclass
+class AlignParallelSection:
+    data_parallel: str = opt("ddp", "with --nproc N (or under torchrun): ddp (a replica per rank) or zero3 (FSDP2: "
+                                    "parameters, gradients and optimizer state sharded); grpo needs ddp, since "
+                                    "each rank generates with whole weights")
+    timeout_s: int = opt(600, "seconds a collective may wait before the run fails (not hangs)")
+
+
+@dataclass
 class AlignConfig:
     model: BaseModelSection = field(default_factory=BaseModelSection)
     data: AlignDataSection = field(default_factory=AlignDataSection)
@@ -71,6 +79,7 @@ class AlignConfig:
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
+    parallel: AlignParallelSection = field(default_factory=AlignParallelSection)
 
 
 # The flags of the common case: `cybertron align --method dpo --model DIR --data FILE`.
@@ -79,8 +88,8 @@ SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "align.
              "--lr": "train.lr"}
 
 
-def validate(cfg: AlignConfig) -> None:
-    """Reject impossible values before any work starts; each message names the key."""
+def validate(cfg: AlignConfig, world_size: int = 1) -> None:
+    """Reject impossible values before any work (or any process group) starts; each message names the key."""
     a, d, f, t = cfg.align, cfg.data, cfg.finetune, cfg.train
     grpo = a.method == "grpo"
     raise_first_failure([
@@ -124,3 +133,17 @@ def validate(cfg: AlignConfig) -> None:
         (getattr(t, "fp8", "none") == "none", "train.fp8 is not supported by `cybertron align` yet"),
     ])
     validate_shared_sections(cfg)
+    from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating
+
+    validate_data_parallel(cfg.parallel.data_parallel, world_size, t.global_batch_size, t.micro_batch_size)
+    raise_first_failure([
+        (not (grpo and cfg.parallel.data_parallel == "zero3" and world_size > 1),
+         "grpo generates with whole weights on every rank: use parallel.data_parallel=ddp"),
+        # Measured on 2 gloo ranks: FSDP2 sometimes ordered the frozen root's post-backward and the next
+        # unit's pre-backward differently on the two ranks (a collective mismatch), 1 run in 5.
+        (not (a.method == "reward" and f.method != "full" and cfg.parallel.data_parallel == "zero3"
+              and world_size > 1),
+         "a reward model with adapters does not run under parallel.data_parallel=zero3 yet: use ddp, or "
+         "--weights full"),
+        (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
+    ])

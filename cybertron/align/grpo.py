@@ -38,10 +38,12 @@ def request_seed(seed: int, step: int, index: int) -> int:
 
 
 def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: int, max_new_tokens: int,
-                      temperature: float, top_p: float, seed: int, step: int) -> list[Result]:
-    """group_size sampled completions per prompt (prompt-major order), run as one continuous batch."""
+                      temperature: float, top_p: float, seed: int, step: int, first_prompt: int = 0) -> list[Result]:
+    """group_size sampled completions per prompt (prompt-major order), run as one continuous batch.
+    `first_prompt` is the global position of prompts[0] in the step's batch: a data-parallel rank samples
+    exactly what one process would for the same prompts."""
     requests, params = [], []
-    for p, record in enumerate(prompts):
+    for p, record in enumerate(prompts, start=first_prompt):
         for g in range(group_size):
             requests.append(record.ids)
             params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
@@ -173,10 +175,18 @@ class RolloutStats:
                 "rollout_tokens_per_s": self.completion_tokens / max(self.seconds, 1e-9)}
 
 
-def rollout_stats(rewards: torch.Tensor, results: list[Result], group_size: int, seconds: float) -> RolloutStats:
-    lengths = [len(r.token_ids) for r in results]
+def rollout_sums(rewards: torch.Tensor, results: list[Result], group_size: int) -> torch.Tensor:
+    """Sums that add up over ranks: reward, reward^2, completions, completion tokens, truncated completions,
+    groups whose rewards are all equal, groups."""
     groups = rewards.view(-1, group_size)
-    flat = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean()
-    return RolloutStats(float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 0.0, sum(lengths),
-                        sum(lengths) / len(lengths), sum(r.finish_reason == "length" for r in results) / len(results),
-                        float(flat), seconds)
+    flat = (groups.max(dim=1).values == groups.min(dim=1).values).float().sum()
+    return torch.tensor([float(rewards.sum()), float((rewards.double() ** 2).sum()), len(results),
+                         sum(len(r.token_ids) for r in results), sum(r.finish_reason == "length" for r in results),
+                         float(flat), groups.shape[0]], dtype=torch.float64)
+
+
+def rollout_stats(sums: torch.Tensor, seconds: float) -> RolloutStats:
+    total, squares, n, tokens, truncated, flat, groups = sums.tolist()
+    mean = total / n
+    var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0  # unbiased, as torch.std
+    return RolloutStats(mean, max(var, 0.0) ** 0.5, int(tokens), tokens / n, truncated / n, flat / groups, seconds)

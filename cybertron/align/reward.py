@@ -35,13 +35,18 @@ class RewardModel(nn.Module):
             values = torch.empty(self.score.weight.shape).normal_(0.0, self.config.init_std, generator=generator)
             self.score.weight.copy_(values)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) fp32 score after each token."""
-        return self.score(self.model(tokens, positions=positions)).squeeze(-1).float()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) fp32 score after each token; with `lengths`, (B,) the score of each right-padded row at its
+        last real token (through forward, so DDP/FSDP wrappers see the call)."""
+        scores = self.score(self.model(tokens, positions=positions)).squeeze(-1).float()
+        if lengths is None:
+            return scores
+        return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)
 
     def sequence_scores(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) score of each right-padded row at its last real token."""
-        return self(ids).gather(1, (lengths - 1)[:, None]).squeeze(1)
+        return self(ids, lengths=lengths)
 
 
 class RewardStep:
@@ -55,7 +60,7 @@ class RewardStep:
         n = batch["chosen_ids"].shape[0]
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
         lengths = torch.cat([batch["chosen_len"], batch["rejected_len"]])
-        scores = model.sequence_scores(ids, lengths)
+        scores = model(ids, lengths=lengths)
         chosen, rejected = scores[:n], scores[n:]
         metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
                    "score_chosen": chosen.detach().sum(), "score_rejected": rejected.detach().sum()}

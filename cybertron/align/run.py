@@ -30,6 +30,7 @@ from cybertron.align.grpo import (
     group_advantages,
     rollout_rows,
     rollout_stats,
+    rollout_sums,
     row_batches,
     token_logprobs,
 )
@@ -52,6 +53,8 @@ from cybertron.finetune.run import (
     write_run_files,
 )
 from cybertron.models.config import ModelConfig
+from cybertron.parallel.data_only import DataParallel, distributed_run, start_data_parallel
+from cybertron.parallel.runtime import DistEnv, launch_torchrun, pop_nproc
 from cybertron.serve.engine import Engine
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
@@ -66,12 +69,17 @@ KV_BLOCK_SIZE = 16
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(AlignConfig(), "align"))
+        print(help_text(AlignConfig(), "align") + "\n--nproc N: start N local ranks with torchrun")
         print("align shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
+    env = DistEnv.from_environ()  # torchrun's variables, read once here
+    nproc, argv = pop_nproc(argv)
     cfg = parse_args(expand_shortcuts(argv, SHORTCUTS), AlignConfig())
-    validate(cfg)
-    run_align(cfg)
+    world_size = nproc if nproc and env.world_size == 1 else env.world_size
+    validate(cfg, world_size)
+    if nproc and env.world_size == 1 and nproc > 1:
+        return launch_torchrun(nproc, argv, "align")
+    run_align(cfg, env)
     return 0
 
 
@@ -82,21 +90,33 @@ class AlignRun:
     device: torch.device
     model_cfg: ModelConfig
     tokenizer: TextTokenizer
-    model: nn.Module
+    model: nn.Module  # the plain module (what generates and what checkpoints save); trainer.model may wrap it
     trainer: Trainer
     loader: RowLoader
     logger: MetricsLogger
     display: ProgressDisplay
     description: str
+    dp: DataParallel
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific state (data, engine, reward)
 
 
-def run_align(cfg: AlignConfig) -> AlignRun:
+def run_align(cfg: AlignConfig, env: DistEnv | None = None) -> AlignRun:
+    """One process, or one rank of a data-parallel run started by torchrun."""
+    env = env or DistEnv()
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    dp = start_data_parallel(env, cfg.parallel.data_parallel, device, cfg.parallel.timeout_s)
+    with distributed_run(dp):
+        return _run_align(cfg, dp, device)
+
+
+def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> AlignRun:
     """Build everything (data and reference log-probabilities first, so bad input fails before training),
     resume if asked, and run the method's loop."""
-    run_dir = resolve_run_dir(cfg)
+    run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
-    device = resolve_device(cfg.train.device)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base_dir = Path(cfg.model.path)
     model_cfg, tokenizer = read_base(base_dir)
@@ -107,35 +127,39 @@ def run_align(cfg: AlignConfig) -> AlignRun:
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
     if method == "grpo":
-        setup = _grpo_setup(cfg, tokenizer, seq_len)  # reads prompts and loads the reward before the model
+        setup = _grpo_setup(cfg, tokenizer, seq_len, device)  # prompts and the reward before the model
     else:
         setup = _preference_setup(cfg, tokenizer, seq_len)
     wrap = (lambda base: RewardModel(base, seed=t.seed)) if method == "reward" else None
     model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,
                                  base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method), wrap=wrap)
-    # References come from the weights as loaded, before a resumed checkpoint overwrites them.
+    # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
+    # data-parallel wrapping (every rank computes the same values, with no communication).
     if method == "grpo":
-        setup.update(_grpo_model_state(cfg, model, tokenizer, device, seq_len))
+        setup.update(_grpo_model_state(cfg, model, tokenizer, device, seq_len, dp.size))
     elif getattr(setup["step"], "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
         setup["train"] = reference_logprobs(model, setup["train"], micro, device, amp)
         if setup["val"] is not None:
             setup["val"] = reference_logprobs(model, setup["val"], micro, device, amp)
+    trained = dp.wrap(model, lambda m: m.model if isinstance(m, RewardModel) else m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-    trainer = Trainer(model, optimizer, setup["step"], schedule, t.grad_clip, autocast=amp)
+    trainer = Trainer(trained, optimizer, setup["step"], schedule, t.grad_clip, autocast=amp,
+                      collectives=dp.collectives())
     loader = RowLoader(setup["train"], setup["batch"], seed=t.seed)
     start_step = 0
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
-    write_run_files(run_dir, cfg, base_dir)
-    _record_alignment(run_dir, cfg)
-    display = ProgressDisplay(t.steps, cfg.log.progress)
-    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard)
+    if dp.is_main:
+        write_run_files(run_dir, cfg, base_dir)
+        _record_alignment(run_dir, cfg)
+    display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
+    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
     run = AlignRun(cfg, run_dir, device, model_cfg, tokenizer, model, trainer, loader, logger, display,
-                   setup["describe"], setup)
+                   setup["describe"], dp, setup)
     loop = grpo_loop if method == "grpo" else preference_loop
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: loop(run, start_step))
@@ -156,7 +180,8 @@ def _record_alignment(run_dir: Path, cfg: AlignConfig) -> None:
 def describe_run(run: AlignRun) -> str:
     trainable, total = count_params(run.model)
     c = run.cfg
-    return (f"{c.align.method} with {c.finetune.method} weights on {run.device}: {trainable / 1e6:.2f}M of "
+    where = f"{run.dp.size} ranks ({c.parallel.data_parallel})" if run.dp.is_distributed else str(run.device)
+    return (f"{c.align.method} with {c.finetune.method} weights on {where}: {trainable / 1e6:.2f}M of "
             f"{total / 1e6:.1f}M parameters train; {run.description}; run dir {run.run_dir}")
 
 
@@ -174,7 +199,7 @@ def _save(run: AlignRun, step: int) -> Path:
     return ckpt_io.save_checkpoint(run.run_dir, step, saved_module(run.model, method), run.trainer.optimizer,
                                    {"loader": run.loader.state_dict(), "method": method,
                                     "align_method": run.cfg.align.method}, run.model_cfg,
-                                   keep=run.cfg.checkpoint.keep)
+                                   keep=run.cfg.checkpoint.keep, is_main=run.dp.is_main, barrier=run.dp.barrier)
 
 
 def _split_rows(rows: Batch, micro: int, device: torch.device, batches: Callable[[Batch, int], list[Batch]]
@@ -213,7 +238,10 @@ def preference_loop(run: AlignRun, start_step: int) -> None:
     total = c.train.steps
 
     def next_batches() -> list[Batch]:
-        return _split_rows(run.loader.next_batch(), c.train.micro_batch_size, run.device, pair_batches)
+        rows = run.loader.next_batch()  # the global batch (the same on every rank); this rank's share:
+        mine = run.dp.local_slice(c.train.global_batch_size)
+        return _split_rows({k: v[mine] for k, v in rows.items()}, c.train.micro_batch_size, run.device,
+                           pair_batches)
 
     def on_step_end(step: int) -> None:
         if c.eval.every and step % c.eval.every == 0 and step != total:
@@ -238,7 +266,7 @@ def preference_loop(run: AlignRun, start_step: int) -> None:
 
 # ---- grpo -----------------------------------------------------------------------------------------------
 
-def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int) -> dict[str, Any]:
+def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device: torch.device) -> dict[str, Any]:
     a = cfg.align
     if a.max_new_tokens >= seq_len:
         raise ConfigError(f"align.max_new_tokens ({a.max_new_tokens}) leaves no room for a prompt in "
@@ -246,7 +274,7 @@ def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int) -> dic
     max_prompt = seq_len - a.max_new_tokens
     prompts, skipped = read_prompts(cfg.data.path, tokenizer, max_prompt)
     train, val = split(prompts, cfg.data.val_fraction, cfg.train.seed)
-    reward = load_reward(a.reward, resolve_device(cfg.train.device))
+    reward = load_reward(a.reward, device)
     step = GRPOStep(a.clip_eps, a.kl_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
     describe = (f"{len(prompts)} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} train / "
                 f"{len(val)} val; {cfg.train.global_batch_size} prompts x {a.group_size} completions per rollout; "
@@ -257,10 +285,10 @@ def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int) -> dic
 
 
 def _grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenizer, device: torch.device,
-                      seq_len: int) -> dict[str, Any]:
-    """The engine that generates with the policy itself, and the KL reference."""
+                      seq_len: int, world_size: int) -> dict[str, Any]:
+    """The engine that generates with the policy itself (this rank's prompts), and the KL reference."""
     a = cfg.align
-    rollouts = cfg.train.global_batch_size * a.group_size
+    rollouts = cfg.train.global_batch_size // world_size * a.group_size
     blocks_per_sequence = -(-seq_len // KV_BLOCK_SIZE)
     # CUDA graphs stay off: they would capture kernels for the weights' current dtype and addresses, and the
     # adapters' wrappers change between training and generation; eager decode keeps rollouts exact.
@@ -274,16 +302,17 @@ def _grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokeniz
     return {"engine": engine, "reference": reference}
 
 
-def sample_and_score(run: AlignRun, step: int, records: list, group_size: int,
-                     temperature: float) -> tuple[list, torch.Tensor, RolloutStats]:
-    """Generate `group_size` completions per record with the policy itself, and score them."""
+def sample_and_score(run: AlignRun, step: int, records: list, group_size: int, temperature: float,
+                     first_prompt: int = 0) -> tuple[list, torch.Tensor, RolloutStats]:
+    """Generate `group_size` completions per record with the policy itself and score them; the statistics
+    are over every rank's rollouts."""
     c, a = run.cfg, run.cfg.align
     start = time.perf_counter()
     run.model.eval()
     try:
         with run.trainer.autocast():
             results = generate_rollouts(run.extra["engine"], records, group_size, a.max_new_tokens, temperature,
-                                        a.top_p, c.train.seed, step)
+                                        a.top_p, c.train.seed, step, first_prompt)
     finally:
         run.model.train()
     seconds = time.perf_counter() - start
@@ -292,13 +321,14 @@ def sample_and_score(run: AlignRun, step: int, records: list, group_size: int,
     sequences = [records[i // group_size].ids + res.token_ids for i, res in enumerate(results)]
     rewards = torch.tensor(run.extra["reward"](step, prompts, [r.text for r in results], fields, sequences),
                            dtype=torch.float32)
-    return results, rewards, rollout_stats(rewards, results, group_size, seconds)
+    sums = run.dp.sum(rollout_sums(rewards, results, group_size).to(run.device)).cpu()
+    return results, rewards, rollout_stats(sums, seconds)
 
 
-def make_rollout(run: AlignRun, step: int, records: list) -> tuple[Batch, RolloutStats]:
+def make_rollout(run: AlignRun, step: int, records: list, first_prompt: int = 0) -> tuple[Batch, RolloutStats]:
     """Sample, score and turn into training rows (with reference log-probabilities when kl_coef > 0)."""
     c, a = run.cfg, run.cfg.align
-    results, rewards, stats = sample_and_score(run, step, records, a.group_size, a.temperature)
+    results, rewards, stats = sample_and_score(run, step, records, a.group_size, a.temperature, first_prompt)
     pad_id = run.tokenizer.pad_id if run.tokenizer.pad_id is not None else run.tokenizer.eos_id
     rows = rollout_rows(records, results, group_advantages(rewards, a.group_size, a.scale_rewards), a.group_size,
                         pad_id)
@@ -334,8 +364,9 @@ def grpo_loop(run: AlignRun, start_step: int) -> None:
         state["step"] += 1
         first_update = step % a.updates_per_rollout == 0
         if first_update:
-            indices = run.loader.next_batch()["index"].tolist()
-            state["rows"], state["stats"] = make_rollout(run, step, [prompts[i] for i in indices])
+            mine = run.dp.local_slice(c.train.global_batch_size)  # this rank's prompts of the global batch
+            indices = run.loader.next_batch()["index"][mine].tolist()
+            state["rows"], state["stats"] = make_rollout(run, step, [prompts[i] for i in indices], mine.start)
             state["gen_seconds"] = state.get("gen_seconds", 0.0) + state["stats"].seconds
         rows = {k: v for k, v in state["rows"].items() if first_update or k != "gen_logprobs"}
         # train.micro_batch_size counts prompts, as global_batch_size does: each brings its whole group.

@@ -90,13 +90,13 @@ def shutdown_distributed(clean: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """`cybertron train --nproc N ...`: start N local ranks with torchrun (torch.distributed.run)."""
+def launch_torchrun(nproc: int, argv: list[str], command: str = "train") -> int:
+    """`cybertron <command> --nproc N ...`: start N local ranks with torchrun (torch.distributed.run)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     try:
-        torchrun_main(["--standalone", "--nproc-per-node", str(nproc), "-m", "cybertron", "train", *argv])
+        torchrun_main(["--standalone", "--nproc-per-node", str(nproc), "-m", "cybertron", command, *argv])
     except ChildFailedError as err:
         codes = [f.exitcode for f in err.failures.values()]
         return next((c for c in codes if c > 0), 1)

@@ -1,0 +1,150 @@
+"""Data parallelism for commands that train a model loaded from a checkpoint (alignment): DDP, or ZeRO-3 with
+FSDP2, over all ranks started by torchrun.
+
+Every rank loads the same weights and data, so everything computed before wrapping (reference
+log-probabilities, a frozen reference copy) is identical on every rank without communication. Each rank then
+takes a contiguous slice of every global batch; the Trainer's collectives make the loss and gradients those
+of the whole batch on one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+
+from cybertron.errors import ConfigError
+from cybertron.parallel.collectives import build_collectives
+from cybertron.parallel.data_parallel import apply_ddp, apply_fsdp
+from cybertron.parallel.dims import ParallelDims, dp_mesh
+from cybertron.parallel.runtime import DistEnv, init_distributed
+from cybertron.train.trainer import Collectives
+
+MODES = ("ddp", "zero3")
+
+
+@dataclass
+class DataParallel:
+    """This rank's place in a pure data-parallel world (world size 1: every method is an identity)."""
+
+    env: DistEnv
+    mode: str = "ddp"
+    mesh: DeviceMesh | None = None
+
+    @property
+    def size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.mesh is not None
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def from_main(self, value: str) -> str:
+        """Rank 0's value on every rank (e.g. a timestamped run directory)."""
+        if not self.is_distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def local_slice(self, n: int) -> slice:
+        """This rank's contiguous share of n global rows (n is a multiple of the world size)."""
+        per_rank = n // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.is_distributed:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def wrap(self, model: nn.Module, blocks_of: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """DDP around `model`, or FSDP2 over each block of `blocks_of(model)` (a Transformer) then the root."""
+        if not self.is_distributed:
+            return model
+        if self.mode == "ddp":
+            return apply_ddp(model, dp_mesh(self.mesh))
+        transformer = blocks_of(model)
+        if transformer is model:
+            return apply_fsdp(model, dp_mesh(self.mesh), reshard_after_forward=True)
+        # A wrapper (the reward model's score head): the blocks, the head and the wrapper (embedding, final
+        # norm) are units under one root. (With the inner Transformer as a second root, its unit held only
+        # frozen weights under LoRA, and the head's gradient was not reduced: 2x the gradient norm.)
+        for block in transformer.layers.values():
+            fully_shard(block, mesh=dp_mesh(self.mesh), reshard_after_forward=True)
+        for child in model.children():
+            if child is not transformer:  # the head, its own unit
+                fully_shard(child, mesh=dp_mesh(self.mesh), reshard_after_forward=True,
+                            shard_placement_fn=self._widest_dim)
+        fully_shard(model, mesh=dp_mesh(self.mesh), reshard_after_forward=True)
+        return model
+
+    def _widest_dim(self, param: nn.Parameter) -> Shard | None:
+        # A scalar head's weight is (1, dim): split on dim 0 one rank would hold nothing, and gloo then saw
+        # all-gathers of different sizes (a collective mismatch). Split it along its columns instead.
+        return Shard(1) if param.dim() == 2 and param.shape[0] < self.size else None
+
+    def collectives(self) -> Collectives:
+        return build_collectives(self.mesh, self.size, 1) if self.is_distributed else Collectives()
+
+    def devnull_unless_main(self):
+        """Where non-main ranks print (nowhere): the progress lines come from rank 0 only."""
+        return None if self.is_main else open(os.devnull, "w")  # noqa: SIM115 - lives as long as the run
+
+    def shutdown(self, clean: bool = True) -> None:
+        from cybertron.parallel.runtime import shutdown_distributed
+
+        if self.is_distributed:
+            shutdown_distributed(clean)
+
+
+def validate_data_parallel(mode: str, world_size: int, global_batch: int, micro_batch: int) -> None:
+    """Before any process group exists: the mode, and batches that split evenly over the ranks."""
+    if mode not in MODES:
+        raise ConfigError(f"parallel.data_parallel must be one of {', '.join(MODES)}, got {mode!r}")
+    if global_batch % world_size:
+        raise ConfigError(f"train.global_batch_size={global_batch} is not divisible by the {world_size} ranks")
+    if micro_batch and (global_batch // world_size) % micro_batch:
+        raise ConfigError(f"train.micro_batch_size={micro_batch} does not divide the per-rank batch "
+                          f"{global_batch // world_size} (global batch {global_batch} over {world_size} ranks)")
+
+
+def start_data_parallel(env: DistEnv, mode: str, device: torch.device, timeout_s: int) -> DataParallel:
+    """Join the process group (gloo on CPU, NCCL on CUDA) when torchrun started several ranks."""
+    if env.world_size == 1:
+        return DataParallel(env, mode)
+    dims = ParallelDims.resolve(env.world_size, data_parallel=mode)
+    return DataParallel(env, mode, init_distributed(env, dims, device, timeout_s))
+
+
+@contextlib.contextmanager
+def distributed_run(dp: DataParallel):
+    """Tear the process group down after the run: with a barrier when it ended well, without one after an
+    error (the other ranks may be inside a collective; a failing rank must exit, not wait)."""
+    try:
+        yield dp
+    except BaseException:
+        dp.shutdown(clean=False)
+        raise
+    dp.shutdown()

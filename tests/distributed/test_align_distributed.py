@@ -1,0 +1,88 @@
+"""`cybertron align` on 2 gloo ranks (DDP, ZeRO-3) against the same run in one process: the same losses,
+rewards and held-out metrics, and checkpoints that resume in one process."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import read_metrics
+from tests.distributed.test_train_cli_distributed import _run
+
+pytestmark = pytest.mark.distributed
+pytest.importorskip("transformers")
+
+from tests.e2e.test_align_cli import write_arithmetic  # noqa: E402
+from tests.unit.align.test_dpo import write_color_pairs  # noqa: E402
+from tests.unit.finetune.tiny_hf import make_hf_dir  # noqa: E402
+
+COMMON = ["--log.progress", "lines", "--log.tensorboard", "false", "--log.every", "1", "--train.dtype", "fp32"]
+
+
+def _steps(run_dir, keys):
+    return {r["step"]: [r[k] for k in keys] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def _close(got: dict, expected: dict, tol: float) -> None:
+    assert sorted(got) == sorted(expected)
+    for step in got:
+        for a, b in zip(got[step], expected[step]):
+            assert abs(a - b) <= tol * max(1.0, abs(b)), (step, got[step], expected[step])
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefs")
+    return make_hf_dir(root / "hf"), write_color_pairs(root / "prefs.jsonl", 40, seed=3)
+
+
+@pytest.mark.parametrize("method, weights, layout", [("dpo", "lora", "ddp"), ("dpo", "full", "zero3"),
+                                                     ("reward", "lora", "ddp"), ("reward", "full", "zero3")])
+def test_preference_methods_match_one_process(prefs, tmp_path, method, weights, layout):
+    hf, data = prefs
+    args = ["align", "--method", method, "--model", str(hf), "--data", str(data), "--weights", weights,
+            "--steps", "4", "--lr", "2e-3", "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
+            "--data.val_fraction", "0.2", "--eval.every", "2", "--checkpoint.every", "2",
+            "--parallel.data_parallel", layout, *COMMON]
+    _run([*args, "--out", str(tmp_path / "one")])
+    two = _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
+    assert f"2 ranks ({layout})" in two.stdout and two.stdout.count("done: step") == 1
+    keys = ["loss", "grad_norm", "accuracy" if method == "reward" else "reward_margin"]
+    _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
+    val = lambda run: [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert val(tmp_path / "two") == pytest.approx(val(tmp_path / "one"), abs=1e-5)
+
+    # The 2-rank checkpoint of step 2 resumes in one process and ends where the 1-process run ended.
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-4")
+    _run([*args, "--out", str(tmp_path / "two"), "--resume"])
+    _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
+
+
+def test_grpo_ddp_generates_and_trains_like_one_process(tmp_path_factory, tmp_path):
+    root = tmp_path_factory.mktemp("arith")
+    write_arithmetic(root)
+    _run(["train", "--data.path", str(root / "arith.jsonl"), "--data.cache_dir", str(root / "cache"),
+          "--data.vocab_size", "300", "--data.seq_len", "64", "--model.preset", "debug", "--steps", "60",
+          "--train.global_batch_size", "16", "--train.lr", "3e-3", "--out", str(root / "base"), "--eval.every", "0",
+          "--log.progress", "lines", "--log.tensorboard", "false"])
+    args = ["align", "--method", "grpo", "--model", str(root / "base"), "--data", str(root / "prompts.jsonl"),
+            "--reward", f"{root / 'reward.py'}:correct", "--steps", "4", "--train.global_batch_size", "4",
+            "--align.group_size", "4", "--align.max_new_tokens", "3", "--data.val_fraction", "0", "--lr", "1e-3",
+            "--align.check_logprobs", "true", *COMMON]
+    _run([*args, "--out", str(tmp_path / "one")])
+    _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
+    keys = ["loss", "grad_norm", "reward", "reward_std", "kl", "completion_len"]
+    # Each rank samples exactly what one process samples for its prompts (seeds by global position).
+    _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
+
+
+def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path):
+    from cybertron.cli import main as cli_main
+
+    hf, data = prefs
+    base = ["align", "--model", str(hf), "--data", str(data), "--out", str(tmp_path / "x"), "--nproc", "2"]
+    assert cli_main([*base, "--method", "reward", "--parallel.data_parallel", "zero3"]) == 2
+    assert cli_main([*base, "--train.global_batch_size", "7"]) == 2
+    assert cli_main([*base, "--parallel.data_parallel", "zero1"]) == 2
+    assert not (tmp_path / "x").exists()

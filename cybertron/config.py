@@ -65,6 +65,8 @@ class TrainSection:
     dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)")
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile: forward + loss on one process, each block under parallel layouts")
+    fp8: str = opt("none", "FP8 matmuls in the Linear layers (torchao float8; CUDA compute capability >= 8.9): "
+                           "none, tensorwise or rowwise scaling")
 
 
 @dataclass

@@ -108,5 +108,6 @@ def validate(cfg: FinetuneConfig) -> None:
         (bool(f.lora_spec().targets), "finetune.targets names no layer"),
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (cfg.train.fp8 == "none", f"train.fp8={cfg.train.fp8!r} is not supported for finetune yet; use none"),
     ])
     validate_shared_sections(cfg)

@@ -41,6 +41,7 @@ from cybertron.parallel.runtime import (
     shutdown_distributed,
 )
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.float8 import convert_to_float8, validate_float8
 from cybertron.train.metrics import (
     MetricsLogger,
     ProgressDisplay,
@@ -78,7 +79,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         (0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
     ])
     resolve_dtype(t.dtype, torch.device("cpu"))
-    resolve_device(t.device)
+    validate_float8(t.fp8, resolve_device(t.device), (t.micro_batch_size or t.global_batch_size) * d.seq_len)
+    if t.fp8 != "none" and world_size > 1:
+        # Float8Linear under FSDP/TP needs float8-aware all-gathers and TP styles (torchtitan's converters):
+        # not wired into parallel/ yet, so refuse rather than silently train in bf16.
+        raise ConfigError(f"train.fp8={t.fp8} runs on one process only for now; got {world_size} ranks "
+                          "(use train.fp8=none with a parallel layout)")
     if not cfg.model.init_from:
         try:
             preset_config(cfg.model.preset)
@@ -243,6 +249,8 @@ def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: 
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
     amp = lambda: autocast(dtype_name, device)
     if mesh is None:
+        if t.fp8 != "none":
+            convert_to_float8(model, t.fp8)  # before activation checkpointing and compile wrap the Linears
         if cfg.parallel.activation_checkpoint != "none":
             from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
 
@@ -250,6 +258,7 @@ def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: 
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         step_fn = LanguageModelStep(compile=t.compile)  # one process: forward + loss compiled together
         return Trainer(model, optimizer, step_fn, schedule, t.grad_clip, autocast=amp), [model]
+    assert t.fp8 == "none", "validate() refuses train.fp8 with a parallel layout"
     from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 
     param_dtype = torch.bfloat16 if dtype_name == "bf16" else None

@@ -1,0 +1,235 @@
+"""GRPO on one device: rollout tokens/s and where a step's time goes (generate, reference, train).
+
+    python bench/grpo.py                                       # CPU: a small random model (below), 12 steps
+    python bench/grpo.py --shape llama3-1b --device cuda --max-new-tokens 256 --steps 20    # one GPU
+
+Runs the real `cybertron align --method grpo` (an AlignConfig -> validate -> run_align) on a random-weight
+Hugging Face directory written here (default: dim 256, 4 layers, 4 heads / 2 kv heads, FFN 512, vocab 384;
+`--shape PRESET` uses a cybertron preset instead), prompts of 4-12 random words, and a deterministic reward
+in a temporary file (the share of the completion's characters that are letters of `--word`). Each step samples
+`--group-size` completions for each of `--prompts` prompts with cybertron's engine on the policy itself
+(end-of-text still ends a completion), computes the KL reference's log-probabilities, then takes one
+optimizer step.
+
+Measured over the steps after the first `--warmup` (totals over those steps):
+  rollout tokens/s  generated completion tokens / seconds of generation (from metrics.jsonl)
+  generate share    generation seconds / step seconds (metrics.jsonl `generate_share`)
+  reference share   seconds in `token_logprobs` (the KL reference's forward) / step seconds
+  train share       seconds in `Trainer.train_step` (forward, backward, clip, AdamW) / step seconds
+  other share       the rest: reward function, padding rows, moving them to the device
+  step time, steps/s
+The reference and train times come from timing wrappers around those two functions for the duration of the
+run (they synchronise CUDA before reading the clock); everything else is run_align's own logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # cybertron and tests/ from this checkout
+WORDS = ("the cat dog sat on mat red blue green one two three what is color of sky sea grass "
+         "hello hi thanks yes no please tell me a story about small big").split()
+# The CPU default: big enough that generation and training both cost something, small enough for 2 cores.
+SMALL = dict(vocab_size=384, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, max_seq_len=512,
+             tie_embeddings=False)
+REWARD_SOURCE = '''
+def reward(prompts, completions, **fields):
+    """Share of the completion's characters that are letters of {word!r}: deterministic, in [0, 1], and not
+    flat for a random model (a whole-word match almost never happens, so every group would score the same)."""
+    return [sum(c in {word!r} for c in text) / max(len(text), 1) for text in completions]
+'''
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="", help="a cybertron preset (llama3-1b, ...) with random weights; empty = "
+                                               "the small CPU model")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="train.dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16")
+    p.add_argument("--weights", default="full", choices=["full", "lora"], help="finetune.method")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step (train.global_batch_size)")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--kl-coef", type=float, default=0.04, help="0 = no reference forward")
+    p.add_argument("--word", default="the", help="the reward counts the letters of this word")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadier on a shared machine)")
+    p.add_argument("--keep", default="", help="write the model and run directories here instead of a temp dir")
+    return p.parse_args()
+
+
+def make_model_dir(out: Path, shape: str, seed: int = 0) -> Path:
+    """A random-weight Hugging Face directory (config.json, safetensors, tokenizer.json) of `shape`."""
+    from cybertron.models.hf import save_hf_model
+    from cybertron.models.llama import build_model
+    from cybertron.models.presets import preset_config
+    from tests.unit.finetune.tiny_hf import write_tokenizer
+
+    cfg = preset_config(shape) if shape else preset_config("tiny", **SMALL)
+    model = build_model(cfg, device="cpu", seed=seed)
+    save_hf_model(model.state_dict(), cfg, out)
+    write_tokenizer(out)  # 384 tokens: a preset's larger vocabulary still holds them
+    return out
+
+
+def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))}) + "\n")
+    return path
+
+
+def write_reward(path: Path, word: str) -> str:
+    path.write_text(REWARD_SOURCE.format(word=word))
+    return f"{path}:reward"
+
+
+class StepClock:
+    """Seconds spent per optimizer step in the KL reference forward and in Trainer.train_step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending_reference = 0.0
+        self.steps: list[dict[str, float]] = []
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def wrap_reference(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = self._now()
+            out = fn(*args, **kwargs)
+            self.pending_reference += self._now() - start
+            return out
+        return timed
+
+    def wrap_train_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+            start = self._now()
+            out = fn(trainer, *args, **kwargs)
+            self.steps.append({"train_s": self._now() - start, "reference_s": self.pending_reference})
+            self.pending_reference = 0.0
+            return out
+        return timed
+
+
+@contextlib.contextmanager
+def instrumented(clock: StepClock) -> Iterator[None]:
+    """Time the reference forward and the train step inside run_align; restore both afterwards."""
+    import cybertron.align.run as align_run
+    from cybertron.train.trainer import Trainer
+
+    original_logprobs, original_step = align_run.token_logprobs, Trainer.train_step
+    align_run.token_logprobs = clock.wrap_reference(original_logprobs)
+    Trainer.train_step = clock.wrap_train_step(original_step)
+    try:
+        yield
+    finally:
+        align_run.token_logprobs, Trainer.train_step = original_logprobs, original_step
+
+
+def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Run `cybertron align --method grpo` through run_align; (its per-step metrics records, the clock's)."""
+    from cybertron.align.config import AlignConfig, validate
+    from cybertron.align.run import run_align
+    from cybertron.train.precision import resolve_device
+
+    model_dir = make_model_dir(work / "model", args.shape)
+    prompt_count = args.prompts * (args.steps + 1)
+    cfg = AlignConfig()
+    cfg.model.path = str(model_dir)
+    cfg.data.path = str(write_prompts(work / "prompts.jsonl", prompt_count))
+    cfg.data.seq_len = 64 + args.max_new_tokens  # prompts are at most ~40 tokens
+    cfg.data.val_fraction = 0.0
+    cfg.align.method = "grpo"
+    cfg.align.reward = write_reward(work / "reward.py", args.word)
+    cfg.align.group_size = args.group_size
+    cfg.align.max_new_tokens = args.max_new_tokens
+    cfg.align.kl_coef = args.kl_coef
+    cfg.finetune.method = args.weights
+    t = cfg.train
+    t.steps, t.global_batch_size, t.device, t.dtype = args.steps, args.prompts, args.device, args.dtype
+    t.lr = 1e-5 if args.weights == "full" else 1e-4
+    cfg.eval.every = 0
+    cfg.checkpoint.every = 0
+    cfg.log.every, cfg.log.tensorboard, cfg.log.progress = 1, False, "lines"
+    cfg.run.out = str(work / "run")
+    validate(cfg)
+    clock = StepClock(resolve_device(args.device))
+    with instrumented(clock):
+        run = run_align(cfg)
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "rollout_tokens_per_s" in r], clock.steps
+
+
+def summarize(records: list[dict[str, Any]], clock: list[dict[str, float]], rollouts: int,
+              warmup: int) -> dict[str, float]:
+    """Totals over the steps after `warmup`: shares are part seconds / step seconds summed over those steps
+    (so they add up to 1), rates are totals over totals. A step's seconds are those run_align measured:
+    generation seconds (completion tokens / rollout tokens/s) / generate_share."""
+    assert len(records) == len(clock), (len(records), len(clock))
+    total = {"tokens": 0.0, "generate_s": 0.0, "reference_s": 0.0, "train_s": 0.0, "step_s": 0.0}
+    measured = list(zip(records, clock, strict=True))[warmup:]
+    for record, timed in measured:
+        tokens = record["completion_len"] * rollouts
+        generate_s = tokens / record["rollout_tokens_per_s"]
+        for key, value in [("tokens", tokens), ("generate_s", generate_s), ("reference_s", timed["reference_s"]),
+                           ("train_s", timed["train_s"]), ("step_s", generate_s / record["generate_share"])]:
+            total[key] += value
+    shares = {f"{k[:-2]}_share": total[k] / total["step_s"] for k in ("generate_s", "reference_s", "train_s")}
+    return {"rollout_tokens_per_s": total["tokens"] / total["generate_s"], **shares,
+            "other_share": 1 - sum(shares.values()), "step_s": total["step_s"] / len(measured),
+            "completion_len": total["tokens"] / rollouts / len(measured),
+            "reward": statistics.mean(r["reward"] for r, _ in measured),
+            "zero_adv_groups": statistics.mean(r["zero_adv_groups"] for r, _ in measured)}
+
+
+def print_table(args: argparse.Namespace, summary: dict[str, float], measured: int) -> None:
+    shape = args.shape or "small (dim 256, 4 layers, vocab 384)"
+    print(f"\nGRPO, {shape}, {args.weights} weights, {args.prompts} prompts x {args.group_size} completions, "
+          f"max_new_tokens {args.max_new_tokens}, kl_coef {args.kl_coef}; {measured} steps after "
+          f"{args.warmup} warmup, {torch.get_num_threads()} threads")
+    print("| figure | value |\n| --- | --- |")
+    s = summary
+    for name, value in [("rollout tokens/s", f"{s['rollout_tokens_per_s']:,.0f}"),
+                        ("mean completion length", f"{s['completion_len']:.1f} tokens"),
+                        ("generate share", f"{s['generate_share']:.1%}"),
+                        ("reference log-prob share", f"{s['reference_share']:.1%}"),
+                        ("train share (fwd+bwd+optimizer)", f"{s['train_share']:.1%}"),
+                        ("other (reward, rows, transfer)", f"{s['other_share']:.1%}"),
+                        ("step time", f"{s['step_s'] * 1e3:,.0f} ms"),
+                        ("steps/s", f"{1 / s['step_s']:.3f}"),
+                        ("reward (mean) / groups with no signal", f"{s['reward']:.3f} / {s['zero_adv_groups']:.0%}")]:
+        print(f"| {name} | {value} |")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        records, clock = run_grpo(args, work)
+    summary = summarize(records, clock, args.prompts * args.group_size, args.warmup)
+    print_table(args, summary, len(records) - args.warmup)
+
+
+if __name__ == "__main__":
+    main()

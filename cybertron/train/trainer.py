@@ -184,7 +184,10 @@ def fit(trainer: Trainer, start_step: int, total_steps: int, hooks: LoopHooks) -
             now = time.perf_counter()  # the .item() inside on_log syncs the device: timing is honest
             hooks.on_log(step, result, now - last_time, tokens_since_log)
             last_time, tokens_since_log = time.perf_counter(), 0
+        started = time.perf_counter()
         hooks.on_step_end(step)
+        # Evaluation and checkpoints are not training: keep their time out of the next tokens/s.
+        last_time += time.perf_counter() - started
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> Batch:

@@ -139,3 +139,26 @@ def test_compiled_step_matches_eager_and_keeps_parameter_names():
         res_b = trainer_b.train_step(step, [batch])
         assert abs(res_a.loss.item() - res_b.loss.item()) < 1e-5
     assert list(model_b.state_dict()) == list(model_a.state_dict())  # checkpoints keep the plain names
+
+
+def test_time_spent_in_step_end_hooks_is_not_counted_as_training_time():
+    import time
+
+    from cybertron.train.trainer import LoopHooks, fit
+
+    class SquareStep:
+        def weight(self, batch):
+            return torch.tensor(batch["x"].shape[0])
+
+        def __call__(self, model, batch):
+            return (model(batch["x"]) ** 2).sum(), {}
+
+    model = torch.nn.Linear(4, 1)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), SquareStep(), lambda s: 0.1, 0.0)
+    intervals = {}
+    hooks = LoopHooks(next_micro_batches=lambda: [{"x": torch.randn(2, 4), "inputs": torch.zeros(2, 3)}],
+                      on_log=lambda step, result, seconds, tokens: intervals.__setitem__(step, seconds),
+                      on_step_end=lambda step: time.sleep(0.3) if step == 2 else None, log_every=1)
+    fit(trainer, 0, 4, hooks)
+    assert sorted(intervals) == [1, 2, 3, 4]
+    assert intervals[3] < 0.1  # the 0.3 s "evaluation" after step 2 is not in step 3's interval

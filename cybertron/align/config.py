@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from cybertron.config import (
     CheckpointSection,
+    DataParallelSection,
     EvalSection,
     LogSection,
     RunSection,
@@ -60,14 +61,6 @@ class AlignSection:
 
 
 @dataclass
-class AlignParallelSection:
-    data_parallel: str = opt("ddp", "with --nproc N (or under torchrun): ddp (a replica per rank) or zero3 (FSDP2: "
-                                    "parameters, gradients and optimizer state sharded); grpo needs ddp, since "
-                                    "each rank generates with whole weights")
-    timeout_s: int = opt(600, "seconds a collective may wait before the run fails (not hangs)")
-
-
-@dataclass
 class AlignConfig:
     model: BaseModelSection = field(default_factory=BaseModelSection)
     data: AlignDataSection = field(default_factory=AlignDataSection)
@@ -79,7 +72,7 @@ class AlignConfig:
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
-    parallel: AlignParallelSection = field(default_factory=AlignParallelSection)
+    parallel: DataParallelSection = field(default_factory=DataParallelSection)
 
 
 # The flags of the common case: `cybertron align --method dpo --model DIR --data FILE`.

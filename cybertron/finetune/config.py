@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from cybertron.config import (
     CheckpointSection,
+    DataParallelSection,
     EvalSection,
     LogSection,
     RunSection,
@@ -66,6 +67,7 @@ class FinetuneConfig:
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
+    parallel: DataParallelSection = field(default_factory=DataParallelSection)
 
 
 # The flags of the common case, `cybertron finetune --model DIR --data FILE --method lora`.
@@ -90,8 +92,8 @@ def expand_shortcuts(argv: list[str], shortcuts: dict[str, str] = SHORTCUTS) -> 
     return out
 
 
-def validate(cfg: FinetuneConfig) -> None:
-    """Reject impossible values before any work starts; each message names the key."""
+def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
+    """Reject impossible values before any work (or any process group) starts; each message names the key."""
     d, f = cfg.data, cfg.finetune
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory"),
@@ -111,3 +113,14 @@ def validate(cfg: FinetuneConfig) -> None:
         (cfg.train.fp8 == "none", f"train.fp8={cfg.train.fp8!r} is not supported for finetune yet; use none"),
     ])
     validate_shared_sections(cfg)
+    from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating
+
+    validate_data_parallel(cfg.parallel.data_parallel, world_size, cfg.train.global_batch_size,
+                           cfg.train.micro_batch_size)
+    raise_first_failure([
+        # torchao's NF4 tensor cannot be sharded by FSDP2 at this model's shapes (measured: "quantization_factor
+        # .numel() not divisible by 2"); DDP replicates it and works.
+        (not (f.method == "qlora" and world_size > 1 and cfg.parallel.data_parallel == "zero3"),
+         "finetune.method=qlora does not run under parallel.data_parallel=zero3 yet; use ddp"),
+        (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
+    ])

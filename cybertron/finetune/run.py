@@ -27,6 +27,8 @@ from cybertron.finetune.base import load_base_model, read_base
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, MethodSection, expand_shortcuts, validate
 from cybertron.finetune.lora import apply_lora, count_params, trainable_view
 from cybertron.models.config import ModelConfig
+from cybertron.parallel.data_only import DataParallel, distributed_run, start_data_parallel
+from cybertron.parallel.runtime import DistEnv, launch_torchrun, pop_nproc
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
@@ -44,12 +46,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(FinetuneConfig(), "finetune"))
+        print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
         print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
+    env = DistEnv.from_environ()  # torchrun's variables, read once here
+    nproc, argv = pop_nproc(argv)
     cfg = parse_args(expand_shortcuts(argv), FinetuneConfig())
-    validate(cfg)
-    run_finetune(cfg)
+    world_size = nproc if nproc and env.world_size == 1 else env.world_size
+    validate(cfg, world_size)
+    if nproc and env.world_size == 1 and nproc > 1:
+        return launch_torchrun(nproc, argv, "finetune")
+    run_finetune(cfg, env)
     return 0
 
 
@@ -116,12 +123,24 @@ class FinetuneRun:
     data: SFTData
     logger: MetricsLogger
     display: ProgressDisplay
+    dp: DataParallel
 
 
-def run_finetune(cfg: FinetuneConfig) -> FinetuneRun:
-    run_dir = resolve_run_dir(cfg)  # only reads cfg.run
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+def run_finetune(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:
+    """One process, or one rank of a data-parallel run started by torchrun."""
+    env = env or DistEnv()
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    dp = start_data_parallel(env, cfg.parallel.data_parallel, device, cfg.parallel.timeout_s)
+    with distributed_run(dp):
+        return _run_finetune(cfg, dp, device)
+
+
+def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -> FinetuneRun:
+    run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base_dir = Path(cfg.model.path)
     model_cfg, tokenizer = check_model_dir(base_dir)
@@ -133,20 +152,24 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
     model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,
                                  base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
+    trained = dp.wrap(model, lambda m: m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-    trainer = Trainer(model, optimizer, LanguageModelStep(compile=t.compile), schedule, t.grad_clip,
-                      autocast=lambda: autocast(dtype_name, device))
+    # Compiling the forward + loss needs the plain module (a DDP/FSDP wrapper is called, not traced, here).
+    step_fn = LanguageModelStep(compile=t.compile and not dp.is_distributed)
+    trainer = Trainer(trained, optimizer, step_fn, schedule, t.grad_clip,
+                      autocast=lambda: autocast(dtype_name, device), collectives=dp.collectives())
     loader = RowLoader(data.train, t.global_batch_size, seed=t.seed)
     start_step = 0
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
-    write_run_files(run_dir, cfg, base_dir)
-    display = ProgressDisplay(t.steps, cfg.log.progress)
-    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard)
-    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display)
+    if dp.is_main:
+        write_run_files(run_dir, cfg, base_dir)
+    display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
+    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
+    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display, dp)
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: finetune_loop(run, start_step))
     return run
@@ -178,7 +201,9 @@ def describe_run(run: FinetuneRun) -> str:
 
         extra = f"; NF4 base {quantized_bits_per_param(run.model):.2f} bits/weight"
     val = run.data.val["inputs"].shape[0] if run.data.val is not None else 0
-    return (f"{method} fine-tuning on {run.device}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
+    where = (f"{run.dp.size} ranks ({run.cfg.parallel.data_parallel})" if run.dp.is_distributed
+             else str(run.device))
+    return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
             f"train{extra}; {run.data.n_examples} examples ({run.data.n_truncated} cut to seq_len) in "
             f"{run.data.train['inputs'].shape[0]} train / {val} val rows; run dir {run.run_dir}")
 
@@ -197,7 +222,7 @@ def save(run: FinetuneRun, step: int) -> Path:
     method = run.cfg.finetune.method
     return ckpt_io.save_checkpoint(run.run_dir, step, saved_module(run.model, method), run.trainer.optimizer,
                                    {"loader": run.loader.state_dict(), "method": method}, run.model_cfg,
-                                   keep=run.cfg.checkpoint.keep)
+                                   keep=run.cfg.checkpoint.keep, is_main=run.dp.is_main, barrier=run.dp.barrier)
 
 
 def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]:
@@ -229,7 +254,9 @@ def finetune_loop(run: FinetuneRun, start_step: int) -> None:
         # repeat the uninterrupted one exactly without saving RNG state in the checkpoint.
         step = run.loader.samples_consumed // c.train.global_batch_size
         torch.manual_seed(c.train.seed * 1_000_003 + step)
-        return micro_batches(run.loader.next_batch(), c.train.micro_batch_size, run.device)
+        rows = run.loader.next_batch()  # the global batch, the same on every rank; this rank's share:
+        mine = run.dp.local_slice(c.train.global_batch_size)
+        return micro_batches({k: v[mine] for k, v in rows.items()}, c.train.micro_batch_size, run.device)
 
     fit(run.trainer, start_step, total, LoopHooks(next_batches, on_log, on_step_end, log_every=c.log.every))
     val_loss = log_eval(run, total)

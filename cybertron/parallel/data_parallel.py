@@ -29,14 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from cybertron.train.optim import param_groups
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> DistributedDataParallel:
-    """Replicate `model` over dp_mesh; gradients are averaged by all-reduce in backward."""
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, init_sync: bool = True) -> DistributedDataParallel:
+    """Replicate `model` over dp_mesh; gradients are averaged by all-reduce in backward. init_sync=False skips
+    the broadcast of rank 0's weights (for replicas that are equal by construction)."""
     device = next(model.parameters()).device
     # gradient_as_bucket_view: grads live inside the communication buckets, so DDP holds one copy (4 bytes
     # per parameter), which is what the ZeRO memory table assumes.
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
                                    device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True, init_sync=init_sync)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool, cpu_offload: bool = False,

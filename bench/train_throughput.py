@@ -73,6 +73,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true",
                    help="measure eager only (cybertron without train.compile, transformers and torchtitan uncompiled)")
+    p.add_argument("--fused-loss", action="store_true",
+                   help="add cybertron[+compile]+fusedloss: train.fused_loss (no full logits)")
     p.add_argument("--fp8", default="", help="comma-separated train.fp8 recipes to add: tensorwise, rowwise")
     p.add_argument("--only", default="", help="comma-separated runner names to keep (e.g. cybertron+compile); "
                                              "empty = all, 'none' = no in-process runner (--torchtitan alone)")
@@ -105,7 +107,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def cybertron_config(args: argparse.Namespace, compile: bool, fp8: str = "none") -> TrainConfig:
+def cybertron_config(args: argparse.Namespace, compile: bool, fp8: str = "none",
+                     fused_loss: bool = False) -> TrainConfig:
     """The TrainConfig `cybertron train --model.preset SHAPE ...` would hold for this benchmark."""
     cfg = TrainConfig()
     cfg.model.preset = args.shape
@@ -114,6 +117,7 @@ def cybertron_config(args: argparse.Namespace, compile: bool, fp8: str = "none")
     cfg.train.global_batch_size = args.batch
     cfg.train.compile = compile
     cfg.train.fp8 = fp8
+    cfg.train.fused_loss = fused_loss
     cfg.train.device = args.device
     cfg.train.lr, cfg.train.warmup_steps = args.lr, 0
     return cfg
@@ -201,6 +205,9 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[], Step]]:
         out["cybertron+compile"] = lambda: make_ours(cybertron_config(args, True))
         out["transformers+compile"] = lambda: make_peer(cybertron_config(args, True), True)
     compiled = not args.no_compile  # fp8 is only fast compiled (the casts fuse); eager keeps a debug path
+    if args.fused_loss:  # train.fused_loss: head + loss chunk by chunk, no full logits
+        out[f"cybertron{'+compile' if compiled else ''}+fusedloss"] = \
+            lambda: make_ours(cybertron_config(args, compiled, fused_loss=True))
     for recipe in fp8_recipes(args):
         name = f"cybertron{'+compile' if compiled else ''}+fp8-{recipe}"
         out[name] = lambda r=recipe: make_ours(cybertron_config(args, compiled, r))

@@ -65,6 +65,8 @@ class TrainSection:
     dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)")
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile: forward + loss on one process, each block under parallel layouts")
+    fused_loss: bool = opt(False, "output head + cross-entropy chunk by chunk: the full logits never exist "
+                                  "(one process; saves ~3x tokens x vocab x 2 bytes of activation memory)")
     fp8: str = opt("none", "FP8 matmuls in the Linear layers (torchao float8; CUDA compute capability >= 8.9): "
                            "none, tensorwise or rowwise scaling")
 

@@ -123,7 +123,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
          f"({a.updates_per_rollout}) so a resumed run starts at a fresh rollout"),
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
-        (getattr(t, "fp8", "none") == "none", "train.fp8 is not supported by `cybertron align` yet"),
+        (t.fp8 == "none", "train.fp8 is not supported by `cybertron align` yet"),
+        (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
+                           "log-probabilities)"),
     ])
     validate_shared_sections(cfg)
     from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating

@@ -123,4 +123,5 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
         (not (f.method == "qlora" and world_size > 1 and cfg.parallel.data_parallel == "zero3"),
          "finetune.method=qlora does not run under parallel.data_parallel=zero3 yet; use ddp"),
         (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
+        (not (cfg.train.fused_loss and world_size > 1), "train.fused_loss runs on one process for now"),
     ])

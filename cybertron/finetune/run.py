@@ -156,7 +156,9 @@ def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
     # Compiling the forward + loss needs the plain module (a DDP/FSDP wrapper is called, not traced, here).
-    step_fn = LanguageModelStep(compile=t.compile and not dp.is_distributed)
+    if t.fused_loss and type(model.lm_head) is not nn.Linear:
+        raise ConfigError("train.fused_loss needs a plain output head; finetune.targets adapts lm_head")
+    step_fn = LanguageModelStep(compile=t.compile and not dp.is_distributed, fused_loss=t.fused_loss)
     trainer = Trainer(trained, optimizer, step_fn, schedule, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, device), collectives=dp.collectives())
     loader = RowLoader(data.train, t.global_batch_size, seed=t.seed)

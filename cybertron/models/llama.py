@@ -152,6 +152,12 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        h = self.hidden_states(tokens, positions, cache)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         b, t = h.shape[:2]
         mask = None
@@ -166,8 +172,6 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, mask, cache)
         if self.norm is not None:
             h = self.norm(h)
-        if self.lm_head is not None:
-            h = self.lm_head(h)
         return h
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:

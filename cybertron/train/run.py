@@ -80,6 +80,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     ])
     resolve_dtype(t.dtype, torch.device("cpu"))
     validate_float8(t.fp8, resolve_device(t.device), (t.micro_batch_size or t.global_batch_size) * d.seq_len)
+    if t.fused_loss and world_size > 1:
+        raise ConfigError("train.fused_loss runs on one process for now (FSDP/TP/PP wrap the head); "
+                          f"got {world_size} ranks")
     if t.fp8 != "none" and world_size > 1:
         # Float8Linear under FSDP/TP needs float8-aware all-gathers and TP styles (torchtitan's converters):
         # not wired into parallel/ yet, so refuse rather than silently train in bf16.
@@ -256,7 +259,8 @@ def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: 
 
             apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-        step_fn = LanguageModelStep(compile=t.compile)  # one process: forward + loss compiled together
+        # one process: forward + loss compiled together
+        step_fn = LanguageModelStep(compile=t.compile, fused_loss=t.fused_loss)
         return Trainer(model, optimizer, step_fn, schedule, t.grad_clip, autocast=amp), [model]
     assert t.fp8 == "none", "validate() refuses train.fp8 with a parallel layout"
     from cybertron.parallel.apply import build_parallel_optimizer, parallelize

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from cybertron.train.fused_linear_ce import linear_cross_entropy_sum
 from cybertron.train.losses import IGNORE_INDEX, cross_entropy_sum
 
 Batch = dict[str, torch.Tensor]
@@ -33,16 +34,25 @@ def _lm_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     return cross_entropy_sum(model(inputs, positions=positions), labels)
 
 
+def _fused_lm_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                       positions: torch.Tensor | None) -> torch.Tensor:
+    return linear_cross_entropy_sum(model.hidden_states(inputs, positions=positions), model.lm_head.weight, labels)
+
+
 class LanguageModelStep:
     """Next-token prediction; labels of IGNORE_INDEX (prompt tokens, padding) carry no loss.
 
     With `compile=True` the forward *and* the loss are one torch.compile region, so inductor fuses the
     output head's log-softmax and cross-entropy too (measured on CPU, tiny preset: 235 ms/step vs 268 ms with
     per-block compile, vs 257 ms for transformers + torch.compile). Modules are not wrapped, so parameter
-    names, and with them checkpoints, are those of the plain model."""
+    names, and with them checkpoints, are those of the plain model.
 
-    def __init__(self, compile: bool = False):
-        self._loss_sum = torch.compile(_lm_loss_sum) if compile else _lm_loss_sum
+    With `fused_loss=True` the output head and the loss run chunk by chunk (train/fused_linear_ce.py): the
+    full logits never exist. It needs the plain model (hidden_states and lm_head.weight), i.e. one process."""
+
+    def __init__(self, compile: bool = False, fused_loss: bool = False):
+        loss_sum = _fused_lm_loss_sum if fused_loss else _lm_loss_sum
+        self._loss_sum = torch.compile(loss_sum) if compile else loss_sum
 
     def weight(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX).sum()

@@ -126,3 +126,16 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, fast_run_args):
     assert _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir)]).returncode == 0
     result = _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir)])
     assert result.returncode == 2 and "--resume" in result.stderr
+
+
+def test_fused_loss_trains_like_the_plain_head(tmp_path, fast_run_args):
+    from tests.conftest import read_metrics
+
+    losses = {}
+    for fused in ("false", "true"):
+        out = tmp_path / fused
+        result = _cli([*fast_run_args, "--steps", "4", "--eval.every", "0", "--train.fused_loss", fused,
+                       "--out", str(out)])
+        assert result.returncode == 0, result.stderr
+        losses[fused] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)

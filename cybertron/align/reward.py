@@ -119,3 +119,24 @@ def load_reward_model(run_dir: Path, device: torch.device | str = "cpu") -> Rewa
         model = build_finetune_model(base, method_from_meta(meta), device, seed=0, wrap=RewardModel)
         load_checkpoint(ckpt, trainable_view(model), None)
     return model.eval()
+
+
+def save_reward_hf(model: RewardModel, out_dir: Path, pad_token_id: int | None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write a reward model (adapters already merged) as a Hugging Face `*ForSequenceClassification`
+    directory with one label: our parameter names are already that class's."""
+    from safetensors.torch import save_file
+
+    from cybertron.models.hf import config_to_hf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    hf = config_to_hf(model.config, str(next(iter(tensors.values())).dtype).removeprefix("torch."))
+    hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+    hf.update({"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+               "problem_type": "regression", "pad_token_id": pad_token_id})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    return out

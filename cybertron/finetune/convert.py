@@ -45,9 +45,20 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise UserError(f"--to {hf_dir} exists and is not empty; choose a new directory")
-    model, tokenizer = load_finetuned_model(Path(run_dir), "cpu", merge=True)
-    save_hf_model(model.state_dict(), model.config, hf_dir, dtype=dtype)
     root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
+    from cybertron.align.reward import is_reward_run
+
+    if is_reward_run(root):  # a reward model: a *ForSequenceClassification directory
+        from cybertron.align.reward import load_reward_model, save_reward_hf
+        from cybertron.data.tokenizer import TextTokenizer
+        from cybertron.finetune.lora import merge_lora_
+
+        tokenizer = TextTokenizer.load(root)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        save_reward_hf(merge_lora_(load_reward_model(Path(run_dir), "cpu")), hf_dir, pad, dtype)
+    else:
+        model, tokenizer = load_finetuned_model(Path(run_dir), "cpu", merge=True)
+        save_hf_model(model.state_dict(), model.config, hf_dir, dtype=dtype)
     copy_tokenizer_files(root, hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         tokenizer.save(hf_dir)

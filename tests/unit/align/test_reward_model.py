@@ -77,3 +77,25 @@ def test_reward_model_separates_held_out_pairs_and_reloads(hf_dir, tmp_path):
     grpo_run = run_align(grpo)
     steps = [r for r in map(json.loads, (grpo_run.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(steps) == 2 and all(r["reward_std"] > 0 for r in steps)  # real, varying scores
+
+
+def test_reward_run_exports_as_sequence_classification(hf_dir, tmp_path):
+    from cybertron.cli import main as cli_main
+
+    data = write_color_pairs(tmp_path / "prefs.jsonl", 16, seed=6)
+    cfg = parse_args([f"--model.path={hf_dir}", f"--data.path={data}", f"--run.out={tmp_path / 'rm'}",
+                      "--align.method=reward", "--train.steps=3", "--train.lr=1e-2", "--data.val_fraction=0",
+                      "--log.progress=lines", "--log.tensorboard=false"], AlignConfig())
+    run = run_align(cfg)
+    assert cli_main(["export", "--out", str(run.run_dir), "--to", str(tmp_path / "hf_rm"), "--merge"]) == 0
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").float().eval()
+    assert type(theirs).__name__ == "Qwen2ForSequenceClassification"
+    ids, lengths = run.extra["train"]["chosen_ids"], run.extra["train"]["chosen_len"]
+    pad = theirs.config.pad_token_id
+    ids = ids.masked_fill(torch.arange(ids.shape[1])[None] >= lengths[:, None], pad)
+    assert not (ids[torch.arange(ids.shape[1])[None] < lengths[:, None]] == pad).any()
+    run.model.eval()
+    with torch.no_grad():
+        expected = run.model.sequence_scores(ids, lengths)
+        got = theirs(input_ids=ids).logits.squeeze(-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

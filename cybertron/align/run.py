@@ -53,13 +53,13 @@ from cybertron.finetune.run import (
     write_run_files,
 )
 from cybertron.models.config import ModelConfig
-from cybertron.parallel.data_only import DataParallel, distributed_run, start_data_parallel
-from cybertron.parallel.runtime import DistEnv, launch_torchrun, pop_nproc
+from cybertron.parallel.data_only import DataParallel, run_on_ranks
+from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.serve.engine import Engine
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
-from cybertron.train.precision import autocast, resolve_device, resolve_dtype
+from cybertron.train.precision import autocast, resolve_dtype
 from cybertron.train.run import announce_and_run, find_resume_checkpoint, resolve_run_dir
 from cybertron.train.schedule import lr_at
 from cybertron.train.trainer import Batch, LoopHooks, StepResult, Trainer, fit, to_device
@@ -72,15 +72,8 @@ def main(argv: list[str]) -> int:
         print(help_text(AlignConfig(), "align") + "\n--nproc N: start N local ranks with torchrun")
         print("align shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
-    env = DistEnv.from_environ()  # torchrun's variables, read once here
-    nproc, argv = pop_nproc(argv)
-    cfg = parse_args(expand_shortcuts(argv, SHORTCUTS), AlignConfig())
-    world_size = nproc if nproc and env.world_size == 1 else env.world_size
-    validate(cfg, world_size)
-    if nproc and env.world_size == 1 and nproc > 1:
-        return launch_torchrun(nproc, argv, "align")
-    run_align(cfg, env)
-    return 0
+    return command_main(argv, "align", lambda args: parse_args(expand_shortcuts(args, SHORTCUTS), AlignConfig()),
+                        validate, run_align)
 
 
 @dataclass
@@ -102,14 +95,9 @@ class AlignRun:
 
 def run_align(cfg: AlignConfig, env: DistEnv | None = None) -> AlignRun:
     """One process, or one rank of a data-parallel run started by torchrun."""
-    env = env or DistEnv()
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and env.world_size > 1:
-        device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    dp = start_data_parallel(env, cfg.parallel.data_parallel, device, cfg.parallel.timeout_s)
-    with distributed_run(dp):
-        return _run_align(cfg, dp, device)
+    p = cfg.parallel
+    return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
+                        lambda dp, device: _run_align(cfg, dp, device))
 
 
 def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> AlignRun:

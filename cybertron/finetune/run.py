@@ -27,12 +27,12 @@ from cybertron.finetune.base import load_base_model, read_base
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, MethodSection, expand_shortcuts, validate
 from cybertron.finetune.lora import apply_lora, count_params, trainable_view
 from cybertron.models.config import ModelConfig
-from cybertron.parallel.data_only import DataParallel, distributed_run, start_data_parallel
-from cybertron.parallel.runtime import DistEnv, launch_torchrun, pop_nproc
+from cybertron.parallel.data_only import DataParallel, run_on_ranks
+from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
-from cybertron.train.precision import DTYPES, autocast, resolve_device, resolve_dtype
+from cybertron.train.precision import DTYPES, autocast, resolve_dtype
 from cybertron.train.run import announce_and_run, find_resume_checkpoint, resolve_run_dir
 from cybertron.train.schedule import lr_at
 from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
@@ -49,15 +49,8 @@ def main(argv: list[str]) -> int:
         print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
         print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
-    env = DistEnv.from_environ()  # torchrun's variables, read once here
-    nproc, argv = pop_nproc(argv)
-    cfg = parse_args(expand_shortcuts(argv), FinetuneConfig())
-    world_size = nproc if nproc and env.world_size == 1 else env.world_size
-    validate(cfg, world_size)
-    if nproc and env.world_size == 1 and nproc > 1:
-        return launch_torchrun(nproc, argv, "finetune")
-    run_finetune(cfg, env)
-    return 0
+    return command_main(argv, "finetune", lambda args: parse_args(expand_shortcuts(args), FinetuneConfig()),
+                        validate, run_finetune)
 
 
 def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
@@ -128,14 +121,9 @@ class FinetuneRun:
 
 def run_finetune(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:
     """One process, or one rank of a data-parallel run started by torchrun."""
-    env = env or DistEnv()
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and env.world_size > 1:
-        device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    dp = start_data_parallel(env, cfg.parallel.data_parallel, device, cfg.parallel.timeout_s)
-    with distributed_run(dp):
-        return _run_finetune(cfg, dp, device)
+    p = cfg.parallel
+    return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
+                        lambda dp, device: _run_finetune(cfg, dp, device))
 
 
 def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -> FinetuneRun:

@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from cybertron.parallel.runtime import DistEnv, init_distributed
 from cybertron.train.trainer import Collectives
 
 MODES = ("ddp", "zero3")
+T = TypeVar("T")
 
 
 @dataclass
@@ -151,3 +153,18 @@ def distributed_run(dp: DataParallel):
         dp.shutdown(clean=False)
         raise
     dp.shutdown()
+
+
+def run_on_ranks(env: DistEnv, device_name: str, mode: str, timeout_s: int,
+                 body: Callable[[DataParallel, torch.device], T]) -> T:
+    """Run `body` on this rank: its device (cuda:LOCAL_RANK under torchrun), the process group joined when
+    there are several ranks, and torn down afterwards."""
+    from cybertron.train.precision import resolve_device
+
+    device = resolve_device(device_name)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    dp = start_data_parallel(env, mode, device, timeout_s)
+    with distributed_run(dp):
+        return body(dp, device)

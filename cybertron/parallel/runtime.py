@@ -4,9 +4,10 @@ against the config, process-group and mesh setup / teardown, and `--nproc` (whic
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -118,3 +119,19 @@ def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
         rest.append(arg)
         i += 1
     return nproc, rest
+
+
+def command_main(argv: list[str], command: str, parse: Callable[[list[str]], Any],
+                 validate: Callable[[Any, int], None], run: Callable[[Any, DistEnv], Any]) -> int:
+    """What every training command's main does: read torchrun's environment, take `--nproc N` out, parse and
+    validate the config against the world size it will run on (before any process starts), then either start
+    N local ranks with torchrun (which re-enter here) or run this rank."""
+    env = DistEnv.from_environ()  # torchrun's variables, read once here
+    nproc, argv = pop_nproc(argv)
+    cfg = parse(argv)
+    world_size = nproc if nproc and env.world_size == 1 else env.world_size
+    validate(cfg, world_size)
+    if nproc and env.world_size == 1 and nproc > 1:
+        return launch_torchrun(nproc, argv, command)
+    run(cfg, env)
+    return 0

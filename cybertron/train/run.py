@@ -34,10 +34,9 @@ from cybertron.models.presets import preset_config
 from cybertron.parallel.dims import dp_mesh
 from cybertron.parallel.runtime import (
     DistEnv,
+    command_main,
     init_distributed,
-    launch_torchrun,
     layout_dims,
-    pop_nproc,
     shutdown_distributed,
 )
 from cybertron.train import checkpoint as ckpt_io
@@ -59,15 +58,7 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text(TrainConfig(), "train") + "\n--nproc N: start N local ranks with torchrun")
         return 0
-    env = DistEnv.from_environ()  # torchrun's variables, read once here
-    nproc, argv = pop_nproc(argv)
-    cfg = parse_args(argv, TrainConfig())
-    world_size = nproc if nproc and env.world_size == 1 else env.world_size
-    validate(cfg, world_size)
-    if nproc and env.world_size == 1 and nproc > 1:
-        return launch_torchrun(nproc, argv)
-    run_training(cfg, env)
-    return 0
+    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig()), validate, run_training)
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:

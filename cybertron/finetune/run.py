@@ -82,9 +82,13 @@ def build_finetune_model(base_dir: Path, method: MethodSection, device: torch.de
     model = load_base_model(base_dir, device=device, dtype=dtype)
     head: list[nn.Parameter] = []
     if wrap is not None:
-        base_params = {id(p) for p in model.parameters()}
+        # Compared by identity with the base's parameters held alive: a dropped one (the reward model's
+        # vocabulary head) freed here could hand its id() to a new parameter, which then passed for frozen
+        # base weight on some runs and not others.
+        base_params = list(model.parameters())
         model = wrap(model)
-        head = [p for p in model.parameters() if id(p) not in base_params]
+        head = [p for p in model.parameters() if not any(p is q for q in base_params)]
+        del base_params
         for p in head:
             p.data = p.data.float()
     if method.method == "full":

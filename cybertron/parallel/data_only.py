@@ -94,8 +94,7 @@ class DataParallel:
         if transformer is model:
             return apply_fsdp(model, dp_mesh(self.mesh), reshard_after_forward=True)
         # A wrapper (the reward model's score head): the blocks, the head and the wrapper (embedding, final
-        # norm) are units under one root. (With the inner Transformer as a second root, its unit held only
-        # frozen weights under LoRA, and the head's gradient was not reduced: 2x the gradient norm.)
+        # norm) are units under one root.
         for block in transformer.layers.values():
             fully_shard(block, mesh=dp_mesh(self.mesh), reshard_after_forward=True)
         for child in model.children():
@@ -106,8 +105,8 @@ class DataParallel:
         return model
 
     def _widest_dim(self, param: nn.Parameter) -> Shard | None:
-        # A scalar head's weight is (1, dim): split on dim 0 one rank would hold nothing, and gloo then saw
-        # all-gathers of different sizes (a collective mismatch). Split it along its columns instead.
+        # A scalar head's weight is (1, dim): split on dim 0, every rank but one would hold an empty shard;
+        # split along its columns, each holds an equal part.
         return Shard(1) if param.dim() == 2 and param.shape[0] < self.size else None
 
     def collectives(self) -> Collectives:

@@ -38,7 +38,8 @@ def prefs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method, weights, layout", [("dpo", "lora", "ddp"), ("dpo", "full", "zero3"),
-                                                     ("reward", "lora", "ddp"), ("reward", "full", "zero3")])
+                                                     ("reward", "lora", "ddp"), ("reward", "lora", "zero3"),
+                                                     ("reward", "full", "zero3")])
 def test_preference_methods_match_one_process(prefs, tmp_path, method, weights, layout):
     hf, data = prefs
     args = ["align", "--method", method, "--model", str(hf), "--data", str(data), "--weights", weights,
@@ -82,7 +83,7 @@ def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path)
 
     hf, data = prefs
     base = ["align", "--model", str(hf), "--data", str(data), "--out", str(tmp_path / "x"), "--nproc", "2"]
-    assert cli_main([*base, "--method", "reward", "--parallel.data_parallel", "zero3"]) == 2
+    assert cli_main([*base, "--method", "grpo", "--reward", "r.py:f", "--parallel.data_parallel", "zero3"]) == 2
     assert cli_main([*base, "--train.global_batch_size", "7"]) == 2
     assert cli_main([*base, "--parallel.data_parallel", "zero1"]) == 2
     assert not (tmp_path / "x").exists()

@@ -127,9 +127,9 @@ def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> Alig
         setup.update(_grpo_model_state(cfg, model, tokenizer, device, seq_len, dp.size))
     elif getattr(setup["step"], "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
-        setup["train"] = reference_logprobs(model, setup["train"], micro, device, amp)
+        setup["train"] = _shared_reference(dp, model, setup["train"], micro, device, amp)
         if setup["val"] is not None:
-            setup["val"] = reference_logprobs(model, setup["val"], micro, device, amp)
+            setup["val"] = _shared_reference(dp, model, setup["val"], micro, device, amp)
     trained = dp.wrap(model, lambda m: m.model if isinstance(m, RewardModel) else m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
@@ -152,6 +152,20 @@ def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> Alig
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: loop(run, start_step))
     return run
+
+
+def _shared_reference(dp: DataParallel, model: nn.Module, rows: Batch, micro: int, device: torch.device,
+                      amp: Callable) -> Batch:
+    """Reference log-probabilities of every pair, each rank computing a share and all of them gathering the
+    rest (the same values as one process: the model is not wrapped yet, so no rank waits on another)."""
+    n = rows["chosen_ids"].shape[0]
+    mine = dp.row_share(n)
+    if mine.start == mine.stop:  # more ranks than pairs: nothing to compute here, only to gather
+        part = {"ref_chosen": torch.zeros(0), "ref_rejected": torch.zeros(0)}
+    else:
+        part = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp)
+    return {**rows, "ref_chosen": dp.gather_rows(part["ref_chosen"], n),
+            "ref_rejected": dp.gather_rows(part["ref_rejected"], n)}
 
 
 def _record_alignment(run_dir: Path, cfg: AlignConfig) -> None:

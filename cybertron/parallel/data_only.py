@@ -40,6 +40,7 @@ class DataParallel:
     env: DistEnv
     mode: str = "ddp"
     mesh: DeviceMesh | None = None
+    device: torch.device = torch.device("cpu")  # where collectives take their tensors (CUDA under NCCL)
 
     @property
     def size(self) -> int:
@@ -73,6 +74,22 @@ class DataParallel:
         """This rank's contiguous share of n global rows (n is a multiple of the world size)."""
         per_rank = n // self.size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def row_share(self, n: int) -> slice:
+        """This rank's contiguous share of n rows for work split over ranks (the last shares may be short)."""
+        per_rank = -(-n // self.size)
+        return slice(min(self.rank * per_rank, n), min((self.rank + 1) * per_rank, n))
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's `row_share(n)` of a per-row tensor (on CPU), concatenated in rank order: (n, ...)."""
+        if not self.is_distributed:
+            return local
+        per_rank = -(-n // self.size)
+        padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=self.device)
+        padded[:len(local)] = local.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:n].cpu()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.is_distributed:
@@ -137,9 +154,9 @@ def validate_data_parallel(mode: str, world_size: int, global_batch: int, micro_
 def start_data_parallel(env: DistEnv, mode: str, device: torch.device, timeout_s: int) -> DataParallel:
     """Join the process group (gloo on CPU, NCCL on CUDA) when torchrun started several ranks."""
     if env.world_size == 1:
-        return DataParallel(env, mode)
+        return DataParallel(env, mode, device=device)
     dims = ParallelDims.resolve(env.world_size, data_parallel=mode)
-    return DataParallel(env, mode, init_distributed(env, dims, device, timeout_s))
+    return DataParallel(env, mode, init_distributed(env, dims, device, timeout_s), device)
 
 
 @contextlib.contextmanager

@@ -45,10 +45,10 @@ from cybertron.finetune.base import read_base
 from cybertron.finetune.config import expand_shortcuts
 from cybertron.finetune.lora import count_params
 from cybertron.finetune.run import (
-    AUTO_MAX_SEQ_LEN,
     FINETUNE_FILE,
     base_dtype,
     build_finetune_model,
+    resolve_seq_len,
     saved_module,
     write_run_files,
 )
@@ -108,10 +108,7 @@ def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> Alig
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base_dir = Path(cfg.model.path)
     model_cfg, tokenizer = read_base(base_dir)
-    seq_len = cfg.data.seq_len or min(model_cfg.max_seq_len, AUTO_MAX_SEQ_LEN)
-    if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} is above the model's maximum sequence length "
-                          f"{model_cfg.max_seq_len}")
+    seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
     if method == "grpo":

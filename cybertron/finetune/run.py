@@ -63,6 +63,15 @@ def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
     return model_cfg, tokenizer
 
 
+def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
+    """data.seq_len, where 0 means the model's context capped at AUTO_MAX_SEQ_LEN; never above the context."""
+    seq_len = requested or min(model_cfg.max_seq_len, AUTO_MAX_SEQ_LEN)
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} is above the model's maximum sequence length "
+                          f"{model_cfg.max_seq_len}")
+    return seq_len
+
+
 def base_dtype(name: str, compute: str, method: str) -> torch.dtype:
     """A frozen base may be stored in bf16 when the forward runs under bf16 autocast anyway: half the memory
     (a 8B base: 16 GB instead of 32). Trained weights and adapters stay fp32."""
@@ -136,10 +145,7 @@ def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base_dir = Path(cfg.model.path)
     model_cfg, tokenizer = check_model_dir(base_dir)
-    seq_len = cfg.data.seq_len or min(model_cfg.max_seq_len, AUTO_MAX_SEQ_LEN)
-    if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} is above the model's maximum sequence length "
-                          f"{model_cfg.max_seq_len}")
+    seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     t = cfg.train
     data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
     model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,

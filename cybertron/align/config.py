@@ -47,6 +47,8 @@ class AlignSection:
     group_size: int = opt(8, "grpo: completions sampled per prompt (advantages are relative within a group); "
                              "train.global_batch_size and train.micro_batch_size count prompts")
     max_new_tokens: int = opt(128, "grpo: most tokens per completion")
+    stop: str = opt("", "grpo: a string that ends a completion besides the end-of-text token (e.g. \"\\n\" in "
+                        "TOML; backslash escapes such as \\n work on the command line too)")
     temperature: float = opt(1.0, "grpo: sampling temperature of the rollouts")
     top_p: float = opt(1.0, "grpo: nucleus sampling of the rollouts (1 = off)")
     kl_coef: float = opt(0.04, "grpo: weight of the KL penalty to the reference (0 = no reference is kept)")

@@ -38,7 +38,8 @@ def request_seed(seed: int, step: int, index: int) -> int:
 
 
 def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: int, max_new_tokens: int,
-                      temperature: float, top_p: float, seed: int, step: int, first_prompt: int = 0) -> list[Result]:
+                      temperature: float, top_p: float, seed: int, step: int, first_prompt: int = 0,
+                      stop: tuple[str, ...] = ()) -> list[Result]:
     """group_size sampled completions per prompt (prompt-major order), run as one continuous batch.
     `first_prompt` is the global position of prompts[0] in the step's batch: a data-parallel rank samples
     exactly what one process would for the same prompts."""
@@ -47,8 +48,16 @@ def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: i
         for g in range(group_size):
             requests.append(record.ids)
             params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                         seed=request_seed(seed, step, p * group_size + g), logprobs=True))
+                                         seed=request_seed(seed, step, p * group_size + g), logprobs=True,
+                                         stop=stop))
     return engine.generate(requests, params)
+
+
+def decode_escapes(text: str) -> str:
+    """Backslash escapes typed on a command line (`\\n`, `\\t`, `\\u00e9`) as the characters they name."""
+    if "\\" not in text:
+        return text
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:

@@ -26,6 +26,7 @@ from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, 
 from cybertron.align.grpo import (
     GRPOStep,
     RolloutStats,
+    decode_escapes,
     generate_rollouts,
     group_advantages,
     rollout_rows,
@@ -311,7 +312,8 @@ def sample_and_score(run: AlignRun, step: int, records: list, group_size: int, t
     try:
         with run.trainer.autocast():
             results = generate_rollouts(run.extra["engine"], records, group_size, a.max_new_tokens, temperature,
-                                        a.top_p, c.train.seed, step, first_prompt)
+                                        a.top_p, c.train.seed, step, first_prompt,
+                                        (decode_escapes(a.stop),) if a.stop else ())
     finally:
         run.model.train()
     seconds = time.perf_counter() - start

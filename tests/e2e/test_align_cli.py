@@ -154,3 +154,16 @@ def test_bad_preference_data_is_one_line_with_its_location(sft_run, tmp_path):
     assert result.stderr.strip() == f"error: {bad}:1: 'chosen' and 'rejected' are identical, so the pair states " \
                                     "no preference"
     assert not (tmp_path / "r").exists()  # nothing written for a run that could not start
+
+
+def test_grpo_stop_string_ends_completions(arithmetic, tmp_path):
+    out = tmp_path / "stop"
+    result = _cli(_grpo_args(arithmetic, out, "--steps", "2", "--align.max_new_tokens", "8", "--align.stop", "\\n"))
+    assert result.returncode == 0, result.stderr
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    # "a+b=" is answered by a digit and a newline: without the stop every completion would run to 8 tokens.
+    assert all(r["completion_len"] < 4 and r["truncated"] < 0.5 for r in steps)
+    import tomllib
+
+    saved = tomllib.loads((out / "config.toml").read_text())["align"]["stop"]
+    assert saved == "\\n"  # what was typed; the run decodes it (a TOML file may hold "\n" itself)

@@ -38,3 +38,15 @@ def test_align_configs_parse_and_validate(name, method):
     assert cfg.align.method == method
     cfg.model.path, cfg.data.path, cfg.align.reward = "m", "d.jsonl", "r.py:f"
     validate(cfg)  # the shipped values pass every check
+
+
+def test_resolved_config_round_trips_strings_with_newlines_and_quotes(tmp_path):
+    from cybertron.align.config import AlignConfig
+    from cybertron.config import to_toml
+
+    cfg = AlignConfig()
+    cfg.align.stop, cfg.model.path = "\n", 'dir with "quotes" \\ and é'
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    again = AlignConfig()
+    apply_toml(again, tmp_path / "c.toml")
+    assert again == cfg

@@ -132,7 +132,7 @@ def timed_train_step(timeline: Timeline) -> Iterator[None]:
 
 def run_cybertron(args: argparse.Namespace, model_dir: Path, data: Path, seq_len: int, out: Path) -> Timeline:
     from cybertron.align.config import AlignConfig, validate
-    from cybertron.align.run import run_align
+    from cybertron.commands.align import run as run_align
 
     cfg = AlignConfig()
     cfg.model.path, cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction = str(model_dir), str(data), seq_len, 0.0

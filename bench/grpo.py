@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # cybertron and tests/ from this checkout
+sys.path.insert(0, str(ROOT))  # cybertron from this checkout
 WORDS = ("the cat dog sat on mat red blue green one two three what is color of sky sea grass "
          "hello hi thanks yes no please tell me a story about small big").split()
 # The CPU default: big enough that generation and training both cost something, small enough for 2 cores.
@@ -72,12 +72,36 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+# The tokenizer of tests/unit/finetune/tiny_hf.py (bench/ does not import tests/): a byte-level BPE of 384 tokens
+# trained on sentences of WORDS, with ChatML's special tokens and template.
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>"]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def write_tokenizer(out: Path, vocab_size: int = 384) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 16, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)], trainer)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "bos_token": None, "chat_template": CHATML}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def make_model_dir(out: Path, shape: str, seed: int = 0) -> Path:
     """A random-weight Hugging Face directory (config.json, safetensors, tokenizer.json) of `shape`."""
     from cybertron.models.hf import save_hf_model
     from cybertron.models.llama import build_model
     from cybertron.models.presets import preset_config
-    from tests.unit.finetune.tiny_hf import write_tokenizer
 
     cfg = preset_config(shape) if shape else preset_config("tiny", **SMALL)
     model = build_model(cfg, device="cpu", seed=seed)
@@ -148,7 +172,7 @@ def instrumented(clock: StepClock) -> Iterator[None]:
 def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
     """Run `cybertron align --method grpo` through run_align; (its per-step metrics records, the clock's)."""
     from cybertron.align.config import AlignConfig, validate
-    from cybertron.align.run import run_align
+    from cybertron.commands.align import run as run_align
     from cybertron.train.precision import resolve_device
 
     model_dir = make_model_dir(work / "model", args.shape)

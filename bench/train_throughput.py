@@ -7,7 +7,7 @@ torchtitan 0.2.2), same shape, same batch, same AdamW, in one benchmark run on t
     python bench/train_throughput.py --shape llama3-1b --batch 4 --seq 2048 --loss-curve 300
 
 cybertron runs as `cybertron train` builds it: a TrainConfig (model.preset = --shape, data.seq_len,
-train.global_batch_size, train.compile, train.fp8) through train/run.py's build_model_config, build_weights
+train.global_batch_size, train.compile, train.fp8) through pretrain.py's build_model_config, build_weights
 and build_trainer. Each side is measured eager and with torch.compile (cybertron: `train.compile`, forward +
 loss; transformers: torch.compile of the model, its fastest documented setup; torchtitan: --compile.enable,
 per-block model + loss). --fp8 adds `cybertron+compile+fp8-RECIPE` (torchao float8, train.fp8) and, with
@@ -44,11 +44,7 @@ from cybertron.config import TrainConfig
 from cybertron.models.hf import config_to_hf
 from cybertron.models.presets import preset_config
 from cybertron.parallel.runtime import layout_dims
-from cybertron.train.float8 import FP8_RECIPES, float8_support_error
-from cybertron.train.metrics import device_peak_flops, flops_per_token
-from cybertron.train.optim import build_optimizer
-from cybertron.train.precision import autocast, resolve_dtype
-from cybertron.train.run import (
+from cybertron.pretrain import (
     build_data,
     build_model_config,
     build_trainer,
@@ -56,6 +52,10 @@ from cybertron.train.run import (
     split_micro_batches,
     validate,
 )
+from cybertron.train.float8 import FP8_RECIPES, float8_support_error
+from cybertron.train.metrics import device_peak_flops, flops_per_token
+from cybertron.train.optim import build_optimizer
+from cybertron.train.precision import autocast, resolve_dtype
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 BENCH = Path(__file__).resolve().parent
@@ -135,7 +135,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def build_cybertron(cfg: TrainConfig):
-    """(trainer, model config) exactly as train/run.py builds them on one process."""
+    """(trainer, model config) exactly as pretrain.py builds them on one process."""
     check_config(cfg)
     device = torch.device(cfg.train.device)
     dtype_name = resolve_dtype(cfg.train.dtype, device)

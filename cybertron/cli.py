@@ -1,5 +1,5 @@
-"""One entry point: `cybertron <command> ...`. Each command's own module parses its flags; this file only
-dispatches and turns user errors into one clear line and exit code 2 (no traceback)."""
+"""One entry point: `cybertron <command> ...`. Each command's module (cybertron/commands/<command>.py) parses its
+flags; this file only dispatches and turns user errors into one clear line and exit code 2 (no traceback)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import sys
 
 from cybertron.errors import UserError
 
-# command -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("cybertron.train.run", "main", "pretrain a model (default: the tiny preset on the stdlib corpus)"),
-    "generate": ("cybertron.serve.generate_cli", "main", "sample text from a run directory or HF model"),
-    "finetune": ("cybertron.finetune.run", "main", "fine-tune an HF model on chat data (full, lora, dora, qlora)"),
-    "align": ("cybertron.align.run", "main", "align a model: dpo, ipo, simpo, orpo, reward model, grpo"),
-    "export": ("cybertron.finetune.convert", "export_main", "write a run as an HF directory (--merge adapters)"),
-    "convert": ("cybertron.finetune.convert", "main", "HF directory <-> run directory (--from-hf / --to)"),
-    "serve": ("cybertron.serve.server", "main", "OpenAI-compatible HTTP server"),
+# command -> one-line help; `cybertron.commands.<command>.main(argv: list[str]) -> int` runs it.
+COMMANDS: dict[str, str] = {
+    "train": "pretrain a model (default: the tiny preset on the stdlib corpus)",
+    "generate": "sample text from a run directory or HF model",
+    "finetune": "fine-tune an HF model on chat data (full, lora, dora, qlora)",
+    "align": "align a model: dpo, ipo, simpo, orpo, reward model, grpo",
+    "export": "write a run as an HF directory (--merge adapters)",
+    "convert": "HF directory <-> run directory (--from-hf / --to)",
+    "serve": "OpenAI-compatible HTTP server",
 }
 
 
 def _usage() -> str:
     lines = ["usage: cybertron <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, help_ in COMMANDS.items()]
     lines += ["", "`cybertron <command> --help` lists the options of a command."]
     return "\n".join(lines)
 
@@ -41,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module_name, func_name, _ = COMMANDS[name]
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        command = importlib.import_module(f"cybertron.commands.{name}")
+        return int(command.main(rest) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

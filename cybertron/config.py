@@ -3,6 +3,7 @@ overrides. Every key is validated; an unknown key is named with the closest vali
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cybertron.errors import ConfigError
+from cybertron.errors import ConfigError, UserError
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - `help` reads best at call sites
@@ -331,3 +332,11 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands with plain flags (generate, serve, convert, export): raises UserError instead
+    of exiting, so the CLI reports bad flags in its one format."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")

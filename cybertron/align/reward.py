@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from cybertron.align.losses import bradley_terry_loss
-from cybertron.errors import CheckpointError
 from cybertron.models.llama import Transformer
 from cybertron.train.trainer import Batch
 
-HEAD = "reward"  # finetune.json "head" of a reward-model run
+HEAD = "reward"  # the run metadata's "head" of a reward-model run (runs.py)
 
 
 class RewardModel(nn.Module):
@@ -85,40 +84,6 @@ class RewardModelScorer:
             lengths = torch.tensor([len(s) for s in chunk], device=self.device)
             scores += self.model.sequence_scores(ids, lengths).tolist()
         return scores
-
-
-def is_reward_run(path: Path) -> bool:
-    meta = Path(path) / "finetune.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("head") == HEAD
-
-
-def load_reward_model(run_dir: Path, device: torch.device | str = "cpu") -> RewardModel:
-    """The reward model of a `cybertron align --method reward` run (newest checkpoint), in eval mode."""
-    from cybertron.finetune.loading import method_from_meta, read_finetune_meta
-    from cybertron.finetune.lora import trainable_view
-    from cybertron.finetune.run import build_finetune_model
-    from cybertron.train.checkpoint import load_checkpoint, read_model_config, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(Path(run_dir))
-    run_dir = ckpt.parent.parent
-    meta = read_finetune_meta(run_dir)
-    if meta is None or meta.get("head") != HEAD:
-        raise CheckpointError(f"{run_dir} is not a reward-model run (`cybertron align --method reward`)")
-    device = torch.device(device)
-    if meta["method"] == "full":  # the checkpoint holds every weight: build empty, then load
-        with torch.device("meta"):
-            model = RewardModel(Transformer(read_model_config(ckpt)))
-        model.to_empty(device=device)
-        model.model.tie_weights()
-        load_checkpoint(ckpt, model, None)
-    else:
-        base = Path(meta["base_model"])
-        if not base.is_dir():
-            raise CheckpointError(f"the base model {base} of reward run {run_dir} is gone; its checkpoints hold "
-                                  "adapters and the score head only")
-        model = build_finetune_model(base, method_from_meta(meta), device, seed=0, wrap=RewardModel)
-        load_checkpoint(ckpt, trainable_view(model), None)
-    return model.eval()
 
 
 def save_reward_hf(model: RewardModel, out_dir: Path, pad_token_id: int | None,

@@ -19,7 +19,11 @@ from typing import Any, Protocol
 
 import torch
 
+from cybertron.align.reward import RewardModel, RewardModelScorer
 from cybertron.errors import UserError
+
+# (run directory, device) -> the reward model of a `cybertron align --method reward` run, in eval mode.
+RewardModelLoader = Callable[[Path, torch.device], RewardModel]
 
 
 class RewardError(UserError):
@@ -119,13 +123,11 @@ def load_reward_function(spec: str) -> FunctionReward:
     return FunctionReward(fn, spec)
 
 
-def load_reward(spec: str, device: torch.device) -> RewardSource:
-    """A reward function (FILE.py:FUNCTION) or a reward-model run directory."""
-    from cybertron.align.reward import RewardModelScorer, is_reward_run, load_reward_model
-
+def load_reward(spec: str, device: torch.device, reward_model: RewardModelLoader | None = None) -> RewardSource:
+    """A reward function (FILE.py:FUNCTION) or a reward-model run directory, which `reward_model` loads (runs.py
+    reads run directories: the align command passes its loader, which refuses a run that is no reward model)."""
     if Path(spec).is_dir():
-        if not is_reward_run(Path(spec)):
-            raise UserError(f"align.reward: {spec} is a directory but not a reward-model run "
-                            "(`cybertron align --method reward`)")
-        return ModelReward(RewardModelScorer(load_reward_model(Path(spec), device)), spec)
+        if reward_model is None:
+            raise UserError(f"align.reward: {spec} is a directory; a reward-model run is loaded by `cybertron align`")
+        return ModelReward(RewardModelScorer(reward_model(Path(spec), device)), spec)
     return load_reward_function(spec)

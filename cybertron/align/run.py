@@ -1,17 +1,17 @@
-"""`cybertron align`: preference optimisation, reward models and GRPO on the one Trainer.
+"""Alignment (`cybertron align`): preference optimisation, reward models and GRPO on the one Trainer.
 
     cybertron align --method dpo    --model HF_OR_RUN_DIR --data prefs.jsonl   [--weights lora|full|...]
     cybertron align --method reward --model HF_OR_RUN_DIR --data prefs.jsonl
     cybertron align --method grpo   --model HF_OR_RUN_DIR --data prompts.jsonl --reward FILE.py:FUNCTION
 
 The methods differ by step function and data only (ARCHITECTURE.md rule 6): the loop, the optimizer,
-checkpoints (adapters alone under LoRA), resume and logging are those of `cybertron finetune`.
+checkpoints (adapters alone under LoRA), resume and logging are those of `cybertron finetune`. The command
+(cybertron/commands/align.py) opens the base (and a reward-model run) through runs.py and hands it here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cybertron.align.config import SHORTCUTS, AlignConfig, validate
+from cybertron.align.config import AlignConfig
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo import (
     GRPOStep,
@@ -36,45 +36,27 @@ from cybertron.align.grpo import (
     token_logprobs,
 )
 from cybertron.align.preference_data import build_preference_data, read_prompts, split
-from cybertron.align.reward import HEAD, RewardModel, RewardStep
-from cybertron.align.rewards import load_reward
-from cybertron.config import help_text, parse_args
+from cybertron.align.reward import RewardModel, RewardStep
+from cybertron.align.rewards import RewardModelLoader, load_reward
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
-from cybertron.finetune.base import read_base
-from cybertron.finetune.config import expand_shortcuts
 from cybertron.finetune.lora import count_params
-from cybertron.finetune.run import (
-    FINETUNE_FILE,
-    base_dtype,
-    build_finetune_model,
-    resolve_seq_len,
-    saved_module,
-    write_run_files,
-)
+from cybertron.finetune.model import BaseModel, base_dtype, build_finetune_model, saved_module
+from cybertron.finetune.run import resolve_seq_len, write_run_files
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
-from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.parallel.runtime import DistEnv
 from cybertron.serve.engine import Engine
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
-from cybertron.train.run import announce_and_run, find_resume_checkpoint, resolve_run_dir
 from cybertron.train.schedule import lr_at
+from cybertron.train.session import RecordRun, announce_and_run, find_resume_checkpoint, resolve_run_dir
 from cybertron.train.trainer import Batch, LoopHooks, StepResult, Trainer, fit, to_device
 
 KV_BLOCK_SIZE = 16
-
-
-def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(AlignConfig(), "align") + "\n--nproc N: start N local ranks with torchrun")
-        print("align shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
-        return 0
-    return command_main(argv, "align", lambda args: parse_args(expand_shortcuts(args, SHORTCUTS), AlignConfig()),
-                        validate, run_align)
 
 
 @dataclass
@@ -94,31 +76,34 @@ class AlignRun:
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific state (data, engine, reward)
 
 
-def run_align(cfg: AlignConfig, env: DistEnv | None = None) -> AlignRun:
-    """One process, or one rank of a data-parallel run started by torchrun."""
+def run_align(cfg: AlignConfig, base: BaseModel, record_run: RecordRun, env: DistEnv | None = None,
+              reward_model: RewardModelLoader | None = None) -> AlignRun:
+    """One process, or one rank of a data-parallel run started by torchrun: align `base` (its weights are
+    loaded on this rank's device); `record_run` writes the run's metadata; `reward_model` loads a reward-model
+    run given as align.reward."""
     p = cfg.parallel
     return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
-                        lambda dp, device: _run_align(cfg, dp, device))
+                        lambda dp, device: _run_align(cfg, base, record_run, reward_model, dp, device))
 
 
-def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> AlignRun:
+def _run_align(cfg: AlignConfig, base: BaseModel, record_run: RecordRun, reward_model: RewardModelLoader | None,
+               dp: DataParallel, device: torch.device) -> AlignRun:
     """Build everything (data and reference log-probabilities first, so bad input fails before training),
     resume if asked, and run the method's loop."""
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
-    base_dir = Path(cfg.model.path)
-    model_cfg, tokenizer = read_base(base_dir)
+    model_cfg, tokenizer = base.config, base.tokenizer
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
-    if method == "grpo":
-        setup = _grpo_setup(cfg, tokenizer, seq_len, device)  # prompts and the reward before the model
+    if method == "grpo":  # prompts and the reward before the model
+        setup = _grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
     else:
         setup = _preference_setup(cfg, tokenizer, seq_len)
-    wrap = (lambda base: RewardModel(base, seed=t.seed)) if method == "reward" else None
-    model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,
-                                 base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method), wrap=wrap)
+    wrap = (lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward" else None
+    weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
+    model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
     # data-parallel wrapping (every rank computes the same values, with no communication).
     if method == "grpo":
@@ -140,8 +125,8 @@ def _run_align(cfg: AlignConfig, dp: DataParallel, device: torch.device) -> Alig
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
     if dp.is_main:
-        write_run_files(run_dir, cfg, base_dir)
-        _record_alignment(run_dir, cfg)
+        write_run_files(run_dir, cfg, base.path)
+        record_run(run_dir)
     display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
     run = AlignRun(cfg, run_dir, device, model_cfg, tokenizer, model, trainer, loader, logger, display,
@@ -164,17 +149,6 @@ def _shared_reference(dp: DataParallel, model: nn.Module, rows: Batch, micro: in
         part = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp)
     return {**rows, "ref_chosen": dp.gather_rows(part["ref_chosen"], n),
             "ref_rejected": dp.gather_rows(part["ref_rejected"], n)}
-
-
-def _record_alignment(run_dir: Path, cfg: AlignConfig) -> None:
-    """finetune.json (written by write_run_files) gains the alignment method, and `head` for reward models:
-    generate/serve/export and GRPO's --reward read it to rebuild the right module."""
-    path = run_dir / FINETUNE_FILE
-    meta = json.loads(path.read_text())
-    meta["align_method"] = cfg.align.method
-    if cfg.align.method == "reward":
-        meta["head"] = HEAD
-    path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def describe_run(run: AlignRun) -> str:
@@ -266,7 +240,8 @@ def preference_loop(run: AlignRun, start_step: int) -> None:
 
 # ---- grpo -----------------------------------------------------------------------------------------------
 
-def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device: torch.device) -> dict[str, Any]:
+def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device: torch.device,
+                reward_model: RewardModelLoader | None) -> dict[str, Any]:
     a = cfg.align
     if a.max_new_tokens >= seq_len:
         raise ConfigError(f"align.max_new_tokens ({a.max_new_tokens}) leaves no room for a prompt in "
@@ -274,7 +249,7 @@ def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device
     max_prompt = seq_len - a.max_new_tokens
     prompts, skipped = read_prompts(cfg.data.path, tokenizer, max_prompt)
     train, val = split(prompts, cfg.data.val_fraction, cfg.train.seed)
-    reward = load_reward(a.reward, device)
+    reward = load_reward(a.reward, device, reward_model)
     step = GRPOStep(a.clip_eps, a.kl_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
     describe = (f"{len(prompts)} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} train / "
                 f"{len(val)} val; {cfg.train.global_batch_size} prompts x {a.group_size} completions per rollout; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,9 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers versions save the template here
 ENDOFTEXT = "<|endoftext|>"
+# Files of an HF directory that describe its tokenizer; copied into run dirs and exported directories.
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE,
+                   "generation_config.json")
 # Without a tokenizer_config.json, eos/bos are recognised by the names the common model families use.
 COMMON_EOS_TOKENS = (ENDOFTEXT, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 COMMON_BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>")
@@ -120,6 +124,14 @@ class TextTokenizer:
         bos = _special_token(config, "bos_token") if config else _first_present(tokenizer, COMMON_BOS_TOKENS)
         return cls(tokenizer, eos_token=eos, bos_token=bos, pad_token=_special_token(config, "pad_token"),
                    chat_template=_chat_template(config, file.parent), name=str(file))
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files `src` has (TOKENIZER_FILES) into `dst`, created if needed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
+            shutil.copyfile(src / name, dst / name)
 
 
 def _require_token_id(tokenizer: Tokenizer, token: str, name: str) -> int:

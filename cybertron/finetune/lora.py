@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,22 +56,17 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(_kaiming_uniform((rank, self.in_features), generator).to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         self.disabled = False  # True inside `adapters_disabled`: the layer is its base alone
-        self.quantized = False  # set by finetune.quant when the base weight is stored in NF4
+        # finetune.quant stores the base weight in NF4 and sets its matmul here (this module never imports it)
+        self.quantized = False
+        self.base_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
         self.magnitude = nn.Parameter(self.weight.detach().float().norm(dim=1)) if dora else None
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a plain tensor (dequantized when stored in NF4)."""
         return self.weight.to(self.lora_A.dtype) if self.quantized else self.weight
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized:
-            from cybertron.finetune.quant import nf4_linear
-
-            return nf4_linear(x, self.weight)
-        return F.linear(x, self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self._base(x)
+        base = self.base_linear(x, self.weight)
         if not self.disabled:
             a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
             lora = F.linear(F.linear(self.dropout(x), a), b) * self.scale

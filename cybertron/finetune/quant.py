@@ -69,6 +69,7 @@ def quantize_base_(model: nn.Module, block_size: int = DEFAULT_BLOCK_SIZE) -> in
         if not module.quantized:
             module.weight = nn.Parameter(to_nf4(module.weight, block_size), requires_grad=False)
             module.quantized = True
+            module.base_linear = nf4_linear
             count += 1
     return count
 

@@ -1,66 +1,54 @@
-"""`cybertron finetune`: a Hugging Face model directory + chat .jsonl -> a run directory of checkpoints.
+"""Supervised fine-tuning (`cybertron finetune`): a base model + chat .jsonl -> a run directory of checkpoints.
 
     cybertron finetune --model HF_DIR --data chats.jsonl --method lora [--steps N] [--out RUN_DIR]
 
 Methods: full (every weight trains), lora / dora (adapters only; checkpoints hold adapters alone) and qlora
 (LoRA over a base stored in NF4). The loop is the one Trainer with the language-model step: SFT differs
-from pretraining only by its data (packed chat examples whose prompt tokens carry no loss).
+from pretraining only by its data (packed chat examples whose prompt tokens carry no loss). The command
+(cybertron/commands/finetune.py) opens the base through runs.py and hands it here.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cybertron.config import help_text, parse_args, to_toml
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
-from cybertron.data.tokenizer import TextTokenizer
+from cybertron.data.tokenizer import copy_tokenizer_files
 from cybertron.errors import ConfigError, UserError
-from cybertron.finetune.base import load_base_model, read_base
-from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, MethodSection, expand_shortcuts, validate
-from cybertron.finetune.lora import apply_lora, count_params, trainable_view
+from cybertron.finetune.config import FinetuneConfig
+from cybertron.finetune.lora import count_params
+from cybertron.finetune.model import BaseModel, base_dtype, build_finetune_model, saved_module
+from cybertron.finetune.quant import quantized_bits_per_param
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
-from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.parallel.runtime import DistEnv
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
-from cybertron.train.precision import DTYPES, autocast, resolve_dtype
-from cybertron.train.run import announce_and_run, find_resume_checkpoint, resolve_run_dir
+from cybertron.train.precision import autocast, resolve_dtype
 from cybertron.train.schedule import lr_at
+from cybertron.train.session import (
+    RecordRun,
+    announce_and_run,
+    find_resume_checkpoint,
+    resolve_run_dir,
+    write_config,
+)
 from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
 
 AUTO_MAX_SEQ_LEN = 1024  # data.seq_len=0: the model's context, capped (SFT examples are rarely longer)
-FINETUNE_FILE = "finetune.json"  # marks a fine-tuning run dir: method, base model, adapter shape
-# Files of an HF directory that describe its tokenizer; copied into run dirs and exported directories.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
 
-def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
-        print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
-        return 0
-    return command_main(argv, "finetune", lambda args: parse_args(expand_shortcuts(args), FinetuneConfig()),
-                        validate, run_finetune)
-
-
-def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
-    """Everything about the base that can be wrong, checked before any slow work: config, weights,
-    tokenizer with a chat template that fits the vocabulary."""
-    model_cfg, tokenizer = read_base(model_dir)
-    if tokenizer.chat_template is None:
-        raise UserError(f"{model_dir} has no chat template (tokenizer_config.json 'chat_template' or "
+def check_chat_template(base: BaseModel) -> None:
+    """SFT renders examples through the model's own template: refuse a base without one before slow work."""
+    if base.tokenizer.chat_template is None:
+        raise UserError(f"{base.path} has no chat template (tokenizer_config.json 'chat_template' or "
                         "chat_template.jinja); SFT renders examples through the model's own template")
-    return model_cfg, tokenizer
 
 
 def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
@@ -70,51 +58,6 @@ def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
         raise ConfigError(f"data.seq_len={seq_len} is above the model's maximum sequence length "
                           f"{model_cfg.max_seq_len}")
     return seq_len
-
-
-def base_dtype(name: str, compute: str, method: str) -> torch.dtype:
-    """A frozen base may be stored in bf16 when the forward runs under bf16 autocast anyway: half the memory
-    (a 8B base: 16 GB instead of 32). Trained weights and adapters stay fp32."""
-    if name == "auto":
-        name = "bf16" if compute == "bf16" and method != "full" else "fp32"
-    return DTYPES[name]
-
-
-def build_finetune_model(base_dir: Path, method: MethodSection, device: torch.device, seed: int,
-                         dtype: torch.dtype = torch.float32,
-                         wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
-    """The base model from `base_dir` (an HF or run directory) with the method applied: adapters swapped in,
-    the base frozen (and stored in NF4 for qlora). `full` leaves every weight trainable.
-
-    `wrap` puts the base inside a bigger module first (a reward model's scalar head): the parameters it adds
-    are new, so they stay trainable and in fp32 whatever the method."""
-    model = load_base_model(base_dir, device=device, dtype=dtype)
-    head: list[nn.Parameter] = []
-    if wrap is not None:
-        # Compared by identity with the base's parameters held alive: a dropped one (the reward model's
-        # vocabulary head) freed here could hand its id() to a new parameter, which then passed for frozen
-        # base weight on some runs and not others.
-        base_params = list(model.parameters())
-        model = wrap(model)
-        head = [p for p in model.parameters() if not any(p is q for q in base_params)]
-        del base_params
-        for p in head:
-            p.data = p.data.float()
-    if method.method == "full":
-        return model
-    apply_lora(model, method.lora_spec(), seed=seed)
-    for p in head:
-        p.requires_grad_(True)
-    if method.method == "qlora":
-        from cybertron.finetune.quant import quantize_base_
-
-        quantize_base_(model, method.nf4_block_size)
-    return model
-
-
-def saved_module(model: nn.Module, method: str) -> nn.Module:
-    """What a checkpoint holds: the whole model for full fine-tuning, else the trainable adapters alone."""
-    return model if method == "full" else trainable_view(model)
 
 
 @dataclass
@@ -132,24 +75,27 @@ class FinetuneRun:
     dp: DataParallel
 
 
-def run_finetune(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:
-    """One process, or one rank of a data-parallel run started by torchrun."""
+def run_finetune(cfg: FinetuneConfig, base: BaseModel, record_run: RecordRun,
+                 env: DistEnv | None = None) -> FinetuneRun:
+    """One process, or one rank of a data-parallel run started by torchrun: fine-tune `base` (its weights are
+    loaded on this rank's device); `record_run` writes the run's metadata."""
     p = cfg.parallel
     return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
-                        lambda dp, device: _run_finetune(cfg, dp, device))
+                        lambda dp, device: _run_finetune(cfg, base, record_run, dp, device))
 
 
-def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -> FinetuneRun:
+def _run_finetune(cfg: FinetuneConfig, base: BaseModel, record_run: RecordRun, dp: DataParallel,
+                  device: torch.device) -> FinetuneRun:
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
-    base_dir = Path(cfg.model.path)
-    model_cfg, tokenizer = check_model_dir(base_dir)
+    check_chat_template(base)
+    model_cfg, tokenizer = base.config, base.tokenizer
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     t = cfg.train
     data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
-    model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,
-                                 base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
+    weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
+    model = build_finetune_model(weights, cfg.finetune, t.seed)
     trained = dp.wrap(model, lambda m: m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
@@ -166,7 +112,8 @@ def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
     if dp.is_main:
-        write_run_files(run_dir, cfg, base_dir)
+        write_run_files(run_dir, cfg, base.path)
+        record_run(run_dir)
     display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
     run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display, dp)
@@ -176,20 +123,9 @@ def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -
 
 
 def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    f = cfg.finetune
-    meta = {"method": f.method, "base_model": str(base_dir.resolve()), "lora": f.lora_spec().to_dict(),
-            "nf4_block_size": f.nf4_block_size}
-    (run_dir / FINETUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    """config.toml and the base's tokenizer files (with its chat template) next to the checkpoints."""
+    write_config(run_dir, cfg)
     copy_tokenizer_files(base_dir, run_dir)
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
-            shutil.copyfile(src / name, dst / name)
 
 
 def describe_run(run: FinetuneRun) -> str:
@@ -197,8 +133,6 @@ def describe_run(run: FinetuneRun) -> str:
     method = run.cfg.finetune.method
     extra = ""
     if method == "qlora":
-        from cybertron.finetune.quant import quantized_bits_per_param
-
         extra = f"; NF4 base {quantized_bits_per_param(run.model):.2f} bits/weight"
     val = run.data.val["inputs"].shape[0] if run.data.val is not None else 0
     where = (f"{run.dp.size} ranks ({run.cfg.parallel.data_parallel})" if run.dp.is_distributed

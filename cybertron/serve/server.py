@@ -1,4 +1,4 @@
-"""`cybertron serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
+"""An OpenAI-compatible HTTP app over the continuous-batching engine (what `cybertron serve` runs).
 
 Endpoints: /v1/completions and /v1/chat/completions (streaming as server-sent events, or not), /v1/models,
 /health, and Prometheus text at /metrics. Every error is an OpenAI-style body with a 4xx/5xx status and
@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import socket
-import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,12 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from cybertron.data.tokenizer import TextTokenizer
-from cybertron.errors import UserError
 from cybertron.serve.async_engine import AsyncEngine, EngineFailure
 from cybertron.serve.chat import render_chat
 from cybertron.serve.engine import Engine, RequestOutput
 from cybertron.serve.errors import install_error_handlers
-from cybertron.serve.loading import ArgumentParser, add_model_flags, load_model_and_tokenizer, resolve_device
 from cybertron.serve.metrics import render_metrics
 from cybertron.serve.protocol import (
     APIError,
@@ -287,50 +283,3 @@ class APIKeyMiddleware:
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="cybertron serve", description=__doc__.split("\n")[0])
-    add_model_flags(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together at most")
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--model-name", default=None, help="the name clients use (default: the directory's)")
-    return parser
-
-
-def check_listen_address(host: str, port: int) -> None:
-    """UserError if the server could not listen there (port out of range or taken, unknown host)."""
-    if not 0 <= port < 65536:
-        raise UserError(f"--port must be in 0..65535, got {port}")
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind((host, port))
-    except OSError as err:
-        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --host "
-                        "or --port") from err
-
-
-def main(argv: list[str]) -> int:
-    import uvicorn
-
-    args = build_parser().parse_args(argv)
-    for flag in ("max_batch_size", "block_size", "num_blocks"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    check_listen_address(args.host, args.port)  # before minutes of model loading, not after
-    device = resolve_device(args.device)
-    model, tokenizer, name = load_model_and_tokenizer(args.out, args.model, device, args.dtype)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, num_blocks=args.num_blocks,
-                    block_size=args.block_size)
-    app = create_app(engine, tokenizer, args.model_name or name, api_key=args.api_key)
-    print(f"serving {args.model_name or name} on http://{args.host}:{args.port} ({device}, "
-          f"{engine.cache.num_total_blocks} KV blocks of {args.block_size} tokens)", file=sys.stderr,
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0

@@ -210,26 +210,3 @@ def resolve_checkpoint(path: Path) -> Path:
     if ckpt is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (expected {CHECKPOINTS}/step-N/)")
     return ckpt
-
-
-def load_inference_model(run_dir: Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a run directory's newest checkpoint (or a checkpoint directory), in eval mode."""
-    from cybertron.data.tokenizer import TextTokenizer
-    from cybertron.models.llama import Transformer
-
-    ckpt = resolve_checkpoint(Path(run_dir))
-    if (ckpt.parent.parent / "finetune.json").is_file():  # a fine-tuning run: base + adapters, merged
-        from cybertron.finetune.loading import load_finetuned_model
-
-        return load_finetuned_model(ckpt, device)
-    cfg = read_model_config(ckpt)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.tie_weights()
-    load_checkpoint(ckpt, model, None)
-    tok_path = next((p for p in (ckpt.parent.parent / "tokenizer.json", ckpt / "tokenizer.json") if p.is_file()),
-                    None)
-    if tok_path is None:
-        raise CheckpointError(f"no tokenizer.json next to checkpoint {ckpt}")
-    return model.eval(), TextTokenizer.load(tok_path)

@@ -60,10 +60,10 @@ def test_torchrun_fsdp_x_tp_matches_single_process(args, single, tmp_path):
     hf = tmp_path / "hf"
     _run(["convert", "--out", str(out), "--to", str(hf)])
     from cybertron.models.hf import load_hf_model
-    from cybertron.train.checkpoint import load_inference_model
+    from cybertron.runs import load_run
 
     exported = load_hf_model(hf).state_dict()
-    reference, _ = load_inference_model(single)
+    reference = load_run(single).model
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0)
 

@@ -9,7 +9,7 @@ import pytest
 
 from cybertron.config import TrainConfig, parse_args
 from cybertron.errors import ConfigError
-from cybertron.train.run import validate
+from cybertron.pretrain import validate
 from tests.conftest import cli_env
 
 BASE = ["--model.preset", "debug", "--data.vocab_size", "256", "--train.global_batch_size", "16"]

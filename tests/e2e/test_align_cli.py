@@ -83,7 +83,7 @@ def test_grpo_raises_the_reward_with_generator_and_trainer_logprobs_equal(arithm
     assert late > early + 0.15, (early, late)
     assert max(r["logprob_gap"] for r in steps) < 1e-5
     assert all(0 < r["generate_share"] < 1 and r["rollout_tokens_per_s"] > 0 for r in steps)
-    assert json.loads((out / "finetune.json").read_text())["align_method"] == "grpo"
+    assert json.loads((out / "run.json").read_text())["align_method"] == "grpo"
 
 
 def test_grpo_resume_repeats_the_uninterrupted_run(arithmetic, tmp_path):

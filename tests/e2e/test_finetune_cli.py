@@ -40,7 +40,7 @@ def test_lora_finetune_then_merge_export_then_generate(inputs, tmp_path):
     assert "lora fine-tuning" in result.stdout and "checkpoint saved" in result.stdout
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert json.loads((run_dir / "finetune.json").read_text())["method"] == "lora"
+    assert json.loads((run_dir / "run.json").read_text())["adapters"]["method"] == "lora"
 
     assert cli_main(["export", "--out", str(run_dir), "--to", str(tmp_path / "no-merge")]) == 2  # adapters only
     export = _cli(["export", "--out", str(run_dir), "--to", str(tmp_path / "hf"), "--merge"])

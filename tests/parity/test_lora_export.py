@@ -6,12 +6,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from cybertron.commands.finetune import run as run_finetune  # noqa: E402
 from cybertron.config import parse_args  # noqa: E402
 from cybertron.finetune.config import FinetuneConfig  # noqa: E402
-from cybertron.finetune.convert import export_hf  # noqa: E402
-from cybertron.finetune.loading import load_finetuned_model  # noqa: E402
 from cybertron.finetune.lora import lora_modules  # noqa: E402
-from cybertron.finetune.run import run_finetune  # noqa: E402
+from cybertron.hf_runs import export_hf  # noqa: E402
+from cybertron.runs import load_run  # noqa: E402
 from tests.unit.finetune.tiny_hf import VOCAB, make_hf_dir, write_chats  # noqa: E402
 
 
@@ -33,8 +33,8 @@ def test_merged_export_matches_unmerged_adapters(tmp_path, family, method):
     assert any(m.lora_B.abs().max() > 0 for _, m in lora_modules(trained))  # the adapters did train
     export_hf(run.run_dir, tmp_path / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
-    reloaded, _ = load_finetuned_model(run.run_dir, merge=False)
-    merged, _ = load_finetuned_model(run.run_dir)  # what `cybertron generate --out RUN_DIR` serves
+    reloaded = load_run(run.run_dir, merge=False).model
+    merged = load_run(run.run_dir).model  # what `cybertron generate --out RUN_DIR` serves
     assert not list(lora_modules(merged))
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -10,7 +10,7 @@ from cybertron.config import parse_args
 pytest.importorskip("transformers")
 
 from cybertron.align.config import AlignConfig, validate  # noqa: E402
-from cybertron.align.run import run_align  # noqa: E402
+from cybertron.commands.align import run as run_align  # noqa: E402
 from tests.unit.finetune.tiny_hf import make_hf_dir  # noqa: E402
 
 COMMON = ["--log.progress=lines", "--log.tensorboard=false", "--log.every=1", "--data.val_fraction=0"]

@@ -16,14 +16,15 @@ from cybertron.config import parse_args
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.finetune.config import MethodSection
 from cybertron.finetune.lora import lora_modules
-from cybertron.finetune.run import build_finetune_model
+from cybertron.finetune.model import build_finetune_model
+from cybertron.models.hf import load_hf_model
 from cybertron.train.optim import build_optimizer
 from cybertron.train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
 from cybertron.align.config import AlignConfig, validate  # noqa: E402
-from cybertron.align.run import run_align  # noqa: E402
+from cybertron.commands.align import run as run_align  # noqa: E402
 from tests.unit.finetune.tiny_hf import WORDS, make_hf_dir  # noqa: E402
 
 COLORS, ANIMALS = ("red", "blue", "green"), ("cat", "dog")
@@ -62,7 +63,7 @@ def hf_response_logprobs(hf_dir, ids, mask):
 
 
 def lora_model(hf_dir, seed=0):
-    return build_finetune_model(hf_dir, MethodSection(method="lora", rank=4), torch.device("cpu"), seed)
+    return build_finetune_model(load_hf_model(hf_dir), MethodSection(method="lora", rank=4), seed)
 
 
 def test_reference_is_the_base_with_adapters_disabled(hf_dir, pairs):
@@ -84,7 +85,7 @@ def test_reference_is_the_base_with_adapters_disabled(hf_dir, pairs):
 
 @pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo"])
 def test_step_loss_matches_closed_form_on_transformers_logprobs(hf_dir, pairs, method):
-    model = build_finetune_model(hf_dir, MethodSection(method="full"), torch.device("cpu"), 0)
+    model = build_finetune_model(load_hf_model(hf_dir), MethodSection(method="full"), 0)
     g = torch.Generator().manual_seed(0)
     n = pairs["chosen_ids"].shape[0]
     batch = {**pairs, "ref_chosen": -20 + torch.rand(n, generator=g) * 5,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cybertron.align.reward import RewardModel, is_reward_run, load_reward_model
+from cybertron.align.reward import RewardModel
 from cybertron.config import parse_args
 from cybertron.errors import CheckpointError
 from cybertron.models.hf import load_hf_model
@@ -14,8 +14,8 @@ from cybertron.models.hf import load_hf_model
 transformers = pytest.importorskip("transformers")
 
 from cybertron.align.config import AlignConfig, validate  # noqa: E402
-from cybertron.align.run import run_align  # noqa: E402
-from cybertron.train.checkpoint import load_inference_model  # noqa: E402
+from cybertron.commands.align import run as run_align  # noqa: E402
+from cybertron.runs import load_reward_model, load_run, read_meta  # noqa: E402
 from tests.unit.align.test_dpo import write_color_pairs  # noqa: E402
 from tests.unit.finetune.tiny_hf import make_hf_dir  # noqa: E402
 
@@ -55,7 +55,8 @@ def test_reward_model_separates_held_out_pairs_and_reloads(hf_dir, tmp_path):
     assert evals[-1]["val_accuracy"] >= 0.9  # 30 held-out pairs
     assert evals[-1]["val_margin"] > evals[0]["val_margin"] + 1.0
 
-    assert is_reward_run(run.run_dir)
+    meta = read_meta(run.run_dir)
+    assert (meta.kind, meta.head, meta.align_method, meta.method) == ("reward", "reward", "reward", "lora")
     loaded = load_reward_model(run.run_dir)  # base from the HF dir + saved adapters and score head
     ids = run.extra["train"]["chosen_ids"][:4]
     lengths = run.extra["train"]["chosen_len"][:4]
@@ -63,7 +64,7 @@ def test_reward_model_separates_held_out_pairs_and_reloads(hf_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.sequence_scores(ids, lengths), run.model.sequence_scores(ids, lengths))
     with pytest.raises(CheckpointError, match="is a reward model"):
-        load_inference_model(run.run_dir)
+        load_run(run.run_dir, head="lm")  # as generate and serve load a run
 
     # The trained reward model scores GRPO rollouts: `--reward RUN_DIR`.
     prompts = tmp_path / "prompts.jsonl"
@@ -106,10 +107,10 @@ def test_the_new_score_head_always_trains_under_lora(hf_dir):
     to the new head on some runs, which then stayed frozen (seen as run-to-run gradient norms of 0.89 vs 1.96
     and as rank-to-rank collective mismatches); that reuse cannot be forced here, so this checks many builds."""
     from cybertron.finetune.config import MethodSection
-    from cybertron.finetune.run import build_finetune_model
+    from cybertron.finetune.model import build_finetune_model
 
     for seed in range(12):
-        model = build_finetune_model(hf_dir, MethodSection(method="lora"), torch.device("cpu"), seed,
+        model = build_finetune_model(load_hf_model(hf_dir), MethodSection(method="lora"), seed,
                                      wrap=lambda base, s=seed: RewardModel(base, seed=s))
         assert model.score.weight.requires_grad and model.score.weight.dtype == torch.float32
         assert not model.model.embed_tokens.weight.requires_grad

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cybertron.cli import main as cli_main  # noqa: E402
-from cybertron.train.checkpoint import load_inference_model  # noqa: E402
+from cybertron.runs import load_run  # noqa: E402
 from tests.unit.finetune.tiny_hf import VOCAB, make_hf_dir, write_chats  # noqa: E402
 
 
@@ -26,7 +26,8 @@ def _tokens():
 
 def test_convert_round_trip_keeps_logits(hf_dir, tmp_path):
     assert cli_main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
-    model, tokenizer = load_inference_model(tmp_path / "run")  # `cybertron generate --out` loads it as is
+    run = load_run(tmp_path / "run")  # `cybertron generate --out` loads it as is
+    model, tokenizer = run.model, run.tokenizer
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
     with torch.no_grad():
         expected = reference(_tokens()).logits

@@ -11,8 +11,8 @@ from cybertron.finetune.config import FinetuneConfig, expand_shortcuts, validate
 
 pytest.importorskip("transformers")
 
-from cybertron.finetune.loading import load_finetuned_model  # noqa: E402
-from cybertron.finetune.run import run_finetune  # noqa: E402
+from cybertron.commands.finetune import run as run_finetune  # noqa: E402
+from cybertron.runs import load_run  # noqa: E402
 from tests.unit.finetune.tiny_hf import make_hf_dir, write_chats  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def test_shortcuts_expand_to_config_keys():
 def test_frozen_base_is_stored_in_bf16_only_under_bf16_autocast():
     import torch
 
-    from cybertron.finetune.run import base_dtype
+    from cybertron.finetune.model import base_dtype
 
     assert base_dtype("auto", "bf16", "lora") == torch.bfloat16
     assert base_dtype("auto", "bf16", "full") == torch.float32  # trained weights keep fp32 masters
@@ -61,17 +61,17 @@ def test_run_dir_reproduces_and_needs_its_base(tmp_path):
     assert again == run.cfg
     shutil.move(hf, tmp_path / "moved")
     with pytest.raises(CheckpointError, match="base model .* is gone"):
-        load_finetuned_model(run.run_dir)
+        load_run(run.run_dir)
 
 
 def test_adapter_run_dir_loads_where_generate_loads_it(tmp_path):
     from cybertron.finetune.lora import lora_modules
-    from cybertron.train.checkpoint import load_inference_model
 
     hf = make_hf_dir(tmp_path / "hf", "qwen2")
     chats = write_chats(tmp_path / "chats.jsonl", n=8)
     args = ["--model", str(hf), "--data", str(chats), "--steps", "1", "--out", str(tmp_path / "run"),
             "--seq-len", "96", "--log.tensorboard", "false", "--log.progress", "lines"]
     run = run_finetune(parse_args(expand_shortcuts(args), FinetuneConfig()))
-    model, tokenizer = load_inference_model(run.run_dir)
+    loaded = load_run(run.run_dir, head="lm")  # as `cybertron generate --out RUN_DIR` loads it
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert not list(lora_modules(model)) and tokenizer.chat_template is not None

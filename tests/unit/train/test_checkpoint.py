@@ -16,7 +16,6 @@ from cybertron.models.presets import preset_config
 from cybertron.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    load_inference_model,
     save_checkpoint,
 )
 from cybertron.train.optim import build_optimizer
@@ -107,18 +106,3 @@ def test_missing_trainer_state_is_a_clear_error(tmp_path):
     (path / "trainer_state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         load_checkpoint(path, build_model(CFG), None)
-
-
-def test_inference_model_loads_from_run_dir(tmp_path):
-    from tokenizers import Tokenizer, models
-
-    model, opt = _trained()
-    save_checkpoint(tmp_path, 1, model, opt, {}, CFG)
-    tok = Tokenizer(models.BPE())
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(tmp_path / "tokenizer.json"))
-    loaded, tokenizer = load_inference_model(tmp_path)
-    tokens = torch.randint(0, 256, (1, 12))
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens), model(tokens))
-    assert tokenizer.eos_id == 0

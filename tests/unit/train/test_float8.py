@@ -12,10 +12,10 @@ from cybertron.finetune.config import FinetuneConfig
 from cybertron.finetune.config import validate as validate_finetune
 from cybertron.models.llama import build_model
 from cybertron.models.presets import preset_config
+from cybertron.pretrain import build_trainer, validate
 from cybertron.train import float8
 from cybertron.train.float8 import convert_to_float8, float8_linear_names
 from cybertron.train.optim import build_optimizer
-from cybertron.train.run import build_trainer, validate
 from cybertron.train.trainer import LanguageModelStep, Trainer
 
 pytest.importorskip("torchao")

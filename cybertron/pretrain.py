@@ -1,44 +1,32 @@
-"""`cybertron train`: config -> validate -> mesh -> data -> model -> parallelize -> Trainer loop -> checkpoints.
+"""Pretraining (`cybertron train`): validate -> mesh -> data -> model -> parallelize -> Trainer loop ->
+checkpoints.
 
 One process trains on one device; under torchrun (or `--nproc N`) every rank runs this same code with the
-layout of the [parallel] section (see cybertron/parallel/).
+layout of the [parallel] section (see cybertron/parallel/). The command (cybertron/commands/train.py) parses
+the config and hands it here.
 
-Each stage is a small build_* function so later layers (parallel layouts, fine-tuning) reuse them."""
+Each stage is a small build_* function so benchmarks and tests reuse them."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cybertron.config import (
-    TrainConfig,
-    help_text,
-    parse_args,
-    raise_first_failure,
-    to_toml,
-    validate_shared_sections,
-)
+from cybertron.config import TrainConfig, raise_first_failure, validate_shared_sections
 from cybertron.data.loader import PackedLoader, iter_eval_batches
 from cybertron.data.prepare import PreparedData, prepare_data
-from cybertron.errors import ConfigError, UserError
+from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
 from cybertron.models.llama import Transformer, build_model
 from cybertron.models.presets import preset_config
 from cybertron.parallel.dims import dp_mesh
-from cybertron.parallel.runtime import (
-    DistEnv,
-    command_main,
-    init_distributed,
-    layout_dims,
-    shutdown_distributed,
-)
+from cybertron.parallel.runtime import DistEnv, init_distributed, layout_dims, shutdown_distributed
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.float8 import convert_to_float8, validate_float8
 from cybertron.train.metrics import (
@@ -51,14 +39,14 @@ from cybertron.train.metrics import (
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_device, resolve_dtype
 from cybertron.train.schedule import lr_at
+from cybertron.train.session import (
+    RecordRun,
+    announce_and_run,
+    find_resume_checkpoint,
+    resolve_run_dir,
+    write_config,
+)
 from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
-
-
-def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(TrainConfig(), "train") + "\n--nproc N: start N local ranks with torchrun")
-        return 0
-    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig()), validate, run_training)
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -87,23 +75,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     # The layout against the model's shape; the vocabulary is the tokenizer's unless one is given.
     layout_dims(cfg, world_size, build_model_config(cfg, cfg.model.vocab_size or cfg.data.vocab_size,
                                                     check_vocab=False))
-
-
-def resolve_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.run.out:
-        return Path(cfg.run.out)
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-
-
-def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to start over a run that has checkpoints without --resume."""
-    latest = ckpt_io.latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise UserError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume to continue "
-                        "it or choose another --out")
-    if latest is not None:
-        ckpt_io.read_trainer_state(latest)  # fail now, before anything is written, if it is unreadable
-    return latest if resume else None
 
 
 def build_data(cfg: TrainConfig) -> PreparedData:
@@ -171,7 +142,8 @@ class RunState:
     layout: str = "single process"
 
 
-def run_training(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:
+def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = None) -> RunState:
+    """Pretrain on this process (one of the ranks under torchrun); `record_run` writes the run's metadata."""
     env = env or DistEnv()
     dims = layout_dims(cfg, env.world_size)
     device = resolve_device(cfg.train.device)
@@ -180,7 +152,7 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:
         torch.cuda.set_device(device)
     mesh = init_distributed(env, dims, device, cfg.parallel.timeout_s)
     try:
-        run = _run(cfg, env, dims, mesh, device)
+        run = _run(cfg, record_run, env, dims, mesh, device)
     except BaseException:
         shutdown_distributed(clean=False)  # the other ranks may be inside a collective: no barrier
         raise
@@ -188,7 +160,7 @@ def run_training(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:
     return run
 
 
-def _run(cfg: TrainConfig, env: DistEnv, dims, mesh, device: torch.device) -> RunState:
+def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, device: torch.device) -> RunState:
     barrier = _barrier if mesh is not None else (lambda: None)
     run_dir = resolve_run_dir(cfg) if mesh is None else Path(_from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
@@ -210,6 +182,7 @@ def _run(cfg: TrainConfig, env: DistEnv, dims, mesh, device: torch.device) -> Ru
         start_step = int(state["step"])
     if env.is_main:
         write_run_files(run_dir, cfg, data)
+        record_run(run_dir)
     display = ProgressDisplay(t.steps, cfg.log.progress,
                               stream=None if env.is_main else open(os.devnull, "w"))  # noqa: SIM115
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=env.is_main)
@@ -219,21 +192,6 @@ def _run(cfg: TrainConfig, env: DistEnv, dims, mesh, device: torch.device) -> Ru
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: train_loop(run, start_step))
     return run
-
-
-def announce_and_run(logger: MetricsLogger, display: ProgressDisplay, resume_from: Path | None, start_step: int,
-                     describe: Callable[[], str], loop: Callable[[], None]) -> None:
-    """Say what is starting (or resuming: the metrics file then drops records past the checkpoint), run the
-    loop, and close the logger whatever happens. Shared by every training command."""
-    if resume_from is not None:
-        logger.truncate_after(start_step)
-        display.message(f"resumed from {resume_from} at step {start_step}")
-    else:
-        display.message(describe())
-    try:
-        loop()
-    finally:
-        logger.close()
 
 
 def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: str,
@@ -289,8 +247,7 @@ def _main_first(is_main: bool, barrier: Callable[[], None]):
 
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    write_config(run_dir, cfg)
     data.tokenizer.save(run_dir)
 
 

@@ -1,17 +1,23 @@
-"""`cybertron generate`: stream a completion of --prompt from a run directory or a Hugging Face model."""
+"""`cybertron generate`: stream a completion of --prompt from a run directory or a Hugging Face model.
+
+    cybertron generate --out RUN_DIR --prompt "def fib(n):" [--max-new-tokens N] [--temperature T]
+    cybertron generate --model HF_DIR --prompt "..." [--greedy]
+"""
 
 from __future__ import annotations
 
 import sys
 
+from cybertron.config import ArgumentParser
 from cybertron.errors import UserError
+from cybertron.runs import load_for_inference
 from cybertron.serve.generate import generate_stream, prompt_ids, single_request_engine
-from cybertron.serve.loading import ArgumentParser, add_model_flags, load_model_and_tokenizer, resolve_device
+from cybertron.serve.options import add_model_flags, resolve_device
 from cybertron.serve.sampling import SamplingParams
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="cybertron generate", description=__doc__)
+    parser = ArgumentParser(prog="cybertron generate", description=__doc__.split("\n")[0])
     add_model_flags(parser)
     parser.add_argument("--prompt", required=True, help="text to continue ('' = unconditional)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
@@ -35,7 +41,7 @@ def main(argv: list[str]) -> int:
     params = sampling_params(args)
     params.validate()  # bad flag values fail before a model is loaded
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_model_and_tokenizer(args.out, args.model, device, args.dtype)
+    model, tokenizer, _ = load_for_inference(args.out, args.model, device, args.dtype)
     engine = single_request_engine(model, tokenizer)
     n = len(prompt_ids(tokenizer, args.prompt))
     if n + params.max_tokens > model.config.max_seq_len:

@@ -1,0 +1,32 @@
+"""`cybertron finetune`: a base model + chat .jsonl -> a run directory of checkpoints.
+
+    cybertron finetune --model HF_OR_RUN_DIR --data chats.jsonl --method lora [--steps N] [--out RUN_DIR]
+
+Parses the config, validates it against the world size, opens the base through runs.py (on every rank) and
+runs the SFT recipe (cybertron/finetune/run.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cybertron.config import help_text, parse_args
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, expand_shortcuts, validate
+from cybertron.finetune.run import FinetuneRun, run_finetune
+from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.runs import finetune_meta, open_base
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
+        print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
+        return 0
+    return command_main(argv, "finetune", lambda args: parse_args(expand_shortcuts(args), FinetuneConfig()),
+                        validate, run)
+
+
+def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:
+    """This rank's share of the run: the base (an HF or run directory) opened here, its weights loaded on the
+    rank's device by the recipe."""
+    return run_finetune(cfg, open_base(Path(cfg.model.path)), finetune_meta(cfg).write, env)

@@ -1,0 +1,26 @@
+"""`cybertron train`: pretrain a model (with no arguments: the tiny preset on the Python stdlib's source).
+
+    cybertron train [--config run.toml] [--section.key=value ...] [--nproc N]
+
+Parses the config, validates it against the world size, and runs the pretraining recipe
+(cybertron/pretrain.py) on this process or on N local ranks started with torchrun.
+"""
+
+from __future__ import annotations
+
+from cybertron.config import TrainConfig, help_text, parse_args
+from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.pretrain import RunState, run_training, validate
+from cybertron.runs import pretrain_meta
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(TrainConfig(), "train") + "\n--nproc N: start N local ranks with torchrun")
+        return 0
+    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig()), validate, run)
+
+
+def run(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:
+    """This rank's share of the run; the run directory records it as a pretraining run."""
+    return run_training(cfg, pretrain_meta(cfg).write, env)

@@ -1,0 +1,284 @@
+"""The run directory: its metadata file (run.json) and loading a run back as a model.
+
+A run directory holds config.toml, the tokenizer files, metrics.jsonl, checkpoints/step-N/ (DCP) and
+run.json, which says what the checkpoints are: the run's kind (pretrain, finetune or reward), the base it
+started from, its adapters (method, LoRA spec, NF4 block size; none when the checkpoints hold every weight),
+its head and, for `cybertron align` runs, the alignment method. A LoRA/DoRA/QLoRA checkpoint holds adapters
+only (small): the base is re-read from the directory run.json records.
+
+Runs written before run.json existed are still read: a fine-tuning or alignment run's finetune.json, and
+no metadata at all for a pretraining run.
+
+This module sits above finetune/ and align/ (it builds adapter and reward models) and below the commands:
+generate, serve, export and the finetune/align commands (for a run directory given as --model) load through
+`load_run`; the finetune/align libraries receive an opened base (`open_base`) and never read a run themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cybertron.align.config import AlignConfig
+from cybertron.align.reward import HEAD as REWARD_HEAD
+from cybertron.align.reward import RewardModel
+from cybertron.config import TrainConfig
+from cybertron.data.tokenizer import TextTokenizer
+from cybertron.errors import CheckpointError, UserError
+from cybertron.finetune.config import FinetuneConfig, MethodSection
+from cybertron.finetune.lora import LoRASpec, merge_lora_, trainable_view
+from cybertron.finetune.model import BaseModel, build_finetune_model
+from cybertron.models.config import ModelConfig
+from cybertron.models.hf import load_hf_model, read_hf_config
+from cybertron.models.llama import Transformer
+from cybertron.serve.options import DTYPES
+from cybertron.train.checkpoint import load_checkpoint, read_model_config, resolve_checkpoint
+
+RUN_FILE = "run.json"
+LEGACY_FILE = "finetune.json"  # what fine-tuning and alignment runs recorded before run.json
+FORMAT = 1
+KINDS = ("pretrain", "finetune", "reward")
+LM_HEAD = "lm"
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """Trained adapters over a frozen base: what the checkpoints of a lora/dora/qlora run hold."""
+
+    method: str  # lora, dora or qlora
+    lora: LoRASpec
+    nf4_block_size: int = 64
+
+    def method_section(self) -> MethodSection:
+        """The [finetune] section that rebuilds this model shape (finetune.model.build_finetune_model)."""
+        return MethodSection(method=self.method, rank=self.lora.rank, alpha=self.lora.alpha,
+                             dropout=self.lora.dropout, targets=",".join(self.lora.targets),
+                             nf4_block_size=self.nf4_block_size)
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What a run directory's checkpoints are (run.json)."""
+
+    kind: str  # pretrain (a whole model), finetune (SFT or an aligned policy) or reward (a reward model)
+    base_model: str | None = None  # the directory the weights started from; None when trained from scratch
+    adapters: Adapters | None = None  # None: every weight is in the checkpoints
+    head: str = LM_HEAD  # lm (next-token logits) or reward (one score per sequence)
+    align_method: str | None = None  # dpo, ipo, simpo, orpo, reward or grpo for a `cybertron align` run
+
+    @property
+    def method(self) -> str:
+        """The weights that trained: full, or the adapter method."""
+        return self.adapters.method if self.adapters is not None else "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunMeta:
+        adapters = data.get("adapters")
+        if adapters is not None:
+            adapters = Adapters(adapters["method"], LoRASpec(**adapters["lora"]), adapters["nf4_block_size"])
+        return cls(data["kind"], data.get("base_model"), adapters, data.get("head", LM_HEAD),
+                   data.get("align_method"))
+
+    @classmethod
+    def from_legacy(cls, data: dict[str, Any]) -> RunMeta:
+        """A finetune.json: {method, base_model, lora, nf4_block_size, [align_method], [head]}."""
+        head = data.get("head", LM_HEAD)
+        adapters = None
+        if data["method"] != "full":
+            adapters = Adapters(data["method"], LoRASpec(**data["lora"]), data.get("nf4_block_size", 64))
+        return cls("reward" if head == REWARD_HEAD else "finetune", data["base_model"], adapters, head,
+                   data.get("align_method"))
+
+    def write(self, run_dir: Path) -> None:
+        """run.json in `run_dir` (a method calls this on its main rank when the run starts)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def pretrain_meta(cfg: TrainConfig) -> RunMeta:
+    return RunMeta("pretrain", base_model=_resolved(cfg.model.init_from))
+
+
+def finetune_meta(cfg: FinetuneConfig | AlignConfig) -> RunMeta:
+    """SFT, or an aligned policy / reward model when `cfg` is an AlignConfig."""
+    f = cfg.finetune
+    adapters = None if f.method == "full" else Adapters(f.method, f.lora_spec(), f.nf4_block_size)
+    align_method = cfg.align.method if isinstance(cfg, AlignConfig) else None
+    reward = align_method == "reward"
+    return RunMeta("reward" if reward else "finetune", _resolved(cfg.model.path), adapters,
+                   REWARD_HEAD if reward else LM_HEAD, align_method)
+
+
+def converted_meta(hf_dir: Path) -> RunMeta:
+    """`cybertron convert --from-hf`: a whole model whose weights came from an HF directory."""
+    return RunMeta("pretrain", base_model=_resolved(hf_dir))
+
+
+def _resolved(path: str | Path | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def _meta_file(run_dir: Path) -> Path:
+    return run_dir / (RUN_FILE if (run_dir / RUN_FILE).is_file() or not (run_dir / LEGACY_FILE).is_file()
+                      else LEGACY_FILE)
+
+
+def read_meta(run_dir: Path) -> RunMeta:
+    """The run's metadata: run.json, else a legacy finetune.json, else a pretraining run."""
+    run_dir = Path(run_dir)
+    for name, parse in ((RUN_FILE, RunMeta.from_dict), (LEGACY_FILE, RunMeta.from_legacy)):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                return parse(json.loads(path.read_text()))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{path} is not valid run metadata ({type(err).__name__}: {err}); it "
+                                      "records the base model and adapters of the run") from err
+    return RunMeta("pretrain")
+
+
+# ---- loading a run ------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedRun:
+    """A run loaded for use: the model in eval mode (a RewardModel for a reward run), its tokenizer, the run's
+    metadata and the checkpoint the weights came from."""
+
+    model: nn.Module
+    tokenizer: TextTokenizer
+    meta: RunMeta
+    checkpoint: Path
+    run_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.checkpoint.parent.parent
+
+
+def load_run(path: Path, device: torch.device | str = "cpu", merge: bool = True,
+             head: str | None = None) -> LoadedRun:
+    """A run directory (newest checkpoint) or one of its checkpoints, loaded.
+
+    merge=True folds adapters into plain nn.Linear weights (a QLoRA base is dequantized): the result is an
+    ordinary Transformer (or RewardModel) that serving and export handle like any other; merge=False keeps
+    the adapters. `head` ("lm" to generate) refuses a run with another head before any weight is read."""
+    ckpt = resolve_checkpoint(Path(path))
+    run_dir = ckpt.parent.parent
+    meta = read_meta(run_dir)
+    if head == LM_HEAD and meta.head == REWARD_HEAD:
+        raise CheckpointError(f"{run_dir} is a reward model (`cybertron align --method reward`): it scores text "
+                              "and does not generate; use it as `cybertron align --method grpo --reward RUN_DIR`")
+    device = torch.device(device)
+    wrap = RewardModel if meta.head == REWARD_HEAD else None
+    if meta.adapters is None:  # the checkpoint holds every weight: build empty, then load
+        with torch.device("meta"):
+            model = Transformer(read_model_config(ckpt))
+            if wrap is not None:
+                model = wrap(model)
+        model.to_empty(device=device)
+        (model.model if wrap is not None else model).tie_weights()
+        load_checkpoint(ckpt, model, None)
+    else:
+        base = Path(meta.base_model or "")
+        if not meta.base_model or not base.is_dir():
+            what, held = ("reward run", "adapters and the score head") if wrap is not None else \
+                ("fine-tuning run", "adapters")
+            raise CheckpointError(f"the base model {base} of {what} {run_dir} is gone; its checkpoints hold {held} "
+                                  f"only (restore the directory or edit {_meta_file(run_dir).name})")
+        weights = load_base_weights(base, device, torch.float32)
+        model = build_finetune_model(weights, meta.adapters.method_section(), seed=0, wrap=wrap)
+        load_checkpoint(ckpt, trainable_view(model), None)
+        if merge:
+            merge_lora_(model)
+    tok_path = next((p for p in (run_dir, ckpt) if (p / "tokenizer.json").is_file()), None)
+    if tok_path is None:
+        raise CheckpointError(f"no tokenizer.json in run directory {run_dir}")
+    return LoadedRun(model.eval(), TextTokenizer.load(tok_path), meta, ckpt)
+
+
+def load_reward_model(path: Path, device: torch.device | str = "cpu") -> RewardModel:
+    """The reward model of a `cybertron align --method reward` run (GRPO's align.reward=RUN_DIR), adapters
+    kept apart as trained, in eval mode."""
+    if read_meta(path).head != REWARD_HEAD:
+        raise UserError(f"align.reward: {path} is a directory but not a reward-model run "
+                        "(`cybertron align --method reward`)")
+    return load_run(path, device, merge=False).model
+
+
+# ---- a base to fine-tune or align ---------------------------------------------------------------------------
+
+def is_hf_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
+    """(model config, tokenizer) of a base (a Hugging Face or a run directory), checked without loading any
+    weight."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model.path {path} is not a directory; give a Hugging Face model directory or a "
+                        "cybertron run directory")
+    if is_hf_dir(path):
+        cfg = read_hf_config(path)
+        if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")) \
+                and not any(path.glob("*.safetensors")):
+            raise UserError(f"{path} has no weights: expected model.safetensors or model.safetensors.index.json")
+        tokenizer_dir = path
+    else:
+        try:
+            ckpt = resolve_checkpoint(path)
+        except UserError as err:
+            raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing) nor a "
+                            "cybertron run directory (no complete checkpoint)") from err
+        cfg = read_model_config(ckpt)
+        tokenizer_dir = ckpt.parent.parent
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise UserError(f"{tokenizer_dir} has no tokenizer.json")
+    tokenizer = TextTokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than the "
+                        f"model's vocab_size {cfg.vocab_size}")
+    return cfg, tokenizer
+
+
+def open_base(path: Path) -> BaseModel:
+    """A base for `cybertron finetune` / `cybertron align`: checked now, its weights read by `load(device, dtype)`
+    as a plain Transformer in train mode (a run's adapters merged in)."""
+    path = Path(path)
+    cfg, tokenizer = read_base(path)
+    return BaseModel(path, cfg, tokenizer, lambda device, dtype: load_base_weights(path, device, dtype))
+
+
+def load_base_weights(path: Path, device: torch.device | str, dtype: torch.dtype) -> Transformer:
+    """A base's weights as a plain Transformer in train mode (a fine-tuned run's adapters merged in)."""
+    if is_hf_dir(path):
+        return load_hf_model(path, device=device, dtype=dtype)
+    return load_run(path, device, head=LM_HEAD).model.to(dtype).train()
+
+
+# ---- generate and serve -------------------------------------------------------------------------------------
+
+def load_for_inference(out: Path | None, model_dir: Path | None, device: torch.device,
+                       dtype: str = "auto") -> tuple[Transformer, TextTokenizer, str]:
+    """(model in eval mode, tokenizer, a display name) from exactly one of a run dir (--out) or an HF dir
+    (--model), as `cybertron generate` and `cybertron serve` take them."""
+    if (out is None) == (model_dir is None):
+        raise UserError("give exactly one of --out RUN_DIR or --model HF_DIR")
+    if out is not None:
+        if not out.is_dir():
+            raise UserError(f"--out {out} is not a directory; give a cybertron run directory")
+        run = load_run(out, device, head=LM_HEAD)
+        return run.model, run.tokenizer, out.resolve().name
+    if not model_dir.is_dir():
+        raise UserError(f"--model {model_dir} is not a directory; give a Hugging Face model directory")
+    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_hf_model(model_dir, device=device, dtype=torch_dtype)
+    return model.eval(), TextTokenizer.load(model_dir), model_dir.resolve().name

@@ -81,6 +81,8 @@ class RunMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunMeta:
+        if data["kind"] not in KINDS:
+            raise ValueError(f"kind {data['kind']!r} is not one of {', '.join(KINDS)}")
         adapters = data.get("adapters")
         if adapters is not None:
             adapters = Adapters(adapters["method"], LoRASpec(**adapters["lora"]), adapters["nf4_block_size"])
@@ -140,7 +142,7 @@ def read_meta(run_dir: Path) -> RunMeta:
         if path.is_file():
             try:
                 return parse(json.loads(path.read_text()))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
                 raise CheckpointError(f"{path} is not valid run metadata ({type(err).__name__}: {err}); it "
                                       "records the base model and adapters of the run") from err
     return RunMeta("pretrain")

@@ -118,8 +118,8 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
     validate_data_parallel(cfg.parallel.data_parallel, world_size, cfg.train.global_batch_size,
                            cfg.train.micro_batch_size)
     raise_first_failure([
-        # torchao's NF4 tensor cannot be sharded by FSDP2 at this model's shapes (measured: "quantization_factor
-        # .numel() not divisible by 2"); DDP replicates it and works.
+        # torchao's NF4 tensor cannot be sharded by FSDP2 at this model's shapes (it fails with
+        # "quantization_factor.numel() not divisible by 2"); DDP replicates it and works.
         (not (f.method == "qlora" and world_size > 1 and cfg.parallel.data_parallel == "zero3"),
          "finetune.method=qlora does not run under parallel.data_parallel=zero3 yet; use ddp"),
         (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),

@@ -17,8 +17,8 @@ _LLAMA3_ROPE = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains on the bundled corpus in minutes on 2 CPU cores (the embedded default).
-    # Sized for ~2.5M training tokens in 4 minutes: at that budget a smaller model ends lower than a larger
-    # one (measured: dim 256 / 5.2M parameters reached val 4.58 after 0.8M tokens, short of the target).
+    # Sized for the token budget of a few minutes on 2 cores: at that budget a smaller model ends lower than a
+    # larger one (the dim-256 comparison is in bench/RESULTS.md).
     "tiny": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512,
                  max_seq_len=1024, tie_embeddings=False, rope_theta=10000.0),
     # Used by tests: a few thousand parameters per layer, fast in every parallel layout.

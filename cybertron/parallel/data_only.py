@@ -104,8 +104,8 @@ class DataParallel:
             return model
         if self.mode == "ddp":
             # No start-up broadcast: every rank loaded the same weights and seeded the same adapters, and
-            # broadcasting torchao's NF4 tensors (QLoRA) altered rank 1's base (measured: the first loss off by
-            # 2e-6 relative, gradient norms by 4e-4).
+            # broadcasting torchao's NF4 tensors (QLoRA) altered rank 1's base (the first loss and gradient
+            # norms then differed from one process; bench/RESULTS.md).
             return apply_ddp(model, dp_mesh(self.mesh), init_sync=False)
         transformer = blocks_of(model)
         if transformer is model:

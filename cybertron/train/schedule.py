@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Learning rate for optimizer step `step` (0-based)."""
@@ -18,7 +16,3 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -43,9 +43,9 @@ class LanguageModelStep:
     """Next-token prediction; labels of IGNORE_INDEX (prompt tokens, padding) carry no loss.
 
     With `compile=True` the forward *and* the loss are one torch.compile region, so inductor fuses the
-    output head's log-softmax and cross-entropy too (measured on CPU, tiny preset: 235 ms/step vs 268 ms with
-    per-block compile, vs 257 ms for transformers + torch.compile). Modules are not wrapped, so parameter
-    names, and with them checkpoints, are those of the plain model.
+    output head's log-softmax and cross-entropy too (faster than compiling each block alone on CPU; see
+    bench/RESULTS.md). Modules are not wrapped, so parameter names, and with them checkpoints, are those of
+    the plain model.
 
     With `fused_loss=True` the output head and the loss run chunk by chunk (train/fused_linear_ce.py): the
     full logits never exist. It needs the plain model (hidden_states and lm_head.weight), i.e. one process."""

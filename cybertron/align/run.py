@@ -1,8 +1,5 @@
-"""Alignment (`cybertron align`): preference optimisation, reward models and GRPO on the one Trainer.
-
-    cybertron align --method dpo    --model HF_OR_RUN_DIR --data prefs.jsonl   [--weights lora|full|...]
-    cybertron align --method reward --model HF_OR_RUN_DIR --data prefs.jsonl
-    cybertron align --method grpo   --model HF_OR_RUN_DIR --data prompts.jsonl --reward FILE.py:FUNCTION
+"""Alignment (`cybertron align`): preference optimisation (dpo, ipo, simpo, orpo), reward models and GRPO on
+the one Trainer.
 
 The methods differ by step function and data only (ARCHITECTURE.md rule 6): the loop, the optimizer,
 checkpoints (adapters alone under LoRA), resume and logging are those of `cybertron finetune`. The command

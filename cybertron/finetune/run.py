@@ -1,7 +1,5 @@
 """Supervised fine-tuning (`cybertron finetune`): a base model + chat .jsonl -> a run directory of checkpoints.
 
-    cybertron finetune --model HF_DIR --data chats.jsonl --method lora [--steps N] [--out RUN_DIR]
-
 Methods: full (every weight trains), lora / dora (adapters only; checkpoints hold adapters alone) and qlora
 (LoRA over a base stored in NF4). The loop is the one Trainer with the language-model step: SFT differs
 from pretraining only by its data (packed chat examples whose prompt tokens carry no loss). The command

@@ -238,6 +238,19 @@ def _unknown_key(key: str, cfg: Any) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+def _unknown_flag(flag: str, cfg: Any, shortcuts: dict[str, str]) -> ConfigError:
+    """A `--name` without a section is a mistyped shortcut or key: compare it with every shortcut and with
+    every key's field name (shortcuts win ties), so `--methd` suggests `--method`, not `model.path`."""
+    name = flag[2:].replace("-", "_")
+    name = ALIASES.get(name, name)
+    options = [(s, s[2:].replace("-", "_")) for s in shortcuts]
+    options += [(f"--{key}", key.split(".", 1)[1]) for key in all_keys(cfg)]
+    ratio, _, best = max((difflib.SequenceMatcher(None, name, field_name).ratio(), -i, label)
+                         for i, (label, field_name) in enumerate(options))
+    hint = f"; did you mean {best}?" if ratio >= 0.6 else "; options look like --section.key=value (`--help`)"
+    return ConfigError(f"unknown option {flag!r}{hint}")
+
+
 def set_key(cfg: Any, key: str, value: Any) -> None:
     section_name, _, name = key.partition(".")
     secs = sections(cfg)
@@ -261,8 +274,10 @@ def apply_toml(cfg: Any, path: str | Path) -> None:
             set_key(cfg, f"{section_name}.{name}", value)
 
 
-def parse_args(argv: list[str], cfg: Any) -> Any:
-    """Apply `--config FILE` first, then `--section.key=value` / `--section.key value` overrides in order."""
+def parse_args(argv: list[str], cfg: Any, shortcuts: dict[str, str] | None = None) -> Any:
+    """Apply `--config FILE` first, then `--section.key=value` / `--section.key value` overrides in order.
+    `shortcuts` are the command's own shortcut flags (besides SHORTCUTS), expanded and suggested alike."""
+    shortcuts = {**SHORTCUTS, **(shortcuts or {})}
     pairs: list[tuple[str, Any]] = []
     config_file = None
     i = 0
@@ -272,7 +287,9 @@ def parse_args(argv: list[str], cfg: Any) -> Any:
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
         name, eq, value = arg[2:].partition("=")
         flag = "--" + name
-        is_bool_flag = flag == "--resume" or (flag in SHORTCUTS and SHORTCUTS[flag].endswith("resume"))
+        if "." not in name and flag != "--config" and flag not in shortcuts:
+            raise _unknown_flag(flag, cfg, shortcuts)
+        is_bool_flag = flag in shortcuts and shortcuts[flag].endswith("resume")
         if not eq and not is_bool_flag:
             if i + 1 >= len(argv):
                 raise ConfigError(f"{flag} needs a value")
@@ -284,7 +301,7 @@ def parse_args(argv: list[str], cfg: Any) -> Any:
         if flag == "--config":
             config_file = value
         else:
-            pairs.append((SHORTCUTS.get(flag, name), value))
+            pairs.append((shortcuts.get(flag, name), value))
     if config_file:
         apply_toml(cfg, config_file)
     for key, value in pairs:

@@ -49,8 +49,8 @@ def main(argv: list[str]) -> int:
         print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
         print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
-    return command_main(argv, "finetune", lambda args: parse_args(expand_shortcuts(args), FinetuneConfig()),
-                        validate, run_finetune)
+    parse = lambda args: parse_args(expand_shortcuts(args), FinetuneConfig(), SHORTCUTS)
+    return command_main(argv, "finetune", parse, validate, run_finetune)
 
 
 def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:

@@ -153,6 +153,18 @@ def test_resume_of_a_run_without_checkpoints_is_refused(command, tmp_path, capsy
     assert sorted(run_dir.rglob("*")) == before
 
 
+def test_a_reader_closing_stdout_early_ends_the_run_quietly(tmp_path, fast_run_args):
+    """`cybertron train | head -n 1`: no BrokenPipe traceback, exit 1 as CPython does on EPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "cybertron", *fast_run_args, "--steps", "200", "--out",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -n 1` does after its line; the run's next write meets a closed pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert first.startswith("model ") and stderr == ""
+
+
 def test_fused_loss_trains_like_the_plain_head(tmp_path, fast_run_args):
     from tests.conftest import read_metrics
 

@@ -16,6 +16,7 @@ from cybertron.config import (
     raise_first_failure,
     validate_shared_sections,
 )
+from cybertron.data.escapes import decode_escapes
 from cybertron.finetune.config import METHODS as WEIGHT_METHODS
 from cybertron.finetune.config import BaseModelSection, MethodSection
 
@@ -129,6 +130,7 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])
+    decode_escapes(a.stop, "align.stop")  # an incomplete escape fails now, not at the first rollout
     validate_shared_sections(cfg)
     from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating
 

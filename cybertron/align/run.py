@@ -26,7 +26,6 @@ from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, 
 from cybertron.align.grpo import (
     GRPOStep,
     RolloutStats,
-    decode_escapes,
     generate_rollouts,
     group_advantages,
     rollout_rows,
@@ -39,6 +38,7 @@ from cybertron.align.preference_data import build_preference_data, read_prompts,
 from cybertron.align.reward import HEAD, RewardModel, RewardStep
 from cybertron.align.rewards import load_reward
 from cybertron.config import help_text, parse_args
+from cybertron.data.escapes import decode_escapes
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
@@ -313,7 +313,7 @@ def sample_and_score(run: AlignRun, step: int, records: list, group_size: int, t
         with run.trainer.autocast():
             results = generate_rollouts(run.extra["engine"], records, group_size, a.max_new_tokens, temperature,
                                         a.top_p, c.train.seed, step, first_prompt,
-                                        (decode_escapes(a.stop),) if a.stop else ())
+                                        (decode_escapes(a.stop, "align.stop"),) if a.stop else ())
     finally:
         run.model.train()
     seconds = time.perf_counter() - start

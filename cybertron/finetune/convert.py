@@ -10,6 +10,7 @@ The HF directory written holds config.json, safetensors and the tokenizer files,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from cybertron.errors import UserError
 from cybertron.finetune.loading import load_finetuned_model, read_finetune_meta
 from cybertron.finetune.run import copy_tokenizer_files
-from cybertron.models.hf import load_hf_model, save_hf_model
+from cybertron.models.hf import SpecialTokenIds, load_hf_model, save_hf_model
 from cybertron.serve.loading import ArgumentParser
 from cybertron.train import checkpoint as ckpt_io
 
@@ -46,6 +47,7 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise UserError(f"--to {hf_dir} exists and is not empty; choose a new directory")
     root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
+    copy_tokenizer_files(root, hf_dir)  # first: save_hf_model extends the base's generation_config.json
     from cybertron.align.reward import is_reward_run
 
     if is_reward_run(root):  # a reward model: a *ForSequenceClassification directory
@@ -58,8 +60,10 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
         save_reward_hf(merge_lora_(load_reward_model(Path(run_dir), "cpu")), hf_dir, pad, dtype)
     else:
         model, tokenizer = load_finetuned_model(Path(run_dir), "cpu", merge=True)
-        save_hf_model(model.state_dict(), model.config, hf_dir, dtype=dtype)
-    copy_tokenizer_files(root, hf_dir)
+        generation = hf_dir / "generation_config.json"
+        save_hf_model(model.state_dict(), model.config, hf_dir, dtype=dtype,
+                      special_ids=SpecialTokenIds(tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id),
+                      generation_defaults=json.loads(generation.read_text()) if generation.is_file() else None)
     if not (hf_dir / "tokenizer.json").is_file():
         tokenizer.save(hf_dir)
     return hf_dir

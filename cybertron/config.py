@@ -73,6 +73,18 @@ class TrainSection:
 
 
 @dataclass
+class EpochTrainSection(TrainSection):
+    """Fine-tuning and alignment: the amount of work is given in optimizer steps or in passes over the data,
+    and the warmup follows the run's length (a few epochs of small data are only a few steps)."""
+
+    steps: int = opt(0, "optimizer steps; 0 = from train.epochs")
+    warmup_steps: int = opt(-1, "linear warmup steps; -1 = a tenth of the run's steps, at most 10")
+    epochs: float = opt(0.0, "passes over the training rows (packed SFT rows, preference pairs, GRPO prompts), "
+                             "used when train.steps is 0: steps = ceil(epochs x rows / global batch); "
+                             "0 with train.steps 0 = 3 epochs; give train.steps or train.epochs, not both")
+
+
+@dataclass
 class EvalSection:
     every: int = opt(100, "evaluate every N steps (and at the end); 0 = only at the end")
     batches: int = opt(8, "validation batches per evaluation")
@@ -146,12 +158,19 @@ def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
 def validate_shared_sections(cfg: Any) -> None:
     """Checks of the sections every training command shares (train, eval, checkpoint, log); each names the key."""
     t = cfg.train
+    epochs = isinstance(t, EpochTrainSection)
     raise_first_failure([
-        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.steps >= 1 or (epochs and t.steps == 0),
+         f"train.steps must be >= 1{' (or 0 = from train.epochs)' if epochs else ''}, got {t.steps}"),
+        (not epochs or t.epochs >= 0, f"train.epochs must be >= 0, got {getattr(t, 'epochs', 0)}"),
+        (not epochs or not (t.steps and t.epochs), f"give train.steps ({t.steps}) or train.epochs "
+                                                   f"({getattr(t, 'epochs', 0)}), not both: steps = 0 derives "
+                                                   "them from epochs"),
         (t.lr >= 0, f"train.lr must be >= 0, got {t.lr} (a negative learning rate ascends the loss)"),
         (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
         (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.warmup_steps >= 0 or (epochs and t.warmup_steps == -1),
+         f"train.warmup_steps must be >= 0{' (or -1 = auto)' if epochs else ''}, got {t.warmup_steps}"),
         (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}"),

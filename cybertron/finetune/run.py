@@ -1,10 +1,12 @@
 """`cybertron finetune`: a Hugging Face model directory + chat .jsonl -> a run directory of checkpoints.
 
-    cybertron finetune --model HF_DIR --data chats.jsonl --method lora [--steps N] [--out RUN_DIR]
+    cybertron finetune --model HF_OR_RUN_DIR --data chats.jsonl --method lora [--epochs E | --steps N] [--out RUN_DIR]
 
 Methods: full (every weight trains), lora / dora (adapters only; checkpoints hold adapters alone) and qlora
 (LoRA over a base stored in NF4). The loop is the one Trainer with the language-model step: SFT differs
-from pretraining only by its data (packed chat examples whose prompt tokens carry no loss).
+from pretraining only by its data (packed chat examples whose prompt tokens carry no loss). A model without a
+chat template (one pretrained by `cybertron train`) is tuned in the default chat format that serve uses too,
+and every run dir keeps the template it trained with (chat_template.jinja), which export carries along.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 from torch import nn
 
 from cybertron.config import help_text, parse_args, to_toml
+from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_chat_format
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
-from cybertron.data.tokenizer import TextTokenizer
-from cybertron.errors import ConfigError, UserError
+from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer
+from cybertron.errors import ConfigError
 from cybertron.finetune.base import load_base_model, read_base
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, MethodSection, expand_shortcuts, validate
 from cybertron.finetune.lora import apply_lora, count_params, trainable_view
@@ -30,6 +33,7 @@ from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.epochs import WorkPlan, plan_work
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import DTYPES, autocast, resolve_dtype
@@ -53,14 +57,14 @@ def main(argv: list[str]) -> int:
     return command_main(argv, "finetune", parse, validate, run_finetune)
 
 
-def check_model_dir(model_dir: Path) -> tuple[ModelConfig, TextTokenizer]:
-    """Everything about the base that can be wrong, checked before any slow work: config, weights,
-    tokenizer with a chat template that fits the vocabulary."""
+def check_model_dir(model_dir: Path, chat_template: str = "") -> tuple[ModelConfig, TextTokenizer, ChatFormat]:
+    """Everything about the base that can be wrong, checked before any slow work: config, weights, a
+    tokenizer that fits the vocabulary, and the chat format (data.chat_template, the model's own, or the
+    default), which the returned tokenizer carries."""
     model_cfg, tokenizer = read_base(model_dir)
-    if tokenizer.chat_template is None:
-        raise UserError(f"{model_dir} has no chat template (tokenizer_config.json 'chat_template' or "
-                        "chat_template.jinja); SFT renders examples through the model's own template")
-    return model_cfg, tokenizer
+    chat = resolve_chat_format(tokenizer.chat_template, chat_template)
+    tokenizer.chat_template = chat.template
+    return model_cfg, tokenizer, chat
 
 
 def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
@@ -127,6 +131,8 @@ class FinetuneRun:
     trainer: Trainer
     loader: RowLoader
     data: SFTData
+    plan: WorkPlan
+    chat: ChatFormat
     logger: MetricsLogger
     display: ProgressDisplay
     dp: DataParallel
@@ -144,38 +150,44 @@ def _run_finetune(cfg: FinetuneConfig, dp: DataParallel, device: torch.device) -
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base_dir = Path(cfg.model.path)
-    model_cfg, tokenizer = check_model_dir(base_dir)
+    model_cfg, tokenizer, chat = check_model_dir(base_dir, cfg.data.chat_template)
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     t = cfg.train
-    data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+    with remedy_on_failure():
+        data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+    plan = plan_work(data.train["inputs"].shape[0], t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
+                     unit=dp.size * (t.micro_batch_size or 1))
     model = build_finetune_model(base_dir, cfg.finetune, device, t.seed,
                                  base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     trained = dp.wrap(model, lambda m: m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     # Compiling the forward + loss needs the plain module (a DDP/FSDP wrapper is called, not traced, here).
     if t.fused_loss and type(model.lm_head) is not nn.Linear:
         raise ConfigError("train.fused_loss needs a plain output head; finetune.targets adapts lm_head")
     step_fn = LanguageModelStep(compile=t.compile and not dp.is_distributed, fused_loss=t.fused_loss)
     trainer = Trainer(trained, optimizer, step_fn, schedule, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, device), collectives=dp.collectives())
-    loader = RowLoader(data.train, t.global_batch_size, seed=t.seed)
+    loader = RowLoader(data.train, plan.batch_size, seed=t.seed)
     start_step = 0
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
     if dp.is_main:
-        write_run_files(run_dir, cfg, base_dir)
-    display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
+        write_run_files(run_dir, cfg, base_dir, chat.template)
+    display = ProgressDisplay(plan.steps, cfg.log.progress, stream=dp.devnull_unless_main())
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
-    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display, dp)
+    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, plan, chat, logger, display,
+                      dp)
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: finetune_loop(run, start_step))
     return run
 
 
-def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path) -> None:
+def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, chat_template: str) -> None:
+    """config.toml, finetune.json and the base's tokenizer files, with the chat template the run trains
+    with as chat_template.jinja (which both our loader and `transformers` prefer to tokenizer_config's)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     f = cfg.finetune
@@ -183,6 +195,7 @@ def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path) -> None:
             "nf4_block_size": f.nf4_block_size}
     (run_dir / FINETUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     copy_tokenizer_files(base_dir, run_dir)
+    (run_dir / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
@@ -205,7 +218,8 @@ def describe_run(run: FinetuneRun) -> str:
              else str(run.device))
     return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
             f"train{extra}; {run.data.n_examples} examples ({run.data.n_truncated} cut to seq_len) in "
-            f"{run.data.train['inputs'].shape[0]} train / {val} val rows; run dir {run.run_dir}")
+            f"{run.data.train['inputs'].shape[0]} train / {val} val rows; {run.plan.describe()}; "
+            f"{run.chat.describe()}; run dir {run.run_dir}")
 
 
 def log_eval(run: FinetuneRun, step: int) -> float | None:
@@ -234,7 +248,7 @@ def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]
 
 def finetune_loop(run: FinetuneRun, start_step: int) -> None:
     c = run.cfg
-    total = c.train.steps
+    total = run.plan.steps
 
     def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
         run.logger.log({"step": step, "loss": result.loss.item(), "lr": run.trainer.lr_at(step - 1),
@@ -252,10 +266,10 @@ def finetune_loop(run: FinetuneRun, start_step: int) -> None:
     def next_batches() -> list[Batch]:
         # Adapter dropout draws from the global RNG: seeding it from (seed, step) makes a resumed run
         # repeat the uninterrupted one exactly without saving RNG state in the checkpoint.
-        step = run.loader.samples_consumed // c.train.global_batch_size
+        step = run.loader.samples_consumed // run.loader.batch_size
         torch.manual_seed(c.train.seed * 1_000_003 + step)
         rows = run.loader.next_batch()  # the global batch, the same on every rank; this rank's share:
-        mine = run.dp.local_slice(c.train.global_batch_size)
+        mine = run.dp.local_slice(run.loader.batch_size)
         return micro_batches({k: v[mine] for k, v in rows.items()}, c.train.micro_batch_size, run.device)
 
     fit(run.trainer, start_step, total, LoopHooks(next_batches, on_log, on_step_end, log_every=c.log.every))

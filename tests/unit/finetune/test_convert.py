@@ -106,9 +106,9 @@ def _broken(hf_dir, tmp_path, case):
         cfg = json.loads((bad / "config.json").read_text())
         cfg["architectures"] = ["GPT2LMHeadModel"]
         (bad / "config.json").write_text(json.dumps(cfg))
-    elif case == "no-chat-template":
+    elif case == "broken-chat-template":
         cfg = json.loads((bad / "tokenizer_config.json").read_text())
-        del cfg["chat_template"]
+        cfg["chat_template"] = "{% for message in messages %}"  # never closed
         (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
     return bad
 
@@ -116,7 +116,8 @@ def _broken(hf_dir, tmp_path, case):
 @pytest.mark.parametrize("case, fragment", [("no-config", "config.json is missing"),
                                             ("no-weights", "has no weights"),
                                             ("unsupported-arch", "unsupported architecture 'GPT2LMHeadModel'"),
-                                            ("no-chat-template", "no chat template")])
+                                            ("broken-chat-template", "the model's chat template is not valid "
+                                                                     "Jinja")])
 def test_bad_model_directory_is_one_line_and_exit_2(hf_dir, tmp_path, capsys, case, fragment):
     bad = _broken(hf_dir, tmp_path, case)
     chats = write_chats(tmp_path / "chats.jsonl", n=4)

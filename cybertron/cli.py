@@ -4,6 +4,7 @@ flags; this file only dispatches and turns user errors into one clear line and e
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from cybertron.errors import UserError
@@ -43,13 +44,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         command = importlib.import_module(f"cybertron.commands.{name}")
-        return int(command.main(rest) or 0)
+        code = int(command.main(rest) or 0)
+        sys.stdout.flush()  # a broken pipe in the last buffered write shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _reader_went_away()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_went_away() -> int:
+    """`cybertron train | head`: the reader of stdout closed it. Stop quietly as the CPython docs advise
+    (signal module, "Note on SIGPIPE"): point stdout at devnull so the interpreter's final flush does not
+    raise again, and exit 1, as Python does on EPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,18 @@ class TrainSection:
 
 
 @dataclass
+class EpochTrainSection(TrainSection):
+    """Fine-tuning and alignment: the amount of work is given in optimizer steps or in passes over the data,
+    and the warmup follows the run's length (a few epochs of small data are only a few steps)."""
+
+    steps: int = opt(0, "optimizer steps; 0 = from train.epochs")
+    warmup_steps: int = opt(-1, "linear warmup steps; -1 = a tenth of the run's steps, at most 10")
+    epochs: float = opt(0.0, "passes over the training rows (packed SFT rows, preference pairs, GRPO prompts), "
+                             "used when train.steps is 0: steps = ceil(epochs x rows / global batch); "
+                             "0 with train.steps 0 = 3 epochs; give train.steps or train.epochs, not both")
+
+
+@dataclass
 class EvalSection:
     every: int = opt(100, "evaluate every N steps (and at the end); 0 = only at the end")
     batches: int = opt(8, "validation batches per evaluation")
@@ -147,12 +159,19 @@ def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
 def validate_shared_sections(cfg: Any) -> None:
     """Checks of the sections every training command shares (train, eval, checkpoint, log); each names the key."""
     t = cfg.train
+    epochs = isinstance(t, EpochTrainSection)
     raise_first_failure([
-        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.steps >= 1 or (epochs and t.steps == 0),
+         f"train.steps must be >= 1{' (or 0 = from train.epochs)' if epochs else ''}, got {t.steps}"),
+        (not epochs or t.epochs >= 0, f"train.epochs must be >= 0, got {getattr(t, 'epochs', 0)}"),
+        (not epochs or not (t.steps and t.epochs), f"give train.steps ({t.steps}) or train.epochs "
+                                                   f"({getattr(t, 'epochs', 0)}), not both: steps = 0 derives "
+                                                   "them from epochs"),
         (t.lr >= 0, f"train.lr must be >= 0, got {t.lr} (a negative learning rate ascends the loss)"),
         (t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}"),
         (t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.warmup_steps >= 0 or (epochs and t.warmup_steps == -1),
+         f"train.warmup_steps must be >= 0{' (or -1 = auto)' if epochs else ''}, got {t.warmup_steps}"),
         (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}"),
@@ -239,6 +258,19 @@ def _unknown_key(key: str, cfg: Any) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+def _unknown_flag(flag: str, cfg: Any, shortcuts: dict[str, str]) -> ConfigError:
+    """A `--name` without a section is a mistyped shortcut or key: compare it with every shortcut and with
+    every key's field name (shortcuts win ties), so `--methd` suggests `--method`, not `model.path`."""
+    name = flag[2:].replace("-", "_")
+    name = ALIASES.get(name, name)
+    options = [(s, s[2:].replace("-", "_")) for s in shortcuts]
+    options += [(f"--{key}", key.split(".", 1)[1]) for key in all_keys(cfg)]
+    ratio, _, best = max((difflib.SequenceMatcher(None, name, field_name).ratio(), -i, label)
+                         for i, (label, field_name) in enumerate(options))
+    hint = f"; did you mean {best}?" if ratio >= 0.6 else "; options look like --section.key=value (`--help`)"
+    return ConfigError(f"unknown option {flag!r}{hint}")
+
+
 def set_key(cfg: Any, key: str, value: Any) -> None:
     section_name, _, name = key.partition(".")
     secs = sections(cfg)
@@ -262,8 +294,10 @@ def apply_toml(cfg: Any, path: str | Path) -> None:
             set_key(cfg, f"{section_name}.{name}", value)
 
 
-def parse_args(argv: list[str], cfg: Any) -> Any:
-    """Apply `--config FILE` first, then `--section.key=value` / `--section.key value` overrides in order."""
+def parse_args(argv: list[str], cfg: Any, shortcuts: dict[str, str] | None = None) -> Any:
+    """Apply `--config FILE` first, then `--section.key=value` / `--section.key value` overrides in order.
+    `shortcuts` are the command's own shortcut flags (besides SHORTCUTS), expanded and suggested alike."""
+    shortcuts = {**SHORTCUTS, **(shortcuts or {})}
     pairs: list[tuple[str, Any]] = []
     config_file = None
     i = 0
@@ -273,7 +307,9 @@ def parse_args(argv: list[str], cfg: Any) -> Any:
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
         name, eq, value = arg[2:].partition("=")
         flag = "--" + name
-        is_bool_flag = flag == "--resume" or (flag in SHORTCUTS and SHORTCUTS[flag].endswith("resume"))
+        if "." not in name and flag != "--config" and flag not in shortcuts:
+            raise _unknown_flag(flag, cfg, shortcuts)
+        is_bool_flag = flag in shortcuts and shortcuts[flag].endswith("resume")
         if not eq and not is_bool_flag:
             if i + 1 >= len(argv):
                 raise ConfigError(f"{flag} needs a value")
@@ -285,7 +321,7 @@ def parse_args(argv: list[str], cfg: Any) -> Any:
         if flag == "--config":
             config_file = value
         else:
-            pairs.append((SHORTCUTS.get(flag, name), value))
+            pairs.append((shortcuts.get(flag, name), value))
     if config_file:
         apply_toml(cfg, config_file)
     for key, value in pairs:

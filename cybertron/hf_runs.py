@@ -7,6 +7,7 @@ The HF directory written holds config.json, safetensors and the tokenizer files,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from cybertron.align.reward import save_reward_hf
 from cybertron.data.tokenizer import copy_tokenizer_files
 from cybertron.errors import UserError
-from cybertron.models.hf import load_hf_model, save_hf_model
+from cybertron.models.hf import SpecialTokenIds, load_hf_model, save_hf_model
 from cybertron.runs import REWARD_HEAD, converted_meta, load_run
 from cybertron.train import checkpoint as ckpt_io
 
@@ -43,14 +44,18 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise UserError(f"--to {hf_dir} exists and is not empty; choose a new directory")
+    root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
+    copy_tokenizer_files(root, hf_dir)  # first: save_hf_model extends the base's generation_config.json
     run = load_run(Path(run_dir), "cpu", merge=True)
     tokenizer = run.tokenizer
     if run.meta.head == REWARD_HEAD:  # a reward model: a *ForSequenceClassification directory
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         save_reward_hf(run.model, hf_dir, pad, dtype)
     else:
-        save_hf_model(run.model.state_dict(), run.model.config, hf_dir, dtype=dtype)
-    copy_tokenizer_files(run.run_dir, hf_dir)
+        generation = hf_dir / "generation_config.json"
+        save_hf_model(run.model.state_dict(), run.model.config, hf_dir, dtype=dtype,
+                      special_ids=SpecialTokenIds(tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id),
+                      generation_defaults=json.loads(generation.read_text()) if generation.is_file() else None)
     if not (hf_dir / "tokenizer.json").is_file():
         tokenizer.save(hf_dir)
     return hf_dir

@@ -24,9 +24,17 @@ export OMP_NUM_THREADS=8
 # NCCL on InfiniBand / RoCE clusters usually needs nothing else; uncomment to debug hangs:
 # export NCCL_DEBUG=INFO TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
+# Resume is automatic after a requeue: --resume continues from the newest complete DCP checkpoint (any
+# layout can resume it). It is passed only once a checkpoint exists, because --resume with nothing to
+# resume is refused (a mistyped RUN_DIR must not silently start a new run); complete checkpoints are
+# checkpoints/step-N, half-written ones .tmp-step-N.
+RESUME=""
+if compgen -G "$RUN_DIR/checkpoints/step-*/trainer_state.json" > /dev/null; then
+    RESUME="--resume"
+fi
+
 # Layout: tensor parallel inside a node (fast NVLink), FSDP (ZeRO-3) across nodes; dp_shard=-1 takes
-# the rest of the world, so the same line works for any number of nodes. Resume is automatic after a
-# requeue: --resume continues from the newest complete DCP checkpoint (any layout can resume it).
+# the rest of the world, so the same line works for any number of nodes.
 srun --kill-on-bad-exit=1 torchrun \
     --nnodes "$SLURM_JOB_NUM_NODES" \
     --nproc-per-node "$GPUS_PER_NODE" \
@@ -39,4 +47,4 @@ srun --kill-on-bad-exit=1 torchrun \
     --data.seq_len 4096 --train.global_batch_size 256 --train.micro_batch_size 2 \
     --parallel.tp "$GPUS_PER_NODE" --parallel.dp_shard -1 \
     --parallel.activation_checkpoint selective \
-    --out "$RUN_DIR" --resume
+    --out "$RUN_DIR" ${RESUME:+"$RESUME"}

@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 from cybertron.config import (
     CheckpointSection,
     DataParallelSection,
+    EpochTrainSection,
     EvalSection,
     LogSection,
     RunSection,
-    TrainSection,
     opt,
     raise_first_failure,
     validate_shared_sections,
 )
+from cybertron.data.escapes import decode_escapes
+from cybertron.finetune.config import CHAT_TEMPLATE_HELP, BaseModelSection, MethodSection
 from cybertron.finetune.config import METHODS as WEIGHT_METHODS
-from cybertron.finetune.config import BaseModelSection, MethodSection
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
 METHODS = (*PREFERENCE_METHODS, "reward", "grpo")
@@ -31,6 +32,7 @@ class AlignDataSection:
     seq_len: int = opt(0, "most tokens of prompt + response; longer responses are cut (prompts keep their "
                           "end); 0 = the model's maximum, at most 1024")
     val_fraction: float = opt(0.05, "fraction of records held out for evaluation (none if it rounds to 0)")
+    chat_template: str = opt("", "renders chat-message records: " + CHAT_TEMPLATE_HELP)
 
 
 @dataclass
@@ -68,8 +70,8 @@ class AlignConfig:
     data: AlignDataSection = field(default_factory=AlignDataSection)
     align: AlignSection = field(default_factory=AlignSection)
     finetune: MethodSection = field(default_factory=MethodSection)
-    train: TrainSection = field(default_factory=lambda: TrainSection(
-        steps=100, global_batch_size=8, lr=5e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.0))
+    train: EpochTrainSection = field(default_factory=lambda: EpochTrainSection(
+        steps=0, global_batch_size=8, lr=5e-5, weight_decay=0.0, min_lr_ratio=0.0))
     eval: EvalSection = field(default_factory=lambda: EvalSection(every=50, batches=4, batch_size=8))
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
@@ -80,7 +82,7 @@ class AlignConfig:
 # The flags of the common case: `cybertron align --method dpo --model DIR --data FILE`.
 SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "align.method",
              "--weights": "finetune.method", "--reward": "align.reward", "--beta": "align.beta",
-             "--lr": "train.lr"}
+             "--lr": "train.lr", "--epochs": "train.epochs"}
 
 
 def validate(cfg: AlignConfig, world_size: int = 1) -> None:
@@ -129,6 +131,7 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])
+    decode_escapes(a.stop, "align.stop")  # an incomplete escape fails now, not at the first rollout
     validate_shared_sections(cfg)
     from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating
 

@@ -53,13 +53,6 @@ def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: i
     return engine.generate(requests, params)
 
 
-def decode_escapes(text: str) -> str:
-    """Backslash escapes typed on a command line (`\\n`, `\\t`, `\\u00e9`) as the characters they name."""
-    if "\\" not in text:
-        return text
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """(r - group mean) / (group std + eps) per completion (std unbiased, as TRL); scale=False leaves the
     difference unscaled (Dr. GRPO). A group whose rewards are all equal gets zero advantage: no signal."""

@@ -188,7 +188,7 @@ def read_preference_pairs(path: str | Path, tokenizer: TextTokenizer, max_len: i
         try:
             full = (tokenize_sequence(tokenizer, prompt, chosen), tokenize_sequence(tokenizer, prompt, rejected))
         except DataError as err:
-            raise DataError(f"{where}: {err}") from err
+            raise type(err)(f"{where}: {err}") from err
         cut = tuple(truncate(s, max_len) for s in full)
         n_truncated += any(len(a) != len(b) for a, b in zip(full, cut))
         if not all(any(s.mask) for s in cut):
@@ -208,7 +208,7 @@ def read_prompts(path: str | Path, tokenizer: TextTokenizer, max_prompt_len: int
         try:
             ids = prompt_ids(tokenizer, prompt)
         except DataError as err:
-            raise DataError(f"{where}: {err}") from err
+            raise type(err)(f"{where}: {err}") from err
         if len(ids) > max_prompt_len:
             skipped += 1
             continue

@@ -90,9 +90,7 @@ def save_reward_hf(model: RewardModel, out_dir: Path, pad_token_id: int | None,
                    dtype: torch.dtype | None = None) -> Path:
     """Write a reward model (adapters already merged) as a Hugging Face `*ForSequenceClassification`
     directory with one label: our parameter names are already that class's."""
-    from safetensors.torch import save_file
-
-    from cybertron.models.hf import config_to_hf
+    from cybertron.models.hf import config_to_hf, write_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +100,6 @@ def save_reward_hf(model: RewardModel, out_dir: Path, pad_token_id: int | None,
     hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
     hf.update({"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
                "problem_type": "regression", "pad_token_id": pad_token_id})
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return out

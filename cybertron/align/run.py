@@ -23,7 +23,6 @@ from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, 
 from cybertron.align.grpo import (
     GRPOStep,
     RolloutStats,
-    decode_escapes,
     generate_rollouts,
     group_advantages,
     rollout_rows,
@@ -35,6 +34,8 @@ from cybertron.align.grpo import (
 from cybertron.align.preference_data import build_preference_data, read_prompts, split
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader, load_reward
+from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_chat_format
+from cybertron.data.escapes import decode_escapes
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
@@ -46,6 +47,7 @@ from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv
 from cybertron.serve.engine import Engine
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.epochs import WorkPlan, plan_work
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
@@ -70,6 +72,8 @@ class AlignRun:
     display: ProgressDisplay
     description: str
     dp: DataParallel
+    plan: WorkPlan
+    chat: ChatFormat
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific state (data, engine, reward)
 
 
@@ -91,20 +95,28 @@ def _run_align(cfg: AlignConfig, base: BaseModel, record_run: RecordRun, reward_
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     model_cfg, tokenizer = base.config, base.tokenizer
+    # Chat-message records render through it; the run dir keeps it for generate/serve/export either way.
+    chat = resolve_chat_format(tokenizer.chat_template, cfg.data.chat_template)
+    tokenizer.chat_template = chat.template
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
-    if method == "grpo":  # prompts and the reward before the model
-        setup = _grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
-    else:
-        setup = _preference_setup(cfg, tokenizer, seq_len)
+    with remedy_on_failure():
+        if method == "grpo":  # prompts and the reward before the model
+            setup = _grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
+        else:
+            setup = _preference_setup(cfg, tokenizer, seq_len)
+    n_rows = next(iter(setup["train"].values())).shape[0]
+    plan = plan_work(n_rows, t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
+                     unit=dp.size * (t.micro_batch_size or 1),
+                     steps_per_batch=cfg.align.updates_per_rollout if method == "grpo" else 1)
     wrap = (lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward" else None
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
     # data-parallel wrapping (every rank computes the same values, with no communication).
     if method == "grpo":
-        setup.update(_grpo_model_state(cfg, model, tokenizer, device, seq_len, dp.size))
+        setup.update(_grpo_model_state(cfg, model, tokenizer, device, seq_len, plan.batch_size // dp.size))
     elif getattr(setup["step"], "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
         setup["train"] = _shared_reference(dp, model, setup["train"], micro, device, amp)
@@ -112,22 +124,22 @@ def _run_align(cfg: AlignConfig, base: BaseModel, record_run: RecordRun, reward_
             setup["val"] = _shared_reference(dp, model, setup["val"], micro, device, amp)
     trained = dp.wrap(model, lambda m: m.model if isinstance(m, RewardModel) else m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     trainer = Trainer(trained, optimizer, setup["step"], schedule, t.grad_clip, autocast=amp,
                       collectives=dp.collectives())
-    loader = RowLoader(setup["train"], setup["batch"], seed=t.seed)
+    loader = RowLoader(setup["train"], plan.batch_size, seed=t.seed)
     start_step = 0
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
     if dp.is_main:
-        write_run_files(run_dir, cfg, base.path)
+        write_run_files(run_dir, cfg, base.path, chat.template)
         record_run(run_dir)
-    display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
+    display = ProgressDisplay(plan.steps, cfg.log.progress, stream=dp.devnull_unless_main())
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
     run = AlignRun(cfg, run_dir, device, model_cfg, tokenizer, model, trainer, loader, logger, display,
-                   setup["describe"], dp, setup)
+                   setup["describe"], dp, plan, chat, setup)
     loop = grpo_loop if method == "grpo" else preference_loop
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: loop(run, start_step))
@@ -152,8 +164,11 @@ def describe_run(run: AlignRun) -> str:
     trainable, total = count_params(run.model)
     c = run.cfg
     where = f"{run.dp.size} ranks ({c.parallel.data_parallel})" if run.dp.is_distributed else str(run.device)
+    work = (run.plan.describe("prompts", "rollout") if c.align.method == "grpo"
+            else run.plan.describe("pairs"))
     return (f"{c.align.method} with {c.finetune.method} weights on {where}: {trainable / 1e6:.2f}M of "
-            f"{total / 1e6:.1f}M parameters train; {run.description}; run dir {run.run_dir}")
+            f"{total / 1e6:.1f}M parameters train; {run.description}; {work}; {run.chat.describe()}; "
+            f"run dir {run.run_dir}")
 
 
 def _log_step(run: AlignRun, step: int, result: StepResult, seconds: float, tokens: int,
@@ -189,8 +204,7 @@ def _preference_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int) 
     n_val = data.val["chosen_ids"].shape[0] if data.val is not None else 0
     describe = (f"{data.n_pairs} preference pairs ({data.n_truncated} cut to seq_len {seq_len}): "
                 f"{data.n_pairs - n_val} train / {n_val} val")
-    return {"step": step, "train": data.train, "val": data.val, "batch": cfg.train.global_batch_size,
-            "describe": describe}
+    return {"step": step, "train": data.train, "val": data.val, "describe": describe}
 
 
 def log_preference_eval(run: AlignRun, step: int) -> dict[str, float] | None:
@@ -206,11 +220,11 @@ def log_preference_eval(run: AlignRun, step: int) -> dict[str, float] | None:
 
 def preference_loop(run: AlignRun, start_step: int) -> None:
     c = run.cfg
-    total = c.train.steps
+    total = run.plan.steps
 
     def next_batches() -> list[Batch]:
         rows = run.loader.next_batch()  # the global batch (the same on every rank); this rank's share:
-        mine = run.dp.local_slice(c.train.global_batch_size)
+        mine = run.dp.local_slice(run.loader.batch_size)
         return _split_rows({k: v[mine] for k, v in rows.items()}, c.train.micro_batch_size, run.device,
                            pair_batches)
 
@@ -249,18 +263,17 @@ def _grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device
     reward = load_reward(a.reward, device, reward_model)
     step = GRPOStep(a.clip_eps, a.kl_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
     describe = (f"{len(prompts)} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} train / "
-                f"{len(val)} val; {cfg.train.global_batch_size} prompts x {a.group_size} completions per rollout; "
-                f"reward {reward.name}")
+                f"{len(val)} val; {a.group_size} completions per prompt; reward {reward.name}")
     # The loader walks prompt indices; rollouts are made from the records.
     return {"step": step, "train": {"index": torch.arange(len(train))}, "prompts": train, "val_prompts": val,
-            "batch": cfg.train.global_batch_size, "reward": reward, "describe": describe}
+            "reward": reward, "describe": describe}
 
 
 def _grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenizer, device: torch.device,
-                      seq_len: int, world_size: int) -> dict[str, Any]:
+                      seq_len: int, rank_prompts: int) -> dict[str, Any]:
     """The engine that generates with the policy itself (this rank's prompts), and the KL reference."""
     a = cfg.align
-    rollouts = cfg.train.global_batch_size // world_size * a.group_size
+    rollouts = rank_prompts * a.group_size
     blocks_per_sequence = -(-seq_len // KV_BLOCK_SIZE)
     # CUDA graphs stay off: they would capture kernels for the weights' current dtype and addresses, and the
     # adapters' wrappers change between training and generation; eager decode keeps rollouts exact.
@@ -285,7 +298,7 @@ def sample_and_score(run: AlignRun, step: int, records: list, group_size: int, t
         with run.trainer.autocast():
             results = generate_rollouts(run.extra["engine"], records, group_size, a.max_new_tokens, temperature,
                                         a.top_p, c.train.seed, step, first_prompt,
-                                        (decode_escapes(a.stop),) if a.stop else ())
+                                        (decode_escapes(a.stop, "align.stop"),) if a.stop else ())
     finally:
         run.model.train()
     seconds = time.perf_counter() - start
@@ -328,7 +341,7 @@ def log_grpo_eval(run: AlignRun, step: int) -> float | None:
 
 def grpo_loop(run: AlignRun, start_step: int) -> None:
     c, a = run.cfg, run.cfg.align
-    total = c.train.steps
+    total = run.plan.steps
     prompts = run.extra["prompts"]
     state: dict[str, Any] = {"step": start_step}
 
@@ -337,7 +350,7 @@ def grpo_loop(run: AlignRun, start_step: int) -> None:
         state["step"] += 1
         first_update = step % a.updates_per_rollout == 0
         if first_update:
-            mine = run.dp.local_slice(c.train.global_batch_size)  # this rank's prompts of the global batch
+            mine = run.dp.local_slice(run.loader.batch_size)  # this rank's prompts of the global batch
             indices = run.loader.next_batch()["index"][mine].tolist()
             state["rows"], state["stats"] = make_rollout(run, step, [prompts[i] for i in indices], mine.start)
             state["gen_seconds"] = state.get("gen_seconds", 0.0) + state["stats"].seconds

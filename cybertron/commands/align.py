@@ -25,8 +25,8 @@ def main(argv: list[str]) -> int:
         print(help_text(AlignConfig(), "align") + "\n--nproc N: start N local ranks with torchrun")
         print("align shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
-    return command_main(argv, "align", lambda args: parse_args(expand_shortcuts(args, SHORTCUTS), AlignConfig()),
-                        validate, run)
+    parse = lambda args: parse_args(expand_shortcuts(args, SHORTCUTS), AlignConfig(), SHORTCUTS)
+    return command_main(argv, "align", parse, validate, run)
 
 
 def run(cfg: AlignConfig, env: DistEnv | None = None) -> AlignRun:

@@ -1,6 +1,6 @@
 """`cybertron finetune`: a base model + chat .jsonl -> a run directory of checkpoints.
 
-    cybertron finetune --model HF_OR_RUN_DIR --data chats.jsonl --method lora [--steps N] [--out RUN_DIR]
+    cybertron finetune --model HF_OR_RUN_DIR --data chats.jsonl --method lora [--epochs E | --steps N] [--out RUN_DIR]
 
 Parses the config, validates it against the world size, opens the base through runs.py (on every rank) and
 runs the SFT recipe (cybertron/finetune/run.py).
@@ -22,8 +22,8 @@ def main(argv: list[str]) -> int:
         print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
         print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
         return 0
-    return command_main(argv, "finetune", lambda args: parse_args(expand_shortcuts(args), FinetuneConfig()),
-                        validate, run)
+    parse = lambda args: parse_args(expand_shortcuts(args), FinetuneConfig(), SHORTCUTS)
+    return command_main(argv, "finetune", parse, validate, run)
 
 
 def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:

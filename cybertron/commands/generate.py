@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from cybertron.config import ArgumentParser
+from cybertron.data.escapes import decode_escapes
 from cybertron.errors import UserError
 from cybertron.runs import load_for_inference
 from cybertron.serve.generate import generate_stream, prompt_ids, single_request_engine
@@ -25,14 +26,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
-    parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable; "
+                        "backslash escapes such as \\n are decoded)")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     return parser
 
 
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, max_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                          top_p=args.top_p, max_tokens=args.max_new_tokens,
+                          stop=tuple(decode_escapes(s, "--stop") for s in args.stop),
                           seed=args.seed)
 
 

@@ -111,7 +111,7 @@ def tokenize_examples(tokenizer: TextTokenizer, conversations: list[list[Message
         except DataError as err:
             if sources is None:
                 raise
-            raise DataError(f"{sources[i]}: {err}") from err
+            raise type(err)(f"{sources[i]}: {err}") from err  # a ChatTemplateError stays one
         if len(ex) > max_len:
             ex, truncated = Example(ex.inputs[:max_len], ex.labels[:max_len]), truncated + 1
         if any(label != IGNORE_INDEX for label in ex.labels):

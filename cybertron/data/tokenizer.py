@@ -175,14 +175,16 @@ def _special_token(config: dict, key: str) -> str | None:
 
 
 def _chat_template(config: dict, directory: Path) -> str | None:
+    """chat_template.jinja when present, else tokenizer_config.json's entry: the file wins, as it does in
+    `transformers`, so both read the same template from a directory that holds both."""
+    jinja = directory / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    if isinstance(template, str):
-        return template
-    jinja = directory / CHAT_TEMPLATE_FILE
-    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> TextTokenizer:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from cybertron.config import (
     CheckpointSection,
     DataParallelSection,
+    EpochTrainSection,
     EvalSection,
     LogSection,
     RunSection,
-    TrainSection,
     opt,
     raise_first_failure,
     validate_shared_sections,
@@ -20,12 +20,15 @@ from cybertron.errors import ConfigError
 from cybertron.finetune.lora import DEFAULT_TARGETS, LoRASpec
 
 METHODS = ("lora", "dora", "qlora", "full")
+CHAT_TEMPLATE_HELP = ("Jinja chat template file that replaces the model's; 'default' = cybertron's built-in format; "
+                      "empty = the model's own, or the built-in format when it has none (the run dir keeps the "
+                      "template used, as chat_template.jinja)")
 
 
 @dataclass
 class BaseModelSection:
-    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json; SFT and chat "
-                        "data need a chat template) or a cybertron run directory")
+    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json) or a "
+                        "cybertron run directory")
     dtype: str = opt("auto", "storage dtype of the frozen base: auto (bf16 when adapters train under bf16 "
                              "autocast, else fp32), fp32 or bf16; full fine-tuning keeps fp32 weights")
 
@@ -37,6 +40,7 @@ class SFTDataSection:
                           "at most 1024")
     pack: bool = opt(True, "pack several examples per row (attention never crosses examples)")
     val_fraction: float = opt(0.05, "fraction of examples held out for validation (none if it rounds to 0)")
+    chat_template: str = opt("", CHAT_TEMPLATE_HELP)
 
 
 @dataclass
@@ -61,8 +65,8 @@ class FinetuneConfig:
     model: BaseModelSection = field(default_factory=BaseModelSection)
     data: SFTDataSection = field(default_factory=SFTDataSection)
     finetune: MethodSection = field(default_factory=MethodSection)
-    train: TrainSection = field(default_factory=lambda: TrainSection(
-        steps=100, global_batch_size=8, lr=2e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.0))
+    train: EpochTrainSection = field(default_factory=lambda: EpochTrainSection(
+        steps=0, global_batch_size=8, lr=2e-4, weight_decay=0.0, min_lr_ratio=0.0))
     eval: EvalSection = field(default_factory=lambda: EvalSection(every=50, batches=4, batch_size=8))
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
@@ -72,7 +76,7 @@ class FinetuneConfig:
 
 # The flags of the common case, `cybertron finetune --model DIR --data FILE --method lora`.
 SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "finetune.method",
-             "--rank": "finetune.rank", "--seq-len": "data.seq_len", "--lr": "train.lr"}
+             "--rank": "finetune.rank", "--seq-len": "data.seq_len", "--lr": "train.lr", "--epochs": "train.epochs"}
 
 
 def expand_shortcuts(argv: list[str], shortcuts: dict[str, str] = SHORTCUTS) -> list[str]:

@@ -2,8 +2,10 @@
 
 Methods: full (every weight trains), lora / dora (adapters only; checkpoints hold adapters alone) and qlora
 (LoRA over a base stored in NF4). The loop is the one Trainer with the language-model step: SFT differs
-from pretraining only by its data (packed chat examples whose prompt tokens carry no loss). The command
-(cybertron/commands/finetune.py) opens the base through runs.py and hands it here.
+from pretraining only by its data (packed chat examples whose prompt tokens carry no loss). A model without a
+chat template (one pretrained by `cybertron train`) is tuned in the default chat format that serve uses too,
+and every run dir keeps the template it trained with (chat_template.jinja), which export carries along. The
+command (cybertron/commands/finetune.py) opens the base through runs.py and hands it here.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_chat_format
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
-from cybertron.data.tokenizer import copy_tokenizer_files
-from cybertron.errors import ConfigError, UserError
+from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer, copy_tokenizer_files
+from cybertron.errors import ConfigError
 from cybertron.finetune.config import FinetuneConfig
 from cybertron.finetune.lora import count_params
 from cybertron.finetune.model import BaseModel, base_dtype, build_finetune_model, saved_module
@@ -26,6 +29,7 @@ from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.epochs import WorkPlan, plan_work
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
@@ -42,11 +46,12 @@ from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepRes
 AUTO_MAX_SEQ_LEN = 1024  # data.seq_len=0: the model's context, capped (SFT examples are rarely longer)
 
 
-def check_chat_template(base: BaseModel) -> None:
-    """SFT renders examples through the model's own template: refuse a base without one before slow work."""
-    if base.tokenizer.chat_template is None:
-        raise UserError(f"{base.path} has no chat template (tokenizer_config.json 'chat_template' or "
-                        "chat_template.jinja); SFT renders examples through the model's own template")
+def check_chat_format(base: BaseModel, chat_template: str = "") -> tuple[ModelConfig, TextTokenizer, ChatFormat]:
+    """The base's config and tokenizer (runs.open_base checked them) and the chat format (data.chat_template,
+    the model's own, or the default), which the returned tokenizer carries; checked before any slow work."""
+    chat = resolve_chat_format(base.tokenizer.chat_template, chat_template)
+    base.tokenizer.chat_template = chat.template
+    return base.config, base.tokenizer, chat
 
 
 def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
@@ -68,6 +73,8 @@ class FinetuneRun:
     trainer: Trainer
     loader: RowLoader
     data: SFTData
+    plan: WorkPlan
+    chat: ChatFormat
     logger: MetricsLogger
     display: ProgressDisplay
     dp: DataParallel
@@ -87,43 +94,48 @@ def _run_finetune(cfg: FinetuneConfig, base: BaseModel, record_run: RecordRun, d
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
-    check_chat_template(base)
-    model_cfg, tokenizer = base.config, base.tokenizer
+    model_cfg, tokenizer, chat = check_chat_format(base, cfg.data.chat_template)
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     t = cfg.train
-    data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+    with remedy_on_failure():
+        data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+    plan = plan_work(data.train["inputs"].shape[0], t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
+                     unit=dp.size * (t.micro_batch_size or 1))
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed)
     trained = dp.wrap(model, lambda m: m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     # Compiling the forward + loss needs the plain module (a DDP/FSDP wrapper is called, not traced, here).
     if t.fused_loss and type(model.lm_head) is not nn.Linear:
         raise ConfigError("train.fused_loss needs a plain output head; finetune.targets adapts lm_head")
     step_fn = LanguageModelStep(compile=t.compile and not dp.is_distributed, fused_loss=t.fused_loss)
     trainer = Trainer(trained, optimizer, step_fn, schedule, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, device), collectives=dp.collectives())
-    loader = RowLoader(data.train, t.global_batch_size, seed=t.seed)
+    loader = RowLoader(data.train, plan.batch_size, seed=t.seed)
     start_step = 0
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
         loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
     if dp.is_main:
-        write_run_files(run_dir, cfg, base.path)
+        write_run_files(run_dir, cfg, base.path, chat.template)
         record_run(run_dir)
-    display = ProgressDisplay(t.steps, cfg.log.progress, stream=dp.devnull_unless_main())
+    display = ProgressDisplay(plan.steps, cfg.log.progress, stream=dp.devnull_unless_main())
     logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
-    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, logger, display, dp)
+    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, plan, chat, logger, display,
+                      dp)
     announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
                      lambda: finetune_loop(run, start_step))
     return run
 
 
-def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path) -> None:
-    """config.toml and the base's tokenizer files (with its chat template) next to the checkpoints."""
+def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, chat_template: str) -> None:
+    """config.toml and the base's tokenizer files, with the chat template the run trains with as
+    chat_template.jinja (which both our loader and `transformers` prefer to tokenizer_config's)."""
     write_config(run_dir, cfg)
     copy_tokenizer_files(base_dir, run_dir)
+    (run_dir / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
 
 
 def describe_run(run: FinetuneRun) -> str:
@@ -137,7 +149,8 @@ def describe_run(run: FinetuneRun) -> str:
              else str(run.device))
     return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
             f"train{extra}; {run.data.n_examples} examples ({run.data.n_truncated} cut to seq_len) in "
-            f"{run.data.train['inputs'].shape[0]} train / {val} val rows; run dir {run.run_dir}")
+            f"{run.data.train['inputs'].shape[0]} train / {val} val rows; {run.plan.describe()}; "
+            f"{run.chat.describe()}; run dir {run.run_dir}")
 
 
 def log_eval(run: FinetuneRun, step: int) -> float | None:
@@ -166,7 +179,7 @@ def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]
 
 def finetune_loop(run: FinetuneRun, start_step: int) -> None:
     c = run.cfg
-    total = c.train.steps
+    total = run.plan.steps
 
     def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
         run.logger.log({"step": step, "loss": result.loss.item(), "lr": run.trainer.lr_at(step - 1),
@@ -184,10 +197,10 @@ def finetune_loop(run: FinetuneRun, start_step: int) -> None:
     def next_batches() -> list[Batch]:
         # Adapter dropout draws from the global RNG: seeding it from (seed, step) makes a resumed run
         # repeat the uninterrupted one exactly without saving RNG state in the checkpoint.
-        step = run.loader.samples_consumed // c.train.global_batch_size
+        step = run.loader.samples_consumed // run.loader.batch_size
         torch.manual_seed(c.train.seed * 1_000_003 + step)
         rows = run.loader.next_batch()  # the global batch, the same on every rank; this rank's share:
-        mine = run.dp.local_slice(c.train.global_batch_size)
+        mine = run.dp.local_slice(run.loader.batch_size)
         return micro_batches({k: v[mine] for k, v in rows.items()}, c.train.micro_batch_size, run.device)
 
     fit(run.trainer, start_step, total, LoopHooks(next_batches, on_log, on_step_end, log_every=c.log.every))

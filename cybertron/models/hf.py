@@ -8,6 +8,8 @@ a new row in ARCHITECTURES.
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +161,59 @@ def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
     return model.to(device)
 
 
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """The tokenizer's ids an exported model needs: without eos, `transformers` generates past end-of-text."""
+
+    eos: int
+    bos: int | None = None
+    pad: int | None = None
+
+
+def special_token_config(cfg: ModelConfig, ids: SpecialTokenIds, generation_defaults: dict[str, Any] | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json fields, generation_config.json). config.json keeps the ids an imported model had and fills
+    the missing ones from the tokenizer. Generation stops at the tokenizer's eos and at every eos the base
+    named (a chat template's end-of-turn token vs the base's end-of-text), as HF instruct models list both;
+    `generation_defaults` (the base's generation_config.json) keeps its sampling settings."""
+    had = {k: cfg.extra.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = {key: _first(had[key], ours) for key, ours in zip(had, (ids.bos, ids.eos, ids.pad))}
+    defaults = {k: v for k, v in (generation_defaults or {}).items()
+                if k not in ("_from_model_config", "transformers_version")}  # ours is written on purpose
+    eos = []
+    for e in [ids.eos, *_as_list(defaults.get("eos_token_id")), *_as_list(had["eos_token_id"])]:
+        if e is not None and e not in eos:
+            eos.append(e)
+    generation = {**defaults, "bos_token_id": _first(ids.bos, defaults.get("bos_token_id"), had["bos_token_id"]),
+                  "eos_token_id": eos[0] if len(eos) == 1 else eos,
+                  "pad_token_id": _first(ids.pad, defaults.get("pad_token_id"), had["pad_token_id"])}
+    return config, {k: v for k, v in generation.items() if v is not None}
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, with the file mode an ordinary open() gives (0666 less the umask, or the mode of the file
+    it replaces): safetensors writes a private temporary file and renames it, which leaves mode 0600."""
+    path.touch()
+    mode = path.stat().st_mode & 0o7777
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, mode)
+
+
 def save_hf_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
-                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+                  special_ids: SpecialTokenIds | None = None,
+                  generation_defaults: dict[str, Any] | None = None) -> Path:
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) that `transformers`
-    loads. `state_dict` uses our keys and holds full (unsharded) tensors."""
+    loads. `state_dict` uses our keys and holds full (unsharded) tensors. With the tokenizer's special ids,
+    config.json names bos/eos/pad and generation_config.json makes `generate` stop at end-of-text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -174,17 +225,22 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir
     saved_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     shards = _split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(shards[0], out / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
+            write_safetensors(shard, out / name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, saved_dtype), indent=2))
+    hf = config_to_hf(cfg, saved_dtype)
+    if special_ids is not None:
+        token_config, generation = special_token_config(cfg, special_ids, generation_defaults)
+        hf.update(token_config)
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
     return out
 
 

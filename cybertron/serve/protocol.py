@@ -62,6 +62,8 @@ class _SamplingFields(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise InvalidParameter(name, f"{name} is not supported; leave it at 0")
+        # JSON has already decoded escapes ("\\n" arrives as a newline): decode_escapes is for command lines
+        # only, and here it would turn a literal backslash the client sent into something else.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else 0
         # Choices of one request differ from each other yet stay reproducible: seed + choice index.

@@ -29,14 +29,18 @@ def resolve_run_dir(cfg: Any) -> Path:
 
 
 def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to start over a run that has checkpoints without --resume."""
+    """The checkpoint to resume from. Refuses to start over a run that has checkpoints without --resume, and
+    --resume without a checkpoint: starting from scratch there would hide a mistyped --out behind a whole run."""
     latest = ckpt_io.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume to continue "
                         "it or choose another --out")
+    if latest is None and resume:
+        where = "" if run_dir.is_dir() else " (the directory does not exist)"
+        raise UserError(f"no checkpoint in {run_dir} to resume{where}; drop --resume to start a new run")
     if latest is not None:
         ckpt_io.read_trainer_state(latest)  # fail now, before anything is written, if it is unreadable
-    return latest if resume else None
+    return latest
 
 
 def write_config(run_dir: Path, cfg: Any) -> None:

@@ -8,11 +8,14 @@ import sys
 import pytest
 
 from cybertron.cli import main as cli_main
+from cybertron.data.chat_template import DEFAULT_CHAT_TEMPLATE
+from cybertron.data.tokenizer import TextTokenizer
 from tests.conftest import cli_env, read_metrics
 
 pytest.importorskip("transformers")
 
-from tests.unit.finetune.tiny_hf import make_hf_dir, write_chats  # noqa: E402
+from cybertron.serve.chat import render_chat  # noqa: E402
+from tests.unit.finetune.tiny_hf import WORDS, make_hf_dir, write_chats  # noqa: E402
 
 
 def _cli(args):
@@ -83,3 +86,40 @@ def test_malformed_jsonl_line_is_one_clear_line_and_exit_2(inputs, tmp_path):
     err = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "chats.jsonl:5: not valid JSON" in err[0], err
     assert not run_dir.exists()
+
+
+def test_a_pretrained_run_finetunes_in_the_default_chat_format_that_export_carries(tmp_path):
+    """`cybertron train` leaves a model without a chat template: finetune trains it in the default format
+    (3 epochs by default), keeps that template in the run dir, and the exported directory renders chats in
+    `transformers` exactly as serve renders them."""
+    import random
+
+    import transformers
+
+    rng = random.Random(0)
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choices(WORDS, k=40))}) + "\n" for _ in range(100)))
+    logs = ["--log.progress", "lines", "--log.tensorboard", "false", "--log.every", "1"]
+    assert cli_main(["train", "--data.path", str(corpus), "--data.cache_dir", str(tmp_path / "cache"),
+                     "--data.vocab_size", "300", "--data.seq_len", "64", "--model.preset", "debug", "--steps", "1",
+                     "--train.global_batch_size", "2", "--eval.every", "0", "--out", str(tmp_path / "A"), *logs]) == 0
+    pairs = write_chats(tmp_path / "pairs.jsonl", n=12, fmt="prompt_response")
+    run_dir = tmp_path / "F"
+    result = _cli(["finetune", "--model", str(tmp_path / "A"), "--data", str(pairs), "--method", "lora",
+                   "--out", str(run_dir), *logs])
+    assert result.returncode == 0, result.stderr
+    assert "chat format: cybertron's default" in result.stdout
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    rows = int(result.stdout.split(" train / ")[0].rsplit(" in ", 1)[1])  # "... in R train / V val rows"
+    assert f"{len(losses)} steps = 3 epochs of {rows} rows" in result.stdout and len(losses) == 3
+    assert (run_dir / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    assert TextTokenizer.load(run_dir).chat_template == DEFAULT_CHAT_TEMPLATE  # what generate/serve load
+
+    assert cli_main(["export", "--out", str(run_dir), "--to", str(tmp_path / "hf"), "--merge"]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = TextTokenizer.load(tmp_path / "hf")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sky"},
+                {"role": "assistant", "content": "blue"}, {"role": "user", "content": "and the sea"}]
+    text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == render_chat(ours, messages)
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)

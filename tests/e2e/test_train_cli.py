@@ -128,6 +128,43 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, fast_run_args):
     assert result.returncode == 2 and "--resume" in result.stderr
 
 
+def test_resume_of_a_mistyped_out_is_refused(tmp_path, fast_run_args):
+    run_dir = tmp_path / "rnu"
+    result = _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir), "--resume"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: no checkpoint in {run_dir} to resume (the directory does not exist); "
+                     "drop --resume to start a new run"], result.stderr
+    assert not run_dir.exists()  # nothing written
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "align"])
+def test_resume_of_a_run_without_checkpoints_is_refused(command, tmp_path, capsys):
+    from cybertron.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".tmp-step-4").mkdir(parents=True)  # a first save killed before it completed
+    (tmp_path / "data.jsonl").write_text("")
+    inputs = [] if command == "train" else ["--model", str(tmp_path), "--data", str(tmp_path / "data.jsonl")]
+    before = sorted(run_dir.rglob("*"))
+    assert cli_main([command, *inputs, "--out", str(run_dir), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"error: no checkpoint in {run_dir} to resume; "
+                                       "drop --resume to start a new run\n")
+    assert sorted(run_dir.rglob("*")) == before
+
+
+def test_a_reader_closing_stdout_early_ends_the_run_quietly(tmp_path, fast_run_args):
+    """`cybertron train | head -n 1`: no BrokenPipe traceback, exit 1 as CPython does on EPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "cybertron", *fast_run_args, "--steps", "200", "--out",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -n 1` does after its line; the run's next write meets a closed pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert first.startswith("model ") and stderr == ""
+
+
 def test_fused_loss_trains_like_the_plain_head(tmp_path, fast_run_args):
     from tests.conftest import read_metrics
 

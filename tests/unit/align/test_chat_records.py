@@ -64,3 +64,24 @@ def test_grpo_reward_function_sees_chat_prompts_and_fields(hf_dir, tmp_path):
     first = calls[0]["prompts"][0]
     assert first[0]["role"] == "user" and first[0]["content"].startswith("say ")
     assert calls[0]["want"][0] == first[0]["content"][-1]  # the record's other fields travel with it
+
+
+def test_a_template_file_replaces_the_models_and_epochs_set_the_steps(hf_dir, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+                        "{{ eos_token if m['role'] == 'assistant' else '\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    data = tmp_path / "chat_prefs.jsonl"
+    with data.open("w") as f:
+        for i in range(6):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"what is {i}"}],
+                                "chosen": "red blue", "rejected": "cat dog"}) + "\n")
+    cfg = parse_args([f"--model.path={hf_dir}", f"--data.path={data}", f"--run.out={tmp_path / 'run'}",
+                      "--train.epochs=2", "--train.global_batch_size=4", f"--data.chat_template={template}",
+                      *COMMON], AlignConfig())
+    validate(cfg)
+    run = run_align(cfg)
+    assert run.plan.steps == 3 and len([r for r in _metrics(run) if "loss" in r]) == 3  # ceil(2 x 6 / 4)
+    assert (run.run_dir / "chat_template.jinja").read_text() == template.read_text()
+    row = run.extra["train"]["chosen_ids"][0]
+    assert run.tokenizer.decode(row[:run.extra["train"]["chosen_len"][0]]).startswith("user: what is")

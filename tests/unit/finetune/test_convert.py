@@ -1,6 +1,8 @@
-"""`cybertron convert` both ways, and the clear one-line errors (exit 2) for bad model directories."""
+"""`cybertron convert` both ways and `cybertron export`: logits kept, generation that stops at end-of-text in
+`transformers`, ordinary file modes, and the clear one-line errors (exit 2) for bad model directories."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from cybertron.cli import main as cli_main  # noqa: E402
 from cybertron.runs import load_run  # noqa: E402
+from tests.scripted_model import write_scripted_run  # noqa: E402
 from tests.unit.finetune.tiny_hf import VOCAB, make_hf_dir, write_chats  # noqa: E402
 
 
@@ -41,6 +44,57 @@ def test_convert_round_trip_keeps_logits(hf_dir, tmp_path):
     assert (tmp_path / "back" / "tokenizer_config.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    """A pretraining run (no HF config behind it: its tokenizer alone knows eos) whose greedy continuation of
+    "x" is "ab" and then <|endoftext|>."""
+    from cybertron.data.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["abc xyz\n" * 4], vocab_size=260)
+    x, a, b = (tokenizer.encode(ch)[0] for ch in "xab")
+    run = write_scripted_run(tmp_path_factory.mktemp("run"), tokenizer, {x: a, a: b, b: tokenizer.eos_id})
+    return run, tokenizer, [x, a, b, tokenizer.eos_id]
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_exported_model_generates_until_end_of_text_in_transformers(scripted_run, tmp_path, command):
+    run, tokenizer, expected = scripted_run
+    assert cli_main([command, "--out", str(run), "--to", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (tokenizer.eos_id, None, None)
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {"eos_token_id": tokenizer.eos_id}
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    out = model.generate(torch.tensor([expected[:1]]), max_new_tokens=12, do_sample=False,
+                         pad_token_id=tokenizer.eos_id)
+    assert out[0].tolist() == expected  # stopped at <|endoftext|>, 9 tokens short of max_new_tokens
+
+
+def test_export_stops_at_the_chat_end_token_and_the_bases_eos(tmp_path):
+    """A base whose config ends text with <|endoftext|> (id 0) and whose tokenizer ends turns with <|im_end|>
+    (id 2): generation stops at either, as HF instruct models do; config.json keeps the base's own ids and
+    generation_config.json its sampling settings."""
+    base = make_hf_dir(tmp_path / "base", "llama", bos_token_id=3, eos_token_id=0)
+    settings = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**settings, "do_sample": True, "temperature": 0.6}))
+    assert cli_main(["convert", "--from-hf", str(base), "--out", str(tmp_path / "run")]) == 0
+    assert cli_main(["convert", "--out", str(tmp_path / "run"), "--to", str(tmp_path / "back")]) == 0
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert [config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [3, 0, 0]
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    assert generation.eos_token_id == [2, 0] and generation.pad_token_id == 0 and generation.temperature == 0.6
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exported_files_have_the_mode_an_ordinary_open_gives(scripted_run, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        assert cli_main(["export", "--out", str(scripted_run[0]), "--to", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def _broken(hf_dir, tmp_path, case):
     bad = tmp_path / case
     shutil.copytree(hf_dir, bad)
@@ -53,9 +107,9 @@ def _broken(hf_dir, tmp_path, case):
         cfg = json.loads((bad / "config.json").read_text())
         cfg["architectures"] = ["GPT2LMHeadModel"]
         (bad / "config.json").write_text(json.dumps(cfg))
-    elif case == "no-chat-template":
+    elif case == "broken-chat-template":
         cfg = json.loads((bad / "tokenizer_config.json").read_text())
-        del cfg["chat_template"]
+        cfg["chat_template"] = "{% for message in messages %}"  # never closed
         (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
     return bad
 
@@ -63,7 +117,8 @@ def _broken(hf_dir, tmp_path, case):
 @pytest.mark.parametrize("case, fragment", [("no-config", "config.json is missing"),
                                             ("no-weights", "has no weights"),
                                             ("unsupported-arch", "unsupported architecture 'GPT2LMHeadModel'"),
-                                            ("no-chat-template", "no chat template")])
+                                            ("broken-chat-template", "the model's chat template is not valid "
+                                                                     "Jinja")])
 def test_bad_model_directory_is_one_line_and_exit_2(hf_dir, tmp_path, capsys, case, fragment):
     bad = _broken(hf_dir, tmp_path, case)
     chats = write_chats(tmp_path / "chats.jsonl", n=4)

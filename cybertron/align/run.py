@@ -40,7 +40,7 @@ from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
 from cybertron.finetune.lora import count_params
-from cybertron.finetune.model import BaseModel, base_dtype, build_finetune_model, saved_module
+from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model, saved_module
 from cybertron.finetune.run import resolve_seq_len, write_run_files
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
@@ -77,23 +77,24 @@ class AlignRun:
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific state (data, engine, reward)
 
 
-def run_align(cfg: AlignConfig, base: BaseModel, record_run: RecordRun, env: DistEnv | None = None,
+def run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun, env: DistEnv | None = None,
               reward_model: RewardModelLoader | None = None) -> AlignRun:
-    """One process, or one rank of a data-parallel run started by torchrun: align `base` (its weights are
-    loaded on this rank's device); `record_run` writes the run's metadata; `reward_model` loads a reward-model
-    run given as align.reward."""
+    """One process, or one rank of a data-parallel run started by torchrun: align the base model.path names
+    (`open_base` reads it; its weights are loaded on this rank's device); `record_run` writes the run's
+    metadata; `reward_model` loads a reward-model run given as align.reward."""
     p = cfg.parallel
     return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
-                        lambda dp, device: _run_align(cfg, base, record_run, reward_model, dp, device))
+                        lambda dp, device: _run_align(cfg, open_base, record_run, reward_model, dp, device))
 
 
-def _run_align(cfg: AlignConfig, base: BaseModel, record_run: RecordRun, reward_model: RewardModelLoader | None,
-               dp: DataParallel, device: torch.device) -> AlignRun:
+def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
+               reward_model: RewardModelLoader | None, dp: DataParallel, device: torch.device) -> AlignRun:
     """Build everything (data and reference log-probabilities first, so bad input fails before training),
     resume if asked, and run the method's loop."""
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
+    base = open_base(Path(cfg.model.path))
     model_cfg, tokenizer = base.config, base.tokenizer
     # Chat-message records render through it; the run dir keeps it for generate/serve/export either way.
     chat = resolve_chat_format(tokenizer.chat_template, cfg.data.chat_template)

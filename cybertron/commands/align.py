@@ -10,8 +10,6 @@ Parses the config, validates it against the world size, opens the base (and a re
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cybertron.align.config import SHORTCUTS, AlignConfig, validate
 from cybertron.align.run import AlignRun, run_align
 from cybertron.config import help_text, parse_args
@@ -30,7 +28,6 @@ def main(argv: list[str]) -> int:
 
 
 def run(cfg: AlignConfig, env: DistEnv | None = None) -> AlignRun:
-    """This rank's share of the run: the base opened here, its weights loaded on the rank's device by the
-    recipe; a reward-model run (align.reward=RUN_DIR) loaded through runs.py too."""
-    return run_align(cfg, open_base(Path(cfg.model.path)), finetune_meta(cfg).write, env,
-                     reward_model=load_reward_model)
+    """This rank's share of the run: the base is opened through runs.py, its weights loaded on the rank's
+    device by the recipe; a reward-model run (align.reward=RUN_DIR) is loaded through runs.py too."""
+    return run_align(cfg, open_base, finetune_meta(cfg).write, env, reward_model=load_reward_model)

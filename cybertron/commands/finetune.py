@@ -8,8 +8,6 @@ runs the SFT recipe (cybertron/finetune/run.py).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cybertron.config import help_text, parse_args
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, expand_shortcuts, validate
 from cybertron.finetune.run import FinetuneRun, run_finetune
@@ -27,6 +25,6 @@ def main(argv: list[str]) -> int:
 
 
 def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:
-    """This rank's share of the run: the base (an HF or run directory) opened here, its weights loaded on the
-    rank's device by the recipe."""
-    return run_finetune(cfg, open_base(Path(cfg.model.path)), finetune_meta(cfg).write, env)
+    """This rank's share of the run: the base (an HF or run directory) is opened through runs.py, its weights
+    loaded on the rank's device by the recipe."""
+    return run_finetune(cfg, open_base, finetune_meta(cfg).write, env)

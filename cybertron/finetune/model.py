@@ -2,8 +2,8 @@
 
 The base is a Hugging Face model directory or a cybertron run directory (a pretrained model, or a
 `cybertron finetune` / `cybertron align` run whose adapters are merged in: alignment usually follows SFT).
-runs.py opens it (`open_base`) and the command hands it over; this package never reads a run directory
-itself, so it stays below runs.py.
+runs.py opens it (`open_base`, which the command hands to the recipe); this package never reads a run
+directory itself, so it stays below runs.py.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ class BaseModel:
     config: ModelConfig
     tokenizer: TextTokenizer
     load: Callable[[torch.device, torch.dtype], Transformer]
+
+
+# Opens (reads and checks) the base at a path: runs.open_base, which a command hands to the finetune and align
+# recipes; they call it after the run directory's checks, so a wrong --out fails before a wrong --model.
+OpenBase = Callable[[Path], BaseModel]
 
 
 def base_dtype(name: str, compute: str, method: str) -> torch.dtype:

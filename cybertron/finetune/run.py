@@ -23,7 +23,7 @@ from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer, copy_tok
 from cybertron.errors import ConfigError
 from cybertron.finetune.config import FinetuneConfig
 from cybertron.finetune.lora import count_params
-from cybertron.finetune.model import BaseModel, base_dtype, build_finetune_model, saved_module
+from cybertron.finetune.model import BaseModel, OpenBase, base_dtype, build_finetune_model, saved_module
 from cybertron.finetune.quant import quantized_bits_per_param
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
@@ -80,20 +80,22 @@ class FinetuneRun:
     dp: DataParallel
 
 
-def run_finetune(cfg: FinetuneConfig, base: BaseModel, record_run: RecordRun,
+def run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun,
                  env: DistEnv | None = None) -> FinetuneRun:
-    """One process, or one rank of a data-parallel run started by torchrun: fine-tune `base` (its weights are
-    loaded on this rank's device); `record_run` writes the run's metadata."""
+    """One process, or one rank of a data-parallel run started by torchrun: fine-tune the base model.path
+    names (`open_base` reads it; its weights are loaded on this rank's device); `record_run` writes the run's
+    metadata."""
     p = cfg.parallel
     return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
-                        lambda dp, device: _run_finetune(cfg, base, record_run, dp, device))
+                        lambda dp, device: _run_finetune(cfg, open_base, record_run, dp, device))
 
 
-def _run_finetune(cfg: FinetuneConfig, base: BaseModel, record_run: RecordRun, dp: DataParallel,
+def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun, dp: DataParallel,
                   device: torch.device) -> FinetuneRun:
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
+    base = open_base(Path(cfg.model.path))
     model_cfg, tokenizer, chat = check_chat_format(base, cfg.data.chat_template)
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     t = cfg.train

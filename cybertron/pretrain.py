@@ -28,7 +28,7 @@ from cybertron.models.presets import preset_config
 from cybertron.parallel.dims import dp_mesh
 from cybertron.parallel.runtime import DistEnv, init_distributed, layout_dims, shutdown_distributed
 from cybertron.train import checkpoint as ckpt_io
-from cybertron.train.float8 import convert_to_float8, validate_float8
+from cybertron.train.float8 import convert_to_float8, float8_compile_options, validate_float8
 from cybertron.train.metrics import (
     MetricsLogger,
     ProgressDisplay,
@@ -209,7 +209,8 @@ def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: 
             apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         # one process: forward + loss compiled together
-        step_fn = LanguageModelStep(compile=t.compile, fused_loss=t.fused_loss)
+        step_fn = LanguageModelStep(compile=t.compile, fused_loss=t.fused_loss,
+                                    compile_options=float8_compile_options(t.fp8))
         return Trainer(model, optimizer, step_fn, schedule, t.grad_clip, autocast=amp), [model]
     assert t.fp8 == "none", "validate() refuses train.fp8 with a parallel layout"
     from cybertron.parallel.apply import build_parallel_optimizer, parallelize

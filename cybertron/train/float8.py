@@ -74,22 +74,26 @@ def float8_linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if keep(module, name)]
 
 
+def float8_compile_options(recipe: str) -> dict[str, bool]:
+    """The inductor options a torch.compile of a model converted with `recipe` needs, passed to that compile
+    only (`torch.compile(fn, options=...)`), never set process-wide.
+
+    Rowwise scales computed in a compiled backward that recomputes the forward's casts must round like eager,
+    else they can differ from the forward's and the loss goes NaN (pytorch/pytorch#150859; torchtitan enables
+    the same option for this recipe)."""
+    return {"emulate_precision_casts": True} if recipe == "rowwise" else {}
+
+
 def convert_to_float8(model: nn.Module, recipe: str) -> list[str]:
     """Swap the selected Linear layers for torchao Float8Linear in place (before activation checkpointing and
-    compile, the order torchtitan applies its converters in); returns the converted layers' names."""
+    compile, the order torchtitan applies its converters in); returns the converted layers' names. Compile the
+    converted model with `float8_compile_options(recipe)`."""
     assert recipe in FP8_RECIPES and recipe != "none", recipe
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
         raise ConfigError(f"train.fp8={recipe} needs torchao: pip install 'cybertron[fp8]'") from err
     names = float8_linear_names(model)
-    if recipe == "rowwise":
-        # Rowwise scales computed in a compiled backward that recomputes the forward's casts must round like
-        # eager, else they can differ from the forward's and the loss goes NaN (pytorch/pytorch#150859;
-        # torchtitan sets the same flag for this recipe).
-        import torch._inductor.config as inductor_config
-
-        inductor_config.emulate_precision_casts = True
     convert_to_float8_training(model, module_filter_fn=float8_module_filter(model),
                                config=Float8LinearConfig.from_recipe_name(recipe))
     return names

@@ -48,11 +48,14 @@ class LanguageModelStep:
     the plain model.
 
     With `fused_loss=True` the output head and the loss run chunk by chunk (train/fused_linear_ce.py): the
-    full logits never exist. It needs the plain model (hidden_states and lm_head.weight), i.e. one process."""
+    full logits never exist. It needs the plain model (hidden_states and lm_head.weight), i.e. one process.
 
-    def __init__(self, compile: bool = False, fused_loss: bool = False):
+    `compile_options` are inductor options for this compile only (e.g. what an fp8 recipe needs)."""
+
+    def __init__(self, compile: bool = False, fused_loss: bool = False,
+                 compile_options: dict[str, Any] | None = None):
         loss_sum = _fused_lm_loss_sum if fused_loss else _lm_loss_sum
-        self._loss_sum = torch.compile(loss_sum) if compile else loss_sum
+        self._loss_sum = torch.compile(loss_sum, options=compile_options) if compile else loss_sum
 
     def weight(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX).sum()

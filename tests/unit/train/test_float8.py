@@ -14,19 +14,11 @@ from cybertron.models.llama import build_model
 from cybertron.models.presets import preset_config
 from cybertron.pretrain import build_trainer, validate
 from cybertron.train import float8
-from cybertron.train.float8 import convert_to_float8, float8_linear_names
+from cybertron.train.float8 import convert_to_float8, float8_compile_options, float8_linear_names
 from cybertron.train.optim import build_optimizer
 from cybertron.train.trainer import LanguageModelStep, Trainer
 
 pytest.importorskip("torchao")
-
-
-@pytest.fixture(autouse=True)
-def _restore_inductor_flags(monkeypatch):
-    # convert_to_float8(..., "rowwise") sets a process-wide inductor flag; keep it out of other tests.
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", inductor_config.emulate_precision_casts)
 
 
 def _cfg(fp8: str, device: str = "cpu") -> TrainConfig:
@@ -97,13 +89,15 @@ def test_filter_skips_linears_whose_dims_are_not_multiples_of_16():
     assert len(names) == 4 * model.config.n_layers and "lm_head" not in names
 
 
-def _train(model: torch.nn.Module, steps: int, device: torch.device, compile: bool = False) -> list[float]:
+def _train(model: torch.nn.Module, steps: int, device: torch.device, compile: bool = False,
+           compile_options: dict | None = None) -> list[float]:
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab // 4, (8, 65), generator=g) for _ in range(4)]  # a learnable subset
     opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    trainer = Trainer(model, opt, LanguageModelStep(compile=compile), lambda s: 1e-3, 1.0, autocast=amp)
+    step_fn = LanguageModelStep(compile=compile, compile_options=compile_options)
+    trainer = Trainer(model, opt, step_fn, lambda s: 1e-3, 1.0, autocast=amp)
     losses = []
     for step in range(steps):
         tokens = batches[step % len(batches)].to(device)
@@ -124,6 +118,25 @@ def test_converted_model_trains_like_bf16_on_cpu(recipe):
     losses = _train(model, 12, torch.device("cpu"))
     assert losses[-1] < losses[0] - 0.3
     assert max(abs(a - b) / b for a, b in zip(losses, reference)) < 0.02
+
+
+def test_rowwise_conversion_leaves_process_wide_inductor_settings_alone():
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.get_config_copy()
+    convert_to_float8(build_model(preset_config("debug"), seed=0), "rowwise")
+    assert inductor_config.get_config_copy() == before
+    assert inductor_config.emulate_precision_casts is before["emulate_precision_casts"]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_only_the_rowwise_step_compile_asks_for_eager_rounding(recipe):
+    # The option reaches the train step's own torch.compile (pytorch/pytorch#150859), not the process.
+    cfg = _cfg(recipe)
+    cfg.model.preset, cfg.train.compile = "debug", True
+    model = build_model(preset_config("debug"), seed=0)
+    trainer, _ = build_trainer(cfg, model, dims=None, mesh=None, dtype_name="bf16", device=torch.device("cpu"))
+    assert trainer.step_fn._loss_sum.get_compiler_config()["emulate_precision_casts"] is (recipe == "rowwise")
 
 
 def test_build_trainer_applies_fp8_on_one_process():
@@ -147,6 +160,6 @@ def test_fp8_loss_curve_matches_bf16_on_gpu(recipe):
     reference = _train(build_model(preset_config("tiny"), device=device, seed=0), 30, device, compile=True)
     model = build_model(preset_config("tiny"), device=device, seed=0)
     convert_to_float8(model, recipe)
-    losses = _train(model, 30, device, compile=True)
+    losses = _train(model, 30, device, compile=True, compile_options=float8_compile_options(recipe))
     smooth = lambda xs: [sum(xs[i:i + 5]) / 5 for i in range(len(xs) - 4)]
     assert max(abs(a - b) / b for a, b in zip(smooth(losses), smooth(reference))) < 0.03

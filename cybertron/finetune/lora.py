@@ -43,6 +43,12 @@ class LoRASpec:
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a low-rank update (and a DoRA magnitude when `dora`)."""
 
+    # The role of each parameter's dimensions, which tensor parallelism reads to split the layer the way its
+    # plan splits the Linear it replaced (parallel/tensor_parallel.py): column-parallel shards every "out"
+    # dimension (B by rows, A replicated), row-parallel every "in" dimension (A by columns, B replicated).
+    param_axes = {"weight": ("out", "in"), "bias": ("out",), "lora_A": ("rank", "in"), "lora_B": ("out", "rank"),
+                  "magnitude": ("out",)}
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dora: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()

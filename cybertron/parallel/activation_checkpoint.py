@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from cybertron.parallel.blocks import transformer_of
+
 MODES = ("none", "full", "selective")
 
 # Ops whose outputs selective checkpointing keeps: the expensive ones (matmuls, attention).
@@ -44,10 +46,10 @@ def _checkpointed(forward: Callable, selective: bool) -> Callable:
 
 
 def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
-    """Checkpoint every block in model.layers according to `mode` (one of MODES)."""
+    """Checkpoint every transformer block of `model` (see blocks.transformer_of) according to `mode`."""
     assert mode in MODES, mode
     if mode == "none":
         return model
-    for block in model.layers.values():
+    for block in transformer_of(model).layers.values():
         block.forward = _checkpointed(block.forward, selective=mode == "selective")
     return model

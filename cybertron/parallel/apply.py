@@ -1,10 +1,16 @@
-"""parallelize(model, dims, mesh, cfg): apply a layout to a plain, initialised model, in the order
-TP -> activation checkpointing -> compile -> FSDP/DDP (each step sees the modules the previous one made),
-with pipeline stages split off first when pp > 1."""
+"""parallelize(model, dims, mesh, cfg): the one way every command applies a layout to a plain, initialised
+model, at every world size, in the order
+
+    converters (fp8, NF4) -> TP (+SP) -> activation checkpointing -> compile -> FSDP2 / DDP / ZeRO
+
+(each step sees the modules the previous one made), with pipeline stages split off after the converters when
+pp > 1. Without a mesh (one process) it returns the model with the converters, activation checkpointing and
+compile applied, and the Trainer's single-process collectives."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from cybertron.config import ParallelSection, TrainSection
 from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
+from cybertron.parallel.blocks import transformer_of
 from cybertron.parallel.collectives import build_collectives
 from cybertron.parallel.data_parallel import (
     Zero2Gradients,
@@ -55,8 +62,20 @@ class Parallelized:
     zero2: Zero2Gradients | None = None  # the paper's ZeRO-2 (its optimizer learns the partition)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
-                compile_blocks: bool = False, param_dtype: torch.dtype | None = None) -> Parallelized:
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
+                compile_blocks: bool = False, param_dtype: torch.dtype | None = None,
+                converters: Sequence[Callable[[nn.Module], object]] = (),
+                replicas_equal: bool = False) -> Parallelized:
+    """Apply the layout `dims` over `mesh` (None: one process) to `model`, in place where possible.
+
+    converters: in-place module swaps run first (fp8 Linears, an NF4 base), so every later step wraps the
+    converted modules. replicas_equal: every rank built bitwise-equal weights (loaded the same checkpoint,
+    seeded the same adapters), so DDP skips its start-up broadcast (which altered torchao NF4 bases)."""
+    for convert in converters:
+        convert(model)
+    if mesh is None:
+        _checkpoint_and_compile(model, cfg, compile_blocks)
+        return Parallelized(model, [model], LanguageModelStep(), Collectives(), None)
     tp_on, lp = dims.tp > 1, dims.tp > 1 and cfg.loss_parallel
     sp = tp_on and cfg.sequence_parallel
     stages = _split(model, dims, cfg, mesh) if dims.pp > 1 else {0: model}
@@ -66,11 +85,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
             apply_tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp))
             if dims.pp > 1:
                 _local_stage_io(part, mesh["tp"], first=stage == 0, sp=sp)
-        apply_activation_checkpoint(part, cfg.activation_checkpoint)
-        if compile_blocks:
-            for block in part.layers.values():
-                block.compile()  # in place: parameter names stay those of the plain model
-        stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype)
+        _checkpoint_and_compile(part, cfg, compile_blocks)
+        stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype, replicas_equal)
     zero2 = Zero2Gradients(stages[0], dp_mesh(mesh)) if paper_zero2(dims, cfg) else None
     step_context = loss_parallel_context if lp else contextlib.nullcontext
     collectives = build_collectives(mesh, dims.dp, dims.pp, step_context, zero2)
@@ -81,6 +97,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
     return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
 
 
+def _checkpoint_and_compile(part: nn.Module, cfg: ParallelSection, compile_blocks: bool) -> None:
+    apply_activation_checkpoint(part, cfg.activation_checkpoint)
+    if compile_blocks:
+        for block in transformer_of(part).layers.values():
+            block.compile()  # in place: parameter names stay those of the plain model
+
+
 def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
     """zero2 as in the ZeRO paper (replicated parameters, partitioned gradients and optimizer state) for
     pure data parallelism; composed with tp, pp, HSDP or CPU offload, zero2 is FSDP2 without resharding."""
@@ -89,7 +112,7 @@ def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
 
 
 def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
-                         param_dtype: torch.dtype | None) -> nn.Module:
+                         param_dtype: torch.dtype | None, replicas_equal: bool = False) -> nn.Module:
     if paper_zero2(dims, cfg):
         return part  # replicated parameters; Zero2Gradients partitions the gradients
     if dims.data_parallel in ("zero2", "zero3") and (dims.dp > 1 or cfg.cpu_offload):
@@ -97,7 +120,7 @@ def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, 
         return apply_fsdp(part, shard_mesh, reshard_after_forward=dims.data_parallel == "zero3",
                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)
     if dims.data_parallel in ("ddp", "zero1") and dims.dp > 1:
-        return apply_ddp(part, dp_mesh(mesh))
+        return apply_ddp(part, dp_mesh(mesh), init_sync=not replicas_equal)
     return part
 
 

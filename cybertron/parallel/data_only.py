@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard
 
+from cybertron.config import ParallelSection
 from cybertron.errors import ConfigError
+from cybertron.parallel.apply import parallelize
+from cybertron.parallel.blocks import transformer_of
 from cybertron.parallel.collectives import build_collectives
-from cybertron.parallel.data_parallel import apply_ddp, apply_fsdp
-from cybertron.parallel.dims import ParallelDims, dp_mesh
+from cybertron.parallel.dims import ParallelDims
 from cybertron.parallel.runtime import DistEnv, init_distributed
 from cybertron.train.trainer import Collectives
 
@@ -98,33 +98,21 @@ class DataParallel:
         dist.all_reduce(out)
         return out
 
-    def wrap(self, model: nn.Module, blocks_of: Callable[[nn.Module], nn.Module]) -> nn.Module:
-        """DDP around `model`, or FSDP2 over each block of `blocks_of(model)` (a Transformer) then the root."""
+    def wrap(self, model: nn.Module, blocks_of: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """DDP around `model`, or FSDP2 over each transformer block, each other child of a wrapper (the reward
+        model's score head) and the root: `parallelize()` with this world's pure data-parallel layout.
+        The blocks are found in the module tree (parallel/blocks.py); `blocks_of` is kept for callers that
+        still pass it and must name the same module."""
+        if blocks_of is not None:
+            assert blocks_of(model) is transformer_of(model), "blocks_of disagrees with the module tree"
         if not self.is_distributed:
             return model
-        if self.mode == "ddp":
-            # No start-up broadcast: every rank loaded the same weights and seeded the same adapters, and
-            # broadcasting torchao's NF4 tensors (QLoRA) altered rank 1's base (the first loss and gradient
-            # norms then differed from one process; bench/RESULTS.md).
-            return apply_ddp(model, dp_mesh(self.mesh), init_sync=False)
-        transformer = blocks_of(model)
-        if transformer is model:
-            return apply_fsdp(model, dp_mesh(self.mesh), reshard_after_forward=True)
-        # A wrapper (the reward model's score head): the blocks, the head and the wrapper (embedding, final
-        # norm) are units under one root.
-        for block in transformer.layers.values():
-            fully_shard(block, mesh=dp_mesh(self.mesh), reshard_after_forward=True)
-        for child in model.children():
-            if child is not transformer:  # the head, its own unit
-                fully_shard(child, mesh=dp_mesh(self.mesh), reshard_after_forward=True,
-                            shard_placement_fn=self._widest_dim)
-        fully_shard(model, mesh=dp_mesh(self.mesh), reshard_after_forward=True)
-        return model
-
-    def _widest_dim(self, param: nn.Parameter) -> Shard | None:
-        # A scalar head's weight is (1, dim): split on dim 0, every rank but one would hold an empty shard;
-        # split along its columns, each holds an equal part.
-        return Shard(1) if param.dim() == 2 and param.shape[0] < self.size else None
+        dims = ParallelDims.resolve(self.size, data_parallel=self.mode)
+        # No start-up broadcast: every rank loaded the same weights and seeded the same adapters, and
+        # broadcasting torchao's NF4 tensors (QLoRA) altered rank 1's base (the first loss and gradient
+        # norms then differed from one process; bench/RESULTS.md).
+        return parallelize(model, dims, self.mesh, ParallelSection(data_parallel=self.mode),
+                           replicas_equal=True).model
 
     def collectives(self) -> Collectives:
         return build_collectives(self.mesh, self.size, 1) if self.is_distributed else Collectives()

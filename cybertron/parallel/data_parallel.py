@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
+from cybertron.parallel.blocks import transformer_of
 from cybertron.train.optim import param_groups
 
 
@@ -42,7 +45,8 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, init_sync: bool = True) -> 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool, cpu_offload: bool = False,
                param_dtype: torch.dtype | None = None) -> nn.Module:
-    """fully_shard every transformer block, then the root (embedding, final norm, head).
+    """fully_shard every transformer block, then each other child of a wrapper model (e.g. a score head, its
+    own unit), then the root (embedding, final norm, head).
 
     dp_mesh is 1-D (dp_shard: ZeRO-2/3) or 2-D (dp_replicate, dp_shard: HSDP)."""
     kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
@@ -54,11 +58,22 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     else:
         kwargs["offload_policy"] = OffloadPolicy()
-    layers = getattr(model, "layers", None)
-    for block in (layers.values() if layers is not None else []):
+    transformer = transformer_of(model)
+    for block in transformer.layers.values():
         fully_shard(block, **kwargs)
+    if transformer is not model:
+        shards = dp_mesh.size(dp_mesh.ndim - 1)
+        for child in model.children():
+            if child is not transformer and any(True for _ in child.parameters()):
+                fully_shard(child, shard_placement_fn=partial(_widest_dim, shards), **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _widest_dim(shards: int, param: nn.Parameter) -> Shard | None:
+    # A scalar head's weight is (1, dim): split on dim 0, every rank but one would hold an empty shard;
+    # split along its columns, each holds an equal part.
+    return Shard(1) if param.dim() == 2 and param.shape[0] < shards else None
 
 
 def build_zero1_optimizer(model: nn.Module, dp_mesh: DeviceMesh, lr: float, weight_decay: float,

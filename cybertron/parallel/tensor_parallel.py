@@ -1,16 +1,32 @@
 """Tensor (and sequence) parallelism: apply a model family's plan (FQN pattern -> ParallelStyle, see
-parallel/plans.py) to a plain model, plus the loss-parallel cross-entropy step for vocabulary-sharded logits."""
+parallel/plans.py) to a plain model, plus the loss-parallel cross-entropy step for vocabulary-sharded logits.
+
+A plan names linear layers. A module swapped in for one (a LoRA/DoRA adapter layer holding the base weight
+plus its low-rank factors) keeps the name, so the plan's pattern still matches it; what the module declares
+in `param_axes` (parameter name -> the role of each dimension: "out", "in" or anything else) decides how each
+parameter is split. Under a column-parallel style every parameter with an "out" dimension is sharded along it
+(base weight and bias, LoRA B, the DoRA magnitude) and the rest replicated (LoRA A); under a row-parallel
+style every parameter with an "in" dimension is sharded along it (base weight, LoRA A) and the rest
+replicated (LoRA B, bias, magnitude), and the partial sums of the base and low-rank paths are reduced
+together by the style's output redistribution. Nothing is keyed on a model's or a layer's name."""
 
 from __future__ import annotations
 
 import fnmatch
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from cybertron.train.losses import IGNORE_INDEX
 from cybertron.train.trainer import Batch, LanguageModelStep
@@ -23,10 +39,76 @@ def present_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, 
             if any(fnmatch.fnmatchcase(name, pattern) for name in names)}
 
 
+def resolve_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """The plan for this very model: patterns that match nothing dropped, and every module that declares
+    `param_axes` (an adapter layer in place of a Linear) given the adapter form of its pattern's style."""
+    resolved: dict[str, ParallelStyle] = {}
+    for pattern, style in present_plan(model, plan).items():
+        adapted = {name: module for name, module in model.named_modules()
+                   if fnmatch.fnmatchcase(name, pattern) and hasattr(module, "param_axes")}
+        if not adapted:
+            resolved[pattern] = style
+            continue
+        for name in (n for n, _ in model.named_modules()):
+            if fnmatch.fnmatchcase(name, pattern):
+                resolved[name] = adapter_style(style) if name in adapted else style
+    return resolved
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:
     """Shard `model`'s existing weights over tp_mesh as the plan says (the model code is unchanged: attention
-    infers its local head count from the sharded projection shapes)."""
-    return parallelize_module(model, tp_mesh, present_plan(model, plan))
+    infers its local head count from the sharded projection shapes). Frozen parameters stay frozen: some
+    of torch's styles (SequenceParallel) re-register the norms' weights as new, trainable Parameters."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    parallelize_module(model, tp_mesh, resolve_plan(model, plan))
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+def adapter_style(style: ParallelStyle) -> ParallelStyle:
+    """The column- or row-parallel style for a module declaring `param_axes`, with the same layouts."""
+    kind = type(style)
+    if kind not in (ColwiseParallel, RowwiseParallel):
+        raise NotImplementedError(f"{kind.__name__} has no form for adapter layers (only Colwise/Rowwise)")
+    adapted = AdapterColwise if kind is ColwiseParallel else AdapterRowwise
+    return adapted(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                   use_local_output=style.use_local_output)
+
+
+def _shard_by_role(role: str, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    """Shard each parameter of `module` along its dimension named `role` ("out"/"in"); replicate the rest.
+    requires_grad is kept, so a frozen base stays frozen."""
+    axes: dict[str, tuple[str, ...]] = getattr(module, "param_axes", {})
+    for pname, param in list(module.named_parameters(recurse=False)):
+        dims = axes.get(pname)
+        if dims is None:
+            raise ValueError(f"{type(module).__name__}.param_axes does not name its parameter {pname!r}")
+        placement = Shard(dims.index(role)) if role in dims else Replicate()
+        module.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [placement]),
+                                                      requires_grad=param.requires_grad))
+
+
+class AdapterColwise(ColwiseParallel):
+    """ColwiseParallel for a module declaring `param_axes`: parameters split along their "out" dimension."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, partial(_shard_by_role, "out"),
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+class AdapterRowwise(RowwiseParallel):
+    """RowwiseParallel for a module declaring `param_axes`: parameters split along their "in" dimension;
+    the output (a partial sum of base and low-rank paths) is reduced by the output layout."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Shard(-1),)  # as RowwiseParallel for a Linear: the input's last dim split
+        return distribute_module(
+            module, device_mesh, partial(_shard_by_role, "in"),
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
 
 
 def sharded_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

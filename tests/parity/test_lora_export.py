@@ -34,7 +34,7 @@ def test_merged_export_matches_unmerged_adapters(tmp_path, family, method):
     export_hf(run.run_dir, tmp_path / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
     reloaded = load_run(run.run_dir, merge=False).model
-    merged = load_run(run.run_dir).model  # what `cybertron generate --out RUN_DIR` serves
+    merged = load_run(run.run_dir).model  # what `cybertron generate --model RUN_DIR` serves
     assert not list(lora_modules(merged))
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

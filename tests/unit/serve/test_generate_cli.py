@@ -101,3 +101,15 @@ def test_run_flag_loads_a_run_and_rejects_an_hf_directory(hf_dir, capsys):
     """--run is the explicit form for a run: an HF directory given there is reported, not loaded as HF."""
     assert cli_main(["generate", "--run", str(hf_dir), "--prompt", "x", "--device", "cpu"]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_serve_reads_its_toml_and_checks_it_before_loading(hf_dir, tmp_path, capsys):
+    """serve takes the same typed sections: a TOML typo is named with the closest key, and a bad port in the
+    file fails before the model is loaded (the model path does not even exist)."""
+    config = tmp_path / "serve.toml"
+    config.write_text('[server]\nprot = 8001\n')
+    assert cli_main(["serve", "--config", str(config), "--model", str(hf_dir)]) == 2
+    assert capsys.readouterr().err == "error: unknown config key 'server.prot'; did you mean server.port?\n"
+    config.write_text('[model]\npath = "/nonexistent/model"\n[server]\nport = 70000\n')
+    assert cli_main(["serve", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == "error: --port must be in 0..65535, got 70000\n"

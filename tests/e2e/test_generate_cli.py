@@ -38,5 +38,5 @@ def test_stop_backslash_n_typed_in_a_shell_stops_at_the_newline(scripted_run):
 def test_an_incomplete_escape_is_one_line(scripted_run, capsys):
     argv = ["generate", "--model", str(scripted_run), "--prompt", "x", "--stop", "\\x4"]
     assert cli_main(argv) == 2
-    assert capsys.readouterr().err == 'error: sampling.stop "\\x4" has an incomplete escape (truncated \\xXX escape); ' \
-                                      "write a backslash itself as \\\\\n"
+    assert capsys.readouterr().err == ('error: sampling.stop "\\x4" has an incomplete escape (truncated \\xXX '
+                                       'escape); write a backslash itself as \\\\\n')

@@ -86,8 +86,10 @@ def test_sampling_stop_repeats_as_a_list():
     from cybertron.commands.generate import SHORTCUTS, GenerateConfig
     from cybertron.config import parse_args
 
-    cfg = parse_args(["--stop", "a", "--greedy", "--stop=b", "--sampling.stop", "c"], GenerateConfig(), SHORTCUTS)
+    cfg = parse_args(["--stop", "a", "--greedy", "--stop=b", "--sampling.stop", "c", "--prompt", "none"],
+                     GenerateConfig(), SHORTCUTS)
     assert cfg.sampling.stop == ["a", "b", "c"] and cfg.sampling.greedy is True
+    assert cfg.generate.prompt == "none"  # a text key keeps the word; only other optional keys read it as null
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from cybertron.commands.finetune import run as run_finetune  # noqa: E402
 from cybertron.config import parse_args  # noqa: E402
-from cybertron.finetune.config import FinetuneConfig  # noqa: E402
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig  # noqa: E402
 from cybertron.finetune.lora import lora_modules  # noqa: E402
 from cybertron.hf_runs import export_hf  # noqa: E402
 from cybertron.runs import load_run  # noqa: E402
@@ -22,7 +22,7 @@ def _finetune(tmp_path, family, method, steps=6):
                       "--steps", str(steps), "--train.lr", "0.02", "--train.warmup_steps", "0",
                       "--train.global_batch_size", "4", "--data.seq_len", "96", "--out", str(tmp_path / "run"),
                       "--log.progress", "lines", "--log.tensorboard", "false", "--eval.every", "0"],
-                     FinetuneConfig())
+                     FinetuneConfig(), SHORTCUTS)
     return run_finetune(cfg)
 
 

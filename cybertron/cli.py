@@ -16,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "fine-tune an HF model on chat data (full, lora, dora, qlora)",
     "align": "align a model: dpo, ipo, simpo, orpo, reward model, grpo",
     "export": "write a run as an HF directory (--merge adapters)",
-    "convert": "HF directory <-> run directory (--from-hf / --to)",
+    "convert": "HF directory <-> run directory (--from-hf HF --out RUN, --run RUN --out HF)",
     "serve": "OpenAI-compatible HTTP server",
 }
 

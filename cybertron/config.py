@@ -3,7 +3,6 @@ overrides. Every key is validated; an unknown key is named with the closest vali
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cybertron.errors import ConfigError, UserError
+from cybertron.errors import ConfigError
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - `help` reads best at call sites
@@ -22,6 +21,23 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - `help` r
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+# One dtype vocabulary for every command: the short names are canonical, torch's long names are aliases.
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def canonical_dtype(value: str) -> str:
+    """`bfloat16` -> `bf16` (and the other torch names); anything else is returned as given, for the
+    validator of the key to accept or name."""
+    return DTYPE_ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else value
+
+
+def check_dtype(key: str, value: str, allowed: tuple[str, ...]) -> tuple[bool, str]:
+    """A raise_first_failure check: `value` (already canonical) is one of `allowed`."""
+    return value in allowed, (f"{key} must be one of {', '.join(allowed)} (or a torch name such as bfloat16), "
+                              f"got {value!r}")
 
 
 @dataclass
@@ -64,7 +80,8 @@ class TrainSection:
     eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off")
     seed: int = opt(0, "seed for weights and data order")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)",
+                     dtype=True)
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile: forward + loss on one process, each block under parallel layouts")
     fused_loss: bool = opt(False, "output head + cross-entropy chunk by chunk: the full logits never exist "
@@ -188,8 +205,10 @@ def validate_shared_sections(cfg: Any) -> None:
                           f"train.micro_batch_size={t.micro_batch_size}")
 
 
-# Shortcut flags -> full keys.
-SHORTCUTS = {"--steps": "train.steps", "--out": "run.out", "--resume": "run.resume", "--device": "train.device"}
+# Shortcut flags -> full keys that every training command (train, finetune, align) has. Each command declares
+# its whole {flag: key} table and hands it to parse_args and help_text; a shortcut of a bool key takes no value.
+TRAINING_SHORTCUTS = {"--steps": "train.steps", "--out": "run.out", "--resume": "run.resume",
+                      "--device": "train.device"}
 
 
 def sections(cfg: Any) -> dict[str, Any]:
@@ -210,9 +229,13 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        # "none" is a value of a text key (a prompt may say none), a null elsewhere.
+        if value is None or (args[0] is not str and isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return coerce(value, args[0], key)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        return [coerce(v, item, key) for v in (value if isinstance(value, list) else [value])]
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -271,13 +294,28 @@ def _unknown_flag(flag: str, cfg: Any, shortcuts: dict[str, str]) -> ConfigError
     return ConfigError(f"unknown option {flag!r}{hint}")
 
 
-def set_key(cfg: Any, key: str, value: Any) -> None:
+def _field(cfg: Any, key: str) -> dataclasses.Field:
     section_name, _, name = key.partition(".")
     secs = sections(cfg)
-    if section_name not in secs or not name or name not in {f.name for f in dataclasses.fields(secs[section_name])}:
+    fields = {f.name: f for f in dataclasses.fields(secs[section_name])} if section_name in secs else {}
+    if name not in fields:
         raise _unknown_key(key, cfg)
-    section = secs[section_name]
-    setattr(section, name, coerce(value, _field_type(section, name), key))
+    return fields[name]
+
+
+def _key_type(cfg: Any, key: str) -> Any:
+    """The declared type of `section.name`; ConfigError with a suggestion for an unknown key."""
+    return _field_type(sections(cfg)[key.partition(".")[0]], _field(cfg, key).name)
+
+
+def set_key(cfg: Any, key: str, value: Any, append: bool = False) -> None:
+    """Set one key from TOML or the command line; `append` adds to a list-valued key (a repeated flag)."""
+    f = _field(cfg, key)
+    section = sections(cfg)[key.partition(".")[0]]
+    value = coerce(value, _field_type(section, f.name), key)
+    if f.metadata.get("dtype"):
+        value = canonical_dtype(value)
+    setattr(section, f.name, getattr(section, f.name) + value if append else value)
 
 
 def apply_toml(cfg: Any, path: str | Path) -> None:
@@ -294,10 +332,15 @@ def apply_toml(cfg: Any, path: str | Path) -> None:
             set_key(cfg, f"{section_name}.{name}", value)
 
 
-def parse_args(argv: list[str], cfg: Any, shortcuts: dict[str, str] | None = None) -> Any:
+def parse_args(argv: list[str], cfg: Any, shortcuts: dict[str, str] | None = None,
+               renamed: dict[str, str] | None = None) -> Any:
     """Apply `--config FILE` first, then `--section.key=value` / `--section.key value` overrides in order.
-    `shortcuts` are the command's own shortcut flags (besides SHORTCUTS), expanded and suggested alike."""
-    shortcuts = {**SHORTCUTS, **(shortcuts or {})}
+
+    `shortcuts` is the command's whole {flag: key} table (`--prompt` -> `generate.prompt`): a shortcut of a bool
+    key takes no value (`--greedy`; `--greedy=false` still works). A list-valued key repeats: its first flag
+    replaces the file's value, later ones append. `renamed` maps an old spelling that now means something else
+    to the one-line error naming the new one."""
+    shortcuts = shortcuts or {}
     pairs: list[tuple[str, Any]] = []
     config_file = None
     i = 0
@@ -307,9 +350,12 @@ def parse_args(argv: list[str], cfg: Any, shortcuts: dict[str, str] | None = Non
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
         name, eq, value = arg[2:].partition("=")
         flag = "--" + name
+        if renamed and flag in renamed:
+            raise ConfigError(renamed[flag])
         if "." not in name and flag != "--config" and flag not in shortcuts:
             raise _unknown_flag(flag, cfg, shortcuts)
-        is_bool_flag = flag in shortcuts and shortcuts[flag].endswith("resume")
+        key = shortcuts.get(flag, name)
+        is_bool_flag = flag in shortcuts and _key_type(cfg, key) is bool
         if not eq and not is_bool_flag:
             if i + 1 >= len(argv):
                 raise ConfigError(f"{flag} needs a value")
@@ -321,17 +367,21 @@ def parse_args(argv: list[str], cfg: Any, shortcuts: dict[str, str] | None = Non
         if flag == "--config":
             config_file = value
         else:
-            pairs.append((shortcuts.get(flag, name), value))
+            pairs.append((key, value))
     if config_file:
         apply_toml(cfg, config_file)
+    seen: set[str] = set()
     for key, value in pairs:
-        set_key(cfg, key, value)
+        is_list = typing.get_origin(_key_type(cfg, key)) is list
+        set_key(cfg, key, value, append=is_list and key in seen)
+        seen.add(key)
     return cfg
 
 
-def help_text(cfg: Any, command: str) -> str:
-    lines = [f"usage: cybertron {command} [--config FILE] [--section.key=value ...]", "",
-             "shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()), ""]
+def help_text(cfg: Any, command: str, shortcuts: dict[str, str] | None = None) -> str:
+    lines = [f"usage: cybertron {command} [--config FILE] [--section.key=value ...]", ""]
+    if shortcuts:
+        lines += ["shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in shortcuts.items()), ""]
     for section_name, section in sections(cfg).items():
         lines.append(f"[{section_name}]")
         for f in dataclasses.fields(section):
@@ -368,11 +418,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the commands with plain flags (generate, serve, convert, export): raises UserError instead
-    of exiting, so the CLI reports bad flags in its one format."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")

@@ -19,12 +19,12 @@ from cybertron.models.hf import SpecialTokenIds, load_hf_model, save_hf_model
 from cybertron.runs import REWARD_HEAD, converted_meta, load_run
 from cybertron.train import checkpoint as ckpt_io
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")  # the canonical names (cybertron.config) of the dtypes written
 
 
 def convert_from_hf(hf_dir: Path, run_dir: Path) -> Path:
     """Write `hf_dir`'s weights as checkpoint step-0 of a new run directory, with its tokenizer files;
-    returns the checkpoint. `cybertron generate --out RUN_DIR` and `train --model.init_from` both work."""
+    returns the checkpoint. `cybertron generate --model RUN_DIR` and `train --model.init_from` both work."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise UserError(f"--from-hf {hf_dir} is not a directory; give a Hugging Face model directory")
@@ -43,7 +43,7 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     """A run's newest checkpoint (adapters merged into the base) as a Hugging Face directory."""
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()):
-        raise UserError(f"--to {hf_dir} exists and is not empty; choose a new directory")
+        raise UserError(f"--out {hf_dir} exists and is not empty; choose a new directory")
     root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
     copy_tokenizer_files(root, hf_dir)  # first: save_hf_model extends the base's generation_config.json
     run = load_run(Path(run_dir), "cpu", merge=True)

@@ -36,8 +36,8 @@ from cybertron.finetune.model import BaseModel, build_finetune_model
 from cybertron.models.config import ModelConfig
 from cybertron.models.hf import load_hf_model, read_hf_config
 from cybertron.models.llama import Transformer
-from cybertron.serve.options import DTYPES
 from cybertron.train.checkpoint import load_checkpoint, read_model_config, resolve_checkpoint
+from cybertron.train.precision import DTYPES
 
 RUN_FILE = "run.json"
 LEGACY_FILE = "finetune.json"  # what fine-tuning and alignment runs recorded before run.json
@@ -268,19 +268,18 @@ def load_base_weights(path: Path, device: torch.device | str, dtype: torch.dtype
 
 # ---- generate and serve -------------------------------------------------------------------------------------
 
-def load_for_inference(out: Path | None, model_dir: Path | None, device: torch.device,
+def load_for_inference(path: Path, as_run: bool, device: torch.device,
                        dtype: str = "auto") -> tuple[Transformer, TextTokenizer, str]:
-    """(model in eval mode, tokenizer, a display name) from exactly one of a run dir (--out) or an HF dir
-    (--model), as `cybertron generate` and `cybertron serve` take them."""
-    if (out is None) == (model_dir is None):
-        raise UserError("give exactly one of --out RUN_DIR or --model HF_DIR")
-    if out is not None:
-        if not out.is_dir():
-            raise UserError(f"--out {out} is not a directory; give a cybertron run directory")
-        run = load_run(out, device, head=LM_HEAD)
-        return run.model, run.tokenizer, out.resolve().name
-    if not model_dir.is_dir():
-        raise UserError(f"--model {model_dir} is not a directory; give a Hugging Face model directory")
-    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_hf_model(model_dir, device=device, dtype=torch_dtype)
-    return model.eval(), TextTokenizer.load(model_dir), model_dir.resolve().name
+    """(model in eval mode, tokenizer, a display name) from a model source, as `cybertron generate` and
+    `cybertron serve` take it: a Hugging Face directory or a run directory (`as_run`: given with --run, so an
+    HF directory there is a mistake). `dtype` (canonical: auto, fp32, bf16, fp16) applies to an HF model."""
+    flag = "--run" if as_run else "--model"
+    if not path.is_dir():
+        raise UserError(f"{flag} {path} is not a directory; give a Hugging Face model directory or a cybertron "
+                        "run directory")
+    if as_run or not is_hf_dir(path):  # load_run names what a run directory lacks
+        run = load_run(path, device, head=LM_HEAD)
+        return run.model, run.tokenizer, path.resolve().name
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_hf_model(path, device=device, dtype=torch_dtype)
+    return model.eval(), TextTokenizer.load(path), path.resolve().name

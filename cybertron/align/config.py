@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cybertron.config import (
+    TRAINING_SHORTCUTS,
     CheckpointSection,
     DataParallelSection,
     EpochTrainSection,
@@ -17,8 +18,13 @@ from cybertron.config import (
     validate_shared_sections,
 )
 from cybertron.data.escapes import decode_escapes
-from cybertron.finetune.config import CHAT_TEMPLATE_HELP, BaseModelSection, MethodSection
-from cybertron.finetune.config import METHODS as WEIGHT_METHODS
+from cybertron.finetune.config import (
+    CHAT_TEMPLATE_HELP,
+    BaseModelSection,
+    MethodSection,
+    base_model_checks,
+    method_checks,
+)
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
 METHODS = (*PREFERENCE_METHODS, "reward", "grpo")
@@ -80,7 +86,7 @@ class AlignConfig:
 
 
 # The flags of the common case: `cybertron align --method dpo --model DIR --data FILE`.
-SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "align.method",
+SHORTCUTS = {**TRAINING_SHORTCUTS, "--model": "model.path", "--data": "data.path", "--method": "align.method",
              "--weights": "finetune.method", "--reward": "align.reward", "--beta": "align.beta",
              "--lr": "train.lr", "--epochs": "train.epochs"}
 
@@ -94,14 +100,8 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
                                "directory"),
         (bool(d.path), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for grpo)"),
         (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
-        (f.method in WEIGHT_METHODS, f"finetune.method (--weights) must be one of {', '.join(WEIGHT_METHODS)}, "
-                                     f"got {f.method!r}"),
-        (cfg.model.dtype in ("auto", "fp32", "bf16"), f"model.dtype must be auto, fp32 or bf16, got "
-                                                       f"{cfg.model.dtype!r}"),
-        (not (f.method == "full" and cfg.model.dtype == "bf16"), "model.dtype=bf16 needs an adapter method: "
-                                                                 "full training keeps fp32 master weights"),
-        (f.rank >= 1, f"finetune.rank must be >= 1, got {f.rank}"),
-        (0 <= f.dropout < 1, f"finetune.dropout must be in [0, 1), got {f.dropout}"),
+        *method_checks(f, " (--weights)"),
+        *base_model_checks(cfg.model, f.method),
         (a.beta > 0, f"align.beta must be > 0, got {a.beta}"),
         (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
         (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),

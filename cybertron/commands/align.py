@@ -13,17 +13,15 @@ from __future__ import annotations
 from cybertron.align.config import SHORTCUTS, AlignConfig, validate
 from cybertron.align.run import AlignRun, run_align
 from cybertron.config import help_text, parse_args
-from cybertron.finetune.config import expand_shortcuts
 from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.runs import finetune_meta, load_reward_model, open_base
 
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(AlignConfig(), "align") + "\n--nproc N: start N local ranks with torchrun")
-        print("align shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
+        print(help_text(AlignConfig(), "align", SHORTCUTS) + "\n--nproc N: start N local ranks with torchrun")
         return 0
-    parse = lambda args: parse_args(expand_shortcuts(args, SHORTCUTS), AlignConfig(), SHORTCUTS)
+    parse = lambda args: parse_args(args, AlignConfig(), SHORTCUTS)
     return command_main(argv, "align", parse, validate, run)
 
 

@@ -9,7 +9,7 @@ runs the SFT recipe (cybertron/finetune/run.py).
 from __future__ import annotations
 
 from cybertron.config import help_text, parse_args
-from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, expand_shortcuts, validate
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, validate
 from cybertron.finetune.run import FinetuneRun, run_finetune
 from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.runs import finetune_meta, open_base
@@ -17,10 +17,9 @@ from cybertron.runs import finetune_meta, open_base
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(FinetuneConfig(), "finetune") + "\n--nproc N: start N local ranks with torchrun")
-        print("finetune shortcuts: " + ", ".join(f"{k} = --{v}" for k, v in SHORTCUTS.items()))
+        print(help_text(FinetuneConfig(), "finetune", SHORTCUTS) + "\n--nproc N: start N local ranks with torchrun")
         return 0
-    parse = lambda args: parse_args(expand_shortcuts(args), FinetuneConfig(), SHORTCUTS)
+    parse = lambda args: parse_args(args, FinetuneConfig(), SHORTCUTS)
     return command_main(argv, "finetune", parse, validate, run)
 
 

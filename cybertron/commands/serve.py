@@ -1,6 +1,6 @@
 """`cybertron serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
-    cybertron serve --out RUN_DIR | --model HF_DIR [--host H] [--port P] [--api-key KEY]
+    cybertron serve --model RUN_OR_HF_DIR [--host H] [--port P] [--api-key KEY] [--config serve.toml]
 
 Endpoints: /v1/completions and /v1/chat/completions (streaming or not), /v1/models, /health and /metrics
 (the app is cybertron/serve/server.py).
@@ -10,26 +10,44 @@ from __future__ import annotations
 
 import socket
 import sys
+from dataclasses import dataclass, field
 
-from cybertron.config import ArgumentParser
+from cybertron.config import help_text, opt, parse_args, raise_first_failure
 from cybertron.errors import UserError
 from cybertron.runs import load_for_inference
 from cybertron.serve.engine import Engine
-from cybertron.serve.options import add_model_flags, resolve_device
+from cybertron.serve.options import MODEL_SHORTCUTS, OUT_IS_NOT_AN_INPUT, ModelSourceSection, validate_source
 from cybertron.serve.server import create_app
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="cybertron serve", description=__doc__.split("\n")[0])
-    add_model_flags(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together at most")
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--model-name", default=None, help="the name clients use (default: the directory's)")
-    return parser
+@dataclass
+class ServerSection:
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port to listen on")
+    api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/ (empty = no key)")
+    max_batch_size: int = opt(64, "requests decoded together at most")
+    num_blocks: int = opt(0, "KV cache blocks; 0 = from free memory")
+    block_size: int = opt(16, "tokens per KV cache block")
+    model_name: str = opt("", "the name clients use; empty = the directory's")
+
+
+@dataclass
+class ServeConfig:
+    model: ModelSourceSection = field(default_factory=ModelSourceSection)
+    server: ServerSection = field(default_factory=ServerSection)
+
+
+SHORTCUTS = {**MODEL_SHORTCUTS, "--host": "server.host", "--port": "server.port", "--api-key": "server.api_key",
+             "--max-batch-size": "server.max_batch_size", "--num-blocks": "server.num_blocks",
+             "--block-size": "server.block_size", "--model-name": "server.model_name"}
+
+
+def validate_server(s: ServerSection) -> None:
+    raise_first_failure([
+        (s.max_batch_size >= 1, f"server.max_batch_size must be >= 1, got {s.max_batch_size}"),
+        (s.block_size >= 1, f"server.block_size must be >= 1, got {s.block_size}"),
+        (s.num_blocks >= 0, f"server.num_blocks must be >= 1 (or 0 = from memory), got {s.num_blocks}"),
+    ])
 
 
 def check_listen_address(host: str, port: int) -> None:
@@ -48,19 +66,20 @@ def check_listen_address(host: str, port: int) -> None:
 def main(argv: list[str]) -> int:
     import uvicorn
 
-    args = build_parser().parse_args(argv)
-    for flag in ("max_batch_size", "block_size", "num_blocks"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    check_listen_address(args.host, args.port)  # before minutes of model loading, not after
-    device = resolve_device(args.device)
-    model, tokenizer, name = load_for_inference(args.out, args.model, device, args.dtype)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, num_blocks=args.num_blocks,
-                    block_size=args.block_size)
-    app = create_app(engine, tokenizer, args.model_name or name, api_key=args.api_key)
-    print(f"serving {args.model_name or name} on http://{args.host}:{args.port} ({device}, "
-          f"{engine.cache.num_total_blocks} KV blocks of {args.block_size} tokens)", file=sys.stderr,
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if "-h" in argv or "--help" in argv:
+        print(help_text(ServeConfig(), "serve", SHORTCUTS))
+        return 0
+    cfg = parse_args(argv, ServeConfig(), SHORTCUTS, OUT_IS_NOT_AN_INPUT)
+    s = cfg.server
+    validate_server(s)
+    device = validate_source(cfg.model)
+    check_listen_address(s.host, s.port)  # before minutes of model loading, not after
+    model, tokenizer, name = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
+    engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
+                    block_size=s.block_size)
+    name = s.model_name or name
+    app = create_app(engine, tokenizer, name, api_key=s.api_key or None)
+    print(f"serving {name} on http://{s.host}:{s.port} ({device}, "
+          f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
     return 0

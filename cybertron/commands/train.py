@@ -8,7 +8,7 @@ Parses the config, validates it against the world size, and runs the pretraining
 
 from __future__ import annotations
 
-from cybertron.config import TrainConfig, help_text, parse_args
+from cybertron.config import TRAINING_SHORTCUTS, TrainConfig, help_text, parse_args
 from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.pretrain import RunState, run_training, validate
 from cybertron.runs import pretrain_meta
@@ -16,9 +16,9 @@ from cybertron.runs import pretrain_meta
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(TrainConfig(), "train") + "\n--nproc N: start N local ranks with torchrun")
+        print(help_text(TrainConfig(), "train", TRAINING_SHORTCUTS) + "\n--nproc N: start N local ranks with torchrun")
         return 0
-    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig()), validate, run)
+    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig(), TRAINING_SHORTCUTS), validate, run)
 
 
 def run(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:

@@ -6,17 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cybertron.config import (
+    TRAINING_SHORTCUTS,
     CheckpointSection,
     DataParallelSection,
     EpochTrainSection,
     EvalSection,
     LogSection,
     RunSection,
+    check_dtype,
     opt,
     raise_first_failure,
     validate_shared_sections,
 )
-from cybertron.errors import ConfigError
 from cybertron.finetune.lora import DEFAULT_TARGETS, LoRASpec
 
 METHODS = ("lora", "dora", "qlora", "full")
@@ -30,7 +31,7 @@ class BaseModelSection:
     path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json) or a "
                         "cybertron run directory")
     dtype: str = opt("auto", "storage dtype of the frozen base: auto (bf16 when adapters train under bf16 "
-                             "autocast, else fp32), fp32 or bf16; full fine-tuning keeps fp32 weights")
+                             "autocast, else fp32), fp32 or bf16; full fine-tuning keeps fp32 weights", dtype=True)
 
 
 @dataclass
@@ -75,25 +76,29 @@ class FinetuneConfig:
 
 
 # The flags of the common case, `cybertron finetune --model DIR --data FILE --method lora`.
-SHORTCUTS = {"--model": "model.path", "--data": "data.path", "--method": "finetune.method",
+SHORTCUTS = {**TRAINING_SHORTCUTS, "--model": "model.path", "--data": "data.path", "--method": "finetune.method",
              "--rank": "finetune.rank", "--seq-len": "data.seq_len", "--lr": "train.lr", "--epochs": "train.epochs"}
 
 
-def expand_shortcuts(argv: list[str], shortcuts: dict[str, str] = SHORTCUTS) -> list[str]:
-    """Rewrite `--model X` / `--model=X` to `--model.path=X` (and the other shortcuts) for parse_args."""
-    out, i = [], 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name in shortcuts:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{name} needs a value")
-                value, i = argv[i + 1], i + 1
-            out.append(f"--{shortcuts[name]}={value}")
-        else:
-            out.append(argv[i])
-        i += 1
-    return out
+def base_model_checks(model: BaseModelSection, weights: str) -> list[tuple[bool, str]]:
+    """The base model's checks, shared by finetune and align; `weights` is finetune.method."""
+    return [
+        check_dtype("model.dtype", model.dtype, ("auto", "fp32", "bf16")),
+        (not (weights == "full" and model.dtype == "bf16"), "model.dtype=bf16 needs an adapter method: "
+                                                            "full training keeps fp32 master weights"),
+    ]
+
+
+def method_checks(f: MethodSection, flag: str = "") -> list[tuple[bool, str]]:
+    """The [finetune] section's checks, shared by finetune and align (`flag` names its shortcut there)."""
+    return [
+        (f.method in METHODS, f"finetune.method{flag} must be one of {', '.join(METHODS)}, got {f.method!r}"),
+        (f.rank >= 1, f"finetune.rank must be >= 1, got {f.rank}"),
+        (f.alpha > 0, f"finetune.alpha must be > 0 (the adapter's update is scaled by alpha / rank), got {f.alpha}"),
+        (0 <= f.dropout < 1, f"finetune.dropout must be in [0, 1), got {f.dropout}"),
+        (f.nf4_block_size >= 2, f"finetune.nf4_block_size must be >= 2, got {f.nf4_block_size}"),
+        (bool(f.lora_spec().targets), "finetune.targets names no layer"),
+    ]
 
 
 def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
@@ -102,16 +107,8 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory"),
         (bool(d.path), "data.path (--data) is required: a .jsonl of chat examples"),
-        (f.method in METHODS, f"finetune.method must be one of {', '.join(METHODS)}, got {f.method!r}"),
-        (cfg.model.dtype in ("auto", "fp32", "bf16"), f"model.dtype must be auto, fp32 or bf16, got "
-                                                       f"{cfg.model.dtype!r}"),
-        (not (f.method == "full" and cfg.model.dtype == "bf16"), "model.dtype=bf16 needs an adapter method: "
-                                                                 "full fine-tuning keeps fp32 master weights"),
-        (f.rank >= 1, f"finetune.rank must be >= 1, got {f.rank}"),
-        (f.alpha > 0, f"finetune.alpha must be > 0, got {f.alpha}"),
-        (0 <= f.dropout < 1, f"finetune.dropout must be in [0, 1), got {f.dropout}"),
-        (f.nf4_block_size >= 2, f"finetune.nf4_block_size must be >= 2, got {f.nf4_block_size}"),
-        (bool(f.lora_spec().targets), "finetune.targets names no layer"),
+        *method_checks(f),
+        *base_model_checks(cfg.model, f.method),
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (cfg.train.fp8 == "none", f"train.fp8={cfg.train.fp8!r} is not supported for finetune yet; use none"),

@@ -1,26 +1,75 @@
-"""The model flags `cybertron generate` and `cybertron serve` share, and the device they name."""
+"""The config sections `cybertron generate` and `cybertron serve` share — the model source with its device and
+dtype, and the sampling settings — each with its validator, and the device they name."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cybertron.errors import UserError
+from cybertron.config import DTYPE_NAMES, check_dtype, opt, raise_first_failure
+from cybertron.data.escapes import decode_escapes
+from cybertron.errors import ConfigError, UserError
+from cybertron.serve.sampling import SamplingParams
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The model flags both commands take: {flag: key}.
+MODEL_SHORTCUTS = {"--model": "model.path", "--run": "model.run", "--device": "model.device",
+                   "--dtype": "model.dtype"}
+# `--out` is an output directory everywhere (ARCHITECTURE rule 10): a command that only reads names the new flag.
+OUT_IS_NOT_AN_INPUT = {"--out": "--out is an output directory; read a run (or a Hugging Face directory) with "
+                                "--model PATH (or --run RUN_DIR)"}
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--out", type=Path, metavar="RUN_DIR",
-                        help="a cybertron run directory (its newest checkpoint is loaded)")
-    source.add_argument("--model", type=Path, metavar="HF_DIR",
-                        help="a Hugging Face model directory (config.json, safetensors, tokenizer.json)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
-                        help="weights/KV dtype for --model (auto: bfloat16 on CUDA, float32 on CPU)")
+@dataclass
+class ModelSourceSection:
+    path: str = opt("", "a Hugging Face model directory (config.json, safetensors, tokenizer.json) or a cybertron "
+                        "run directory (its newest checkpoint is loaded)")
+    run: str = opt("", "a cybertron run directory: the explicit form of model.path for a run")
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda[:N]")
+    dtype: str = opt("auto", "weights/KV dtype of a Hugging Face model: auto (bf16 on CUDA, fp32 on CPU), fp32, "
+                             "bf16 or fp16", dtype=True)
+
+    def source(self) -> tuple[Path, bool]:
+        """(the directory to load, whether it was given as a run with --run)."""
+        return Path(self.run or self.path), bool(self.run)
+
+
+def model_source_checks(m: ModelSourceSection) -> list[tuple[bool, str]]:
+    return [
+        (bool(m.path) != bool(m.run), "give one model source: --model PATH (a Hugging Face or run directory) "
+                                      "or --run RUN_DIR" + (", not both" if m.path and m.run else "")),
+        check_dtype("model.dtype", m.dtype, ("auto", *DTYPE_NAMES)),
+    ]
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = opt(200, "tokens to generate at most")
+    temperature: float = opt(0.8, "0 = greedy")
+    top_k: int = opt(0, "keep the k most likely tokens (0 = off)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off)")
+    seed: int = opt(0, "sampling seed (same seed, same text)")
+    stop: list[str] = opt([], "stop before this text (repeat --stop for several; backslash escapes such as \\n "
+                              "are decoded)")
+    greedy: bool = opt(False, "always take the most likely token (temperature 0)")
+
+    def params(self) -> SamplingParams:
+        """The engine's parameters, validated; ConfigError naming the sampling key otherwise."""
+        params = SamplingParams(temperature=0.0 if self.greedy else self.temperature, top_k=self.top_k,
+                                top_p=self.top_p, max_tokens=self.max_new_tokens,
+                                stop=tuple(decode_escapes(s, "sampling.stop") for s in self.stop), seed=self.seed)
+        try:
+            params.validate()
+        except UserError as err:
+            raise ConfigError(f"sampling.{err}") from err
+        return params
+
+
+def validate_source(m: ModelSourceSection) -> torch.device:
+    """Check the model section before any loading; returns the device it names."""
+    raise_first_failure(model_source_checks(m))
+    return resolve_device(m.device)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,16 +6,21 @@ import contextlib
 
 import torch
 
+from cybertron.config import canonical_dtype
 from cybertron.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The torch dtype of each canonical name of cybertron.config's vocabulary (aliases are resolved when parsed).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Training computes in fp32 or under bf16 autocast: fp16 would need a loss scaler, which the trainer has not.
+TRAIN_DTYPES = ("fp32", "bf16")
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
+    name = canonical_dtype(name)
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in DTYPES:
-        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {name!r}")
+    if name not in TRAIN_DTYPES:
+        raise ConfigError(f"train.dtype must be auto, fp32 or bf16 (or bfloat16/float32), got {name!r}")
     return name
 
 

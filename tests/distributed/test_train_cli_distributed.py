@@ -58,7 +58,7 @@ def test_torchrun_fsdp_x_tp_matches_single_process(args, single, tmp_path):
     assert abs(_val(out) - _val(single)) <= 1e-5
 
     hf = tmp_path / "hf"
-    _run(["convert", "--out", str(out), "--to", str(hf)])
+    _run(["convert", "--run", str(out), "--out", str(hf)])
     from cybertron.models.hf import load_hf_model
     from cybertron.runs import load_run
 

@@ -141,7 +141,7 @@ def test_dpo_from_an_sft_run_resumes_exactly_and_generates(sft_run, tmp_path):
     losses = lambda run: [(r["loss"], r["reward_margin"]) for r in read_metrics(run) if "loss" in r]
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert losses(tmp_path / "full")[0][0] == pytest.approx(0.6931, abs=1e-3)
-    gen = _cli(["generate", "--out", str(tmp_path / "full"), "--prompt", "the sky", "--max-new-tokens", "4",
+    gen = _cli(["generate", "--model", str(tmp_path / "full"), "--prompt", "the sky", "--max-new-tokens", "4",
                 "--greedy"])
     assert gen.returncode == 0, gen.stderr  # adapters over an SFT run's merged weights, merged again
 

@@ -45,8 +45,8 @@ def test_lora_finetune_then_merge_export_then_generate(inputs, tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert json.loads((run_dir / "run.json").read_text())["adapters"]["method"] == "lora"
 
-    assert cli_main(["export", "--out", str(run_dir), "--to", str(tmp_path / "no-merge")]) == 2  # adapters only
-    export = _cli(["export", "--out", str(run_dir), "--to", str(tmp_path / "hf"), "--merge"])
+    assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "no-merge")]) == 2  # adapters only
+    export = _cli(["export", "--run", str(run_dir), "--out", str(tmp_path / "hf"), "--merge"])
     assert export.returncode == 0, export.stderr
     gen = _cli(["generate", "--model", str(tmp_path / "hf"), "--prompt", "hello", "--max-new-tokens", "8",
                 "--greedy"])
@@ -57,7 +57,7 @@ def test_full_finetune_run_dir_serves_generate(inputs, tmp_path):
     run_dir = tmp_path / "run"
     result = _cli(_args(inputs, run_dir, "--method", "full", "--steps", "2", "--lr", "1e-4"))
     assert result.returncode == 0, result.stderr
-    gen = _cli(["generate", "--out", str(run_dir), "--prompt", "hi", "--max-new-tokens", "5", "--greedy"])
+    gen = _cli(["generate", "--model", str(run_dir), "--prompt", "hi", "--max-new-tokens", "5", "--greedy"])
     assert gen.returncode == 0, gen.stderr
 
 
@@ -115,7 +115,7 @@ def test_a_pretrained_run_finetunes_in_the_default_chat_format_that_export_carri
     assert (run_dir / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
     assert TextTokenizer.load(run_dir).chat_template == DEFAULT_CHAT_TEMPLATE  # what generate/serve load
 
-    assert cli_main(["export", "--out", str(run_dir), "--to", str(tmp_path / "hf"), "--merge"]) == 0
+    assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "hf"), "--merge"]) == 0
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = TextTokenizer.load(tmp_path / "hf")
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sky"},

@@ -22,13 +22,13 @@ def scripted_run(tmp_path_factory):
 
 
 def test_without_stop_the_scripted_text_runs_past_newlines(scripted_run, capsys):
-    argv = ["generate", "--out", str(scripted_run), "--prompt", "x", "--greedy", "--max-new-tokens", "8"]
+    argv = ["generate", "--model", str(scripted_run), "--prompt", "x", "--greedy", "--max-new-tokens", "8"]
     assert cli_main(argv) == 0
     assert capsys.readouterr().out == "ab\ncab\nc\n"  # 8 tokens, then the CLI's final newline
 
 
 def test_stop_backslash_n_typed_in_a_shell_stops_at_the_newline(scripted_run):
-    result = subprocess.run([sys.executable, "-m", "cybertron", "generate", "--out", str(scripted_run),
+    result = subprocess.run([sys.executable, "-m", "cybertron", "generate", "--model", str(scripted_run),
                              "--prompt", "x", "--greedy", "--max-new-tokens", "8", "--stop", "\\n"],
                             capture_output=True, text=True, env=cli_env(), timeout=120)
     assert result.returncode == 0, result.stderr
@@ -36,7 +36,7 @@ def test_stop_backslash_n_typed_in_a_shell_stops_at_the_newline(scripted_run):
 
 
 def test_an_incomplete_escape_is_one_line(scripted_run, capsys):
-    argv = ["generate", "--out", str(scripted_run), "--prompt", "x", "--stop", "\\x4"]
+    argv = ["generate", "--model", str(scripted_run), "--prompt", "x", "--stop", "\\x4"]
     assert cli_main(argv) == 2
-    assert capsys.readouterr().err == 'error: --stop "\\x4" has an incomplete escape (truncated \\xXX escape); ' \
-                                      "write a backslash itself as \\\\\n"
+    assert capsys.readouterr().err == ('error: sampling.stop "\\x4" has an incomplete escape (truncated \\xXX '
+                                       'escape); write a backslash itself as \\\\\n')

@@ -63,9 +63,12 @@ def server(tmp_path_factory):
     port = free_port()
     log = open(model_dir.parent / "server.log", "w+")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model is fastest on one thread of a shared box
-    process = subprocess.Popen([sys.executable, "-m", "cybertron", "serve", "--model", str(model_dir),
-                                "--port", str(port), "--device", "cpu", "--api-key", API_KEY,
-                                "--max-batch-size", "16", "--num-blocks", "512"],
+    # Part of the settings from a TOML file (the key the auth tests need is only there), part from flags.
+    config = model_dir.parent / "serve.toml"
+    config.write_text(f'[model]\ndevice = "cpu"\n[server]\napi_key = "{API_KEY}"\nmax_batch_size = 16\n'
+                      'num_blocks = 512\n')
+    process = subprocess.Popen([sys.executable, "-m", "cybertron", "serve", "--config", str(config),
+                                "--model", str(model_dir), "--port", str(port)],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

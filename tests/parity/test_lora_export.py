@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from cybertron.commands.finetune import run as run_finetune  # noqa: E402
 from cybertron.config import parse_args  # noqa: E402
-from cybertron.finetune.config import FinetuneConfig  # noqa: E402
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig  # noqa: E402
 from cybertron.finetune.lora import lora_modules  # noqa: E402
 from cybertron.hf_runs import export_hf  # noqa: E402
 from cybertron.runs import load_run  # noqa: E402
@@ -22,7 +22,7 @@ def _finetune(tmp_path, family, method, steps=6):
                       "--steps", str(steps), "--train.lr", "0.02", "--train.warmup_steps", "0",
                       "--train.global_batch_size", "4", "--data.seq_len", "96", "--out", str(tmp_path / "run"),
                       "--log.progress", "lines", "--log.tensorboard", "false", "--eval.every", "0"],
-                     FinetuneConfig())
+                     FinetuneConfig(), SHORTCUTS)
     return run_finetune(cfg)
 
 
@@ -34,7 +34,7 @@ def test_merged_export_matches_unmerged_adapters(tmp_path, family, method):
     export_hf(run.run_dir, tmp_path / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
     reloaded = load_run(run.run_dir, merge=False).model
-    merged = load_run(run.run_dir).model  # what `cybertron generate --out RUN_DIR` serves
+    merged = load_run(run.run_dir).model  # what `cybertron generate --model RUN_DIR` serves
     assert not list(lora_modules(merged))
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 
 from cybertron.align.config import AlignConfig
 from cybertron.config import parse_args
-from cybertron.finetune.config import FinetuneConfig, expand_shortcuts
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig
 from cybertron.models.llama import build_model
 from cybertron.models.presets import preset_config
 from cybertron.runs import LEGACY_FILE, RUN_FILE, RunMeta, finetune_meta, load_run, read_meta
@@ -57,7 +57,7 @@ def test_finetune_run_writes_run_json_and_a_legacy_run_loads_the_same(tmp_path):
     chats = write_chats(tmp_path / "chats.jsonl", n=8)
     args = ["--model", str(hf), "--data", str(chats), "--steps", "1", "--out", str(tmp_path / "run"),
             "--seq-len", "64", "--lr", "0.05", "--log.tensorboard", "false", "--log.progress", "lines"]
-    trained = run_finetune(parse_args(expand_shortcuts(args), FinetuneConfig()))
+    trained = run_finetune(parse_args(args, FinetuneConfig(), SHORTCUTS))
     run_dir = trained.run_dir
     meta = json.loads((run_dir / RUN_FILE).read_text())
     assert meta["kind"] == "finetune" and meta["base_model"] == str(hf.resolve()) and meta["head"] == "lm"

@@ -88,7 +88,7 @@ def test_reward_run_exports_as_sequence_classification(hf_dir, tmp_path):
                       "--align.method=reward", "--train.steps=3", "--train.lr=1e-2", "--data.val_fraction=0",
                       "--log.progress=lines", "--log.tensorboard=false"], AlignConfig())
     run = run_align(cfg)
-    assert cli_main(["export", "--out", str(run.run_dir), "--to", str(tmp_path / "hf_rm"), "--merge"]) == 0
+    assert cli_main(["export", "--run", str(run.run_dir), "--out", str(tmp_path / "hf_rm"), "--merge"]) == 0
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").float().eval()
     assert type(theirs).__name__ == "Qwen2ForSequenceClassification"
     ids, lengths = run.extra["train"]["chosen_ids"], run.extra["train"]["chosen_len"]

@@ -29,7 +29,7 @@ def _tokens():
 
 def test_convert_round_trip_keeps_logits(hf_dir, tmp_path):
     assert cli_main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
-    run = load_run(tmp_path / "run")  # `cybertron generate --out` loads it as is
+    run = load_run(tmp_path / "run")  # `cybertron generate --model` loads it as is
     model, tokenizer = run.model, run.tokenizer
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
     with torch.no_grad():
@@ -37,7 +37,7 @@ def test_convert_round_trip_keeps_logits(hf_dir, tmp_path):
         assert (model(_tokens()) - expected).abs().max() <= 1e-5
     assert tokenizer.chat_template is not None
 
-    assert cli_main(["convert", "--out", str(tmp_path / "run"), "--to", str(tmp_path / "back")]) == 0
+    assert cli_main(["convert", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
     with torch.no_grad():
         assert (back(_tokens()).logits - expected).abs().max() <= 1e-5
@@ -59,7 +59,7 @@ def scripted_run(tmp_path_factory):
 @pytest.mark.parametrize("command", ["convert", "export"])
 def test_exported_model_generates_until_end_of_text_in_transformers(scripted_run, tmp_path, command):
     run, tokenizer, expected = scripted_run
-    assert cli_main([command, "--out", str(run), "--to", str(tmp_path / "hf")]) == 0
+    assert cli_main([command, "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (tokenizer.eos_id, None, None)
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {"eos_token_id": tokenizer.eos_id}
@@ -77,7 +77,7 @@ def test_export_stops_at_the_chat_end_token_and_the_bases_eos(tmp_path):
     settings = json.loads((base / "generation_config.json").read_text())
     (base / "generation_config.json").write_text(json.dumps({**settings, "do_sample": True, "temperature": 0.6}))
     assert cli_main(["convert", "--from-hf", str(base), "--out", str(tmp_path / "run")]) == 0
-    assert cli_main(["convert", "--out", str(tmp_path / "run"), "--to", str(tmp_path / "back")]) == 0
+    assert cli_main(["convert", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert [config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [3, 0, 0]
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
@@ -88,7 +88,7 @@ def test_export_stops_at_the_chat_end_token_and_the_bases_eos(tmp_path):
 def test_exported_files_have_the_mode_an_ordinary_open_gives(scripted_run, tmp_path, umask):
     old = os.umask(umask)
     try:
-        assert cli_main(["export", "--out", str(scripted_run[0]), "--to", str(tmp_path / "hf")]) == 0
+        assert cli_main(["export", "--run", str(scripted_run[0]), "--out", str(tmp_path / "hf")]) == 0
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
@@ -135,5 +135,5 @@ def test_bad_flags_are_reported(hf_dir, tmp_path, capsys):
     assert "finetune.method must be one of lora, dora, qlora, full" in capsys.readouterr().err
     assert cli_main([*args, "--finetune.targets", "qkv"]) == 2
     assert "'qkv' matches no linear layer" in capsys.readouterr().err
-    assert cli_main(["export", "--out", str(tmp_path / "nope"), "--to", str(tmp_path / "x")]) == 2
+    assert cli_main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert cli_main(["convert", "--from-hf", str(hf_dir)]) == 2  # --out missing

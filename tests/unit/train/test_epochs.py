@@ -10,7 +10,7 @@ from cybertron.align.config import validate as validate_align
 from cybertron.config import TrainConfig, parse_args, validate_shared_sections
 from cybertron.data.sft import RowLoader
 from cybertron.errors import ConfigError
-from cybertron.finetune.config import FinetuneConfig, expand_shortcuts
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig
 from cybertron.finetune.config import validate as validate_finetune
 from cybertron.train.epochs import DEFAULT_EPOCHS, fit_batch, plan_work
 
@@ -55,7 +55,7 @@ def test_a_batch_cut_to_the_data_holds_each_row_once_per_epoch():
 
 
 def _finetune(*args):
-    return parse_args(expand_shortcuts(["--model", "m", "--data", "d.jsonl", *args]), FinetuneConfig())
+    return parse_args(["--model", "m", "--data", "d.jsonl", *args], FinetuneConfig(), SHORTCUTS)
 
 
 def test_steps_and_epochs_are_alternatives():

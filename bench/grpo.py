@@ -157,16 +157,16 @@ class StepClock:
 @contextlib.contextmanager
 def instrumented(clock: StepClock) -> Iterator[None]:
     """Time the reference forward and the train step inside run_align; restore both afterwards."""
-    import cybertron.align.run as align_run
+    import cybertron.align.grpo_task as grpo_task
     from cybertron.train.trainer import Trainer
 
-    original_logprobs, original_step = align_run.token_logprobs, Trainer.train_step
-    align_run.token_logprobs = clock.wrap_reference(original_logprobs)
+    original_logprobs, original_step = grpo_task.token_logprobs, Trainer.train_step
+    grpo_task.token_logprobs = clock.wrap_reference(original_logprobs)
     Trainer.train_step = clock.wrap_train_step(original_step)
     try:
         yield
     finally:
-        align_run.token_logprobs, Trainer.train_step = original_logprobs, original_step
+        grpo_task.token_logprobs, Trainer.train_step = original_logprobs, original_step
 
 
 def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:

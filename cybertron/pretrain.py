@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,11 +27,9 @@ from cybertron.models.llama import Transformer, build_model
 from cybertron.models.presets import preset_config
 from cybertron.parallel.dims import dp_mesh
 from cybertron.parallel.runtime import DistEnv, init_distributed, layout_dims, shutdown_distributed
-from cybertron.train import checkpoint as ckpt_io
+from cybertron.train import session
 from cybertron.train.float8 import convert_to_float8, float8_compile_options, validate_float8
 from cybertron.train.metrics import (
-    MetricsLogger,
-    ProgressDisplay,
     device_peak_flops,
     flops_per_token,
     memory_gib,
@@ -39,14 +37,8 @@ from cybertron.train.metrics import (
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_device, resolve_dtype
 from cybertron.train.schedule import lr_at
-from cybertron.train.session import (
-    RecordRun,
-    announce_and_run,
-    find_resume_checkpoint,
-    resolve_run_dir,
-    write_config,
-)
-from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
+from cybertron.train.session import Driver, Finished, RecordRun, find_resume_checkpoint, resolve_run_dir, write_config
+from cybertron.train.trainer import Batch, LanguageModelStep, StepResult, Trainer, to_device
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -120,29 +112,7 @@ def split_micro_batches(inputs: torch.Tensor, targets: torch.Tensor, micro: int,
             for i, t in zip(inputs.split(micro), targets.split(micro))]
 
 
-@dataclass
-class RunState:
-    """What is built once per run and shared by the loop's hooks."""
-
-    cfg: TrainConfig
-    run_dir: Path
-    device: torch.device
-    model_cfg: ModelConfig
-    model: torch.nn.Module
-    trainer: Trainer
-    loader: PackedLoader
-    data: PreparedData
-    logger: MetricsLogger
-    display: ProgressDisplay
-    flops_per_token: float
-    peak_flops: float | None
-    parts: list[torch.nn.Module] | None = None  # what checkpoints save (pipeline stages held by this rank)
-    is_main: bool = True
-    barrier: Callable[[], None] = lambda: None
-    layout: str = "single process"
-
-
-def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = None) -> RunState:
+def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = None) -> Finished:
     """Pretrain on this process (one of the ranks under torchrun); `record_run` writes the run's metadata."""
     env = env or DistEnv()
     dims = layout_dims(cfg, env.world_size)
@@ -152,15 +122,15 @@ def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = 
         torch.cuda.set_device(device)
     mesh = init_distributed(env, dims, device, cfg.parallel.timeout_s)
     try:
-        run = _run(cfg, record_run, env, dims, mesh, device)
+        finished = _run(cfg, record_run, env, dims, mesh, device)
     except BaseException:
         shutdown_distributed(clean=False)  # the other ranks may be inside a collective: no barrier
         raise
     shutdown_distributed()
-    return run
+    return finished
 
 
-def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, device: torch.device) -> RunState:
+def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, device: torch.device) -> Finished:
     barrier = _barrier if mesh is not None else (lambda: None)
     run_dir = resolve_run_dir(cfg) if mesh is None else Path(_from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
@@ -175,23 +145,17 @@ def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, devi
     dp_rank = dp_mesh(mesh).get_local_rank() if mesh is not None else 0
     loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, dp_rank=dp_rank,
                           dp_size=dims.dp, seed=t.seed)
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, parts, trainer.optimizer)
-        loader.load_state_dict(state["loader"])
-        start_step = int(state["step"])
-    if env.is_main:
-        write_run_files(run_dir, cfg, data)
+    task = PretrainTask(cfg, run_dir, device, model_cfg, trainer, loader, data,
+                        dims.describe() if dims.is_distributed else "single process")
+
+    def write_run_files(run_dir: Path) -> None:
+        write_config(run_dir, cfg)
+        data.tokenizer.save(run_dir)
         record_run(run_dir)
-    display = ProgressDisplay(t.steps, cfg.log.progress,
-                              stream=None if env.is_main else open(os.devnull, "w"))  # noqa: SIM115
-    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=env.is_main)
-    run = RunState(cfg, run_dir, device, model_cfg, trainer.model, trainer, loader, data, logger, display,
-                   flops_per_token(model_cfg, cfg.data.seq_len), device_peak_flops(device), parts,
-                   env.is_main, barrier, dims.describe() if dims.is_distributed else "single process")
-    announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
-                     lambda: train_loop(run, start_step))
-    return run
+
+    driver = Driver(run_dir, resume_from, trainer, parts, model_cfg, t.steps, cfg.eval, cfg.checkpoint, cfg.log,
+                    write_run_files, env.is_main, barrier)
+    return session.run(driver, task, model)
 
 
 def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: str,
@@ -247,64 +211,58 @@ def _main_first(is_main: bool, barrier: Callable[[], None]):
         barrier()
 
 
-def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None:
-    write_config(run_dir, cfg)
-    data.tokenizer.save(run_dir)
+@dataclass
+class PretrainTask:
+    """Next-token prediction on packed token windows (session.Task)."""
 
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    model_cfg: ModelConfig
+    trainer: Trainer
+    loader: PackedLoader
+    data: PreparedData
+    layout: str = "single process"
 
-def describe_run(run: RunState) -> str:
-    n_params = run.model_cfg.num_params()
-    shards = run.data.shards
-    cached = "cached" if shards.cache_hit else "tokenized now"
-    return (f"model {n_params / 1e6:.1f}M parameters on {run.device} ({run.layout}); data {len(shards.train):,} "
-            f"train / {len(shards.val):,} val tokens ({cached}); vocab {run.data.tokenizer.vocab_size}; "
-            f"run dir {run.run_dir}")
+    def __post_init__(self) -> None:
+        self.flops_per_token = flops_per_token(self.model_cfg, self.cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(self.device)
 
+    def describe(self) -> str:
+        n_params = self.model_cfg.num_params()
+        shards = self.data.shards
+        cached = "cached" if shards.cache_hit else "tokenized now"
+        return (f"model {n_params / 1e6:.1f}M parameters on {self.device} ({self.layout}); data "
+                f"{len(shards.train):,} train / {len(shards.val):,} val tokens ({cached}); vocab "
+                f"{self.data.tokenizer.vocab_size}; run dir {self.run_dir}")
 
-def eval_batches(run: RunState) -> list[Batch]:
-    c = run.cfg
-    return [to_device({"inputs": i, "labels": t}, run.device)
-            for i, t in iter_eval_batches(run.data.shards.val, c.data.seq_len, c.eval.batch_size, c.eval.batches)]
+    def next_micro_batches(self, step: int) -> list[Batch]:
+        inputs, targets = self.loader.next_batch()
+        return split_micro_batches(inputs, targets, self.cfg.train.micro_batch_size, self.device)
 
+    def tokens_in(self, micro_batches: list[Batch]) -> int:
+        return sum(int(mb["inputs"].numel()) for mb in micro_batches)
 
-def log_eval(run: RunState, step: int) -> float:
-    val_loss = run.trainer.evaluate(eval_batches(run))
-    run.logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-    return val_loss
+    def log_fields(self, step: int, result: StepResult, seconds: float, tokens_per_s: float) -> dict[str, Any]:
+        c = self.cfg
+        mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        return {"mfu": mfu, "mem_gib": memory_gib(self.device),
+                "tokens": step * c.train.global_batch_size * c.data.seq_len}
 
+    def evaluate(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        batches = [to_device({"inputs": i, "labels": t}, self.device)
+                   for i, t in iter_eval_batches(self.data.shards.val, c.data.seq_len, c.eval.batch_size,
+                                                 c.eval.batches)]
+        val_loss = self.trainer.evaluate(batches)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-def save(run: RunState, step: int) -> Path:
-    state = {"loader": run.loader.state_dict()}
-    return ckpt_io.save_checkpoint(run.run_dir, step, run.parts or run.model, run.trainer.optimizer, state,
-                                   run.model_cfg, keep=run.cfg.checkpoint.keep, is_main=run.is_main,
-                                   barrier=run.barrier)
+    def summary(self, evaluation: dict[str, float] | None) -> str:
+        assert evaluation is not None  # pretraining always holds out data.val_fraction
+        return f"validation loss {evaluation['val_loss']:.4f} (perplexity {evaluation['val_ppl']:.2f}); "
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
 
-def train_loop(run: RunState, start_step: int) -> None:
-    c = run.cfg
-    total = c.train.steps
-
-    def next_micro_batches() -> list[Batch]:
-        inputs, targets = run.loader.next_batch()
-        return split_micro_batches(inputs, targets, c.train.micro_batch_size, run.device)
-
-    def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
-        tokens_per_s = tokens / max(seconds, 1e-9)
-        mfu = tokens_per_s * run.flops_per_token / run.peak_flops if run.peak_flops else None
-        run.logger.log({"step": step, "loss": result.loss.item(), "lr": run.trainer.lr_at(step - 1),
-                        "grad_norm": result.grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu,
-                        "mem_gib": memory_gib(run.device), "tokens": step * c.train.global_batch_size * c.data.seq_len})
-
-    def on_step_end(step: int) -> None:
-        if c.eval.every and step % c.eval.every == 0 and step != total:
-            log_eval(run, step)
-        if c.checkpoint.every and step % c.checkpoint.every == 0 and step != total:
-            save(run, step)
-
-    if start_step == 0:
-        log_eval(run, 0)
-    fit(run.trainer, start_step, total, LoopHooks(next_micro_batches, on_log, on_step_end, log_every=c.log.every))
-    val_loss = log_eval(run, total)
-    path = save(run, total)
-    run.display.message(f"done: step {total}, validation loss {val_loss:.4f} (perplexity "
-                        f"{math.exp(min(val_loss, 50.0)):.2f}); checkpoint saved to {path}")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])

@@ -11,10 +11,11 @@ Parses the config, validates it against the world size, opens the base (and a re
 from __future__ import annotations
 
 from cybertron.align.config import SHORTCUTS, AlignConfig, validate
-from cybertron.align.run import AlignRun, run_align
+from cybertron.align.run import run_align
 from cybertron.config import help_text, parse_args
 from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.runs import finetune_meta, load_reward_model, open_base
+from cybertron.train.session import Finished
 
 
 def main(argv: list[str]) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> int:
     return command_main(argv, "align", parse, validate, run)
 
 
-def run(cfg: AlignConfig, env: DistEnv | None = None) -> AlignRun:
+def run(cfg: AlignConfig, env: DistEnv | None = None) -> Finished:
     """This rank's share of the run: the base is opened through runs.py, its weights loaded on the rank's
     device by the recipe; a reward-model run (align.reward=RUN_DIR) is loaded through runs.py too."""
     return run_align(cfg, open_base, finetune_meta(cfg).write, env, reward_model=load_reward_model)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from cybertron.config import help_text, parse_args
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, validate
-from cybertron.finetune.run import FinetuneRun, run_finetune
+from cybertron.finetune.run import run_finetune
 from cybertron.parallel.runtime import DistEnv, command_main
 from cybertron.runs import finetune_meta, open_base
+from cybertron.train.session import Finished
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str]) -> int:
     return command_main(argv, "finetune", parse, validate, run)
 
 
-def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> FinetuneRun:
+def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> Finished:
     """This rank's share of the run: the base (an HF or run directory) is opened through runs.py, its weights
     loaded on the rank's device by the recipe."""
     return run_finetune(cfg, open_base, finetune_meta(cfg).write, env)

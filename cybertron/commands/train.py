@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from cybertron.config import TRAINING_SHORTCUTS, TrainConfig, help_text, parse_args
 from cybertron.parallel.runtime import DistEnv, command_main
-from cybertron.pretrain import RunState, run_training, validate
+from cybertron.pretrain import run_training, validate
 from cybertron.runs import pretrain_meta
+from cybertron.train.session import Finished
 
 
 def main(argv: list[str]) -> int:
@@ -21,6 +22,6 @@ def main(argv: list[str]) -> int:
     return command_main(argv, "train", lambda args: parse_args(args, TrainConfig(), TRAINING_SHORTCUTS), validate, run)
 
 
-def run(cfg: TrainConfig, env: DistEnv | None = None) -> RunState:
+def run(cfg: TrainConfig, env: DistEnv | None = None) -> Finished:
     """This rank's share of the run; the run directory records it as a pretraining run."""
     return run_training(cfg, pretrain_meta(cfg).write, env)

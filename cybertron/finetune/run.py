@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,20 +29,14 @@ from cybertron.finetune.quant import quantized_bits_per_param
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv
-from cybertron.train import checkpoint as ckpt_io
+from cybertron.train import session
 from cybertron.train.epochs import WorkPlan, plan_work
-from cybertron.train.metrics import MetricsLogger, ProgressDisplay, memory_gib
+from cybertron.train.metrics import memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
 from cybertron.train.schedule import lr_at
-from cybertron.train.session import (
-    RecordRun,
-    announce_and_run,
-    find_resume_checkpoint,
-    resolve_run_dir,
-    write_config,
-)
-from cybertron.train.trainer import Batch, LanguageModelStep, LoopHooks, StepResult, Trainer, fit, to_device
+from cybertron.train.session import Driver, Finished, RecordRun, find_resume_checkpoint, resolve_run_dir, write_config
+from cybertron.train.trainer import Batch, LanguageModelStep, StepResult, Trainer, to_device
 
 AUTO_MAX_SEQ_LEN = 1024  # data.seq_len=0: the model's context, capped (SFT examples are rarely longer)
 
@@ -63,25 +58,8 @@ def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
     return seq_len
 
 
-@dataclass
-class FinetuneRun:
-    cfg: FinetuneConfig
-    run_dir: Path
-    device: torch.device
-    model_cfg: ModelConfig
-    model: nn.Module
-    trainer: Trainer
-    loader: RowLoader
-    data: SFTData
-    plan: WorkPlan
-    chat: ChatFormat
-    logger: MetricsLogger
-    display: ProgressDisplay
-    dp: DataParallel
-
-
 def run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun,
-                 env: DistEnv | None = None) -> FinetuneRun:
+                 env: DistEnv | None = None) -> Finished:
     """One process, or one rank of a data-parallel run started by torchrun: fine-tune the base model.path
     names (`open_base` reads it; its weights are loaded on this rank's device); `record_run` writes the run's
     metadata."""
@@ -91,7 +69,7 @@ def run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun
 
 
 def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun, dp: DataParallel,
-                  device: torch.device) -> FinetuneRun:
+                  device: torch.device) -> Finished:
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
@@ -115,21 +93,15 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
     trainer = Trainer(trained, optimizer, step_fn, schedule, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, device), collectives=dp.collectives())
     loader = RowLoader(data.train, plan.batch_size, seed=t.seed)
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, saved_module(model, cfg.finetune.method), optimizer)
-        loader.load_state_dict(state["loader"])
-        start_step = int(state["step"])
-    if dp.is_main:
+    task = SFTTask(cfg, run_dir, device, model, trainer, loader, data, plan, chat, dp)
+
+    def write_files(run_dir: Path) -> None:
         write_run_files(run_dir, cfg, base.path, chat.template)
         record_run(run_dir)
-    display = ProgressDisplay(plan.steps, cfg.log.progress, stream=dp.devnull_unless_main())
-    logger = MetricsLogger(run_dir, display, cfg.log.tensorboard, enabled=dp.is_main)
-    run = FinetuneRun(cfg, run_dir, device, model_cfg, model, trainer, loader, data, plan, chat, logger, display,
-                      dp)
-    announce_and_run(logger, display, resume_from, start_step, lambda: describe_run(run),
-                     lambda: finetune_loop(run, start_step))
-    return run
+
+    driver = Driver(run_dir, resume_from, trainer, saved_module(model, cfg.finetune.method), model_cfg, plan.steps,
+                    cfg.eval, cfg.checkpoint, cfg.log, write_files, dp.is_main, dp.barrier)
+    return session.run(driver, task, model)
 
 
 def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, chat_template: str) -> None:
@@ -140,38 +112,6 @@ def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, chat_tem
     (run_dir / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
 
 
-def describe_run(run: FinetuneRun) -> str:
-    trainable, total = count_params(run.model)
-    method = run.cfg.finetune.method
-    extra = ""
-    if method == "qlora":
-        extra = f"; NF4 base {quantized_bits_per_param(run.model):.2f} bits/weight"
-    val = run.data.val["inputs"].shape[0] if run.data.val is not None else 0
-    where = (f"{run.dp.size} ranks ({run.cfg.parallel.data_parallel})" if run.dp.is_distributed
-             else str(run.device))
-    return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
-            f"train{extra}; {run.data.n_examples} examples ({run.data.n_truncated} cut to seq_len) in "
-            f"{run.data.train['inputs'].shape[0]} train / {val} val rows; {run.plan.describe()}; "
-            f"{run.chat.describe()}; run dir {run.run_dir}")
-
-
-def log_eval(run: FinetuneRun, step: int) -> float | None:
-    if run.data.val is None:
-        return None
-    c = run.cfg.eval
-    batches = [to_device(b, run.device) for b in eval_batches(run.data.val, c.batch_size, c.batches)]
-    val_loss = run.trainer.evaluate(batches)
-    run.logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-    return val_loss
-
-
-def save(run: FinetuneRun, step: int) -> Path:
-    method = run.cfg.finetune.method
-    return ckpt_io.save_checkpoint(run.run_dir, step, saved_module(run.model, method), run.trainer.optimizer,
-                                   {"loader": run.loader.state_dict(), "method": method}, run.model_cfg,
-                                   keep=run.cfg.checkpoint.keep, is_main=run.dp.is_main, barrier=run.dp.barrier)
-
-
 def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]:
     micro = micro or batch["inputs"].shape[0]
     parts = {key: value.split(micro) for key, value in batch.items()}
@@ -179,34 +119,63 @@ def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]
             for i in range(len(parts["inputs"]))]
 
 
-def finetune_loop(run: FinetuneRun, start_step: int) -> None:
-    c = run.cfg
-    total = run.plan.steps
+@dataclass
+class SFTTask:
+    """Supervised fine-tuning on packed chat rows (session.Task)."""
 
-    def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
-        run.logger.log({"step": step, "loss": result.loss.item(), "lr": run.trainer.lr_at(step - 1),
-                        "grad_norm": result.grad_norm.item(), "tokens_per_s": tokens / max(seconds, 1e-9),
-                        "loss_tokens": int(result.units.item()), "mem_gib": memory_gib(run.device)})
+    cfg: FinetuneConfig
+    run_dir: Path
+    device: torch.device
+    model: nn.Module
+    trainer: Trainer
+    loader: RowLoader
+    data: SFTData
+    plan: WorkPlan
+    chat: ChatFormat
+    dp: DataParallel
 
-    def on_step_end(step: int) -> None:
-        if c.eval.every and step % c.eval.every == 0 and step != total:
-            log_eval(run, step)
-        if c.checkpoint.every and step % c.checkpoint.every == 0 and step != total:
-            save(run, step)
+    def describe(self) -> str:
+        trainable, total = count_params(self.model)
+        method = self.cfg.finetune.method
+        extra = ""
+        if method == "qlora":
+            extra = f"; NF4 base {quantized_bits_per_param(self.model):.2f} bits/weight"
+        val = self.data.val["inputs"].shape[0] if self.data.val is not None else 0
+        where = (f"{self.dp.size} ranks ({self.cfg.parallel.data_parallel})" if self.dp.is_distributed
+                 else str(self.device))
+        return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
+                f"train{extra}; {self.data.n_examples} examples ({self.data.n_truncated} cut to seq_len) in "
+                f"{self.data.train['inputs'].shape[0]} train / {val} val rows; {self.plan.describe()}; "
+                f"{self.chat.describe()}; run dir {self.run_dir}")
 
-    if start_step == 0:
-        log_eval(run, 0)
-    def next_batches() -> list[Batch]:
+    def next_micro_batches(self, step: int) -> list[Batch]:
         # Adapter dropout draws from the global RNG: seeding it from (seed, step) makes a resumed run
         # repeat the uninterrupted one exactly without saving RNG state in the checkpoint.
-        step = run.loader.samples_consumed // run.loader.batch_size
-        torch.manual_seed(c.train.seed * 1_000_003 + step)
-        rows = run.loader.next_batch()  # the global batch, the same on every rank; this rank's share:
-        mine = run.dp.local_slice(run.loader.batch_size)
-        return micro_batches({k: v[mine] for k, v in rows.items()}, c.train.micro_batch_size, run.device)
+        position = self.loader.samples_consumed // self.loader.batch_size
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + position)
+        rows = self.loader.next_batch()  # the global batch, the same on every rank; this rank's share:
+        mine = self.dp.local_slice(self.loader.batch_size)
+        return micro_batches({k: v[mine] for k, v in rows.items()}, self.cfg.train.micro_batch_size, self.device)
 
-    fit(run.trainer, start_step, total, LoopHooks(next_batches, on_log, on_step_end, log_every=c.log.every))
-    val_loss = log_eval(run, total)
-    path = save(run, total)
-    summary = f"validation loss {val_loss:.4f}; " if val_loss is not None else ""
-    run.display.message(f"done: step {total}, {summary}checkpoint saved to {path}")
+    def tokens_in(self, micro_batches: list[Batch]) -> int:
+        return sum(int(mb["inputs"].numel()) for mb in micro_batches)
+
+    def log_fields(self, step: int, result: StepResult, seconds: float, tokens_per_s: float) -> dict[str, Any]:
+        return {"loss_tokens": int(result.units.item()), "mem_gib": memory_gib(self.device)}
+
+    def evaluate(self, step: int) -> dict[str, float] | None:
+        if self.data.val is None:
+            return None
+        c = self.cfg.eval
+        batches = [to_device(b, self.device) for b in eval_batches(self.data.val, c.batch_size, c.batches)]
+        val_loss = self.trainer.evaluate(batches)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def summary(self, evaluation: dict[str, float] | None) -> str:
+        return f"validation loss {evaluation['val_loss']:.4f}; " if evaluation is not None else ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "method": self.cfg.finetune.method}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])

@@ -81,7 +81,7 @@ def test_a_template_file_replaces_the_models_and_epochs_set_the_steps(hf_dir, tm
                       *COMMON], AlignConfig())
     validate(cfg)
     run = run_align(cfg)
-    assert run.plan.steps == 3 and len([r for r in _metrics(run) if "loss" in r]) == 3  # ceil(2 x 6 / 4)
+    assert run.steps == 3 and len([r for r in _metrics(run) if "loss" in r]) == 3  # ceil(2 x 6 / 4)
     assert (run.run_dir / "chat_template.jinja").read_text() == template.read_text()
-    row = run.extra["train"]["chosen_ids"][0]
-    assert run.tokenizer.decode(row[:run.extra["train"]["chosen_len"][0]]).startswith("user: what is")
+    row = run.task.setup.train["chosen_ids"][0]
+    assert run.task.tokenizer.decode(row[:run.task.setup.train["chosen_len"][0]]).startswith("user: what is")

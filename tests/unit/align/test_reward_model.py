@@ -58,8 +58,8 @@ def test_reward_model_separates_held_out_pairs_and_reloads(hf_dir, tmp_path):
     meta = read_meta(run.run_dir)
     assert (meta.kind, meta.head, meta.align_method, meta.method) == ("reward", "reward", "reward", "lora")
     loaded = load_reward_model(run.run_dir)  # base from the HF dir + saved adapters and score head
-    ids = run.extra["train"]["chosen_ids"][:4]
-    lengths = run.extra["train"]["chosen_len"][:4]
+    ids = run.task.setup.train["chosen_ids"][:4]
+    lengths = run.task.setup.train["chosen_len"][:4]
     run.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.sequence_scores(ids, lengths), run.model.sequence_scores(ids, lengths))
@@ -91,7 +91,7 @@ def test_reward_run_exports_as_sequence_classification(hf_dir, tmp_path):
     assert cli_main(["export", "--run", str(run.run_dir), "--out", str(tmp_path / "hf_rm"), "--merge"]) == 0
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").float().eval()
     assert type(theirs).__name__ == "Qwen2ForSequenceClassification"
-    ids, lengths = run.extra["train"]["chosen_ids"], run.extra["train"]["chosen_len"]
+    ids, lengths = run.task.setup.train["chosen_ids"], run.task.setup.train["chosen_len"]
     pad = theirs.config.pad_token_id
     ids = ids.masked_fill(torch.arange(ids.shape[1])[None] >= lengths[:, None], pad)
     assert not (ids[torch.arange(ids.shape[1])[None] < lengths[:, None]] == pad).any()

@@ -58,7 +58,7 @@ def test_run_dir_reproduces_and_needs_its_base(tmp_path):
     run = run_finetune(parse_args(args, FinetuneConfig(), SHORTCUTS))
     # the saved config.toml parses back to the same config
     again = parse_args(["--config", str(run.run_dir / "config.toml")], FinetuneConfig())
-    assert again == run.cfg
+    assert again == run.task.cfg
     shutil.move(hf, tmp_path / "moved")
     with pytest.raises(CheckpointError, match="base model .* is gone"):
         load_run(run.run_dir)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from cybertron.models.config import ModelConfig
 from cybertron.parallel.activation_checkpoint import MODES
 from cybertron.parallel.dims import ParallelDims, build_mesh
 from cybertron.parallel.pipeline import validate_schedule
+from cybertron.train.session import find_resume_checkpoint
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,10 @@ def command_main(argv: list[str], command: str, parse: Callable[[list[str]], Any
     world_size = nproc if nproc and env.world_size == 1 else env.world_size
     validate(cfg, world_size)
     if nproc and env.world_size == 1 and nproc > 1:
+        run_section = getattr(cfg, "run", None)
+        if run_section is not None and run_section.out:
+            # Checked once here too: inside the ranks, a bad --resume would print one error line per rank.
+            find_resume_checkpoint(Path(run_section.out), run_section.resume)
         return launch_torchrun(nproc, argv, command)
     run(cfg, env)
     return 0

@@ -176,3 +176,15 @@ def test_fused_loss_trains_like_the_plain_head(tmp_path, fast_run_args):
         assert result.returncode == 0, result.stderr
         losses[fused] = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+def test_resume_with_nproc_is_refused_once_before_any_rank_starts(tmp_path, capsys):
+    """`--nproc 2 --resume` on a directory without checkpoints: one line from the launcher, not one per rank."""
+    from cybertron.cli import main as cli_main
+
+    run_dir = tmp_path / "typo"
+    assert cli_main(["train", "--nproc", "2", "--parallel.data_parallel", "ddp", "--out", str(run_dir),
+                     "--resume"]) == 2
+    assert capsys.readouterr().err == (f"error: no checkpoint in {run_dir} to resume (the directory does not "
+                                       "exist); drop --resume to start a new run\n")
+    assert not run_dir.exists()

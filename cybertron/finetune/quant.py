@@ -74,7 +74,7 @@ def shard_problem(weight: torch.Tensor, name: str, shards: int) -> str | None:
         return None
     return (f"finetune.method=qlora with parallel.data_parallel=zero3 cannot shard {name} (shape "
             f"{tuple(weight.shape)}, {groups} NF4 scale groups) over {shards} ranks: both must divide by the "
-            f"world size; use parallel.data_parallel=ddp or fewer ranks")
+            f"number of ranks; use parallel.data_parallel=ddp")
 
 
 def check_shardable(model: nn.Module, shards: int) -> None:

@@ -73,8 +73,8 @@ def shard_problem(weight: torch.Tensor, name: str, shards: int) -> str | None:
     if rows % shards == 0 and groups % shards == 0:
         return None
     return (f"finetune.method=qlora with parallel.data_parallel=zero3 cannot shard {name} (shape "
-            f"{tuple(weight.shape)}, {groups} NF4 scale groups) over {shards} ranks: both must divide by the "
-            f"number of ranks; use parallel.data_parallel=ddp")
+            f"{tuple(weight.shape)}, {groups} NF4 scale groups) over {shards} ranks: its rows and scale groups must "
+            "split evenly over the ranks; use parallel.data_parallel=ddp")
 
 
 def check_shardable(model: nn.Module, shards: int) -> None:

@@ -1,9 +1,11 @@
 """Per-rank memory of parameters + gradients + optimizer state for DDP and ZeRO-1/2/3 at world size 4
 (fp32 AdamW), beside the ZeRO paper's per-parameter theory; and the activation memory saved by
-activation checkpointing (none / full / selective) in one process.
+activation checkpointing (none / full / selective) in one process; and the state each rank keeps between
+steps for QLoRA under DDP and ZeRO-3, and full fine-tuning with tensor parallelism 2 (x ZeRO-3 2).
 
-    python bench/memory.py                 # both tables
+    python bench/memory.py                 # the ZeRO and activation tables
     python bench/memory.py --world 4 --only zero
+    python bench/memory.py --world 4 --only finetune
 
 Definitions (what the ZeRO paper counts, per rank, divided by the model's parameter count):
 - params: bytes of the parameters the modules compute with, at their largest: after the forward pass
@@ -21,6 +23,7 @@ the OS when freed, so RSS follows live tensors), minus the gradients.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -127,6 +130,96 @@ def zero_table(world: int) -> list[dict]:
     return rows
 
 
+FINETUNE = {  # name: (method, ParallelSection fields)
+    "qlora ddp": ("qlora", {"data_parallel": "ddp"}),
+    "qlora zero3": ("qlora", {"data_parallel": "zero3"}),
+    "full tp2 x zero3": ("full", {"data_parallel": "zero3", "tp": 2}),
+}
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    from cybertron.finetune.quant import nf4_storage_bytes
+
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if hasattr(local, "quantized_data"):
+        return nf4_storage_bytes(local)
+    return local.numel() * local.element_size()
+
+
+def measure_finetune_rank(name: str, world: int) -> dict:
+    """Bytes this rank keeps between steps (after one forward, backward and AdamW step): the NF4 base, the
+    other frozen weights (embedding, norms, head), the trained weights, their gradients and AdamW's state.
+    ZeRO-3 also gathers one block's weights at a time during compute (transient, not counted)."""
+    from cybertron.config import ParallelSection, TrainSection
+    from cybertron.finetune.lora import LoRASpec, apply_lora
+    from cybertron.finetune.quant import check_shardable, quantize_base_
+    from cybertron.models.llama import build_model
+    from cybertron.parallel.apply import build_parallel_optimizer, parallelize
+    from cybertron.parallel.dims import ParallelDims, build_mesh, dp_mesh
+    from cybertron.parallel.tensor_parallel import loss_parallel_context
+
+    method, fields = FINETUNE[name]
+    pcfg = replace(ParallelSection(), **fields)
+    dims = ParallelDims.resolve(world, tp=pcfg.tp, data_parallel=pcfg.data_parallel)
+    mesh = build_mesh(dims, "cpu")
+    model = build_model(MODEL, seed=0)
+    if method == "qlora":
+        apply_lora(model, LoRASpec(rank=16, alpha=32.0), seed=0)
+        quantize_base_(model)
+        if pcfg.data_parallel == "zero3":
+            check_shardable(model, world)
+    # every rank built the same weights: no start-up broadcast (it alters NF4 bases, ARCHITECTURE.md pitfall 13)
+    par = parallelize(model, dims, mesh, pcfg, replicas_equal=True)
+    opt = build_parallel_optimizer(par, dims, mesh, TrainSection())
+    seed = dp_mesh(mesh).get_local_rank()  # the ranks of one tensor-parallel group see the same tokens
+    tokens = torch.randint(0, MODEL.vocab_size, (2, 65), generator=torch.Generator().manual_seed(seed))
+    # vocabulary-sharded logits (tensor parallelism) need forward and backward inside loss_parallel()
+    context = loss_parallel_context() if pcfg.tp > 1 and pcfg.loss_parallel else contextlib.nullcontext()
+    with context:
+        loss, _ = par.step_fn(par.model, {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]})
+        loss.backward()
+    opt.step()
+    params = list(par.model.parameters())
+    nf4 = [p for p in params if hasattr(p.to_local() if hasattr(p, "to_local") else p, "quantized_data")]
+    state = [v for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    return {
+        "nf4 base": sum(_local_bytes(p) for p in nf4),
+        "other frozen": sum(_local_bytes(p) for p in params if not p.requires_grad) - sum(map(_local_bytes, nf4)),
+        "trained": sum(_local_bytes(p) for p in params if p.requires_grad),
+        "grads": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        "optim": sum(map(_local_bytes, state)),
+    }
+
+
+def _finetune_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    results = {name: measure_finetune_rank(name, world) for name in FINETUNE}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def finetune_table(world: int) -> list[dict]:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mem.json"
+        mp.spawn(_finetune_worker, args=(world, 29733, str(out)), nprocs=world, join=True)
+        per_rank = json.loads(out.read_text())
+    # the largest rank of each layout
+    return [{"layout": name, **max((r[name] for r in per_rank), key=lambda m: sum(m.values()))}
+            for name in FINETUNE]
+
+
 def activation_child(mode: str) -> dict:
     """In a fresh process: peak RSS of one forward+backward above the RSS before it."""
     from cybertron.models.llama import build_model
@@ -169,7 +262,7 @@ def activation_table() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--only", choices=["zero", "activations"])
+    parser.add_argument("--only", choices=["zero", "activations", "finetune"])
     parser.add_argument("--check", action="store_true", help="exit 1 unless every total is within 10%% of theory")
     parser.add_argument("--activation-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,6 +271,13 @@ def main() -> None:
         return
     print(f"model: {MODEL.num_params() / 1e6:.2f}M parameters (tiny preset, untied), fp32 AdamW, torch "
           f"{torch.__version__}, gloo, world size {args.world}")
+    if args.only == "finetune":
+        print("\n| layout | NF4 base KiB | other frozen KiB | trained KiB | grads KiB | optim KiB | total KiB |")
+        print("|---|---|---|---|---|---|---|")
+        for r in finetune_table(args.world):
+            cols = [r[k] / 1024 for k in ("nf4 base", "other frozen", "trained", "grads", "optim")]
+            print(f"| {r['layout']} | " + " | ".join(f"{c:.1f}" for c in cols) + f" | {sum(cols):.1f} |")
+        return
     if args.only != "activations":
         print("\n| layout | params | grads | optim | total B/param | ZeRO theory | off by |")
         print("|---|---|---|---|---|---|---|")

@@ -19,6 +19,7 @@ from cybertron.config import (
     validate_shared_sections,
 )
 from cybertron.finetune.lora import DEFAULT_TARGETS, LoRASpec
+from cybertron.finetune.quant import SHARD_UNIT
 
 METHODS = ("lora", "dora", "qlora", "full")
 CHAT_TEMPLATE_HELP = ("Jinja chat template file that replaces the model's; 'default' = cybertron's built-in format; "
@@ -119,10 +120,11 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
     validate_data_parallel(cfg.parallel.data_parallel, world_size, cfg.train.global_batch_size,
                            cfg.train.micro_batch_size)
     raise_first_failure([
-        # torchao's NF4 tensor cannot be sharded by FSDP2 at this model's shapes (it fails with
-        # "quantization_factor.numel() not divisible by 2"); DDP replicates it and works.
-        (not (f.method == "qlora" and world_size > 1 and cfg.parallel.data_parallel == "zero3"),
-         "finetune.method=qlora does not run under parallel.data_parallel=zero3 yet; use ddp"),
+        # FSDP2 splits the NF4 base into equal row shards; its scale groups are laid out for SHARD_UNIT shards
+        # (finetune/quant.py), so a world size dividing SHARD_UNIT is the one that can work for every model.
+        (not (f.method == "qlora" and cfg.parallel.data_parallel == "zero3" and SHARD_UNIT % world_size),
+         f"finetune.method=qlora with parallel.data_parallel=zero3 needs a world size dividing {SHARD_UNIT} "
+         f"(the NF4 base is quantized in groups for {SHARD_UNIT} equal shards), got {world_size}; use ddp"),
         (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
         (not (cfg.train.fused_loss and world_size > 1), "train.fused_loss runs on one process for now"),
     ])

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from cybertron.errors import ConfigError
 from cybertron.finetune.lora import lora_modules
 
 DEFAULT_BLOCK_SIZE = 64
 MAX_SCALER_BLOCK = 256
+# ZeRO-3 (FSDP2) splits an NF4 weight into equal row shards, and torchao can only split it where every group
+# of quantized scales falls inside one shard. The groups are laid out for SHARD_UNIT equal shards whatever the
+# world size, so one process and 1, 2, 4 or 8 ranks quantize a weight identically.
+SHARD_UNIT = 8
 
 
 @functools.cache
@@ -49,8 +55,33 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _scaler_block(n_blocks: int) -> int:
-    """The largest group size <= 256 dividing the number of scales (torchao requires an exact division)."""
-    return next(size for size in range(min(MAX_SCALER_BLOCK, n_blocks), 0, -1) if n_blocks % size == 0)
+    """The largest group size <= 256 dividing the number of scales per SHARD_UNIT-th of the weight (torchao
+    requires an exact division; a weight with fewer than SHARD_UNIT-divisible blocks uses the largest part that
+    divides)."""
+    per_shard = n_blocks // math.gcd(n_blocks, SHARD_UNIT)
+    return next(size for size in range(min(MAX_SCALER_BLOCK, per_shard), 0, -1) if per_shard % size == 0)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight (FSDP2 keeps a DTensor whose local tensor is the NF4 shard)."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def shard_problem(weight: torch.Tensor, name: str, shards: int) -> str | None:
+    """Why FSDP2 cannot split this NF4 weight into `shards` equal row shards (None when it can)."""
+    rows, groups = weight.shape[0], weight.n_blocks // weight.scaler_block_size
+    if rows % shards == 0 and groups % shards == 0:
+        return None
+    return (f"finetune.method=qlora with parallel.data_parallel=zero3 cannot shard {name} (shape "
+            f"{tuple(weight.shape)}, {groups} NF4 scale groups) over {shards} ranks: its rows and scale groups must "
+            "split evenly over the ranks; use parallel.data_parallel=ddp")
+
+
+def check_shardable(model: nn.Module, shards: int) -> None:
+    """Refuse, naming the first weight, a model whose NF4 base cannot be split over `shards` ranks."""
+    for name, module in lora_modules(model):
+        if module.quantized and (problem := shard_problem(module.weight, f"{name}.weight", shards)):
+            raise ConfigError(problem)
 
 
 def to_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
@@ -75,7 +106,9 @@ def quantize_base_(model: nn.Module, block_size: int = DEFAULT_BLOCK_SIZE) -> in
 
 
 def nf4_storage_bytes(weight: torch.Tensor) -> int:
-    """Bytes an NF4 tensor keeps: codes, quantized scales, their factors and mean, and the 16-entry table."""
+    """Bytes an NF4 tensor keeps on this rank: codes, quantized scales, their factors and mean, and the 16-entry
+    table (under ZeRO-3, this rank's shard of the first three)."""
+    weight = _local(weight)
     parts = (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
              weight.nf4)
     return sum(t.numel() * t.element_size() for t in parts)
@@ -87,6 +120,6 @@ def quantized_bits_per_param(model: nn.Module) -> float:
     for _, module in lora_modules(model):
         if module.quantized:
             stored += nf4_storage_bytes(module.weight)
-            count += module.weight.numel()
+            count += _local(module.weight).numel()
     return 8 * stored / count if count else 0.0
 

@@ -25,7 +25,7 @@ from cybertron.errors import ConfigError
 from cybertron.finetune.config import FinetuneConfig
 from cybertron.finetune.lora import count_params
 from cybertron.finetune.model import BaseModel, OpenBase, base_dtype, build_finetune_model, saved_module
-from cybertron.finetune.quant import quantized_bits_per_param
+from cybertron.finetune.quant import check_shardable, quantized_bits_per_param
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv
@@ -83,6 +83,8 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
                      unit=dp.size * (t.micro_batch_size or 1))
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed)
+    if cfg.finetune.method == "qlora" and dp.is_distributed and dp.mode == "zero3":
+        check_shardable(model, dp.size)  # before FSDP2 splits the NF4 base (its own error is an assertion)
     trained = dp.wrap(model, lambda m: m)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)

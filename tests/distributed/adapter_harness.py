@@ -1,9 +1,10 @@
-"""Full, LoRA and DoRA fine-tuning steps under `parallelize()` layouts (TP, TP+SP, FSDP x TP, activation
+"""Full, LoRA, DoRA and QLoRA fine-tuning steps under `parallelize()` layouts (TP, TP+SP, FSDP x TP, activation
 checkpointing, CPU offload), against the same steps in one process.
 
 Every run builds the same tiny model from the same seed, swaps in adapters with `finetune.lora.apply_lora`
-(fixed seed), then trains with the Trainer on the harness's token stream. A run also reports how far its
-frozen parameters moved (their local shards before and after training; 0 means the base stayed frozen)."""
+(fixed seed; QLoRA then stores the base in NF4), then trains with the Trainer on the harness's token stream.
+A run also reports how far its frozen parameters moved (their local shards before and after training; 0 means
+the base stayed frozen)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from cybertron.config import ParallelSection, TrainSection
 from cybertron.data.loader import PackedLoader
 from cybertron.finetune.lora import LoRASpec, apply_lora
+from cybertron.finetune.quant import nf4_storage_bytes, quantize_base_
 from cybertron.models.llama import build_model
 from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 from cybertron.parallel.dims import ParallelDims, build_mesh, dp_mesh
@@ -37,7 +39,7 @@ METHODS = ("full", "lora", "dora")
 
 @dataclass
 class AdapterRun:
-    method: str  # full, lora or dora
+    method: str  # full, lora, dora or qlora
     parallel: dict = field(default_factory=dict)  # ParallelSection fields
 
 
@@ -51,11 +53,26 @@ def build(method: str) -> nn.Module:
     model = build_model(MODEL, seed=0)
     if method != "full":
         apply_lora(model, LoRASpec(rank=4, alpha=8.0, dora=method == "dora"), seed=0)
+    if method == "qlora":
+        quantize_base_(model)
     return model
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
+    t = t.to_local() if isinstance(t, DTensor) else t
+    if hasattr(t, "quantized_data"):  # an NF4 base: its 4-bit codes stand for it
+        return t.quantized_data.float()
+    return t.detach().clone()
+
+
+def nf4_bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes of the NF4 base held by this process (its shard under ZeRO-3), and of those the bytes every
+    shard keeps whole (each weight's 16-entry code table and scale mean)."""
+    weights = [t for p in model.parameters()
+               if hasattr(t := p.to_local() if isinstance(p, DTensor) else p, "quantized_data")]
+    whole = sum(t.nf4.numel() * t.nf4.element_size() + t.scaler_mean.numel() * t.scaler_mean.element_size()
+                for t in weights)
+    return sum(nf4_storage_bytes(t) for t in weights), whole
 
 
 def _frozen(model: nn.Module, trainable: bool = False) -> list[torch.Tensor]:
@@ -78,6 +95,7 @@ def _train(trainer: Trainer, loader: PackedLoader, model: nn.Module) -> dict:
     result["frozen_moved"] = _moved(_frozen(model), frozen)
     result["trained_moved"] = _moved(_frozen(model, trainable=True), trained)
     result["n_frozen"] = len(frozen)
+    result["nf4_bytes"] = nf4_bytes(model)
     return result
 
 
@@ -94,7 +112,9 @@ def parallel_run(run: AdapterRun, world_size: int) -> dict:
     pcfg = replace(ParallelSection(), **run.parallel)
     dims = ParallelDims.resolve(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.tp, pcfg.pp, pcfg.data_parallel)
     mesh = build_mesh(dims, "cpu")
-    par = parallelize(build(run.method), dims, mesh, pcfg)
+    # QLoRA: every rank quantized the same weights; DDP's start-up broadcast would alter the NF4 base
+    # (ARCHITECTURE.md pitfall 13).
+    par = parallelize(build(run.method), dims, mesh, pcfg, replicas_equal=run.method == "qlora")
     opt = build_parallel_optimizer(par, dims, mesh, t)
     trainer = Trainer(par.model, opt, par.step_fn, _schedule(t), t.grad_clip, collectives=par.collectives,
                       strategy=par.strategy)

@@ -27,7 +27,8 @@ def _records(run_dir):
     return steps, [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
 
 
-@pytest.mark.parametrize("method, layout", [("lora", "ddp"), ("qlora", "ddp"), ("full", "zero3")])
+@pytest.mark.parametrize("method, layout", [("lora", "ddp"), ("qlora", "ddp"), ("qlora", "zero3"),
+                                            ("full", "zero3")])
 def test_finetune_on_two_ranks_matches_one_process(inputs, tmp_path, method, layout):
     hf, chats = inputs
     args = ["finetune", "--model", str(hf), "--data", str(chats), "--method", method, "--steps", "4",
@@ -48,10 +49,13 @@ def test_finetune_on_two_ranks_matches_one_process(inputs, tmp_path, method, lay
     assert _records(tmp_path / "two")[0][4] == pytest.approx(steps1[4], rel=1e-5, abs=1e-6)
 
 
-def test_qlora_with_zero3_is_refused_before_any_process_starts(inputs, tmp_path):
+def test_qlora_with_zero3_on_a_world_size_not_dividing_8_is_refused_before_any_process_starts(inputs, tmp_path,
+                                                                                             capsys):
     from cybertron.cli import main as cli_main
 
     hf, chats = inputs
-    assert cli_main(["finetune", "--model", str(hf), "--data", str(chats), "--method", "qlora", "--nproc", "2",
-                     "--parallel.data_parallel", "zero3", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["finetune", "--model", str(hf), "--data", str(chats), "--method", "qlora", "--nproc", "3",
+                     "--parallel.data_parallel", "zero3", "--train.global_batch_size", "6",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "needs a world size dividing 8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -42,7 +42,7 @@ def check_dtype(key: str, value: str, allowed: tuple[str, ...]) -> tuple[bool, s
 
 @dataclass
 class ModelSection:
-    preset: str = opt("tiny", "named shape from cybertron/models/presets.py (tiny, debug, llama3-1b, ...)")
+    preset: str = opt("nano", "named shape from cybertron/models/presets.py (nano, tiny, debug, llama3-1b, ...)")
     init_from: str = opt("", "Hugging Face model directory to start from instead of random weights")
     vocab_size: int | None = opt(None, "override the preset's vocabulary size (default: the tokenizer's)")
     dim: int | None = opt(None, "override the hidden size")
@@ -61,17 +61,17 @@ class DataSection:
     tokenizer: str = opt("", "tokenizer.json (or a folder with one); empty = train a BPE tokenizer on the data")
     vocab_size: int = opt(4096, "vocabulary size when training a tokenizer")
     tokenizer_train_chars: int = opt(8_000_000, "characters of data the tokenizer is trained on")
-    seq_len: int = opt(256, "tokens per training sequence")
+    seq_len: int = opt(128, "tokens per training sequence")
     val_fraction: float = opt(0.05, "fraction of documents held out for validation")
     cache_dir: str = opt("", "where tokenized shards are cached; empty = ~/.cache/cybertron")
 
 
 @dataclass
 class TrainSection:
-    steps: int = opt(470, "optimizer steps")
-    global_batch_size: int = opt(16, "sequences per optimizer step, over all data-parallel ranks")
+    steps: int = opt(400, "optimizer steps")
+    global_batch_size: int = opt(32, "sequences per optimizer step, over all data-parallel ranks")
     micro_batch_size: int = opt(0, "sequences per forward/backward on one rank; 0 = no accumulation")
-    lr: float = opt(2e-3, "peak learning rate")
+    lr: float = opt(3e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
     warmup_steps: int = opt(10, "linear warmup steps")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
@@ -106,7 +106,7 @@ class EpochTrainSection(TrainSection):
 class EvalSection:
     every: int = opt(100, "evaluate every N steps (and at the end); 0 = only at the end")
     batches: int = opt(8, "validation batches per evaluation")
-    batch_size: int = opt(16, "sequences per validation batch")
+    batch_size: int = opt(32, "sequences per validation batch")
 
 
 @dataclass

@@ -16,9 +16,12 @@ _LLAMA3_ROPE = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Trains on the bundled corpus in minutes on 2 CPU cores (the embedded default).
-    # Sized for the token budget of a few minutes on 2 cores: at that budget a smaller model ends lower than a
-    # larger one (the dim-256 comparison is in bench/RESULTS.md).
+    # The default run's model (`cybertron train` with no arguments, on 2 CPU cores): at a budget of minutes a
+    # smaller model ends lower than a larger one, because it sees more tokens in the time while its loss per
+    # token stays close to the larger one's (bench/RESULTS.md, "The default run").
+    "nano": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+                 max_seq_len=1024, tie_embeddings=False, rope_theta=10000.0),
+    # The benchmarks' small shape (and the default run's model before "nano").
     "tiny": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512,
                  max_seq_len=1024, tie_embeddings=False, rope_theta=10000.0),
     # Used by tests: a few thousand parameters per layer, fast in every parallel layout.

@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_train_configs_parse(name):
     cfg = TrainConfig()
     apply_toml(cfg, CONFIGS / name)
-    assert cfg.model.preset == name.removesuffix(".toml").replace("default", "tiny")
+    assert cfg.model.preset == name.removesuffix(".toml").replace("default", "nano")
 
 
 def test_default_config_is_the_default():

@@ -37,9 +37,11 @@ def prefs(tmp_path_factory):
     return make_hf_dir(root / "hf"), write_color_pairs(root / "prefs.jsonl", 40, seed=3)
 
 
-@pytest.mark.parametrize("method, weights, layout", [("dpo", "lora", "ddp"), ("dpo", "full", "zero3"),
-                                                     ("reward", "lora", "ddp"), ("reward", "lora", "zero3"),
-                                                     ("reward", "full", "zero3")])
+# The default run keeps one case per method and layout; the other combinations run with `-m slow`.
+@pytest.mark.parametrize("method, weights, layout", [
+    ("dpo", "lora", "ddp"), ("dpo", "full", "zero3"), ("reward", "lora", "zero3"),
+    pytest.param("reward", "lora", "ddp", marks=pytest.mark.slow),
+    pytest.param("reward", "full", "zero3", marks=pytest.mark.slow)])
 def test_preference_methods_match_one_process(prefs, tmp_path, method, weights, layout):
     hf, data = prefs
     args = ["align", "--method", method, "--model", str(hf), "--data", str(data), "--weights", weights,

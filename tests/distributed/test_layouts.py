@@ -86,6 +86,7 @@ def world8(ckpt_dir) -> dict:
     return run_world(8, WORLD_8, ckpt_dir / "w8", port=29618)
 
 
+@pytest.mark.slow  # 8 ranks on 2 cores: over a minute; the same dimensions compose at world size 4 by default
 @pytest.mark.parametrize("name", sorted(WORLD_8))
 def test_pp_tp_dp_matches_single_process_at_world_8(name, world8, reference):
     _assert_matches(world8[name], reference)

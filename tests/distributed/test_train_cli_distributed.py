@@ -20,8 +20,16 @@ def _run(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
                  "-m", "cybertron"] if torchrun else [sys.executable, "-m", "cybertron"])
     result = subprocess.run([*launcher, *args], capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 or _aborted_after_finishing(result), result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def _aborted_after_finishing(result: subprocess.CompletedProcess) -> bool:
+    """A gloo rank that aborts in a C++ destructor at interpreter exit, after the run printed its summary and
+    saved its last checkpoint (ARCHITECTURE pitfall 2; seen once in three full runs). The callers then check
+    the results themselves; an abort anywhere before the summary still fails."""
+    return ("done: step" in result.stdout and "terminate called without an active exception" in result.stderr
+            and "SIGABRT" in result.stderr)
 
 
 def _losses(run_dir) -> dict[int, float]:

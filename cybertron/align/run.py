@@ -26,16 +26,15 @@ from cybertron.align.task import AlignTask, split_rows
 from cybertron.data.chat_template import remedy_on_failure, resolve_chat_format
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
-from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model, saved_module
-from cybertron.finetune.run import resolve_seq_len, write_run_files
+from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model
+from cybertron.finetune.run import resolve_seq_len, run_adapter_task
 from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv
-from cybertron.train import session
 from cybertron.train.epochs import plan_work
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
 from cybertron.train.schedule import lr_at
-from cybertron.train.session import Driver, Finished, RecordRun, find_resume_checkpoint, resolve_run_dir
+from cybertron.train.session import Finished, RecordRun, find_resume_checkpoint, resolve_run_dir
 from cybertron.train.trainer import Batch, Trainer, to_device
 
 
@@ -96,13 +95,8 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     task: AlignTask = (GRPOTask(*common, setup, engine, reference) if isinstance(setup, GRPOSetup)
                        else PreferenceTask(*common, setup))
 
-    def write_files(run_dir: Path) -> None:
-        write_run_files(run_dir, cfg, base.path, chat.template)
-        record_run(run_dir)
-
-    driver = Driver(run_dir, resume_from, trainer, saved_module(model, cfg.finetune.method), model_cfg, plan.steps,
-                    cfg.eval, cfg.checkpoint, cfg.log, write_files, dp.is_main, dp.barrier)
-    return session.run(driver, task, model)
+    return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, model_cfg, plan.steps, base.path,
+                            chat.template, record_run, dp)
 
 
 def _shared_reference(dp: DataParallel, model: nn.Module, rows: Batch, micro: int, device: torch.device,

@@ -97,11 +97,21 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
     loader = RowLoader(data.train, plan.batch_size, seed=t.seed)
     task = SFTTask(cfg, run_dir, device, model, trainer, loader, data, plan, chat, dp)
 
+    return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, model_cfg, plan.steps, base.path,
+                            chat.template, record_run, dp)
+
+
+def run_adapter_task(cfg: Any, task: session.Task, run_dir: Path, resume_from: Path | None, trainer: Trainer,
+                     model: nn.Module, model_cfg: ModelConfig, steps: int, base_path: Path, chat_template: str,
+                     record_run: RecordRun, dp: DataParallel) -> Finished:
+    """The driver for a method that trains a loaded base (SFT, alignment): checkpoints hold what the method
+    trains, and the run directory gets the config, the base's tokenizer, the chat template and run.json."""
+
     def write_files(run_dir: Path) -> None:
-        write_run_files(run_dir, cfg, base.path, chat.template)
+        write_run_files(run_dir, cfg, base_path, chat_template)
         record_run(run_dir)
 
-    driver = Driver(run_dir, resume_from, trainer, saved_module(model, cfg.finetune.method), model_cfg, plan.steps,
+    driver = Driver(run_dir, resume_from, trainer, saved_module(model, cfg.finetune.method), model_cfg, steps,
                     cfg.eval, cfg.checkpoint, cfg.log, write_files, dp.is_main, dp.barrier)
     return session.run(driver, task, model)
 

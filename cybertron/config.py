@@ -147,15 +147,6 @@ class ParallelSection:
 
 
 @dataclass
-class DataParallelSection:
-    """Fine-tuning and alignment: pure data parallelism over the ranks torchrun starts (--nproc N)."""
-
-    data_parallel: str = opt("ddp", "with --nproc N (or under torchrun): ddp (a replica per rank) or zero3 (FSDP2: "
-                                    "parameters, gradients and optimizer state sharded)")
-    timeout_s: int = opt(600, "seconds a collective may wait before the run fails (not hangs)")
-
-
-@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)

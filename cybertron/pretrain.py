@@ -9,9 +9,7 @@ Each stage is a small build_* function so benchmarks and tests reuse them."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,20 +23,21 @@ from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
 from cybertron.models.llama import Transformer, build_model
 from cybertron.models.presets import preset_config
-from cybertron.parallel.dims import dp_mesh
-from cybertron.parallel.runtime import DistEnv, init_distributed, layout_dims, shutdown_distributed
+from cybertron.parallel.build_trainer import build_trainer as build_layout_trainer
+from cybertron.parallel.dims import ParallelDims
+from cybertron.parallel.runtime import DistEnv, layout_dims
+from cybertron.parallel.world import World, run_on_world
 from cybertron.train import session
-from cybertron.train.float8 import convert_to_float8, float8_compile_options, validate_float8
+from cybertron.train.float8 import validate_float8
 from cybertron.train.metrics import (
     device_peak_flops,
     flops_per_token,
     memory_gib,
 )
-from cybertron.train.optim import build_optimizer
-from cybertron.train.precision import autocast, resolve_device, resolve_dtype
+from cybertron.train.precision import resolve_device, resolve_dtype
 from cybertron.train.schedule import lr_at
 from cybertron.train.session import Driver, Finished, RecordRun, find_resume_checkpoint, resolve_run_dir, write_config
-from cybertron.train.trainer import Batch, LanguageModelStep, StepResult, Trainer, to_device
+from cybertron.train.trainer import Batch, StepResult, Trainer, to_device
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -116,36 +115,25 @@ def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = 
     """Pretrain on this process (one of the ranks under torchrun); `record_run` writes the run's metadata."""
     env = env or DistEnv()
     dims = layout_dims(cfg, env.world_size)
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and dims.is_distributed:
-        device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    mesh = init_distributed(env, dims, device, cfg.parallel.timeout_s)
-    try:
-        finished = _run(cfg, record_run, env, dims, mesh, device)
-    except BaseException:
-        shutdown_distributed(clean=False)  # the other ranks may be inside a collective: no barrier
-        raise
-    shutdown_distributed()
-    return finished
+    return run_on_world(env, dims, cfg.train.device, cfg.parallel.timeout_s,
+                        lambda world: _run(cfg, record_run, world))
 
 
-def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, device: torch.device) -> Finished:
-    barrier = _barrier if mesh is not None else (lambda: None)
-    run_dir = resolve_run_dir(cfg) if mesh is None else Path(_from_main(str(resolve_run_dir(cfg))))
+def _run(cfg: TrainConfig, record_run: RecordRun, world: World) -> Finished:
+    run_dir = Path(world.from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
-    dtype_name = resolve_dtype(cfg.train.dtype, device)
-    with _main_first(env.is_main, barrier):  # rank 0 tokenizes into the cache; the others then read it
+    dtype_name = resolve_dtype(cfg.train.dtype, world.device)
+    with world.main_first():  # rank 0 tokenizes into the cache; the others then read it
         data = build_data(cfg)
     model_cfg = build_model_config(cfg, data.tokenizer.vocab_size)
+    dims = world.dims
     dims.validate_model(model_cfg, cfg.parallel.pp_virtual_stages if dims.pp > 1 else 1)
-    model = build_weights(cfg, model_cfg, device)  # full weights on every rank: identical to one process
-    trainer, parts = build_trainer(cfg, model, dims, mesh, dtype_name, device)
+    model = build_weights(cfg, model_cfg, world.device)  # full weights on every rank: identical to one process
+    trainer, parts = build_trainer(cfg, model, dims, world.mesh, dtype_name, world.device)
     t = cfg.train
-    dp_rank = dp_mesh(mesh).get_local_rank() if mesh is not None else 0
-    loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, dp_rank=dp_rank,
+    loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, dp_rank=world.dp_rank,
                           dp_size=dims.dp, seed=t.seed)
-    task = PretrainTask(cfg, run_dir, device, model_cfg, trainer, loader, data,
+    task = PretrainTask(cfg, run_dir, world.device, model_cfg, trainer, loader, data,
                         dims.describe() if dims.is_distributed else "single process")
 
     def write_run_files(run_dir: Path) -> None:
@@ -154,61 +142,19 @@ def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, devi
         record_run(run_dir)
 
     driver = Driver(run_dir, resume_from, trainer, parts, model_cfg, t.steps, cfg.eval, cfg.checkpoint, cfg.log,
-                    write_run_files, env.is_main, barrier)
+                    write_run_files, world.is_main, world.barrier)
     return session.run(driver, task, model)
 
 
-def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: str,
+def build_trainer(cfg: TrainConfig, model: Transformer, dims: ParallelDims | None, mesh, dtype_name: str,
                   device: torch.device) -> tuple[Trainer, list[torch.nn.Module]]:
-    """The Trainer for the layout: the plain model on one process, else the parallelized one."""
+    """The Trainer for the layout (parallel/build_trainer.py): the plain model on one process (dims None),
+    else the parallelized one."""
     t = cfg.train
     schedule = lambda step: lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-    amp = lambda: autocast(dtype_name, device)
-    if mesh is None:
-        if t.fp8 != "none":
-            convert_to_float8(model, t.fp8)  # before activation checkpointing and compile wrap the Linears
-        if cfg.parallel.activation_checkpoint != "none":
-            from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
-
-            apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
-        optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-        # one process: forward + loss compiled together
-        step_fn = LanguageModelStep(compile=t.compile, fused_loss=t.fused_loss,
-                                    compile_options=float8_compile_options(t.fp8))
-        return Trainer(model, optimizer, step_fn, schedule, t.grad_clip, autocast=amp), [model]
-    assert t.fp8 == "none", "validate() refuses train.fp8 with a parallel layout"
-    from cybertron.parallel.apply import build_parallel_optimizer, parallelize
-
-    param_dtype = torch.bfloat16 if dtype_name == "bf16" else None
-    par = parallelize(model, dims, mesh, cfg.parallel, compile_blocks=t.compile, param_dtype=param_dtype)
-    optimizer = build_parallel_optimizer(par, dims, mesh, t)
-    trainer = Trainer(par.model, optimizer, par.step_fn, schedule, t.grad_clip, autocast=amp,
-                      collectives=par.collectives, strategy=par.strategy)
-    return trainer, par.parts
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
-def _from_main(value: str) -> str:
-    """Rank 0's value on every rank (e.g. a timestamped run directory)."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@contextlib.contextmanager
-def _main_first(is_main: bool, barrier: Callable[[], None]):
-    if not is_main:
-        barrier()
-    yield
-    if is_main:
-        barrier()
+    dims = dims or ParallelDims()
+    world = World(DistEnv(world_size=dims.world_size), dims, mesh, device)
+    return build_layout_trainer(model, world, cfg.parallel, t, dtype_name, schedule)
 
 
 @dataclass

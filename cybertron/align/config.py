@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from cybertron.config import (
     TRAINING_SHORTCUTS,
     CheckpointSection,
-    DataParallelSection,
     EpochTrainSection,
     EvalSection,
     LogSection,
+    ParallelSection,
     RunSection,
     opt,
     raise_first_failure,
@@ -24,6 +24,7 @@ from cybertron.finetune.config import (
     MethodSection,
     base_model_checks,
     method_checks,
+    validate_layout,
 )
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
@@ -82,7 +83,7 @@ class AlignConfig:
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
-    parallel: DataParallelSection = field(default_factory=DataParallelSection)
+    parallel: ParallelSection = field(default_factory=lambda: ParallelSection(data_parallel="ddp"))
 
 
 # The flags of the common case: `cybertron align --method dpo --model DIR --data FILE`.
@@ -133,11 +134,11 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     ])
     decode_escapes(a.stop, "align.stop")  # an incomplete escape fails now, not at the first rollout
     validate_shared_sections(cfg)
-    from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating
-
-    validate_data_parallel(cfg.parallel.data_parallel, world_size, t.global_batch_size, t.micro_batch_size)
+    validate_layout(cfg, world_size)
+    p = cfg.parallel
     raise_first_failure([
-        (not (grpo and cfg.parallel.data_parallel == "zero3" and world_size > 1),
+        (not (grpo and (p.data_parallel != "ddp" or p.tp > 1 or p.pp > 1) and world_size > 1),
          "grpo generates with whole weights on every rank: use parallel.data_parallel=ddp"),
-        (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
+        (p.tp == 1 and p.pp == 1, f"`cybertron align` runs with data parallelism (ddp, zero1-3) for now, got "
+                                  f"parallel.tp={p.tp} parallel.pp={p.pp}"),
     ])

@@ -102,7 +102,7 @@ class GRPOTask(AlignTask):
         a = self.cfg.align
         first_update = step % a.updates_per_rollout == 0
         if first_update:
-            mine = self.dp.local_slice(self.loader.batch_size)  # this rank's prompts of the global batch
+            mine = self.world.local_slice(self.loader.batch_size)  # this rank's prompts of the global batch
             indices = self.loader.next_batch()["index"][mine].tolist()
             self.rows, self.stats = self.make_rollout(step, [self.setup.prompts[i] for i in indices], mine.start)
             self.gen_seconds += self.stats.seconds
@@ -150,7 +150,7 @@ class GRPOTask(AlignTask):
         sequences = [records[i // group_size].ids + res.token_ids for i, res in enumerate(results)]
         rewards = torch.tensor(self.setup.reward(step, prompts, [r.text for r in results], fields, sequences),
                                dtype=torch.float32)
-        sums = self.dp.sum(rollout_sums(rewards, results, group_size).to(self.device)).cpu()
+        sums = self.world.sum_over_dp(rollout_sums(rewards, results, group_size).to(self.device)).cpu()
         return results, rewards, rollout_stats(sums, seconds)
 
     def make_rollout(self, step: int, records: list[PromptRecord], first_prompt: int = 0

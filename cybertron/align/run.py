@@ -27,33 +27,35 @@ from cybertron.data.chat_template import remedy_on_failure, resolve_chat_format
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model
-from cybertron.finetune.run import resolve_seq_len, run_adapter_task
-from cybertron.parallel.data_only import DataParallel, run_on_ranks
-from cybertron.parallel.runtime import DistEnv
+from cybertron.finetune.run import check_layout, resolve_seq_len, run_adapter_task
+from cybertron.parallel.build_trainer import build_trainer
+from cybertron.parallel.runtime import DistEnv, layout_dims
+from cybertron.parallel.world import World, run_on_world
 from cybertron.train.epochs import plan_work
-from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
 from cybertron.train.schedule import lr_at
 from cybertron.train.session import Finished, RecordRun, find_resume_checkpoint, resolve_run_dir
-from cybertron.train.trainer import Batch, Trainer, to_device
+from cybertron.train.trainer import Batch, to_device
 
 
 def run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun, env: DistEnv | None = None,
               reward_model: RewardModelLoader | None = None) -> Finished:
-    """One process, or one rank of a data-parallel run started by torchrun: align the base model.path names
-    (`open_base` reads it; its weights are loaded on this rank's device); `record_run` writes the run's
-    metadata; `reward_model` loads a reward-model run given as align.reward."""
-    p = cfg.parallel
-    return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
-                        lambda dp, device: _run_align(cfg, open_base, record_run, reward_model, dp, device))
+    """One process, or one rank of a run started by torchrun with the [parallel] section's layout: align the
+    base model.path names (`open_base` reads it; its weights are loaded on this rank's device); `record_run`
+    writes the run's metadata; `reward_model` loads a reward-model run given as align.reward."""
+    env = env or DistEnv()
+    dims = layout_dims(cfg, env.world_size)
+    return run_on_world(env, dims, cfg.train.device, cfg.parallel.timeout_s,
+                        lambda world: _run_align(cfg, open_base, record_run, reward_model, world))
 
 
 def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
-               reward_model: RewardModelLoader | None, dp: DataParallel, device: torch.device) -> Finished:
+               reward_model: RewardModelLoader | None, world: World) -> Finished:
     """Build everything (data and reference log-probabilities first, so bad input fails before training),
     then hand the method's task to the training driver (which resumes if asked)."""
-    run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))
+    run_dir = Path(world.from_main(str(resolve_run_dir(cfg))))
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    device = world.device
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base = open_base(Path(cfg.model.path))
     model_cfg, tokenizer = base.config, base.tokenizer
@@ -61,6 +63,7 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     chat = resolve_chat_format(tokenizer.chat_template, cfg.data.chat_template)
     tokenizer.chat_template = chat.template
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
+    check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
     setup: GRPOSetup | PreferenceSetup
@@ -71,46 +74,45 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
             setup = preference_setup(cfg, tokenizer, seq_len)
     n_rows = next(iter(setup.train.values())).shape[0]
     plan = plan_work(n_rows, t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
-                     unit=dp.size * (t.micro_batch_size or 1),
+                     unit=world.dp_size * (t.micro_batch_size or 1),
                      steps_per_batch=cfg.align.updates_per_rollout if method == "grpo" else 1)
     wrap = (lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward" else None
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
-    # data-parallel wrapping (every rank computes the same values, with no communication).
+    # the layout is applied (every rank computes the same values, with no communication).
     if isinstance(setup, GRPOSetup):
-        engine, reference = grpo_model_state(cfg, model, tokenizer, device, seq_len, plan.batch_size // dp.size)
+        engine, reference = grpo_model_state(cfg, model, tokenizer, device, seq_len,
+                                             plan.batch_size // world.dp_size)
     elif getattr(setup.step, "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
-        setup.train = _shared_reference(dp, model, setup.train, micro, device, amp)
+        setup.train = _shared_reference(world, model, setup.train, micro, device, amp)
         if setup.val is not None:
-            setup.val = _shared_reference(dp, model, setup.val, micro, device, amp)
-    trained = dp.wrap(model, lambda m: m.model if isinstance(m, RewardModel) else m)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+            setup.val = _shared_reference(world, model, setup.val, micro, device, amp)
     schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
-    trainer = Trainer(trained, optimizer, setup.step, schedule, t.grad_clip, autocast=amp,
-                      collectives=dp.collectives())
+    trainer, parts = build_trainer(model, world, cfg.parallel, t, dtype_name, schedule, step_fn=setup.step,
+                                   replicas_equal=True)
     loader = RowLoader(setup.train, plan.batch_size, seed=t.seed)
-    common = (cfg, run_dir, device, tokenizer, model, trainer, loader, dp, plan, chat, setup.description)
+    common = (cfg, run_dir, device, tokenizer, model, trainer, loader, world, plan, chat, setup.description)
     task: AlignTask = (GRPOTask(*common, setup, engine, reference) if isinstance(setup, GRPOSetup)
                        else PreferenceTask(*common, setup))
 
-    return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, model_cfg, plan.steps, base.path,
-                            chat.template, record_run, dp)
+    return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, parts, model_cfg, plan.steps,
+                            base.path, chat.template, record_run, world)
 
 
-def _shared_reference(dp: DataParallel, model: nn.Module, rows: Batch, micro: int, device: torch.device,
+def _shared_reference(world: World, model: nn.Module, rows: Batch, micro: int, device: torch.device,
                       amp: Callable) -> Batch:
     """Reference log-probabilities of every pair, each rank computing a share and all of them gathering the
     rest (the same values as one process: the model is not wrapped yet, so no rank waits on another)."""
     n = rows["chosen_ids"].shape[0]
-    mine = dp.row_share(n)
+    mine = world.row_share(n)
     if mine.start == mine.stop:  # more ranks than pairs: nothing to compute here, only to gather
         part = {"ref_chosen": torch.zeros(0), "ref_rejected": torch.zeros(0)}
     else:
         part = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp)
-    return {**rows, "ref_chosen": dp.gather_rows(part["ref_chosen"], n),
-            "ref_rejected": dp.gather_rows(part["ref_rejected"], n)}
+    return {**rows, "ref_chosen": world.gather_rows(part["ref_chosen"], n),
+            "ref_rejected": world.gather_rows(part["ref_rejected"], n)}
 
 
 # ---- preference pairs: dpo, ipo, simpo, orpo, reward -------------------------------------------------------
@@ -147,7 +149,7 @@ class PreferenceTask(AlignTask):
 
     def next_micro_batches(self, step: int) -> list[Batch]:
         rows = self.loader.next_batch()  # the global batch (the same on every rank); this rank's share:
-        mine = self.dp.local_slice(self.loader.batch_size)
+        mine = self.world.local_slice(self.loader.batch_size)
         return split_rows({k: v[mine] for k, v in rows.items()}, self.cfg.train.micro_batch_size, self.device,
                           pair_batches)
 

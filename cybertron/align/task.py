@@ -17,7 +17,7 @@ from cybertron.data.chat_template import ChatFormat
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.finetune.lora import count_params
-from cybertron.parallel.data_only import DataParallel
+from cybertron.parallel.world import World
 from cybertron.train.epochs import WorkPlan
 from cybertron.train.metrics import memory_gib
 from cybertron.train.trainer import Batch, StepResult, Trainer, to_device
@@ -32,7 +32,7 @@ class AlignTask:
     model: nn.Module  # the plain module (what generates and what checkpoints save); trainer.model may wrap it
     trainer: Trainer
     loader: RowLoader
-    dp: DataParallel
+    world: World
     plan: WorkPlan
     chat: ChatFormat
     description: str  # the method's data (and reward) line
@@ -40,7 +40,7 @@ class AlignTask:
     def describe_with(self, work: str) -> str:
         trainable, total = count_params(self.model)
         c = self.cfg
-        where = f"{self.dp.size} ranks ({c.parallel.data_parallel})" if self.dp.is_distributed else str(self.device)
+        where = self.world.describe()
         return (f"{c.align.method} with {c.finetune.method} weights on {where}: {trainable / 1e6:.2f}M of "
                 f"{total / 1e6:.1f}M parameters train; {self.description}; {work}; {self.chat.describe()}; "
                 f"run dir {self.run_dir}")

@@ -4,14 +4,15 @@ suited to fine-tuning) plus the base model, the chat data and the method."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cybertron.config import (
     TRAINING_SHORTCUTS,
     CheckpointSection,
-    DataParallelSection,
     EpochTrainSection,
     EvalSection,
     LogSection,
+    ParallelSection,
     RunSection,
     check_dtype,
     opt,
@@ -73,7 +74,7 @@ class FinetuneConfig:
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=100, keep=2))
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
-    parallel: DataParallelSection = field(default_factory=DataParallelSection)
+    parallel: ParallelSection = field(default_factory=lambda: ParallelSection(data_parallel="ddp"))
 
 
 # The flags of the common case, `cybertron finetune --model DIR --data FILE --method lora`.
@@ -115,16 +116,27 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
         (cfg.train.fp8 == "none", f"train.fp8={cfg.train.fp8!r} is not supported for finetune yet; use none"),
     ])
     validate_shared_sections(cfg)
-    from cybertron.parallel.data_only import validate_data_parallel  # torch.distributed only when validating
+    validate_layout(cfg, world_size)
 
-    validate_data_parallel(cfg.parallel.data_parallel, world_size, cfg.train.global_batch_size,
-                           cfg.train.micro_batch_size)
+
+def validate_layout(cfg: FinetuneConfig | Any, world_size: int) -> None:
+    """The [parallel] section against the world size, the batch and the method (finetune and align share it);
+    the model's shape and the resolved seq_len are checked again once the base is open."""
+    from cybertron.parallel.runtime import layout_dims  # torch.distributed only when validating
+
+    dims = layout_dims(cfg, world_size)
+    f, t = cfg.finetune, cfg.train
     raise_first_failure([
+        (not (f.method == "qlora" and (dims.tp > 1 or dims.pp > 1)),
+         f"finetune.method=qlora runs with data parallelism only (ddp or zero3; the NF4 base is not split by "
+         f"tensor or pipeline parallelism), got parallel.tp={dims.tp} parallel.pp={dims.pp}"),
         # FSDP2 splits the NF4 base into equal row shards; its scale groups are laid out for SHARD_UNIT shards
-        # (finetune/quant.py), so a world size dividing SHARD_UNIT is the one that can work for every model.
-        (not (f.method == "qlora" and cfg.parallel.data_parallel == "zero3" and SHARD_UNIT % world_size),
-         f"finetune.method=qlora with parallel.data_parallel=zero3 needs a world size dividing {SHARD_UNIT} "
-         f"(the NF4 base is quantized in groups for {SHARD_UNIT} equal shards), got {world_size}; use ddp"),
-        (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
-        (not (cfg.train.fused_loss and world_size > 1), "train.fused_loss runs on one process for now"),
+        # (finetune/quant.py), so a shard count dividing SHARD_UNIT is the one that can work for every model.
+        (not (f.method == "qlora" and dims.dp_shard > 1 and SHARD_UNIT % dims.dp_shard),
+         f"finetune.method=qlora with parallel.data_parallel={dims.data_parallel} needs a shard count dividing "
+         f"{SHARD_UNIT} (the NF4 base is quantized in groups for {SHARD_UNIT} equal shards), got "
+         f"{dims.dp_shard}; use ddp"),
+        (not (f.method == "qlora" and dims.data_parallel in ("zero1", "zero2") and dims.dp > 1),
+         f"finetune.method=qlora runs with parallel.data_parallel ddp or zero3, got {dims.data_parallel}"),
+        (not (t.fused_loss and world_size > 1), "train.fused_loss runs on one process for now"),
     ])

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cybertron.config import ParallelSection
 from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_chat_format
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
 from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer, copy_tokenizer_files
@@ -27,16 +28,17 @@ from cybertron.finetune.lora import count_params
 from cybertron.finetune.model import BaseModel, OpenBase, base_dtype, build_finetune_model, saved_module
 from cybertron.finetune.quant import check_shardable, quantized_bits_per_param
 from cybertron.models.config import ModelConfig
-from cybertron.parallel.data_only import DataParallel, run_on_ranks
-from cybertron.parallel.runtime import DistEnv
+from cybertron.parallel.build_trainer import build_trainer
+from cybertron.parallel.dims import ParallelDims
+from cybertron.parallel.runtime import DistEnv, layout_dims
+from cybertron.parallel.world import World, run_on_world
 from cybertron.train import session
 from cybertron.train.epochs import WorkPlan, plan_work
 from cybertron.train.metrics import memory_gib
-from cybertron.train.optim import build_optimizer
-from cybertron.train.precision import autocast, resolve_dtype
+from cybertron.train.precision import resolve_dtype
 from cybertron.train.schedule import lr_at
 from cybertron.train.session import Driver, Finished, RecordRun, find_resume_checkpoint, resolve_run_dir, write_config
-from cybertron.train.trainer import Batch, LanguageModelStep, StepResult, Trainer, to_device
+from cybertron.train.trainer import Batch, StepResult, Trainer, to_device
 
 AUTO_MAX_SEQ_LEN = 1024  # data.seq_len=0: the model's context, capped (SFT examples are rarely longer)
 
@@ -60,59 +62,71 @@ def resolve_seq_len(requested: int, model_cfg: ModelConfig) -> int:
 
 def run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun,
                  env: DistEnv | None = None) -> Finished:
-    """One process, or one rank of a data-parallel run started by torchrun: fine-tune the base model.path
-    names (`open_base` reads it; its weights are loaded on this rank's device); `record_run` writes the run's
-    metadata."""
-    p = cfg.parallel
-    return run_on_ranks(env or DistEnv(), cfg.train.device, p.data_parallel, p.timeout_s,
-                        lambda dp, device: _run_finetune(cfg, open_base, record_run, dp, device))
+    """One process, or one rank of a run started by torchrun with the [parallel] section's layout: fine-tune
+    the base model.path names (`open_base` reads it; its weights are loaded on this rank's device);
+    `record_run` writes the run's metadata."""
+    env = env or DistEnv()
+    dims = layout_dims(cfg, env.world_size)
+    return run_on_world(env, dims, cfg.train.device, cfg.parallel.timeout_s,
+                        lambda world: _run_finetune(cfg, open_base, record_run, world))
 
 
-def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun, dp: DataParallel,
-                  device: torch.device) -> Finished:
-    run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
+def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun, world: World) -> Finished:
+    run_dir = Path(world.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
     resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    device = world.device
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base = open_base(Path(cfg.model.path))
     model_cfg, tokenizer, chat = check_chat_format(base, cfg.data.chat_template)
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
+    check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
     t = cfg.train
     with remedy_on_failure():
         data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
     plan = plan_work(data.train["inputs"].shape[0], t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
-                     unit=dp.size * (t.micro_batch_size or 1))
+                     unit=world.dp_size * (t.micro_batch_size or 1))
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed)
-    if cfg.finetune.method == "qlora" and dp.is_distributed and dp.mode == "zero3":
-        check_shardable(model, dp.size)  # before FSDP2 splits the NF4 base (its own error is an assertion)
-    trained = dp.wrap(model, lambda m: m)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
-    # Compiling the forward + loss needs the plain module (a DDP/FSDP wrapper is called, not traced, here).
+    if cfg.finetune.method == "qlora" and world.dims.dp_shard > 1:
+        check_shardable(model, world.dims.dp_shard)  # before FSDP2 splits the NF4 base (its own error is an assertion)
     if t.fused_loss and type(model.lm_head) is not nn.Linear:
         raise ConfigError("train.fused_loss needs a plain output head; finetune.targets adapts lm_head")
-    step_fn = LanguageModelStep(compile=t.compile and not dp.is_distributed, fused_loss=t.fused_loss)
-    trainer = Trainer(trained, optimizer, step_fn, schedule, t.grad_clip,
-                      autocast=lambda: autocast(dtype_name, device), collectives=dp.collectives())
+    schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
+    # Every rank loaded the same weights and seeded the same adapters: no start-up broadcast (which altered
+    # torchao's NF4 bases under DDP).
+    trainer, parts = build_trainer(model, world, cfg.parallel, t, dtype_name, schedule, replicas_equal=True)
     loader = RowLoader(data.train, plan.batch_size, seed=t.seed)
-    task = SFTTask(cfg, run_dir, device, model, trainer, loader, data, plan, chat, dp)
+    task = SFTTask(cfg, run_dir, device, model, trainer, loader, data, plan, chat, world)
+    return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, parts, model_cfg, plan.steps,
+                            base.path, chat.template, record_run, world)
 
-    return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, model_cfg, plan.steps, base.path,
-                            chat.template, record_run, dp)
+
+def check_layout(dims: ParallelDims, p: ParallelSection, model_cfg: ModelConfig, seq_len: int) -> None:
+    """The layout against the base model's shape and the resolved sequence length (known only once the base
+    is open), before any weight is loaded."""
+    dims.validate_model(model_cfg, p.pp_virtual_stages if dims.pp > 1 else 1)
+    if dims.tp > 1 and p.sequence_parallel and seq_len % dims.tp:
+        raise ConfigError(f"parallel.tp={dims.tp} must divide data.seq_len={seq_len} with "
+                          "parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)")
 
 
 def run_adapter_task(cfg: Any, task: session.Task, run_dir: Path, resume_from: Path | None, trainer: Trainer,
-                     model: nn.Module, model_cfg: ModelConfig, steps: int, base_path: Path, chat_template: str,
-                     record_run: RecordRun, dp: DataParallel) -> Finished:
+                     model: nn.Module, parts: list[nn.Module], model_cfg: ModelConfig, steps: int, base_path: Path,
+                     chat_template: str, record_run: RecordRun, world: World) -> Finished:
     """The driver for a method that trains a loaded base (SFT, alignment): checkpoints hold what the method
-    trains, and the run directory gets the config, the base's tokenizer, the chat template and run.json."""
+    trains (of this rank's pipeline stages under pp: `parts`, else of the plain `model`, not its DDP
+    wrapper, so names do not depend on the layout), and the run directory gets the config, the base's
+    tokenizer, the chat template and run.json."""
 
     def write_files(run_dir: Path) -> None:
         write_run_files(run_dir, cfg, base_path, chat_template)
         record_run(run_dir)
 
-    driver = Driver(run_dir, resume_from, trainer, saved_module(model, cfg.finetune.method), model_cfg, steps,
-                    cfg.eval, cfg.checkpoint, cfg.log, write_files, dp.is_main, dp.barrier)
+    method = cfg.finetune.method
+    saved = ([saved_module(part, method) for part in parts] if world.dims.pp > 1
+             else saved_module(model, method))
+    driver = Driver(run_dir, resume_from, trainer, saved, model_cfg, steps, cfg.eval, cfg.checkpoint, cfg.log,
+                    write_files, world.is_main, world.barrier)
     return session.run(driver, task, model)
 
 
@@ -144,7 +158,7 @@ class SFTTask:
     data: SFTData
     plan: WorkPlan
     chat: ChatFormat
-    dp: DataParallel
+    world: World
 
     def describe(self) -> str:
         trainable, total = count_params(self.model)
@@ -153,8 +167,7 @@ class SFTTask:
         if method == "qlora":
             extra = f"; NF4 base {quantized_bits_per_param(self.model):.2f} bits/weight"
         val = self.data.val["inputs"].shape[0] if self.data.val is not None else 0
-        where = (f"{self.dp.size} ranks ({self.cfg.parallel.data_parallel})" if self.dp.is_distributed
-                 else str(self.device))
+        where = self.world.describe()
         return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
                 f"train{extra}; {self.data.n_examples} examples ({self.data.n_truncated} cut to seq_len) in "
                 f"{self.data.train['inputs'].shape[0]} train / {val} val rows; {self.plan.describe()}; "
@@ -166,7 +179,7 @@ class SFTTask:
         position = self.loader.samples_consumed // self.loader.batch_size
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + position)
         rows = self.loader.next_batch()  # the global batch, the same on every rank; this rank's share:
-        mine = self.dp.local_slice(self.loader.batch_size)
+        mine = self.world.local_slice(self.loader.batch_size)
         return micro_batches({k: v[mine] for k, v in rows.items()}, self.cfg.train.micro_batch_size, self.device)
 
     def tokens_in(self, micro_batches: list[Batch]) -> int:

@@ -136,6 +136,13 @@ def build_schedule(name: str, stages: list[PipelineStage], n_microbatches: int, 
     return spec.cls(target, n_microbatches, loss_fn=loss_fn, **no_rescale)
 
 
+def _stage_kwargs(batch: Batch) -> dict[str, torch.Tensor]:
+    """What every stage needs besides the activations: the token positions of packed rows (RoPE angles and
+    the document mask). The schedule splits keyword arguments into micro-batches and hands them to every
+    stage, not only the first."""
+    return {"positions": batch["positions"]} if "positions" in batch else {}
+
+
 class PipelineLoop:
     """ForwardBackward strategy (see train/trainer.py) that runs each micro-batch through the schedule."""
 
@@ -166,7 +173,7 @@ class PipelineLoop:
             target = mb["labels"] if self.has_last else None
             losses: list[torch.Tensor] = []
             with trainer.comm.step_context(), trainer.autocast():
-                self.schedule.step(*args, target=target, losses=losses, **self._step_kwargs)
+                self.schedule.step(*args, target=target, losses=losses, **_stage_kwargs(mb), **self._step_kwargs)
             total = self.loss_fn.unscaled_total(losses)
             if total is not None:
                 local = local + total
@@ -187,7 +194,7 @@ class PipelineLoop:
                 h = torch.empty(self.boundary_shape(inputs), dtype=torch.float32, device=inputs.device)
                 dist.recv(h, src=dist.get_global_rank(self.pp_group, owner[s - 1]), group=self.pp_group)
             with trainer.comm.step_context(), trainer.autocast():
-                out = self.chunks[s](h)
+                out = self.chunks[s](h, **_stage_kwargs(batch))
                 if s == self.n_stages - 1:
                     loss = self.loss_fn.loss_sum(self.loss_fn.to_logits(out), labels).float()
             h = out.float().contiguous()

@@ -55,7 +55,8 @@ def layout_dims(cfg, world_size: int, model_cfg: ModelConfig | None = None) -> P
     if p.cpu_offload and (dims.data_parallel not in ("zero2", "zero3") or world_size == 1):
         raise ConfigError("parallel.cpu_offload needs FSDP: parallel.data_parallel zero2 or zero3 on more "
                           "than one process")
-    if dims.tp > 1 and p.sequence_parallel and cfg.data.seq_len % dims.tp:
+    # data.seq_len 0 (fine-tuning: the model's context) is checked once the model is known
+    if dims.tp > 1 and p.sequence_parallel and cfg.data.seq_len and cfg.data.seq_len % dims.tp:
         raise ConfigError(f"parallel.tp={dims.tp} must divide data.seq_len={cfg.data.seq_len} with "
                           "parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)")
     virtual = p.pp_virtual_stages if dims.pp > 1 else 1

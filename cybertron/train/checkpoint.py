@@ -80,10 +80,12 @@ Model = nn.Module | list[nn.Module]
 
 
 def _pairs(model: Model, optimizer: Any) -> list[tuple[nn.Module, Any]]:
-    """(module, its optimizer) pairs: one for a whole model, one per pipeline stage held by this rank."""
-    if isinstance(optimizer, PartsOptimizer):
-        return optimizer.parts
+    """(module, its optimizer) pairs: one for a whole model, one per pipeline stage held by this rank (the
+    modules given may be views of the stages the optimizer holds, e.g. their adapters alone)."""
     models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if isinstance(optimizer, PartsOptimizer):
+        assert len(models) == len(optimizer.parts), "one saved module per pipeline stage"
+        return [(m, opt) for m, (_, opt) in zip(models, optimizer.parts)]
     assert optimizer is None or len(models) == 1, "several model parts need a PartsOptimizer"
     return [(m, optimizer) for m in models]
 

@@ -1,5 +1,6 @@
-"""`cybertron finetune` on 2 gloo ranks (DDP, ZeRO-3) against the same run in one process: the same losses
-and validation loss, and a 2-rank checkpoint that resumes in one process."""
+"""`cybertron finetune` under parallel layouts on gloo ranks (DDP, ZeRO-3, tensor parallelism with activation
+checkpointing or CPU offload, FSDP x TP, pipeline stages) against the same run in one process: the same losses,
+gradient norms and validation loss, and a checkpoint that one process resumes."""
 
 from __future__ import annotations
 
@@ -27,26 +28,74 @@ def _records(run_dir):
     return steps, [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
 
 
-@pytest.mark.parametrize("method, layout", [("lora", "ddp"), ("qlora", "ddp"), ("qlora", "zero3"),
-                                            ("full", "zero3")])
-def test_finetune_on_two_ranks_matches_one_process(inputs, tmp_path, method, layout):
-    hf, chats = inputs
-    args = ["finetune", "--model", str(hf), "--data", str(chats), "--method", method, "--steps", "4",
+def _args(hf, chats, method: str) -> list[str]:
+    return ["finetune", "--model", str(hf), "--data", str(chats), "--method", method, "--steps", "4",
             "--seq-len", "64", "--lr", "1e-3" if method == "full" else "5e-3", "--train.global_batch_size", "4",
             "--train.micro_batch_size", "1", "--eval.every", "2", "--checkpoint.every", "2", "--data.val_fraction",
-            "0.2", "--parallel.data_parallel", layout, "--train.dtype", "fp32", "--log.every", "1",
-            "--log.progress", "lines", "--log.tensorboard", "false"]
-    _run([*args, "--out", str(tmp_path / "one")])
-    two = _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
-    assert f"2 ranks ({layout})" in two.stdout and two.stdout.count("done: step") == 1
-    (steps1, val1), (steps2, val2) = _records(tmp_path / "one"), _records(tmp_path / "two")
+            "0.2", "--train.dtype", "fp32", "--log.every", "1", "--log.progress", "lines",
+            "--log.tensorboard", "false"]
+
+
+@pytest.fixture(scope="module")
+def one_process(inputs, tmp_path_factory):
+    """The single-process run of each method, made once (its layout flags change nothing on one process)."""
+    hf, chats = inputs
+    runs = {}
+
+    def get(method: str):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"one-{method}")
+            _run([*_args(hf, chats, method), "--out", str(out)])
+            runs[method] = _records(out)
+        return runs[method]
+    return get
+
+
+DP = "--parallel.data_parallel"
+# (method, layout flags, ranks, description of the layout in the announcement)
+DEFAULT_LAYOUTS = {
+    "lora-ddp": ("lora", [DP, "ddp"], 2, "ddp dp_replicate=2"),
+    "qlora-zero3": ("qlora", [DP, "zero3"], 2, "zero3 dp_shard=2"),
+    "dora-tp2-checkpointed": ("dora", ["--parallel.tp", "2", "--parallel.activation_checkpoint", "full"], 2,
+                              "ddp tp=2"),
+    "full-pp2": ("full", ["--parallel.pp", "2", "--train.micro_batch_size", "2"], 2, "ddp pp=2"),
+}
+SLOW_LAYOUTS = {
+    "qlora-ddp": ("qlora", [DP, "ddp"], 2, "ddp dp_replicate=2"),
+    "full-zero3": ("full", [DP, "zero3"], 2, "zero3 dp_shard=2"),
+    "full-tp2": ("full", ["--parallel.tp", "2"], 2, "ddp tp=2"),
+    "lora-tp2-offload": ("lora", [DP, "zero3", "--parallel.tp", "2", "--parallel.cpu_offload", "true"], 2,
+                         "zero3 tp=2"),
+    "lora-zero3-tp2x2": ("lora", [DP, "zero3", "--parallel.tp", "2"], 4, "zero3 dp_shard=2 x tp=2"),
+    "dora-pp2": ("dora", ["--parallel.pp", "2", "--train.micro_batch_size", "2"], 2, "ddp pp=2"),
+}
+
+
+def _check_layout(inputs, one_process, tmp_path, method, flags, ranks, described):
+    hf, chats = inputs
+    args = [*_args(hf, chats, method), *flags]
+    two = _run([*args, "--out", str(tmp_path / "two")], torchrun=ranks)
+    assert f"{ranks} ranks ({described})" in two.stdout and two.stdout.count("done: step") == 1
+    (steps1, val1), (steps2, val2) = one_process(method), _records(tmp_path / "two")
     assert sorted(steps2) == [1, 2, 3, 4]
-    for step in steps1:
+    for step in steps1:  # loss and gradient norm
         assert steps2[step] == pytest.approx(steps1[step], rel=1e-5, abs=1e-6)
     assert val2 == pytest.approx(val1, abs=1e-5)
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-4")
-    _run([*args, "--out", str(tmp_path / "two"), "--resume"])  # one process continues the 2-rank checkpoint
+    # one process continues the checkpoint of the layout (checkpoints do not depend on it)
+    _run([*_args(hf, chats, method), "--out", str(tmp_path / "two"), "--resume"])
     assert _records(tmp_path / "two")[0][4] == pytest.approx(steps1[4], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_LAYOUTS))
+def test_finetune_layouts_match_one_process(inputs, one_process, tmp_path, name):
+    _check_layout(inputs, one_process, tmp_path, *DEFAULT_LAYOUTS[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_LAYOUTS))
+def test_more_finetune_layouts_match_one_process(inputs, one_process, tmp_path, name):
+    _check_layout(inputs, one_process, tmp_path, *SLOW_LAYOUTS[name])
 
 
 def test_qlora_with_zero3_on_a_world_size_not_dividing_8_is_refused_before_any_process_starts(inputs, tmp_path,
@@ -57,5 +106,5 @@ def test_qlora_with_zero3_on_a_world_size_not_dividing_8_is_refused_before_any_p
     assert cli_main(["finetune", "--model", str(hf), "--data", str(chats), "--method", "qlora", "--nproc", "3",
                      "--parallel.data_parallel", "zero3", "--train.global_batch_size", "6",
                      "--out", str(tmp_path / "x")]) == 2
-    assert "needs a world size dividing 8" in capsys.readouterr().err
+    assert "needs a shard count dividing 8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -25,7 +25,6 @@ from torch import nn
 from cybertron.errors import ConfigError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
 
 
 @dataclass

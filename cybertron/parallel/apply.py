@@ -137,8 +137,8 @@ def _local_stage_io(part: nn.Module, tp_mesh: DeviceMesh, first: bool, sp: bool)
     re-wraps it as a DTensor (so the model sees global shapes), and every stage hands back local tensors."""
     if sp and not first:
         part.register_forward_pre_hook(
-            lambda mod, args: (DTensor.from_local(args[0], tp_mesh, [Shard(1)], run_check=False), *args[1:]))
-    part.register_forward_hook(lambda mod, args, out: out.to_local() if isinstance(out, DTensor) else out)
+            lambda _mod, args: (DTensor.from_local(args[0], tp_mesh, [Shard(1)], run_check=False), *args[1:]))
+    part.register_forward_hook(lambda _mod, _args, out: out.to_local() if isinstance(out, DTensor) else out)
 
 
 def _pipeline_strategy(stages: dict[int, nn.Module], n_stages: int, dims: ParallelDims, mesh: DeviceMesh,

@@ -9,7 +9,6 @@ ones, so batches are sliced by the data-parallel rank, not the global one."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -110,10 +109,6 @@ class World:
         out = t.detach().clone()
         dist.all_reduce(out, group=dp_mesh(self.mesh).get_group())
         return out
-
-    def devnull_unless_main(self):
-        """Where non-main ranks print (nowhere): the progress lines come from rank 0 only."""
-        return None if self.is_main else open(os.devnull, "w")  # noqa: SIM115 - lives as long as the run
 
 
 def run_on_world(env: DistEnv, dims: ParallelDims, device_name: str, timeout_s: int,

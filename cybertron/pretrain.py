@@ -29,6 +29,7 @@ from cybertron.parallel.dims import dp_mesh
 from cybertron.parallel.runtime import DistEnv, init_distributed, layout_dims, shutdown_distributed
 from cybertron.train import session
 from cybertron.train.float8 import convert_to_float8, float8_compile_options, validate_float8
+from cybertron.train.guard import GuardSettings
 from cybertron.train.metrics import (
     device_peak_flops,
     flops_per_token,
@@ -154,7 +155,7 @@ def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, devi
         record_run(run_dir)
 
     driver = Driver(run_dir, resume_from, trainer, parts, model_cfg, t.steps, cfg.eval, cfg.checkpoint, cfg.log,
-                    write_run_files, env.is_main, barrier)
+                    write_run_files, env.is_main, barrier, GuardSettings.of(t))
     return session.run(driver, task, model)
 
 

@@ -31,6 +31,7 @@ from cybertron.parallel.data_only import DataParallel, run_on_ranks
 from cybertron.parallel.runtime import DistEnv
 from cybertron.train import session
 from cybertron.train.epochs import WorkPlan, plan_work
+from cybertron.train.guard import GuardSettings
 from cybertron.train.metrics import memory_gib
 from cybertron.train.optim import build_optimizer
 from cybertron.train.precision import autocast, resolve_dtype
@@ -112,7 +113,8 @@ def run_adapter_task(cfg: Any, task: session.Task, run_dir: Path, resume_from: P
         record_run(run_dir)
 
     driver = Driver(run_dir, resume_from, trainer, saved_module(model, cfg.finetune.method), model_cfg, steps,
-                    cfg.eval, cfg.checkpoint, cfg.log, write_files, dp.is_main, dp.barrier)
+                    cfg.eval, cfg.checkpoint, cfg.log, write_files, dp.is_main, dp.barrier,
+                    GuardSettings.of(cfg.train))
     return session.run(driver, task, model)
 
 

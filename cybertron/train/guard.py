@@ -51,6 +51,7 @@ class SkipCounter:
         self.limit = limit
         self.in_a_row = 0
         self.first = 0
+        self.total = 0
 
     def skipped(self, step: int, reason: str, newest_checkpoint: str) -> None:
         """Count `step` as skipped, or raise TrainingDiverged if `limit` steps in a row already were."""
@@ -63,6 +64,7 @@ class SkipCounter:
         if self.in_a_row == 0:
             self.first = step
         self.in_a_row += 1
+        self.total += 1
 
     def accepted(self) -> None:
         self.in_a_row = 0

@@ -254,5 +254,6 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
     fit(d.trainer, start_step, total, hooks)
     final = evaluate(total)
     path = save(total)
-    display.message(f"done: step {total}, {task.summary(final)}checkpoint saved to {path}")
+    skipped = f"{skips.total} skipped (not finite), " if skips.total else ""
+    display.message(f"done: step {total}, {skipped}{task.summary(final)}checkpoint saved to {path}")
     return path

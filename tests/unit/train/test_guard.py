@@ -119,7 +119,7 @@ def test_a_nan_step_is_skipped_as_if_its_batch_was_never_seen(tmp_path, capsys):
     skipped = [r for r in _records(tmp_path / "nan") if "skipped" in r]
     assert skipped == [{"step": 4, "skipped": "loss nan, grad norm nan", "skipped_in_a_row": 1}]
     assert "step 4/7 skipped: loss nan, grad norm nan; weights and optimizer state unchanged" in out
-    assert out.splitlines()[-1].startswith("done: step 7")
+    assert out.splitlines()[-1].startswith("done: step 7, 1 skipped (not finite), checkpoint saved to")
     # the checkpoint due at step 4 waited for the next accepted step; none holds non-finite weights
     assert [p.name for p in ckpt_io.complete_checkpoints(tmp_path / "nan")] == ["step-6", "step-7"]
 

@@ -43,10 +43,11 @@ class StreamTask:
     """Packed windows of one token stream; `poison` maps a loader batch index to a loss factor, and the
     batches in `drop` are drawn and thrown away (the reference run that never saw them)."""
 
-    def __init__(self, trainer: Trainer, poison: dict[int, float], drop: set[int]):
+    def __init__(self, trainer: Trainer, poison: dict[int, float], drop: set[int], dp_rank: int = 0,
+                 dp_size: int = 1):
         tokens = np.random.default_rng(0).integers(0, 64, 4000).astype(np.int32)
         self.trainer, self.poison, self.drop = trainer, poison, drop
-        self.loader = PackedLoader(tokens[:3600], SEQ_LEN, BATCH, seed=3)
+        self.loader = PackedLoader(tokens[:3600], SEQ_LEN, BATCH, dp_rank=dp_rank, dp_size=dp_size, seed=3)
         self.val = tokens[3600:]
         self.drawn = 0  # loader batches drawn so far
 

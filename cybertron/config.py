@@ -88,6 +88,12 @@ class TrainSection:
                                   "(one process; saves ~3x tokens x vocab x 2 bytes of activation memory)")
     fp8: str = opt("none", "FP8 matmuls in the Linear layers (torchao float8; CUDA compute capability >= 8.9): "
                            "none, tensorwise or rowwise scaling")
+    max_skipped_steps: int = opt(5, "steps in a row whose loss or gradient norm is not finite that are skipped "
+                                    "(no update); the next one stops the run as diverged; 0 = stop at the first")
+    spike_zscore: float = opt(0.0, "roll back to the newest checkpoint when a step's loss is this many standard "
+                                   "deviations above the mean of the last train.spike_window steps, and go on "
+                                   "with the batches after it; 0 = off")
+    spike_window: int = opt(50, "accepted steps the loss-spike detector compares a step's loss with")
 
 
 @dataclass
@@ -184,6 +190,10 @@ def validate_shared_sections(cfg: Any) -> None:
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+        (t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}"),
+        (t.spike_zscore >= 0, f"train.spike_zscore must be >= 0 (0 = off), got {t.spike_zscore}"),
+        (t.spike_window >= 2, f"train.spike_window must be >= 2 (a standard deviation needs two losses), "
+                              f"got {t.spike_window}"),
         (cfg.eval.every >= 0 and cfg.checkpoint.every >= 0, "eval.every and checkpoint.every must be >= 0"),
         (cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),

@@ -15,3 +15,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, partial or corrupted; the message names the directory."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite (or kept spiking): the run stops without writing a
+    checkpoint of them; the message names the step and the newest good checkpoint."""

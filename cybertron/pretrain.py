@@ -29,6 +29,7 @@ from cybertron.parallel.runtime import DistEnv, layout_dims
 from cybertron.parallel.world import World, run_on_world
 from cybertron.train import session
 from cybertron.train.float8 import validate_float8
+from cybertron.train.guard import GuardSettings
 from cybertron.train.metrics import (
     device_peak_flops,
     flops_per_token,
@@ -142,7 +143,7 @@ def _run(cfg: TrainConfig, record_run: RecordRun, world: World) -> Finished:
         record_run(run_dir)
 
     driver = Driver(run_dir, resume_from, trainer, parts, model_cfg, t.steps, cfg.eval, cfg.checkpoint, cfg.log,
-                    write_run_files, world.is_main, world.barrier)
+                    write_run_files, world.is_main, world.barrier, GuardSettings.of(t))
     return session.run(driver, task, model)
 
 

@@ -34,6 +34,7 @@ from cybertron.parallel.runtime import DistEnv, layout_dims
 from cybertron.parallel.world import World, run_on_world
 from cybertron.train import session
 from cybertron.train.epochs import WorkPlan, plan_work
+from cybertron.train.guard import GuardSettings
 from cybertron.train.metrics import memory_gib
 from cybertron.train.precision import resolve_dtype
 from cybertron.train.schedule import lr_at
@@ -126,7 +127,7 @@ def run_adapter_task(cfg: Any, task: session.Task, run_dir: Path, resume_from: P
     saved = ([saved_module(part, method) for part in parts] if world.dims.pp > 1
              else saved_module(model, method))
     driver = Driver(run_dir, resume_from, trainer, saved, model_cfg, steps, cfg.eval, cfg.checkpoint, cfg.log,
-                    write_files, world.is_main, world.barrier)
+                    write_files, world.is_main, world.barrier, GuardSettings.of(cfg.train))
     return session.run(driver, task, model)
 
 

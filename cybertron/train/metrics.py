@@ -78,27 +78,48 @@ def _clock(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl (one object per logged step / evaluation) and TensorBoard events."""
+    """Writes metrics.jsonl (one object per logged step / evaluation) and TensorBoard events.
 
-    def __init__(self, run_dir: Path, display: ProgressDisplay | None, tensorboard: bool, enabled: bool = True):
+    `resumed_at`: the step a resumed run goes on from; the records after it are dropped, so the file reads
+    as one uninterrupted run. None, a new run: an old file (of a run that died before its first checkpoint,
+    started again) is replaced, not appended to."""
+
+    def __init__(self, run_dir: Path, display: ProgressDisplay | None, tensorboard: bool, enabled: bool = True,
+                 resumed_at: int | None = None):
         self.enabled = enabled
         self.display = display
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        self.dropped_lines = 0  # unreadable lines left out on resume (a write torn by a kill)
+        if enabled:
+            if resumed_at is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                self.truncate_after(resumed_at)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                # purge_step hides the old events from that step on, as the file above drops its records.
+                purge = 0 if resumed_at is None else resumed_at + 1
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is an optional extra
                 self.writer = None
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps after the checkpoint so the file reads as one clean run."""
+        """Drop records of steps after `step`, and lines that do not parse: a kill during a write leaves a
+        torn last line."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                self.dropped_lines += bool(line.strip())
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

@@ -7,22 +7,26 @@ typed Task (their batches, evaluation, log fields and checkpoint state) and hand
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 
 from cybertron.config import CheckpointSection, EvalSection, LogSection, to_toml
-from cybertron.errors import UserError
+from cybertron.errors import TrainingDiverged, UserError
 from cybertron.models.config import ModelConfig
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.guard import GuardSettings, SkipCounter, SpikeDetector, weights_finite
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay
 from cybertron.train.trainer import Batch, LoopHooks, StepResult, Trainer, fit
+
+# A loss spike that comes back after this many rollbacks to the same checkpoint, on batches never seen
+# before, is not a few bad batches: the run stops instead of looping.
+MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 3
 
 # Writes the run directory's metadata (runs.py's run.json) once the directory is known: a command hands it to
 # the method, which calls it on the main rank when the run starts.
@@ -111,6 +115,7 @@ class Driver:
     write_run_files: Callable[[Path], None]  # config, tokenizer, metadata: called on the main rank
     is_main: bool = True
     barrier: Callable[[], None] = lambda: None
+    guard: GuardSettings = field(default_factory=GuardSettings)  # skipped steps, spikes (train section)
 
 
 @dataclass
@@ -139,10 +144,15 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
     # Non-main ranks print nowhere: the progress lines come from rank 0 only.
     display = ProgressDisplay(d.steps, d.log.progress,
                               stream=None if d.is_main else open(os.devnull, "w"))  # noqa: SIM115
-    logger = MetricsLogger(d.run_dir, display, d.log.tensorboard, enabled=d.is_main)
+    # Resumed, the records after the checkpoint go (the file then reads as one uninterrupted run); new, an
+    # old metrics.jsonl is from a run that died before its first checkpoint and is being redone: it goes.
+    logger = MetricsLogger(d.run_dir, display, d.log.tensorboard, enabled=d.is_main,
+                           resumed_at=start_step if d.resume_from is not None else None)
     if d.resume_from is not None:
-        logger.truncate_after(start_step)  # the file then reads as one uninterrupted run
         display.message(f"resumed from {d.resume_from} at step {start_step}")
+        if logger.dropped_lines:
+            display.message(f"metrics.jsonl: left out {logger.dropped_lines} unreadable line(s), a write cut "
+                            "short when the run was stopped")
     else:
         display.message(task.describe())
     try:
@@ -154,6 +164,16 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
 
 def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay, start_step: int) -> Path:
     total = d.steps
+    skips = SkipCounter(d.guard.max_skipped_steps)
+    spikes = SpikeDetector(d.guard.spike_zscore, d.guard.spike_window) if d.guard.spike_zscore > 0 else None
+    rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
+    save_due = False  # a checkpoint put off because its step was skipped
+    skipped_at = -1  # the last step skipped without a rollback
+    spiked: str | None = None  # the spike detector's verdict on the step just run
+
+    def newest_good() -> str:
+        latest = ckpt_io.latest_checkpoint(d.run_dir)
+        return str(latest) if latest is not None else "none (no checkpoint was written)"
 
     def evaluate(step: int) -> dict[str, float] | None:
         fields = task.evaluate(step)
@@ -162,6 +182,11 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
         return fields
 
     def save(step: int) -> Path:
+        # Every rank checks, and all agree, before any writes: a checkpoint of non-finite weights would
+        # become the newest and push a good one out of retention.
+        if not weights_finite(d.saved):
+            raise TrainingDiverged(f"the weights are not finite at step {step}: checkpoint not written; the "
+                                   f"newest good checkpoint is {newest_good()}; lower train.lr")
         return ckpt_io.save_checkpoint(d.run_dir, step, d.saved, d.trainer.optimizer, task.state_dict(),
                                        d.model_cfg, keep=d.checkpoint.keep, is_main=d.is_main, barrier=d.barrier)
 
@@ -171,19 +196,64 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
                     "grad_norm": result.grad_norm.item(), "tokens_per_s": tokens_per_s,
                     **task.log_fields(step, result, seconds, tokens_per_s)})
 
+    def veto(loss: float, grad_norm: float) -> str | None:
+        nonlocal spiked
+        spiked = spikes.check(loss) if spikes is not None else None
+        return spiked
+
+    def on_skip(step: int, result: StepResult) -> int:
+        nonlocal skipped_at, spiked
+        reason, was_spike, spiked = result.skipped, spiked is not None, None
+        latest = ckpt_io.latest_checkpoint(d.run_dir)
+        if was_spike and latest is not None:
+            return roll_back(step, reason, latest)
+        skipped_at = step
+        skips.skipped(step, reason, newest_good())
+        logger.log({"step": step, "skipped": reason, "skipped_in_a_row": skips.in_a_row})
+        display.message(f"step {step}/{total} skipped: {reason}; weights and optimizer state unchanged "
+                        f"({skips.in_a_row} in a row, at most {skips.limit})")
+        return step
+
+    def roll_back(step: int, reason: str, latest: Path) -> int:
+        # The spike is the symptom; the damage may be in the steps before it: go back to the checkpoint and
+        # carry on with the batches after the spike (the task's data position is not restored).
+        back_to = ckpt_io.read_trainer_state(latest)["step"]
+        rollbacks[back_to] = rollbacks.get(back_to, 0) + 1
+        if rollbacks[back_to] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
+            raise TrainingDiverged(f"{reason} at step {step} again after {MAX_ROLLBACKS_TO_ONE_CHECKPOINT} "
+                                   f"rollbacks to {latest} on fresh batches: the loss spikes are not a few "
+                                   "bad batches; lower train.lr or raise train.spike_zscore")
+        ckpt_io.load_checkpoint(latest, d.saved, d.trainer.optimizer)
+        skips.accepted()
+        logger.log({"step": step, "skipped": reason, "rolled_back_to": back_to})
+        display.message(f"step {step}/{total}: {reason}; rolled back to {latest} (step {back_to}), skipping "
+                        f"the batches of steps {back_to + 1}-{step}")
+        return back_to
+
     def on_step_end(step: int) -> None:
+        nonlocal save_due
+        if skipped_at != step:
+            skips.accepted()
         if d.eval.every and step % d.eval.every == 0 and step != total:
             evaluate(step)
         if d.checkpoint.every and step % d.checkpoint.every == 0 and step != total:
-            save(step)
+            save_due = True
+        if save_due and step != total:
+            # Not while steps are being skipped: these weights make non-finite losses, and a checkpoint of
+            # them would push a good one out of retention. The save waits for the next accepted step.
+            if skips.in_a_row == 0:
+                save(step)
+                save_due = False
+            else:
+                display.message(f"checkpoint of step {step} put off: the step was skipped")
 
-    steps = itertools.count(start_step)  # 0-based index of the step about to run
-    hooks = LoopHooks(lambda: task.next_micro_batches(next(steps)), on_log, on_step_end, task.tokens_in,
-                      d.log.every)
+    hooks = LoopHooks(task.next_micro_batches, on_log, on_step_end, task.tokens_in, d.log.every,
+                      on_skip=on_skip, veto=veto)
     if start_step == 0:
         evaluate(0)
     fit(d.trainer, start_step, total, hooks)
     final = evaluate(total)
     path = save(total)
-    display.message(f"done: step {total}, {task.summary(final)}checkpoint saved to {path}")
+    skipped = f"{skips.total} skipped (not finite), " if skips.total else ""
+    display.message(f"done: step {total}, {skipped}{task.summary(final)}checkpoint saved to {path}")
     return path

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cybertron.train.fused_linear_ce import linear_cross_entropy_sum
+from cybertron.train.guard import non_finite_reason
 from cybertron.train.losses import IGNORE_INDEX, cross_entropy_sum
 
 Batch = dict[str, torch.Tensor]
@@ -90,6 +91,11 @@ class StepResult:
     grad_norm: torch.Tensor
     units: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: str | None = None  # why the optimizer did not step (a non-finite loss or gradient norm, a veto)
+
+
+# Judges a step's finite (loss, gradient norm) before the update: a reason to skip it, or None.
+Veto = Callable[[float, float], "str | None"]
 
 
 class ForwardBackward(Protocol):
@@ -143,8 +149,13 @@ class Trainer:
         self.strategy = strategy or MicroBatchLoop()
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def train_step(self, step: int, micro_batches: list[Batch]) -> StepResult:
-        """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+    def train_step(self, step: int, micro_batches: list[Batch], veto: Veto | None = None) -> StepResult:
+        """One optimizer step over `micro_batches` (this rank's share of the global batch).
+
+        A step whose global loss or gradient norm is not finite, or that `veto` rejects, leaves the weights
+        and the optimizer state as they were (the gradients are dropped); StepResult.skipped says why. Both
+        values are global, so every rank decides the same (train/guard.py). Judging them costs one host
+        sync per step, as GradScaler's inf check does."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         local_units = torch.stack([self.step_fn.weight(mb) for mb in micro_batches]).sum().float()
@@ -153,10 +164,16 @@ class Trainer:
         scale = self.comm.dp_size / global_units
         loss_sum, metric_sums = self.strategy.forward_backward(self, micro_batches, scale)
         grad_norm = self.comm.clip_grad_norm(self.params, self.grad_clip)
-        self.optimizer.step()
+        loss = self.comm.sum_over_dp(loss_sum) / global_units
+        loss_value, norm_value = float(loss), float(grad_norm)
+        skipped = non_finite_reason(loss_value, norm_value)
+        if skipped is None and veto is not None:
+            skipped = veto(loss_value, norm_value)
+        if skipped is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: self.comm.sum_over_dp(v) / global_units for k, v in metric_sums.items()}
-        return StepResult(self.comm.sum_over_dp(loss_sum) / global_units, grad_norm, global_units, metrics)
+        return StepResult(loss, grad_norm, global_units, metrics, skipped)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:
@@ -177,11 +194,15 @@ class Trainer:
 class LoopHooks:
     """What happens around the steps of `fit`: where batches come from and what runs every so often."""
 
-    next_micro_batches: Callable[[], list[Batch]]
+    next_micro_batches: Callable[[int], list[Batch]]  # the 0-based index of the step about to run
     on_log: Callable[[int, StepResult, float, int], None]  # (step, result, seconds since last log, tokens)
     on_step_end: Callable[[int], None] = lambda step: None  # evaluation, checkpoints
     tokens_in: Callable[[list[Batch]], int] = lambda mbs: sum(int(mb["inputs"].numel()) for mb in mbs)
     log_every: int = 10
+    # A skipped step: returns the step the run goes on after, the skipped one or, after a rollback, an
+    # earlier one (the batches still come from where the data stream is).
+    on_skip: Callable[[int, StepResult], int] = lambda step, result: step
+    veto: Veto | None = None
 
 
 def fit(trainer: Trainer, start_step: int, total_steps: int, hooks: LoopHooks) -> None:
@@ -189,15 +210,24 @@ def fit(trainer: Trainer, start_step: int, total_steps: int, hooks: LoopHooks) -
     trainer.model.train()
     last_time = time.perf_counter()
     tokens_since_log = 0
-    for step in range(start_step + 1, total_steps + 1):
-        micro_batches = hooks.next_micro_batches()
-        result = trainer.train_step(step - 1, micro_batches)
+    step = start_step
+    while step < total_steps:
+        step += 1
+        micro_batches = hooks.next_micro_batches(step - 1)
+        result = trainer.train_step(step - 1, micro_batches, hooks.veto)
         tokens_since_log += hooks.tokens_in(micro_batches) * trainer.comm.dp_size
-        if step % hooks.log_every == 0 or step == total_steps or step == start_step + 1:
+        started = time.perf_counter()
+        if result.skipped is not None:
+            went_on_from = hooks.on_skip(step, result)
+            if went_on_from != step:  # rolled back: that step's evaluation and checkpoint are done
+                step = went_on_from
+                last_time += time.perf_counter() - started
+                continue
+        elif step % hooks.log_every == 0 or step == total_steps or step == start_step + 1:
             now = time.perf_counter()  # the .item() inside on_log syncs the device: timing is honest
             hooks.on_log(step, result, now - last_time, tokens_since_log)
             last_time, tokens_since_log = time.perf_counter(), 0
-        started = time.perf_counter()
+            started = last_time
         hooks.on_step_end(step)
         # Evaluation and checkpoints are not training: keep their time out of the next tokens/s.
         last_time += time.perf_counter() - started

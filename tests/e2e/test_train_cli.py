@@ -188,3 +188,24 @@ def test_resume_with_nproc_is_refused_once_before_any_rank_starts(tmp_path, caps
     assert capsys.readouterr().err == (f"error: no checkpoint in {run_dir} to resume (the directory does not "
                                        "exist); drop --resume to start a new run\n")
     assert not run_dir.exists()
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_generate_can_use(tmp_path, fast_run_args,
+                                                                                     capsys):
+    from cybertron.cli import main as cli_main
+    from cybertron.train.checkpoint import complete_checkpoints
+
+    # A learning rate of 1e3 overflows the gradients within a few steps (issue 13: it used to run to the end
+    # with NaN losses, exit 0, and save NaN checkpoints that `generate` crashed on).
+    run_dir = tmp_path / "run"
+    args = [*fast_run_args, "--train.warmup_steps", "10", "--train.lr", "1e3", "--steps", "12",
+            "--checkpoint.every", "1", "--eval.every", "0", "--train.max_skipped_steps", "2", "--out", str(run_dir)]
+    assert cli_main(["train", *args]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error: training diverged at step ")
+    skipped = [r["step"] for r in read_metrics(run_dir) if "skipped" in r]
+    assert len(skipped) == 2 and f"at step {skipped[-1] + 1}:" in captured.err
+    newest = complete_checkpoints(run_dir)[-1]
+    assert f"the newest good checkpoint is {newest};" in captured.err
+    assert int(newest.name.split("-")[1]) < skipped[0]  # nothing saved while steps were being skipped
+    assert cli_main(["generate", "--run", str(run_dir), "--prompt", "def ", "--max-new-tokens", "4"]) == 0

@@ -156,7 +156,7 @@ def test_time_spent_in_step_end_hooks_is_not_counted_as_training_time():
     model = torch.nn.Linear(4, 1)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), SquareStep(), lambda s: 0.1, 0.0)
     intervals = {}
-    hooks = LoopHooks(next_micro_batches=lambda: [{"x": torch.randn(2, 4), "inputs": torch.zeros(2, 3)}],
+    hooks = LoopHooks(next_micro_batches=lambda step: [{"x": torch.randn(2, 4), "inputs": torch.zeros(2, 3)}],
                       on_log=lambda step, result, seconds, tokens: intervals.__setitem__(step, seconds),
                       on_step_end=lambda step: time.sleep(0.3) if step == 2 else None, log_every=1)
     fit(trainer, 0, 4, hooks)

@@ -80,7 +80,8 @@ class TrainSection:
     eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off")
     seed: int = opt(0, "seed for weights and data order")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)",
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (autocast) or fp16 "
+                             "(autocast with dynamic loss scaling, for GPUs without bf16)",
                      dtype=True)
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile: forward + loss on one process, each block under parallel layouts")

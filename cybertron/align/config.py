@@ -121,7 +121,7 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (a.logprob_tolerance > 0, f"align.logprob_tolerance must be > 0, got {a.logprob_tolerance}"),
         (not (grpo and a.check_logprobs and f.dropout > 0 and f.method != "full"),
          "align.check_logprobs needs finetune.dropout=0: adapter dropout changes the trainer's log-probabilities"),
-        (not (grpo and a.check_logprobs and t.dtype == "bf16"),
+        (not (grpo and a.check_logprobs and t.dtype in ("bf16", "fp16")),
          "align.check_logprobs compares fp32 log-probabilities: set train.dtype=fp32"),
         (not grpo or cfg.checkpoint.every % a.updates_per_rollout == 0,
          f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of align.updates_per_rollout "

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import nn
 
 from cybertron.config import ParallelSection, TrainSection
 from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 from cybertron.parallel.world import World
 from cybertron.train.float8 import convert_to_float8, float8_compile_options
-from cybertron.train.precision import autocast
+from cybertron.train.loss_scale import DynamicLossScale
+from cybertron.train.precision import DTYPES, autocast
 from cybertron.train.trainer import LanguageModelStep, StepFunction, Trainer
 
 
@@ -31,7 +31,8 @@ def build_trainer(model: nn.Module, world: World, p: ParallelSection, t: TrainSe
     converters = list(converters)
     if t.fp8 != "none":  # first, so activation checkpointing, compile and the layout wrap the fp8 Linears
         converters.insert(0, lambda m: convert_to_float8(m, t.fp8))
-    param_dtype = torch.bfloat16 if dtype_name == "bf16" and world.is_distributed else None
+    # FSDP all-gathers parameters in the compute dtype (gradients are still reduced in fp32)
+    param_dtype = DTYPES[dtype_name] if dtype_name != "fp32" and world.is_distributed else None
     par = parallelize(model, world.dims, world.mesh, p, compile_blocks=t.compile and world.is_distributed,
                       param_dtype=param_dtype, converters=converters, replicas_equal=replicas_equal)
     if step_fn is None:
@@ -40,5 +41,5 @@ def build_trainer(model: nn.Module, world: World, p: ParallelSection, t: TrainSe
     optimizer = build_parallel_optimizer(par, world.dims, world.mesh, t)
     trainer = Trainer(par.model, optimizer, step_fn, lr_at, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, world.device), collectives=par.collectives,
-                      strategy=par.strategy)
+                      strategy=par.strategy, loss_scale=DynamicLossScale() if dtype_name == "fp16" else None)
     return trainer, par.parts

@@ -1,4 +1,5 @@
-"""Compute dtype: fp32, or bf16 autocast with fp32 master weights and optimizer state."""
+"""Compute dtype: fp32, or bf16 / fp16 autocast with fp32 master weights and optimizer state (fp16 with dynamic
+loss scaling, train/loss_scale.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from cybertron.errors import ConfigError
 
 # The torch dtype of each canonical name of cybertron.config's vocabulary (aliases are resolved when parsed).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Training computes in fp32 or under bf16 autocast: fp16 would need a loss scaler, which the trainer has not.
-TRAIN_DTYPES = ("fp32", "bf16")
+TRAIN_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -20,7 +20,8 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name not in TRAIN_DTYPES:
-        raise ConfigError(f"train.dtype must be auto, fp32 or bf16 (or bfloat16/float32), got {name!r}")
+        raise ConfigError(f"train.dtype must be auto, fp32, bf16 or fp16 (or bfloat16/float32/float16), "
+                          f"got {name!r}")
     return name
 
 

@@ -137,6 +137,8 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
     if d.resume_from is not None:
         state = ckpt_io.load_checkpoint(d.resume_from, d.saved, d.trainer.optimizer)
         task.load_state_dict(state)
+        if d.trainer.loss_scale is not None and "loss_scale" in state:
+            d.trainer.loss_scale.load_state_dict(state["loss_scale"])
         start_step = int(state["step"])
     if d.is_main:
         d.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,15 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
     finally:
         logger.close()
     return Finished(d.run_dir, model, task, d.steps, path)
+
+
+def _trainer_state(d: Driver, task: Task) -> dict[str, Any]:
+    """What a checkpoint keeps besides the weights and optimizer: the task's data position and the fp16 loss
+    scale (so a resumed run repeats the uninterrupted one)."""
+    state = task.state_dict()
+    if d.trainer.loss_scale is not None:
+        state["loss_scale"] = d.trainer.loss_scale.state_dict()
+    return state
 
 
 def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay, start_step: int) -> Path:
@@ -187,7 +198,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
         if not weights_finite(d.saved):
             raise TrainingDiverged(f"the weights are not finite at step {step}: checkpoint not written; the "
                                    f"newest good checkpoint is {newest_good()}; lower train.lr")
-        return ckpt_io.save_checkpoint(d.run_dir, step, d.saved, d.trainer.optimizer, task.state_dict(),
+        return ckpt_io.save_checkpoint(d.run_dir, step, d.saved, d.trainer.optimizer, _trainer_state(d, task),
                                        d.model_cfg, keep=d.checkpoint.keep, is_main=d.is_main, barrier=d.barrier)
 
     def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
@@ -204,6 +215,10 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
     def on_skip(step: int, result: StepResult) -> int:
         nonlocal skipped_at, spiked
         reason, was_spike, spiked = result.skipped, spiked is not None, None
+        if result.overflow:  # fp16: the loss scale backs off; the weights are fine, so it is no divergence
+            logger.log({"step": step, "skipped": reason})
+            display.message(f"step {step}/{total} skipped: {reason}")
+            return step
         latest = ckpt_io.latest_checkpoint(d.run_dir)
         if was_spike and latest is not None:
             return roll_back(step, reason, latest)

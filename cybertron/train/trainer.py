@@ -5,6 +5,7 @@ checkpoints. Pretraining, SFT, DPO, reward modelling and GRPO differ only by ste
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from torch import nn
 
 from cybertron.train.fused_linear_ce import linear_cross_entropy_sum
 from cybertron.train.guard import non_finite_reason
+from cybertron.train.loss_scale import DynamicLossScale
 from cybertron.train.losses import IGNORE_INDEX, cross_entropy_sum
 
 Batch = dict[str, torch.Tensor]
@@ -92,6 +94,7 @@ class StepResult:
     units: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: str | None = None  # why the optimizer did not step (a non-finite loss or gradient norm, a veto)
+    overflow: bool = False  # skipped for an fp16 overflow that the loss scale backs off from (not divergence)
 
 
 # Judges a step's finite (loss, gradient norm) before the update: a reason to skip it, or None.
@@ -138,7 +141,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFunction,
                  lr_at: Callable[[int], float], grad_clip: float,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 collectives: Collectives | None = None, strategy: ForwardBackward | None = None):
+                 collectives: Collectives | None = None, strategy: ForwardBackward | None = None,
+                 loss_scale: DynamicLossScale | None = None):
         self.model = model
         self.optimizer = optimizer
         self.step_fn = step_fn
@@ -147,6 +151,7 @@ class Trainer:
         self.autocast = autocast
         self.comm = collectives or Collectives()
         self.strategy = strategy or MicroBatchLoop()
+        self.loss_scale = loss_scale  # fp16: dynamic loss scaling (train/loss_scale.py)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def train_step(self, step: int, micro_batches: list[Batch], veto: Veto | None = None) -> StepResult:
@@ -162,18 +167,29 @@ class Trainer:
         global_units = self.comm.sum_over_dp(local_units).clamp(min=1)
         # Every rank divides by the global count; DP averaging over dp_size ranks is undone by the factor.
         scale = self.comm.dp_size / global_units
-        loss_sum, metric_sums = self.strategy.forward_backward(self, micro_batches, scale)
+        ls = self.loss_scale
+        loss_sum, metric_sums = self.strategy.forward_backward(self, micro_batches,
+                                                               scale * ls.scale if ls is not None else scale)
+        if ls is not None:
+            ls.unscale_(self.params)  # before the norm and clipping, which must see the true gradients
         grad_norm = self.comm.clip_grad_norm(self.params, self.grad_clip)
         loss = self.comm.sum_over_dp(loss_sum) / global_units
         loss_value, norm_value = float(loss), float(grad_norm)
         skipped = non_finite_reason(loss_value, norm_value)
+        overflow = (ls is not None and skipped is not None and math.isfinite(loss_value)
+                    and ls.explains(norm_value))
+        if overflow:
+            skipped = f"fp16 gradient overflow (grad norm {norm_value}), loss scale {ls.scale:g} -> " \
+                      f"{ls.scale * ls.backoff_factor:g}"
         if skipped is None and veto is not None:
             skipped = veto(loss_value, norm_value)
         if skipped is None:
             self.optimizer.step()
+        if ls is not None and (overflow or skipped is None):
+            ls.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: self.comm.sum_over_dp(v) / global_units for k, v in metric_sums.items()}
-        return StepResult(loss, grad_norm, global_units, metrics, skipped)
+        return StepResult(loss, grad_norm, global_units, metrics, skipped, overflow)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:

@@ -57,7 +57,7 @@ def test_base_dtype_accepts_the_torch_name(command):
     assert (cfg.model.dtype, cfg.train.dtype) == ("bf16", "fp32")
 
 
-def test_train_dtype_aliases_and_fp16_refusal():
+def test_train_dtype_aliases_and_refusal():
     import torch
 
     from cybertron.config import TrainConfig, parse_args
@@ -66,8 +66,9 @@ def test_train_dtype_aliases_and_fp16_refusal():
 
     assert parse_args(["--train.dtype", "BFloat16"], TrainConfig()).train.dtype == "bf16"
     assert resolve_dtype("float32", torch.device("cpu")) == "fp32"
-    with pytest.raises(ConfigError, match="train.dtype must be auto, fp32 or bf16"):
-        resolve_dtype(parse_args(["--train.dtype=half"], TrainConfig()).train.dtype, torch.device("cpu"))
+    assert resolve_dtype(parse_args(["--train.dtype=half"], TrainConfig()).train.dtype, torch.device("cpu")) == "fp16"
+    with pytest.raises(ConfigError, match="train.dtype must be auto, fp32, bf16 or fp16"):
+        resolve_dtype(parse_args(["--train.dtype=int8"], TrainConfig()).train.dtype, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("argv, new", [

@@ -18,9 +18,10 @@ from cybertron.train.trainer import LanguageModelStep, Trainer
 from tests.conftest import read_metrics
 
 SEQ_LEN, BATCH, STEPS = 32, 4, 8
-# fp16 autocast vs fp32 on the same batches: relative difference of each step's loss. fp16 keeps 11 bits of
-# mantissa (relative rounding 2^-11 ~ 5e-4 per op); a few steps of compounding stay well inside 1e-2.
-FP16_REL_TOL = 1e-2
+# fp16 autocast vs fp32 on the same batches, relative: fp16 keeps 11 bits of mantissa (rounding ~5e-4 per op).
+# The loss is a mean over many tokens, so its rounding averages out; the gradient norm is dominated by a few
+# large components and moves more (bench/RESULTS.md has the measured differences).
+LOSS_REL_TOL, NORM_REL_TOL = 1e-3, 3e-2
 
 
 def _trainer(dtype: str, loss_scale: DynamicLossScale | None) -> tuple[Trainer, PackedLoader]:
@@ -68,8 +69,8 @@ def test_fp16_with_loss_scaling_tracks_fp32():
     fp16 = _steps(*_trainer("fp16", DynamicLossScale()), STEPS)
     assert all(r.skipped is None for r in fp16)  # the default scale 2^16 does not overflow this model
     for a, b in zip(fp16, fp32):
-        assert a.loss.item() == pytest.approx(b.loss.item(), rel=FP16_REL_TOL)
-        assert a.grad_norm.item() == pytest.approx(b.grad_norm.item(), rel=5 * FP16_REL_TOL)
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=LOSS_REL_TOL)
+        assert a.grad_norm.item() == pytest.approx(b.grad_norm.item(), rel=NORM_REL_TOL)
 
 
 @pytest.mark.slow

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from cybertron.errors import DataError
+from cybertron.files import atomic_file, copy_file_atomic, write_text_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -90,14 +90,12 @@ class TextTokenizer:
 
         Returns the path of the tokenizer.json written."""
         path = Path(path)
-        if path.suffix == ".json":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._tokenizer.save(str(path))
-            return path
-        path.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(path / TOKENIZER_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(self._hf_config(), indent=2) + "\n", encoding="utf-8")
-        return path / TOKENIZER_FILE
+        file = path if path.suffix == ".json" else path / TOKENIZER_FILE
+        with atomic_file(file) as tmp:  # each file appears whole or not at all
+            self._tokenizer.save(str(tmp))
+        if path.suffix != ".json":
+            write_text_atomic(path / CONFIG_FILE, json.dumps(self._hf_config(), indent=2) + "\n")
+        return file
 
     def _hf_config(self) -> dict:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
@@ -131,7 +129,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
-            shutil.copyfile(src / name, dst / name)
+            copy_file_atomic(src / name, dst / name)
 
 
 def _require_token_id(tokenizer: Tokenizer, token: str, name: str) -> int:

@@ -137,6 +137,9 @@ def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, devi
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     with _main_first(env.is_main, barrier):  # rank 0 tokenizes into the cache; the others then read it
         data = build_data(cfg)
+    if env.is_main:
+        for note in data.notes:
+            print(note, flush=True)
     model_cfg = build_model_config(cfg, data.tokenizer.vocab_size)
     dims.validate_model(model_cfg, cfg.parallel.pp_virtual_stages if dims.pp > 1 else 1)
     model = build_weights(cfg, model_cfg, device)  # full weights on every rank: identical to one process

@@ -15,8 +15,9 @@ import torch
 from cybertron.align.reward import save_reward_hf
 from cybertron.data.tokenizer import copy_tokenizer_files
 from cybertron.errors import UserError
+from cybertron.files import atomic_directory, is_empty_or_absent
 from cybertron.models.hf import SpecialTokenIds, load_hf_model, save_hf_model
-from cybertron.runs import REWARD_HEAD, converted_meta, load_run
+from cybertron.runs import REWARD_HEAD, LoadedRun, converted_meta, load_run
 from cybertron.train import checkpoint as ckpt_io
 
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")  # the canonical names (cybertron.config) of the dtypes written
@@ -30,32 +31,46 @@ def convert_from_hf(hf_dir: Path, run_dir: Path) -> Path:
         raise UserError(f"--from-hf {hf_dir} is not a directory; give a Hugging Face model directory")
     if ckpt_io.latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; choose another --out")
+    _refuse_non_empty(run_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         raise UserError(f"{hf_dir} has no tokenizer.json; a run directory needs the model's tokenizer")
     model = load_hf_model(hf_dir)
-    copy_tokenizer_files(hf_dir, run_dir)
-    converted_meta(hf_dir).write(run_dir)
-    return ckpt_io.save_checkpoint(run_dir, 0, model, None, {"converted_from": str(hf_dir.resolve())},
-                                   model.config, keep=1)
+    with atomic_directory(run_dir) as tmp:  # a kill leaves no run directory, never half of one
+        copy_tokenizer_files(hf_dir, tmp)
+        converted_meta(hf_dir).write(tmp)
+        ckpt = ckpt_io.save_checkpoint(tmp, 0, model, None, {"converted_from": str(hf_dir.resolve())},
+                                       model.config, keep=1)
+    return run_dir / ckpt.relative_to(tmp)
 
 
 def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
     """A run's newest checkpoint (adapters merged into the base) as a Hugging Face directory."""
     hf_dir = Path(hf_dir)
-    if hf_dir.exists() and any(hf_dir.iterdir()):
-        raise UserError(f"--out {hf_dir} exists and is not empty; choose a new directory")
+    _refuse_non_empty(hf_dir)
     root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
-    copy_tokenizer_files(root, hf_dir)  # first: save_hf_model extends the base's generation_config.json
     run = load_run(Path(run_dir), "cpu", merge=True)
+    with atomic_directory(hf_dir) as tmp:  # a kill leaves no --out directory, never a half-written model
+        _write_hf(run, root, tmp, dtype)
+    return hf_dir
+
+
+def _write_hf(run: LoadedRun, root: Path, out: Path, dtype: torch.dtype) -> None:
     tokenizer = run.tokenizer
+    copy_tokenizer_files(root, out)  # first: save_hf_model extends the base's generation_config.json
     if run.meta.head == REWARD_HEAD:  # a reward model: a *ForSequenceClassification directory
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        save_reward_hf(run.model, hf_dir, pad, dtype)
+        save_reward_hf(run.model, out, pad, dtype)
     else:
-        generation = hf_dir / "generation_config.json"
-        save_hf_model(run.model.state_dict(), run.model.config, hf_dir, dtype=dtype,
+        generation = out / "generation_config.json"
+        save_hf_model(run.model.state_dict(), run.model.config, out, dtype=dtype,
                       special_ids=SpecialTokenIds(tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id),
                       generation_defaults=json.loads(generation.read_text()) if generation.is_file() else None)
-    if not (hf_dir / "tokenizer.json").is_file():
-        tokenizer.save(hf_dir)
-    return hf_dir
+    if not (out / "tokenizer.json").is_file():
+        tokenizer.save(out)
+
+
+def _refuse_non_empty(out: Path) -> None:
+    """--out is written whole by a rename: it must be new, or an empty directory."""
+    if not is_empty_or_absent(out):
+        what = "is not a directory" if not out.is_dir() else "exists and is not empty"
+        raise UserError(f"--out {out} {what}; choose a new directory")

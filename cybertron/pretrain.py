@@ -126,6 +126,9 @@ def _run(cfg: TrainConfig, record_run: RecordRun, world: World) -> Finished:
     dtype_name = resolve_dtype(cfg.train.dtype, world.device)
     with world.main_first():  # rank 0 tokenizes into the cache; the others then read it
         data = build_data(cfg)
+    if world.is_main:
+        for note in data.notes:
+            print(note, flush=True)
     model_cfg = build_model_config(cfg, data.tokenizer.vocab_size)
     dims = world.dims
     dims.validate_model(model_cfg, cfg.parallel.pp_virtual_stages if dims.pp > 1 else 1)

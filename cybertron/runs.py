@@ -30,6 +30,7 @@ from cybertron.align.reward import RewardModel
 from cybertron.config import TrainConfig
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import CheckpointError, UserError
+from cybertron.files import write_text_atomic
 from cybertron.finetune.config import FinetuneConfig, MethodSection
 from cybertron.finetune.lora import LoRASpec, merge_lora_, trainable_view
 from cybertron.finetune.model import BaseModel, build_finetune_model
@@ -103,7 +104,7 @@ class RunMeta:
         """run.json in `run_dir` (a method calls this on its main rank when the run starts)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(run_dir / RUN_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def pretrain_meta(cfg: TrainConfig) -> RunMeta:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cybertron.data.chat_template import Message, render, render_with_assistant_spans
+from cybertron.data.sources import utf8_lines
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import DataError
 
@@ -67,18 +68,17 @@ def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[str, dict[str, Any
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} file {path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _messages(value: Any, where: str, name: str) -> list[Message]:

@@ -13,14 +13,14 @@ from __future__ import annotations
 from cybertron.align.config import SHORTCUTS, AlignConfig, validate
 from cybertron.align.run import run_align
 from cybertron.config import help_text, parse_args
-from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.parallel.runtime import LAUNCHER_HELP, DistEnv, command_main
 from cybertron.runs import finetune_meta, load_reward_model, open_base
 from cybertron.train.session import Finished
 
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(AlignConfig(), "align", SHORTCUTS) + "\n--nproc N: start N local ranks with torchrun")
+        print(help_text(AlignConfig(), "align", SHORTCUTS) + LAUNCHER_HELP)
         return 0
     parse = lambda args: parse_args(args, AlignConfig(), SHORTCUTS)
     return command_main(argv, "align", parse, validate, run)

@@ -11,14 +11,14 @@ from __future__ import annotations
 from cybertron.config import help_text, parse_args
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig, validate
 from cybertron.finetune.run import run_finetune
-from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.parallel.runtime import LAUNCHER_HELP, DistEnv, command_main
 from cybertron.runs import finetune_meta, open_base
 from cybertron.train.session import Finished
 
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(FinetuneConfig(), "finetune", SHORTCUTS) + "\n--nproc N: start N local ranks with torchrun")
+        print(help_text(FinetuneConfig(), "finetune", SHORTCUTS) + LAUNCHER_HELP)
         return 0
     parse = lambda args: parse_args(args, FinetuneConfig(), SHORTCUTS)
     return command_main(argv, "finetune", parse, validate, run)

@@ -1,6 +1,6 @@
 """`cybertron train`: pretrain a model (with no arguments: the tiny preset on the Python stdlib's source).
 
-    cybertron train [--config run.toml] [--section.key=value ...] [--nproc N]
+    cybertron train [--config run.toml] [--section.key=value ...] [--nproc N [--max-restarts N]]
 
 Parses the config, validates it against the world size, and runs the pretraining recipe
 (cybertron/pretrain.py) on this process or on N local ranks started with torchrun.
@@ -9,7 +9,7 @@ Parses the config, validates it against the world size, and runs the pretraining
 from __future__ import annotations
 
 from cybertron.config import TRAINING_SHORTCUTS, TrainConfig, help_text, parse_args
-from cybertron.parallel.runtime import DistEnv, command_main
+from cybertron.parallel.runtime import LAUNCHER_HELP, DistEnv, command_main
 from cybertron.pretrain import run_training, validate
 from cybertron.runs import pretrain_meta
 from cybertron.train.session import Finished
@@ -17,7 +17,7 @@ from cybertron.train.session import Finished
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(TrainConfig(), "train", TRAINING_SHORTCUTS) + "\n--nproc N: start N local ranks with torchrun")
+        print(help_text(TrainConfig(), "train", TRAINING_SHORTCUTS) + LAUNCHER_HELP)
         return 0
     return command_main(argv, "train", lambda args: parse_args(args, TrainConfig(), TRAINING_SHORTCUTS), validate, run)
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from cybertron import files
 
 
 def cache_key(*parts: object) -> str:
@@ -28,15 +27,5 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     If another process published `final` first (ranks building the same cache at once), its copy is kept
     and ours is discarded: both were built from the same inputs.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent, so the rename stays on one filesystem and is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with files.atomic_directory(final, keep_published=True) as tmp:
         yield tmp
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cybertron.data.chat_template import Message, render_with_assistant_spans
+from cybertron.data.sources import utf8_lines
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import DataError
 
@@ -47,15 +48,14 @@ def _read_numbered(path: Path) -> list[tuple[int, list[Message]]]:
     if not path.is_file():
         raise DataError(f"SFT data file {path} does not exist")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            conversations.append((lineno, _conversation(record, f"{path}:{lineno}")))
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        conversations.append((lineno, _conversation(record, f"{path}:{lineno}")))
     if not conversations:
         raise DataError(f"SFT data file {path} holds no examples")
     return conversations

@@ -12,6 +12,7 @@ import json
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cybertron.errors import DataError
@@ -32,14 +33,44 @@ def _is_default(path: str | None) -> bool:
     return path is None or path == ""
 
 
+@contextmanager
+def reading(file: Path) -> Iterator[None]:
+    """Report a file that cannot be read (no permission, a dangling link, an I/O error) as one DataError line
+    naming it, instead of an OSError traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{file} cannot be read ({e.strerror or type(e).__name__}); fix its permissions or "
+                        "remove it from the data folder") from e
+
+
+def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a UTF-8 text file (JSON Lines): a file that cannot be read or a
+    line that is not UTF-8 is one DataError line naming the file (and the line)."""
+    with reading(file), open(file, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}:{lineno}: not UTF-8 ({e.reason}); JSON Lines files must be UTF-8") from e
+            yield lineno, line
+
+
+def _unreadable_directory(err: OSError) -> None:
+    raise DataError(f"{err.filename} cannot be read ({err.strerror}); fix its permissions or remove it from "
+                    "the data folder") from err
+
+
 def _walk_sorted(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:
-    """Regular files passing keep_file in directories passing keep_dir, sorted by path relative to root."""
+    """Regular files passing keep_file in directories passing keep_dir, sorted by path relative to root.
+    A symbolic link is kept even when its target is gone, so reading it names the broken link instead of
+    training on less data without a word."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable_directory):
         dirnames[:] = [d for d in dirnames if keep_dir(d)]
         for name in filenames:
             file = Path(dirpath) / name
-            if keep_file(name) and file.is_file():
+            if keep_file(name) and (file.is_file() or file.is_symlink()):
                 found.append(file)
     return sorted(found, key=lambda f: f.relative_to(root).as_posix())
 
@@ -72,7 +103,7 @@ def _source_root(path: str | None) -> Path:
 
 
 def _iter_json_lines(file: Path, text_field: str) -> Iterator[str]:
-    with open(file, "rb") as f:
+    with reading(file), open(file, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             if raw.strip():
                 yield _text_of_json_line(raw, f"{file} line {line_number}", text_field)
@@ -129,9 +160,11 @@ def _iter_parquet(file: Path, text_field: str) -> Iterator[str]:
 
 
 def _read_text_file(file: Path, skip_undecodable: bool) -> Iterator[str]:
+    with reading(file):
+        data = file.read_bytes()
     try:
         # Decode bytes (not read_text) so documents keep their exact line endings.
-        yield file.read_bytes().decode("utf-8")
+        yield data.decode("utf-8")
     except UnicodeDecodeError as e:
         if not skip_undecodable:
             raise DataError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 file, "
@@ -170,7 +203,8 @@ def fingerprint_source(path: str | None, text_field: str) -> str:
     digest.update(f"text_field={text_field}\0".encode())
     for file in list_source_files(path):
         name = file.relative_to(root).as_posix().encode()
-        data = file.read_bytes()
+        with reading(file):
+            data = file.read_bytes()
         # Length prefixes keep (name, bytes) pairs unambiguous when concatenated.
         digest.update(len(name).to_bytes(8, "little") + name)
         digest.update(len(data).to_bytes(8, "little"))

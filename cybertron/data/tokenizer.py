@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from cybertron.errors import DataError
+from cybertron.files import atomic_file, copy_file_atomic, write_text_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -27,6 +28,10 @@ TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, "special_tokens_map.json", CHAT_
 COMMON_EOS_TOKENS = (ENDOFTEXT, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 COMMON_BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>")
 _N_BYTES = 256
+# The BPE trainer's work on one pre-tokenized word grows faster than its length (a run of one repeated
+# character is the worst case), so a data file holding one huge line without whitespace stalls training.
+# Longer runs reach the trainer cut into pieces of this many characters; no useful token is this long.
+MAX_TRAIN_WORD_CHARS = 1000
 
 
 class TextTokenizer:
@@ -90,14 +95,12 @@ class TextTokenizer:
 
         Returns the path of the tokenizer.json written."""
         path = Path(path)
-        if path.suffix == ".json":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._tokenizer.save(str(path))
-            return path
-        path.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(path / TOKENIZER_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(self._hf_config(), indent=2) + "\n", encoding="utf-8")
-        return path / TOKENIZER_FILE
+        file = path if path.suffix == ".json" else path / TOKENIZER_FILE
+        with atomic_file(file) as tmp:  # each file appears whole or not at all
+            self._tokenizer.save(str(tmp))
+        if path.suffix != ".json":
+            write_text_atomic(path / CONFIG_FILE, json.dumps(self._hf_config(), indent=2) + "\n")
+        return file
 
     def _hf_config(self) -> dict:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
@@ -131,7 +134,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
-            shutil.copyfile(src / name, dst / name)
+            copy_file_atomic(src / name, dst / name)
 
 
 def _require_token_id(tokenizer: Tokenizer, token: str, name: str) -> int:
@@ -187,9 +190,41 @@ def _chat_template(config: dict, directory: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> TextTokenizer:
+class WordCutter:
+    """Cuts every run of non-whitespace longer than `max_chars` into `max_chars` pieces, each given to the
+    BPE trainer as a text of its own, and counts what it cut (`runs`, `longest`) so the caller can say so."""
+
+    def __init__(self, max_chars: int = MAX_TRAIN_WORD_CHARS):
+        self.max_chars = max_chars
+        self.runs = 0
+        self.longest = 0
+        self._long_run = re.compile(rf"\S{{{max_chars + 1},}}")
+
+    def __call__(self, documents: Iterable[str]) -> Iterator[str]:
+        for document in documents:
+            start = 0
+            for run in self._long_run.finditer(document):
+                self.runs += 1
+                self.longest = max(self.longest, len(run.group()))
+                cuts = range(run.start() + self.max_chars, run.end(), self.max_chars)
+                for cut in cuts:
+                    yield document[start:cut]
+                    start = cut
+            if start < len(document):
+                yield document[start:]
+
+    def note(self) -> str | None:
+        """One line saying what was cut, or None when nothing was."""
+        if not self.runs:
+            return None
+        return (f"note: tokenizer training cut {self.runs} run(s) of more than {self.max_chars} characters without "
+                f"whitespace (longest {self.longest:,}) into {self.max_chars}-character pieces")
+
+
+def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int, cutter: WordCutter | None = None) -> TextTokenizer:
     """Train a byte-level BPE (GPT-2 style) whose alphabet is all 256 bytes, so any text round-trips;
-    `<|endoftext|>` is id 0 and ends every document."""
+    `<|endoftext|>` is id 0 and ends every document. Overlong words are cut first (`cutter`, by default
+    MAX_TRAIN_WORD_CHARS), so the work stays linear in the text's length."""
     if vocab_size < _N_BYTES + 1:
         raise DataError(f"vocab_size {vocab_size} is too small; a byte-level BPE needs at least "
                         f"{_N_BYTES + 1} (256 bytes + {ENDOFTEXT})")
@@ -203,7 +238,7 @@ def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> TextTokeni
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(documents, trainer)
+    tokenizer.train_from_iterator((cutter or WordCutter())(documents), trainer)
     return TextTokenizer(tokenizer, eos_token=ENDOFTEXT)
 
 

@@ -23,6 +23,7 @@ from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
 from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer, copy_tokenizer_files
 from cybertron.errors import ConfigError
+from cybertron.files import write_text_atomic
 from cybertron.finetune.config import FinetuneConfig
 from cybertron.finetune.lora import count_params
 from cybertron.finetune.model import BaseModel, OpenBase, base_dtype, build_finetune_model, saved_module
@@ -136,7 +137,7 @@ def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, chat_tem
     chat_template.jinja (which both our loader and `transformers` prefer to tokenizer_config's)."""
     write_config(run_dir, cfg)
     copy_tokenizer_files(base_dir, run_dir)
-    (run_dir / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    write_text_atomic(run_dir / CHAT_TEMPLATE_FILE, chat_template)
 
 
 def micro_batches(batch: Batch, micro: int, device: torch.device) -> list[Batch]:

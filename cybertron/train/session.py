@@ -18,6 +18,7 @@ from torch import nn
 
 from cybertron.config import CheckpointSection, EvalSection, LogSection, to_toml
 from cybertron.errors import TrainingDiverged, UserError
+from cybertron.files import write_text_atomic
 from cybertron.models.config import ModelConfig
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.guard import GuardSettings, SkipCounter, SpikeDetector, weights_finite
@@ -58,7 +59,7 @@ def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
 def write_config(run_dir: Path, cfg: Any) -> None:
     """The resolved config as config.toml (what `--config run_dir/config.toml` repeats)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    write_text_atomic(run_dir / "config.toml", to_toml(cfg))
 
 
 class Task(Protocol):

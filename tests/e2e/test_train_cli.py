@@ -83,10 +83,15 @@ def bad_inputs(tmp_path, small_corpus):
     empty.write_text("")
     bad_parquet = tmp_path / "broken.parquet"
     bad_parquet.write_bytes(b"PAR1 this is not parquet")
+    folder = tmp_path / "folder"  # a file that cannot be read: as root a mode-000 file reads fine, so a link
+    folder.mkdir()                # to a file that is gone stands in for it (unit tests cover mode 000)
+    (folder / "a.txt").write_text("some text\n")
+    (folder / "b.txt").symlink_to(tmp_path / "gone.txt")
     return {
         "missing data path": (["--data.path", str(tmp_path / "nope.txt")], "does not exist"),
         "empty data": (["--data.path", str(empty)], "no text"),
         "unreadable parquet": (["--data.path", str(bad_parquet)], "broken.parquet"),
+        "unreadable file in the folder": (["--data.path", str(folder)], f"{folder / 'b.txt'} cannot be read"),
         "seq_len above model max": (["--data.seq_len", "100000"], "maximum sequence length"),
         "negative learning rate": (["--train.lr", "-1"], "train.lr"),
         "unknown key": (["--train.learning_rate", "1"], "did you mean train.lr"),
@@ -95,6 +100,7 @@ def bad_inputs(tmp_path, small_corpus):
 
 
 @pytest.mark.parametrize("case", ["missing data path", "empty data", "unreadable parquet",
+                                  "unreadable file in the folder",
                                   "seq_len above model max", "negative learning rate", "unknown key",
                                   "bad value type"])
 def test_bad_input_is_one_clear_line_and_exit_2(case, bad_inputs, fast_run_args, tmp_path):

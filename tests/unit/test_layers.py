@@ -12,7 +12,7 @@ PACKAGE = ROOT / "cybertron"
 
 # Lowest first. A key names a top-level module or package of cybertron (everything below it belongs to it).
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "errors", "config"),  # ground
+    ("__init__", "errors", "config", "files"),  # ground
     ("models", "data"),  # pure: no torch.distributed (test_import_rules.py)
     ("train",),
     ("parallel",),

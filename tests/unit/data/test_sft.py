@@ -101,11 +101,12 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, chats):
     ('{"text": "plain"}', "expected 'messages'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "role"),
+    ('{"prompt": "caf\xe9", "response": "b"}', "not UTF-8"),  # written as Latin-1 below
 ])
 def test_malformed_line_is_reported_with_its_number(tmp_path, line, fragment):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"prompt": "a", "response": "b"})
-    path.write_text(f"{good}\n\n{line}\n{good}\n")
+    path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="latin-1")
     with pytest.raises(DataError, match=fragment) as err:
         read_conversations(path)
     assert "bad.jsonl:3:" in str(err.value)

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pyarrow as pa
@@ -146,3 +147,39 @@ def test_fingerprint_is_a_content_hash(tmp_path):
     assert edited != first
     (tmp_path / "b.txt").rename(tmp_path / "c.txt")  # same bytes under another name
     assert fingerprint_source(str(tmp_path), "text") != edited
+
+
+_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root reads files whatever their mode
+
+
+def _folder_with_a_bad_file(tmp_path, fault):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text\n")
+    bad = folder / "b.txt"
+    if fault == "dangling link":  # a link to a file on a disk that is gone: is_file() is False for it
+        bad.symlink_to(tmp_path / "gone.txt")
+    else:
+        bad.write_text("secret\n")
+        bad.chmod(0)
+    return folder, bad
+
+
+@pytest.mark.parametrize("fault", ["dangling link",
+                                   pytest.param("no permission", marks=pytest.mark.skipif(
+                                       _AS_ROOT, reason="root reads a file of mode 000"))])
+@pytest.mark.parametrize("reader", [lambda p: list(iter_documents(p)), lambda p: fingerprint_source(p, "text")])
+def test_an_unreadable_file_in_a_folder_is_one_error_naming_it(tmp_path, fault, reader):
+    folder, bad = _folder_with_a_bad_file(tmp_path, fault)
+    with pytest.raises(DataError, match=f"{bad} cannot be read"):
+        reader(str(folder))
+
+
+@pytest.mark.skipif(_AS_ROOT, reason="root lists a directory of mode 000")
+def test_an_unreadable_subfolder_is_one_error_naming_it(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("fine text\n")
+    (folder / "sub").chmod(0)
+    with pytest.raises(DataError, match=f"{folder / 'sub'} cannot be read"):
+        list_source_files(str(folder))

@@ -197,3 +197,41 @@ def test_incremental_decoder_concatenation_equals_decode(bpe, tmp_path):
             decoder = IncrementalDecoder(tok)
             streamed = "".join(decoder.push(i) for i in ids) + decoder.flush()
             assert streamed == tok.decode(ids)
+
+
+def test_word_cutter_cuts_only_overlong_runs_and_loses_no_text():
+    from cybertron.data.tokenizer import WordCutter
+
+    cutter = WordCutter(4)
+    documents = ["ab abcdefghij x", "abcd", "tail"]
+    pieces = list(cutter(documents))
+    assert pieces == ["ab abcd", "efgh", "ij x", "abcd", "tail"]
+    assert "".join(pieces) == "".join(documents) and (cutter.runs, cutter.longest) == (1, 10)
+    assert "1 run(s) of more than 4 characters" in cutter.note()
+
+
+def test_a_huge_line_without_whitespace_trains_in_bounded_time():
+    """One word of 200,000 repeated characters took 16 s to train on before words were cut (the BPE trainer's
+    work grows faster than a word's length); cut, it is as quick as ordinary text."""
+    import time
+
+    from cybertron.data.tokenizer import WordCutter
+
+    cutter = WordCutter()
+    start = time.perf_counter()
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x\n", "a" * 200_000], vocab_size=300, cutter=cutter)
+    assert time.perf_counter() - start < 5 and cutter.runs == 1
+    assert tokenizer.decode(tokenizer.encode("a" * 5000)) == "a" * 5000
+
+
+def test_text_without_overlong_words_trains_the_same_tokenizer_as_before():
+    """The cut changes nothing for ordinary text: the same tokenizer as training on it uncut."""
+    import sysconfig
+    from pathlib import Path
+
+    from cybertron.data.tokenizer import WordCutter
+
+    documents = [*CORPUS, (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()]
+    cut = train_bpe_tokenizer(documents, vocab_size=600)
+    uncut = train_bpe_tokenizer(documents, vocab_size=600, cutter=WordCutter(10**9))
+    assert cut.backend.to_str() == uncut.backend.to_str()

@@ -137,3 +137,76 @@ def test_bad_flags_are_reported(hf_dir, tmp_path, capsys):
     assert "'qkv' matches no linear layer" in capsys.readouterr().err
     assert cli_main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert cli_main(["convert", "--from-hf", str(hf_dir)]) == 2  # --out missing
+
+
+# A child that runs one CLI command with `module.attr` wrapped: the real function runs, then the child marks
+# a file and sleeps, so the test kills it at a known point, with the target's files half written.
+_PAUSED_CHILD = """
+import importlib, pathlib, sys, time
+module_name, attr, marker = sys.argv[1:4]
+module = importlib.import_module(module_name)
+real = getattr(module, attr)
+def written_then_paused(*args, **kwargs):
+    real(*args, **kwargs)
+    pathlib.Path(marker).touch()
+    time.sleep(600)
+setattr(module, attr, written_then_paused)
+from cybertron.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _kill_when_paused(tmp_path, hook: str, argv: list[str]) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "paused"
+    child = subprocess.Popen([sys.executable, "-c", _PAUSED_CHILD, *hook.split(":"), str(marker), *argv])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, f"the child exited ({child.returncode}) before the hook ran"
+            assert time.monotonic() < deadline, "the hook never ran"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("command, hook, written", [
+    ("export", "cybertron.models.hf:save_file", "model.safetensors"),
+    pytest.param("convert", "cybertron.hf_runs:copy_tokenizer_files", "tokenizer.json", marks=pytest.mark.slow),
+])
+def test_a_killed_export_leaves_no_target_and_a_rerun_completes(scripted_run, hf_dir, tmp_path, command, hook,
+                                                                written):
+    """SIGKILL while the weights (export) or the run files (convert --from-hf) are being written: --out does
+    not exist afterwards (the files written so far sit in a hidden temp directory beside it), and the same
+    command then writes it whole."""
+    out = tmp_path / "out"
+    argv = ["export", "--run", str(scripted_run[0]), "--out", str(out)] if command == "export" else \
+        ["convert", "--from-hf", str(hf_dir), "--out", str(out)]
+    _kill_when_paused(tmp_path, hook, argv)
+    assert not out.exists()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(partial) == 1 and (partial[0] / written).is_file()  # the kill did land mid-write
+    assert cli_main(argv) == 0
+    if command == "export":
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    else:
+        load_run(out)
+
+
+def test_export_refuses_a_non_empty_target_and_leaves_it_as_it_was(scripted_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert cli_main(["export", "--run", str(scripted_run[0]), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for command in ("export", "convert"):
+        assert cli_main([command, "--run", str(scripted_run[0]), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --out {out} exists and is not empty; choose a new directory"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temp directory left either

@@ -51,14 +51,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     ])
     resolve_dtype(t.dtype, torch.device("cpu"))
     validate_float8(t.fp8, resolve_device(t.device), (t.micro_batch_size or t.global_batch_size) * d.seq_len)
-    if t.fused_loss and world_size > 1:
-        raise ConfigError("train.fused_loss runs on one process for now (FSDP/TP/PP wrap the head); "
-                          f"got {world_size} ranks")
-    if t.fp8 != "none" and world_size > 1:
-        # Float8Linear under FSDP/TP needs float8-aware all-gathers and TP styles (torchtitan's converters):
-        # not wired into parallel/ yet, so refuse rather than silently train in bf16.
-        raise ConfigError(f"train.fp8={t.fp8} runs on one process only for now; got {world_size} ranks "
-                          "(use train.fp8=none with a parallel layout)")
+    if cfg.parallel.pp > 1:
+        # The pipeline's last stage computes the loss from its logits (PipelineLoss), outside the model.
+        raise_first_failure([
+            (not t.fused_loss, "train.fused_loss does not run with pipeline parallelism (parallel.pp > 1) yet"),
+            (t.fp8 == "none", f"train.fp8={t.fp8} does not run with pipeline parallelism (parallel.pp > 1) yet"),
+        ])
     if not cfg.model.init_from:
         try:
             preset_config(cfg.model.preset)
@@ -176,11 +174,11 @@ def build_trainer(cfg: TrainConfig, model: Transformer, dims, mesh, dtype_name: 
         step_fn = LanguageModelStep(compile=t.compile, fused_loss=t.fused_loss,
                                     compile_options=float8_compile_options(t.fp8))
         return Trainer(model, optimizer, step_fn, schedule, t.grad_clip, autocast=amp), [model]
-    assert t.fp8 == "none", "validate() refuses train.fp8 with a parallel layout"
     from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 
     param_dtype = torch.bfloat16 if dtype_name == "bf16" else None
-    par = parallelize(model, dims, mesh, cfg.parallel, compile_blocks=t.compile, param_dtype=param_dtype)
+    par = parallelize(model, dims, mesh, cfg.parallel, compile_blocks=t.compile, param_dtype=param_dtype,
+                      fp8=t.fp8, fused_loss=t.fused_loss)
     optimizer = build_parallel_optimizer(par, dims, mesh, t)
     trainer = Trainer(par.model, optimizer, par.step_fn, schedule, t.grad_clip, autocast=amp,
                       collectives=par.collectives, strategy=par.strategy)

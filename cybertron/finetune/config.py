@@ -126,5 +126,4 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
          f"finetune.method=qlora with parallel.data_parallel=zero3 needs a world size dividing {SHARD_UNIT} "
          f"(the NF4 base is quantized in groups for {SHARD_UNIT} equal shards), got {world_size}; use ddp"),
         (cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {cfg.parallel.timeout_s}"),
-        (not (cfg.train.fused_loss and world_size > 1), "train.fused_loss runs on one process for now"),
     ])

@@ -43,6 +43,8 @@ def _fused_lm_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
 
 
 def _head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, vocab_parallel: bool) -> torch.Tensor:
+    # Only the weight is used: an adapted head (LoRA on lm_head) would lose its adapter (commands refuse it).
+    assert type(lm_head) is nn.Linear, f"the fused loss needs a plain nn.Linear head, got {type(lm_head).__name__}"
     return head_cross_entropy_sum(hidden, lm_head, labels, vocab_parallel)
 
 

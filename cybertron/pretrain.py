@@ -51,14 +51,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     ])
     resolve_dtype(t.dtype, torch.device("cpu"))
     validate_float8(t.fp8, resolve_device(t.device), (t.micro_batch_size or t.global_batch_size) * d.seq_len)
-    if t.fused_loss and world_size > 1:
-        raise ConfigError("train.fused_loss runs on one process for now (FSDP/TP/PP wrap the head); "
-                          f"got {world_size} ranks")
-    if t.fp8 != "none" and world_size > 1:
-        # Float8Linear under FSDP/TP needs float8-aware all-gathers and TP styles (torchtitan's converters):
-        # not wired into parallel/ yet, so refuse rather than silently train in bf16.
-        raise ConfigError(f"train.fp8={t.fp8} runs on one process only for now; got {world_size} ranks "
-                          "(use train.fp8=none with a parallel layout)")
+    if cfg.parallel.pp > 1:
+        # The pipeline's last stage computes the loss from its logits (PipelineLoss), outside the model.
+        raise_first_failure([
+            (not t.fused_loss, "train.fused_loss does not run with pipeline parallelism (parallel.pp > 1) yet"),
+            (t.fp8 == "none", f"train.fp8={t.fp8} does not run with pipeline parallelism (parallel.pp > 1) yet"),
+        ])
     if not cfg.model.init_from:
         try:
             preset_config(cfg.model.preset)

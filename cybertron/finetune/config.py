@@ -113,7 +113,6 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
         *base_model_checks(cfg.model, f.method),
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
-        (cfg.train.fp8 == "none", f"train.fp8={cfg.train.fp8!r} is not supported for finetune yet; use none"),
     ])
     validate_shared_sections(cfg)
     validate_layout(cfg, world_size)
@@ -123,9 +122,12 @@ def validate_layout(cfg: FinetuneConfig | Any, world_size: int) -> None:
     """The [parallel] section against the world size, the batch and the method (finetune and align share it);
     the model's shape and the resolved seq_len are checked again once the base is open."""
     from cybertron.parallel.runtime import layout_dims  # torch.distributed only when validating
+    from cybertron.train.float8 import validate_float8
+    from cybertron.train.precision import resolve_device
 
     dims = layout_dims(cfg, world_size)
     f, t = cfg.finetune, cfg.train
+    validate_float8(t.fp8, resolve_device(t.device))
     raise_first_failure([
         (not (f.method == "qlora" and (dims.tp > 1 or dims.pp > 1)),
          f"finetune.method=qlora runs with data parallelism only (ddp or zero3; the NF4 base is not split by "
@@ -138,5 +140,9 @@ def validate_layout(cfg: FinetuneConfig | Any, world_size: int) -> None:
          f"{dims.dp_shard}; use ddp"),
         (not (f.method == "qlora" and dims.data_parallel in ("zero1", "zero2") and dims.dp > 1),
          f"finetune.method=qlora runs with parallel.data_parallel ddp or zero3, got {dims.data_parallel}"),
-        (not (t.fused_loss and world_size > 1), "train.fused_loss runs on one process for now"),
+        (not (t.fp8 != "none" and f.method != "full"),
+         f"train.fp8={t.fp8} applies to finetune.method=full: LoRA/DoRA/QLoRA wrap the Linear layers that fp8 "
+         "would convert (their frozen base stays in high precision)"),
+        (not ((t.fp8 != "none" or t.fused_loss) and dims.pp > 1),
+         "train.fp8 and train.fused_loss do not run with pipeline parallelism (parallel.pp > 1) yet"),
     ])

@@ -12,6 +12,7 @@ Parameter names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...); 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -151,9 +152,14 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """head: when given, returns head(hidden_states, lm_head) in place of the logits (a fused output head
+        and loss); it runs inside this forward, where FSDP has gathered the head's weight."""
         h = self.hidden_states(tokens, positions, cache)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        return head(h, self.lm_head) if head is not None else self.lm_head(h)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:

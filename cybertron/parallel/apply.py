@@ -47,6 +47,12 @@ from cybertron.parallel.tensor_parallel import (
     loss_parallel_context,
     sharded_cross_entropy_sum,
 )
+from cybertron.train.float8 import (
+    convert_to_float8,
+    float8_all_gather_supported,
+    float8_compile_options,
+    precompute_float8_scales,
+)
 from cybertron.train.losses import cross_entropy_sum
 from cybertron.train.optim import PartsOptimizer, build_optimizer, param_groups
 from cybertron.train.trainer import Collectives, ForwardBackward, LanguageModelStep, StepFunction
@@ -65,43 +71,76 @@ class Parallelized:
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
                 compile_blocks: bool = False, param_dtype: torch.dtype | None = None,
                 converters: Sequence[Callable[[nn.Module], object]] = (),
-                replicas_equal: bool = False) -> Parallelized:
+                replicas_equal: bool = False, fp8: str = "none", fused_loss: bool = False,
+                fp8_emulate: bool = False) -> Parallelized:
     """Apply the layout `dims` over `mesh` (None: one process) to `model`, in place where possible.
 
     converters: in-place module swaps run first (fp8 Linears, an NF4 base), so every later step wraps the
     converted modules. replicas_equal: every rank built bitwise-equal weights (loaded the same checkpoint,
-    seeded the same adapters), so DDP skips its start-up broadcast (which altered torchao NF4 bases)."""
+    seeded the same adapters), so DDP skips its start-up broadcast (which altered torchao NF4 bases).
+
+    fp8: train.fp8's recipe. The Linears become torchao Float8Linear first; with tensorwise scaling FSDP2
+    all-gathers their weights in float8 (scales precomputed from the whole weights) and tensor
+    parallelism uses torchao's float8 styles; rowwise weights are all-gathered in high precision
+    (train/float8.py: float8_all_gather_supported). fp8_emulate: torchao's emulation (tests on CPU).
+    fused_loss: the output head and the cross-entropy chunk by chunk inside the model's forward; under
+    tensor parallelism with loss_parallel on a vocabulary-shard head (never the full logits), else on the
+    gathered head."""
+    assert not ((fp8 != "none" or fused_loss) and dims.pp > 1), "validate() refuses fp8 / fused_loss with pp"
+    fsdp = mesh is not None and uses_fsdp(dims, cfg)
+    float8_gather = fp8 != "none" and fsdp and float8_all_gather_supported(fp8)
+    if fp8 != "none":
+        convert_to_float8(model, fp8, fsdp_float8_all_gather=float8_gather, emulate=fp8_emulate)
     for convert in converters:
         convert(model)
+    compile_options = float8_compile_options(fp8) if fp8 != "none" else {}
     if mesh is None:
-        _checkpoint_and_compile(model, cfg, compile_blocks)
-        return Parallelized(model, [model], LanguageModelStep(), Collectives(), None)
+        _checkpoint_and_compile(model, cfg, compile_blocks, compile_options)
+        return Parallelized(model, [model], LanguageModelStep(fused_loss=fused_loss), Collectives(), None)
     tp_on, lp = dims.tp > 1, dims.tp > 1 and cfg.loss_parallel
     sp = tp_on and cfg.sequence_parallel
     stages = _split(model, dims, cfg, mesh) if dims.pp > 1 else {0: model}
     n_stages = dims.pp * cfg.pp_virtual_stages if dims.pp > 1 else 1
     for stage, part in stages.items():
         if tp_on:
-            apply_tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp))
+            float8_tp = fp8 != "none" and float8_all_gather_supported(fp8)
+            apply_tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp), float8=float8_tp)
             if dims.pp > 1:
                 _local_stage_io(part, mesh["tp"], first=stage == 0, sp=sp)
-        _checkpoint_and_compile(part, cfg, compile_blocks)
+        _checkpoint_and_compile(part, cfg, compile_blocks, compile_options)
         stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype, replicas_equal)
     zero2 = Zero2Gradients(stages[0], dp_mesh(mesh)) if paper_zero2(dims, cfg) else None
     step_context = loss_parallel_context if lp else contextlib.nullcontext
     collectives = build_collectives(mesh, dims.dp, dims.pp, step_context, zero2)
-    step_fn = LossParallelStep() if lp else LanguageModelStep()
+    if fused_loss:
+        step_fn = LanguageModelStep(fused_loss=True, vocab_parallel=lp)
+    else:
+        step_fn = LossParallelStep() if lp else LanguageModelStep()
+    if float8_gather:
+        _precompute_scales_before_forward(stages[0])
     if dims.pp == 1:
         return Parallelized(stages[0], [stages[0]], step_fn, collectives, None, zero2)
     strategy = _pipeline_strategy(stages, n_stages, dims, mesh, cfg, lp, sp, model.config.dim)
     return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
 
 
-def _checkpoint_and_compile(part: nn.Module, cfg: ParallelSection, compile_blocks: bool) -> None:
+def _checkpoint_and_compile(part: nn.Module, cfg: ParallelSection, compile_blocks: bool,
+                            compile_options: dict[str, bool]) -> None:
     apply_activation_checkpoint(part, cfg.activation_checkpoint)
     if compile_blocks:
         for block in transformer_of(part).layers.values():
-            block.compile()  # in place: parameter names stay those of the plain model
+            block.compile(options=compile_options)  # in place: parameter names stay those of the plain model
+
+
+def _precompute_scales_before_forward(model: nn.Module) -> None:
+    """Before each forward of the root, the scales of all float8 weights from the whole weights in one
+    all-reduce (torchao's precompute_float8_dynamic_scale_for_fsdp), which FSDP2's float8 all-gathers then
+    use. Without them each rank scales its own shard by the maximum over the data-parallel ranks only, which
+    under FSDP2 + TP is a tensor-parallel shard's maximum, not the weight's (one process would scale
+    differently). torchtitan runs it after each optimizer step; before each forward it cannot go stale,
+    whichever optimizer, checkpoint load or weight tying changed the weights, for one small all-reduce per
+    micro-batch."""
+    model.register_forward_pre_hook(lambda module, args: precompute_float8_scales(module), prepend=True)
 
 
 def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
@@ -111,11 +150,17 @@ def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
             and dims.dp_replicate == 1 and not cfg.cpu_offload)
 
 
+def uses_fsdp(dims: ParallelDims, cfg: ParallelSection) -> bool:
+    """Whether the layout shards parameters with FSDP2 (fully_shard)."""
+    return (not paper_zero2(dims, cfg) and dims.data_parallel in ("zero2", "zero3")
+            and (dims.dp > 1 or cfg.cpu_offload))
+
+
 def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
                          param_dtype: torch.dtype | None, replicas_equal: bool = False) -> nn.Module:
     if paper_zero2(dims, cfg):
         return part  # replicated parameters; Zero2Gradients partitions the gradients
-    if dims.data_parallel in ("zero2", "zero3") and (dims.dp > 1 or cfg.cpu_offload):
+    if uses_fsdp(dims, cfg):
         shard_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         return apply_fsdp(part, shard_mesh, reshard_after_forward=dims.data_parallel == "zero3",
                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)

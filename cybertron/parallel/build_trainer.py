@@ -12,7 +12,7 @@ from torch import nn
 from cybertron.config import ParallelSection, TrainSection
 from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 from cybertron.parallel.world import World
-from cybertron.train.float8 import convert_to_float8, float8_compile_options
+from cybertron.train.float8 import float8_compile_options
 from cybertron.train.loss_scale import DynamicLossScale
 from cybertron.train.precision import DTYPES, autocast
 from cybertron.train.trainer import LanguageModelStep, StepFunction, Trainer
@@ -28,13 +28,11 @@ def build_trainer(model: nn.Module, world: World, p: ParallelSection, t: TrainSe
     One process compiles forward + loss together (train.compile); a parallel layout compiles each block.
     replicas_equal: every rank loaded the same weights and seeded the same adapters (fine-tuning), so DDP
     skips its start-up broadcast."""
-    converters = list(converters)
-    if t.fp8 != "none":  # first, so activation checkpointing, compile and the layout wrap the fp8 Linears
-        converters.insert(0, lambda m: convert_to_float8(m, t.fp8))
     # FSDP all-gathers parameters in the compute dtype (gradients are still reduced in fp32)
     param_dtype = DTYPES[dtype_name] if dtype_name != "fp32" and world.is_distributed else None
     par = parallelize(model, world.dims, world.mesh, p, compile_blocks=t.compile and world.is_distributed,
-                      param_dtype=param_dtype, converters=converters, replicas_equal=replicas_equal)
+                      param_dtype=param_dtype, converters=converters, replicas_equal=replicas_equal, fp8=t.fp8,
+                      fused_loss=t.fused_loss)
     if step_fn is None:
         step_fn = par.step_fn if world.is_distributed else LanguageModelStep(
             compile=t.compile, fused_loss=t.fused_loss, compile_options=float8_compile_options(t.fp8))

@@ -39,28 +39,43 @@ def present_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, 
             if any(fnmatch.fnmatchcase(name, pattern) for name in names)}
 
 
-def resolve_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+def resolve_plan(model: nn.Module, plan: dict[str, ParallelStyle],
+                 float8: bool = False) -> dict[str, ParallelStyle]:
     """The plan for this very model: patterns that match nothing dropped, and every module that declares
-    `param_axes` (an adapter layer in place of a Linear) given the adapter form of its pattern's style."""
+    `param_axes` (an adapter layer in place of a Linear) given the adapter form of its pattern's style.
+
+    float8: every torchao Float8Linear gets the float8 form of its style (its input cast to float8 before
+    the all-gather, its output's gradient cast in backward), and so does a module preparing the input of
+    Linears that are all float8 (q/k/v share one float8 all-gather of the sequence-parallel stream)."""
     resolved: dict[str, ParallelStyle] = {}
     for pattern, style in present_plan(model, plan).items():
-        adapted = {name: module for name, module in model.named_modules()
-                   if fnmatch.fnmatchcase(name, pattern) and hasattr(module, "param_axes")}
-        if not adapted:
+        matched = [(name, module) for name, module in model.named_modules() if fnmatch.fnmatchcase(name, pattern)]
+        styles = {name: _module_style(module, style, float8) for name, module in matched}
+        if all(s is style for s in styles.values()):
             resolved[pattern] = style
-            continue
-        for name in (n for n, _ in model.named_modules()):
-            if fnmatch.fnmatchcase(name, pattern):
-                resolved[name] = adapter_style(style) if name in adapted else style
+        else:
+            resolved.update(styles)
     return resolved
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:
+def _module_style(module: nn.Module, style: ParallelStyle, float8: bool) -> ParallelStyle:
+    if hasattr(module, "param_axes"):
+        return adapter_style(style)
+    if float8:
+        from cybertron.parallel.float8_tp import float8_style
+
+        return float8_style(module, style)
+    return style
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle],
+                          float8: bool = False) -> nn.Module:
     """Shard `model`'s existing weights over tp_mesh as the plan says (the model code is unchanged: attention
     infers its local head count from the sharded projection shapes). Frozen parameters stay frozen: some
-    of torch's styles (SequenceParallel) re-register the norms' weights as new, trainable Parameters."""
+    of torch's styles (SequenceParallel) re-register the norms' weights as new, trainable Parameters.
+    float8: use torchao's float8 styles for Float8Linear layers (tensorwise recipe; see resolve_plan)."""
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    parallelize_module(model, tp_mesh, resolve_plan(model, plan))
+    parallelize_module(model, tp_mesh, resolve_plan(model, plan, float8))
     for name in frozen:
         model.get_parameter(name).requires_grad_(False)
     return model

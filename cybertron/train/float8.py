@@ -8,6 +8,7 @@ checkpoints and Hugging Face exports are those of the plain model. The speed-up 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 
@@ -84,16 +85,42 @@ def float8_compile_options(recipe: str) -> dict[str, bool]:
     return {"emulate_precision_casts": True} if recipe == "rowwise" else {}
 
 
-def convert_to_float8(model: nn.Module, recipe: str) -> list[str]:
-    """Swap the selected Linear layers for torchao Float8Linear in place (before activation checkpointing and
-    compile, the order torchtitan applies its converters in); returns the converted layers' names. Compile the
-    converted model with `float8_compile_options(recipe)`."""
+def convert_to_float8(model: nn.Module, recipe: str, fsdp_float8_all_gather: bool = False,
+                      emulate: bool = False) -> list[str]:
+    """Swap the selected Linear layers for torchao Float8Linear in place (before tensor parallelism,
+    activation checkpointing, compile and FSDP wrap them, the order torchtitan applies its converters in);
+    returns the converted layers' names. Compile the converted model with `float8_compile_options(recipe)`.
+
+    fsdp_float8_all_gather: FSDP2 all-gathers the weights already cast to float8 (half the bytes of bf16);
+    tensorwise only (`float8_all_gather_supported`). emulate: torchao's emulation, float8 casts with
+    high-precision matmuls (for tests on devices without FP8 GEMMs)."""
     assert recipe in FP8_RECIPES and recipe != "none", recipe
+    assert not fsdp_float8_all_gather or float8_all_gather_supported(recipe), recipe
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
         raise ConfigError(f"train.fp8={recipe} needs torchao: pip install 'cybertron[fp8]'") from err
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe),
+                                 enable_fsdp_float8_all_gather=fsdp_float8_all_gather, emulate=emulate)
     names = float8_linear_names(model)
-    convert_to_float8_training(model, module_filter_fn=float8_module_filter(model),
-                               config=Float8LinearConfig.from_recipe_name(recipe))
+    convert_to_float8_training(model, module_filter_fn=float8_module_filter(model), config=config)
     return names
+
+
+def float8_all_gather_supported(recipe: str) -> bool:
+    """Whether FSDP2 (and tensor parallelism's Float8 styles) can all-gather in float8 under `recipe`.
+
+    Only tensorwise: one scale per tensor can be computed for the whole weight before the all-gather (a
+    single all-reduce of the shards' maxima). Rowwise scales are per row of the *transposed* weight too (the
+    backward's GEMMs scale along the other axis), so a pre-cast shard cannot serve both; torchao refuses the
+    combination and torchtitan all-gathers rowwise weights in high precision, as done here."""
+    return recipe == "tensorwise"
+
+
+def precompute_float8_scales(model: nn.Module) -> None:
+    """Under FSDP2 float8 all-gather: the scales of every float8 weight from the whole weights in one
+    all-reduce, used by the next all-gathers instead of each shard's own (torchao's
+    precompute_float8_dynamic_scale_for_fsdp)."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)

@@ -9,12 +9,13 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from cybertron.train.fused_linear_ce import linear_cross_entropy_sum
+from cybertron.train.fused_linear_ce import head_cross_entropy_sum
 from cybertron.train.guard import non_finite_reason
 from cybertron.train.loss_scale import DynamicLossScale
 from cybertron.train.losses import IGNORE_INDEX, cross_entropy_sum
@@ -38,8 +39,16 @@ def _lm_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
 
 
 def _fused_lm_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                       positions: torch.Tensor | None) -> torch.Tensor:
-    return linear_cross_entropy_sum(model.hidden_states(inputs, positions=positions), model.lm_head.weight, labels)
+                       positions: torch.Tensor | None, vocab_parallel: bool = False) -> torch.Tensor:
+    # The head runs inside the model's forward, so DDP and FSDP see it as part of their forward.
+    head = partial(_head_loss, labels=labels, vocab_parallel=vocab_parallel)
+    return model(inputs, positions=positions, head=head)
+
+
+def _head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, vocab_parallel: bool) -> torch.Tensor:
+    # Only the weight is used: an adapted head (LoRA on lm_head) would lose its adapter (commands refuse it).
+    assert type(lm_head) is nn.Linear, f"the fused loss needs a plain nn.Linear head, got {type(lm_head).__name__}"
+    return head_cross_entropy_sum(hidden, lm_head, labels, vocab_parallel)
 
 
 class LanguageModelStep:
@@ -51,13 +60,15 @@ class LanguageModelStep:
     the plain model.
 
     With `fused_loss=True` the output head and the loss run chunk by chunk (train/fused_linear_ce.py): the
-    full logits never exist. It needs the plain model (hidden_states and lm_head.weight), i.e. one process.
+    full logits never exist. The model's forward runs them (its `head` argument), so DDP, FSDP and a head
+    sharded by tensor parallelism work; `vocab_parallel` keeps such a head's vocabulary shards (loss
+    parallelism) instead of gathering its weight.
 
     `compile_options` are inductor options for this compile only (e.g. what an fp8 recipe needs)."""
 
     def __init__(self, compile: bool = False, fused_loss: bool = False,
-                 compile_options: dict[str, Any] | None = None):
-        loss_sum = _fused_lm_loss_sum if fused_loss else _lm_loss_sum
+                 compile_options: dict[str, Any] | None = None, vocab_parallel: bool = False):
+        loss_sum = partial(_fused_lm_loss_sum, vocab_parallel=vocab_parallel) if fused_loss else _lm_loss_sum
         self._loss_sum = torch.compile(loss_sum, options=compile_options) if compile else loss_sum
 
     def weight(self, batch: Batch) -> torch.Tensor:

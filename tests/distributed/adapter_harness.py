@@ -41,6 +41,7 @@ METHODS = ("full", "lora", "dora")
 class AdapterRun:
     method: str  # full, lora, dora or qlora
     parallel: dict = field(default_factory=dict)  # ParallelSection fields
+    fused_loss: bool = False
 
 
 def train_section() -> TrainSection:
@@ -99,11 +100,11 @@ def _train(trainer: Trainer, loader: PackedLoader, model: nn.Module) -> dict:
     return result
 
 
-def reference_run(method: str) -> dict:
+def reference_run(method: str, fused_loss: bool = False) -> dict:
     t = train_section()
     model = build(method)
     opt = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    trainer = Trainer(model, opt, LanguageModelStep(), _schedule(t), t.grad_clip)
+    trainer = Trainer(model, opt, LanguageModelStep(fused_loss=fused_loss), _schedule(t), t.grad_clip)
     return _train(trainer, PackedLoader(tokens(), SEQ_LEN, t.global_batch_size, seed=0), model)
 
 
@@ -114,7 +115,8 @@ def parallel_run(run: AdapterRun, world_size: int) -> dict:
     mesh = build_mesh(dims, "cpu")
     # QLoRA: every rank quantized the same weights; DDP's start-up broadcast would alter the NF4 base
     # (ARCHITECTURE.md pitfall 13).
-    par = parallelize(build(run.method), dims, mesh, pcfg, replicas_equal=run.method == "qlora")
+    par = parallelize(build(run.method), dims, mesh, pcfg, replicas_equal=run.method == "qlora",
+                      fused_loss=run.fused_loss)
     opt = build_parallel_optimizer(par, dims, mesh, t)
     trainer = Trainer(par.model, opt, par.step_fn, _schedule(t), t.grad_clip, collectives=par.collectives,
                       strategy=par.strategy)

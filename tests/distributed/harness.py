@@ -26,6 +26,7 @@ from cybertron.models.presets import preset_config
 from cybertron.parallel.apply import build_parallel_optimizer, parallelize
 from cybertron.parallel.dims import ParallelDims, build_mesh, dp_mesh
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.float8 import convert_to_float8
 from cybertron.train.optim import build_optimizer
 from cybertron.train.schedule import lr_at
 from cybertron.train.trainer import LanguageModelStep, Trainer
@@ -43,6 +44,9 @@ class Layout:
     save_at: int = 0  # save a DCP checkpoint after this step into <out_dir>/<name>
     resume_from: str = ""  # layout name whose checkpoint to load, then train one step
     record_batch: bool = False
+    fp8: str = "none"  # train.fp8's recipe, in torchao's emulation (float8 casts, fp32 matmuls: runs on CPU)
+    fused_loss: bool = False
+    steps: int = STEPS  # train the first `steps` of the STEPS-step schedule
 
 
 def train_section(layout: Layout) -> TrainSection:
@@ -60,14 +64,16 @@ def _micro_batches(loader: PackedLoader, micro: int) -> list[dict]:
     return [{"inputs": i, "labels": t} for i, t in zip(inputs.split(micro), labels.split(micro))]
 
 
-def reference_run(layout: Layout, steps: int = STEPS, out_dir: Path | None = None, name: str = "") -> dict:
+def reference_run(layout: Layout, steps: int | None = None, out_dir: Path | None = None, name: str = "") -> dict:
     """One process, no torch.distributed: the numbers every layout must reproduce."""
     t = train_section(layout)
     model = build_model(MODEL, seed=0)
+    if layout.fp8 != "none":
+        convert_to_float8(model, layout.fp8, emulate=True)
     opt = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    trainer = Trainer(model, opt, LanguageModelStep(), _schedule(t), t.grad_clip)
+    trainer = Trainer(model, opt, LanguageModelStep(fused_loss=layout.fused_loss), _schedule(t), t.grad_clip)
     loader = PackedLoader(tokens(), SEQ_LEN, t.global_batch_size, seed=0)
-    return _train(trainer, loader, [model], layout, t, steps, out_dir, name, is_main=True)
+    return _train(trainer, loader, [model], layout, t, steps or layout.steps, out_dir, name, is_main=True)
 
 
 def _schedule(t: TrainSection):
@@ -113,14 +119,28 @@ def parallel_run(layout: Layout, world_size: int, out_dir: Path, name: str) -> d
                                 pcfg.data_parallel)
     mesh = build_mesh(dims, "cpu")
     model = build_model(MODEL, seed=0)  # the full model on every rank, then sharded: identical weights
-    par = parallelize(model, dims, mesh, pcfg)
+    par = parallelize(model, dims, mesh, pcfg, fp8=layout.fp8, fused_loss=layout.fused_loss, fp8_emulate=True)
     opt = build_parallel_optimizer(par, dims, mesh, t)
     trainer = Trainer(par.model, opt, par.step_fn, _schedule(t), t.grad_clip, collectives=par.collectives,
                       strategy=par.strategy)
     loader = PackedLoader(tokens(), SEQ_LEN, t.global_batch_size, dp_rank=dp_mesh(mesh).get_local_rank(),
                           dp_size=dims.dp, seed=0)
-    return _train(trainer, loader, par.parts, layout, t, STEPS, out_dir, name, dist.get_rank() == 0,
-                  barrier=dist.barrier)
+    result = _train(trainer, loader, par.parts, layout, t, layout.steps, out_dir, name, dist.get_rank() == 0,
+                    barrier=dist.barrier)
+    return {**result, **(_float8_census(par.model) if layout.fp8 != "none" else {})}
+
+
+def _float8_census(model: torch.nn.Module) -> dict:
+    """What the fp8 layout really ran: how many Float8Linear layers, and how many of their weights FSDP2
+    all-gathers in float8 (torchao's WeightWithDynamicFloat8CastTensor shards)."""
+    from torch.distributed.tensor import DTensor
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    gathered = [m for m in linears if isinstance(m.weight, DTensor)
+                and isinstance(m.weight._local_tensor, WeightWithDynamicFloat8CastTensor)]
+    return {"float8_linears": len(linears), "float8_all_gathered": len(gathered)}
 
 
 def worker(rank: int, world_size: int, port: int, layouts: dict[str, Layout], out_dir: str) -> None:

@@ -4,6 +4,8 @@ as one process (fp32, gloo), and the frozen base weights never move."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.distributed.adapter_harness import METHODS, AdapterRun, reference_run, run_world
@@ -31,6 +33,13 @@ WORLD_2_SLOW = {
     "dora_tp_offload": AdapterRun("dora", {**TP2, "cpu_offload": True}),
     **{f"{m}_zero3_offload": AdapterRun(m, {"cpu_offload": True}) for m in METHODS},
 }
+# Fine-tuning with train.fused_loss (a frozen head under LoRA): FSDP2, and TP with and without loss parallelism.
+WORLD_2_FUSED = {
+    "lora_zero3_fused": AdapterRun("lora", {}, fused_loss=True),
+    "full_zero3_fused": AdapterRun("full", {}, fused_loss=True),
+    "lora_tp_fused": AdapterRun("lora", TP2, fused_loss=True),
+    "full_tp_plain_fused": AdapterRun("full", PLAIN_TP, fused_loss=True),
+}
 WORLD_4 = {f"{m}_fsdp_tp": AdapterRun(m, {"dp_shard": 2, **TP2}) for m in METHODS}
 
 
@@ -47,6 +56,11 @@ def world2(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def world2_slow(tmp_path_factory) -> dict:
     return run_world(2, WORLD_2_SLOW, tmp_path_factory.mktemp("adapters2slow"), port=29633)
+
+
+@pytest.fixture(scope="module")
+def world2_fused(tmp_path_factory) -> dict:
+    return run_world(2, WORLD_2_FUSED, tmp_path_factory.mktemp("adapters2fused"), port=29635)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +101,15 @@ def test_more_adapter_layouts_match_one_process_at_world_2(name, world2_slow, re
 @pytest.mark.parametrize("name", sorted(WORLD_4))
 def test_adapters_match_one_process_with_fsdp_x_tp(name, world4, references):
     _assert_matches(world4[name], references[WORLD_4[name].method])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WORLD_2_FUSED))
+def test_fine_tuning_with_the_fused_loss_matches_one_process(name, world2_fused):
+    run = WORLD_2_FUSED[name]
+    _assert_matches(world2_fused[name], _fused_reference(run.method))
+
+
+@functools.cache
+def _fused_reference(method: str) -> dict:
+    return reference_run(method, fused_loss=True)

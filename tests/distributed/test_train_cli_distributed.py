@@ -89,3 +89,13 @@ def test_nproc_pipeline_checkpoint_resumes_in_one_process(args, single, tmp_path
     assert "resumed from" in resumed.stdout
     got = _losses(out)
     assert max(abs(got[s] - expected[s]) for s in range(4, STEPS + 1)) <= 1e-5
+
+
+@pytest.mark.slow  # a torchrun launch of two ranks (the layouts themselves run in test_fp8_fused_loss.py)
+def test_nproc_fused_loss_under_tensor_parallelism_matches_single_process(args, single, tmp_path):
+    out = tmp_path / "fused"
+    _run([*args, "--out", str(out), "--nproc", "2", "--parallel.tp", "2", "--train.fused_loss", "true"])
+    got, expected = _losses(out), _losses(single)  # the plain head on one process
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s] - expected[s]) for s in got) <= 1e-5
+    assert abs(_val(out) - _val(single)) <= 1e-5

@@ -38,6 +38,8 @@ BAD = {
                               "FSDP and tensor parallelism"),
     "sequence parallel with an odd sequence": (2, ["--parallel.tp", "2", "--data.seq_len", "63"],
                                                "must divide data.seq_len=63"),
+    "fused loss with pipeline stages": (2, ["--parallel.pp", "2", "--train.fused_loss", "true"],
+                                        "train.fused_loss does not run with pipeline parallelism"),
     "tied embeddings with pp": (2, ["--parallel.pp", "2", "--model.tie_embeddings", "true"], "tie_embeddings=false"),
 }
 

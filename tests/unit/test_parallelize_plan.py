@@ -54,3 +54,33 @@ def test_plan_gives_adapter_layers_the_adapter_form_of_their_style():
     assert type(resolved["layers.*.self_attn.o_proj"]) is RowwiseParallel
     down = resolved["layers.3.mlp.down_proj"]  # the layouts of the Linear's style carry over
     assert down.output_layouts == plan["layers.*.mlp.down_proj"].output_layouts and not down.use_local_output
+
+
+def test_plan_gives_float8_layers_torchaos_float8_styles():
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+        PrepareFloat8ModuleInput,
+    )
+
+    from cybertron.train.float8 import convert_to_float8
+
+    model = build_model(CFG, seed=0)
+    convert_to_float8(model, "tensorwise")
+    model.layers["1"].mlp.up_proj = torch.nn.Linear(CFG.dim, CFG.ffn_dim, bias=False)  # one Linear left plain
+    plan = llama_tp_plan(sequence_parallel=True, loss_parallel=True)
+    assert resolve_plan(model, plan) == present_plan(model, plan)  # without float8: the plain styles
+    resolved = resolve_plan(model, plan, float8=True)
+    assert type(resolved["layers.0.self_attn.q_proj"]) is Float8ColwiseParallel
+    assert type(resolved["layers.2.mlp.down_proj"]) is Float8RowwiseParallel
+    assert type(resolved["layers.0.self_attn"]) is PrepareFloat8ModuleInput  # q/k/v share one float8 all-gather
+    assert type(resolved["layers.0.mlp"]) is PrepareFloat8ModuleInput
+    # a module whose input also feeds a plain Linear prepares it in high precision; the plain Linear keeps its style
+    assert type(resolved["layers.1.mlp"]) is PrepareModuleInput
+    assert type(resolved["layers.1.mlp.up_proj"]) is ColwiseParallel
+    assert type(resolved["lm_head"]) is ColwiseParallel  # the head stays in high precision
+    q = resolved["layers.0.self_attn.q_proj"]
+    o = resolved["layers.0.self_attn.o_proj"]
+    assert o.output_layouts == plan["layers.*.self_attn.o_proj"].output_layouts  # the layouts carry over
+    assert q.use_local_output and not o.use_local_output

@@ -45,11 +45,16 @@ def test_fp8_none_is_the_default_and_validates():
     validate(cfg)
 
 
-def test_fp8_with_a_parallel_layout_is_refused(monkeypatch):
+def test_fp8_validates_with_fsdp_and_tp_and_is_refused_with_pp(monkeypatch):
     monkeypatch.setattr(float8, "float8_support_error", lambda device: None)  # pretend an H100
-    validate(_cfg("rowwise"), world_size=1)
-    with pytest.raises(ConfigError, match=r"train\.fp8=rowwise runs on one process only.*2 ranks"):
-        validate(_cfg("rowwise"), world_size=2)
+    cfg = _cfg("rowwise")
+    cfg.model.preset, cfg.data.vocab_size = "debug", 256
+    validate(cfg, world_size=2)  # zero3 over 2 ranks
+    cfg.parallel.tp = 2
+    validate(cfg, world_size=2)
+    cfg.parallel.tp, cfg.parallel.pp = 1, 2
+    with pytest.raises(ConfigError, match=r"train\.fp8=rowwise does not run with pipeline parallelism"):
+        validate(cfg, world_size=2)
 
 
 def test_fp8_needs_micro_batch_tokens_divisible_by_16(monkeypatch):

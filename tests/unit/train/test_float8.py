@@ -71,10 +71,13 @@ def test_missing_torchao_names_the_extra(monkeypatch):
         validate(_cfg("tensorwise"))
 
 
-def test_finetune_refuses_fp8():
+def test_finetune_fp8_needs_full_weights_and_an_fp8_device():
     cfg = FinetuneConfig()
-    cfg.model.path, cfg.data.path, cfg.train.fp8 = "base", "chat.jsonl", "tensorwise"
-    with pytest.raises(ConfigError, match=r"train\.fp8='tensorwise' is not supported for finetune yet"):
+    cfg.model.path, cfg.data.path, cfg.train.fp8, cfg.train.device = "base", "chat.jsonl", "tensorwise", "cpu"
+    with pytest.raises(ConfigError, match=r"train\.fp8=tensorwise needs a CUDA GPU"):
+        validate_finetune(cfg)  # on this CPU machine
+    cfg.finetune.method = "lora"
+    with pytest.raises(ConfigError, match="train.fp8"):
         validate_finetune(cfg)
 
 

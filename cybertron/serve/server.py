@@ -155,7 +155,7 @@ def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int]:
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = state.tokenizer.encode(render_chat(state.tokenizer, messages))
+    prompt = state.tokenizer.encode_batch([render_chat(state.tokenizer, messages)])[0]  # releases the GIL
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     jobs = [Job(j, prompt, body.sampling_params(_max_tokens(max_tokens, prompt, state.context),
                                                 body.logprobs, body.top_logprobs or 0, j))
@@ -186,8 +186,10 @@ def completion_prompts(tokenizer: TextTokenizer, prompt: str | list, n: int = 1)
     if len(prompt) * n > MAX_CHOICES:
         raise APIError(400, f"{len(prompt)} prompts x n={n} asks for {len(prompt) * n} choices; at most "
                        f"{MAX_CHOICES} per request", param="n" if n > 1 else "prompt")
-    # Encoded as the model's tokenizer would for a plain text (its own bos, if it adds one).
-    return [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompt]
+    # Encoded as the model's tokenizer would for a plain text (its own bos, if it adds one); encode_batch
+    # releases the GIL, so the event loop runs while a long text is encoded.
+    texts = iter(tokenizer.encode_batch([p for p in prompt if isinstance(p, str)], add_special_tokens=True))
+    return [next(texts) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def _max_tokens(asked: int | None, prompt: Sequence[int], context: int) -> int:

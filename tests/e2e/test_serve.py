@@ -261,3 +261,38 @@ def test_short_concurrent_load_has_no_errors_and_leaks_no_blocks(server):
     assert m["cybertron_kv_blocks_used"] == 0
     assert m["cybertron_kv_blocks_free"] == m["cybertron_kv_blocks_total"] == 512
     assert m["cybertron_generated_tokens_total"] > stats["chunks"] / 2
+
+
+def big_prompt(chars):
+    """Text that costs the tiny test tokenizer about 5 us per character to encode (seconds for a few
+    hundred kB), made of words it has never seen."""
+    rng = random.Random(0)
+    words = ["alpha", "zebra", "quartz", "x1y2", "jumbo", "vivid"]
+    text = " ".join(rng.choice(words) + str(rng.randint(0, 99)) for _ in range(chars // 7))
+    return text[:chars]
+
+
+def health_latencies_during(url, body, endpoint="completions"):
+    """(the big request's status, /health round trips in seconds while it was in flight)."""
+    async def run():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
+            big = asyncio.ensure_future(http.post(f"/v1/{endpoint}", json=body))
+            latencies = []
+            await asyncio.sleep(0.2)  # the body is sent and being tokenized
+            while not big.done():
+                start = time.perf_counter()
+                assert (await http.get("/health")).status_code == 200
+                latencies.append(time.perf_counter() - start)
+                await asyncio.sleep(0.05)
+            return (await big).status_code, latencies
+
+    return asyncio.run(run())
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(server):
+    status, latencies = health_latencies_during(server, {"prompt": big_prompt(400_000), "max_tokens": 4})
+    print(f"/health during a 400 kB prompt: {len(latencies)} probes, max {max(latencies, default=0):.3f} s")
+    assert status == 400  # far beyond the context, found once tokenized
+    assert len(latencies) >= 3, "the big request finished too fast to probe /health while it ran"
+    assert max(latencies) < 1.0

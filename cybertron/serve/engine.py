@@ -133,11 +133,11 @@ class Engine:
         n, context = len(prompt_ids), self.config.max_seq_len
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
-        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
-            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
-        if n >= context:
+        if n >= context:  # before the scan of every id below: a prompt of a million ids is refused at once
             raise InvalidParameter("prompt", f"the prompt has {n} tokens but the model's context is "
                                    f"{context}; shorten it", code="context_length_exceeded")
+        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
+            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
         if n + params.max_tokens > context:
             raise InvalidParameter("max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
                                    f"exceeds the model's context of {context}; ask for at most "

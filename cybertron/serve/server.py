@@ -139,7 +139,7 @@ def completion_jobs(state: ServerState, body: CompletionRequest) -> tuple[list[J
     state.check_model(body.model)
     if body.echo or body.suffix:
         raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
-    prompts = completion_prompts(state.tokenizer, body.prompt, body.n)
+    prompts = completion_prompts(state.tokenizer, body.prompt, state.context, body.n)
     k = body.logprobs
     jobs = [Job(i * body.n + j, prompt, body.sampling_params(
                 _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j))
@@ -155,7 +155,7 @@ def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int]:
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = state.tokenizer.encode_batch([render_chat(state.tokenizer, messages)])[0]  # releases the GIL
+    prompt = encode_prompt(state.tokenizer, render_chat(state.tokenizer, messages), state.context, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     jobs = [Job(j, prompt, body.sampling_params(_max_tokens(max_tokens, prompt, state.context),
                                                 body.logprobs, body.top_logprobs or 0, j))
@@ -175,7 +175,8 @@ def check_jobs(state: ServerState, jobs: list[Job], prompt_param: str) -> None:
             raise
 
 
-def completion_prompts(tokenizer: TextTokenizer, prompt: str | list, n: int = 1) -> list[list[int]]:
+def completion_prompts(tokenizer: TextTokenizer, prompt: str | list, context: int,
+                       n: int = 1) -> list[list[int]]:
     """/v1/completions accepts a string, a list of strings, a list of token ids, or a list of those."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -186,10 +187,29 @@ def completion_prompts(tokenizer: TextTokenizer, prompt: str | list, n: int = 1)
     if len(prompt) * n > MAX_CHOICES:
         raise APIError(400, f"{len(prompt)} prompts x n={n} asks for {len(prompt) * n} choices; at most "
                        f"{MAX_CHOICES} per request", param="n" if n > 1 else "prompt")
-    # Encoded as the model's tokenizer would for a plain text (its own bos, if it adds one); encode_batch
-    # releases the GIL, so the event loop runs while a long text is encoded.
-    texts = iter(tokenizer.encode_batch([p for p in prompt if isinstance(p, str)], add_special_tokens=True))
-    return [next(texts) if isinstance(p, str) else list(p) for p in prompt]
+    # Encoded as the model's tokenizer would for a plain text (its own bos, if it adds one).
+    return [encode_prompt(tokenizer, p, context, "prompt", add_special_tokens=True) if isinstance(p, str)
+            else list(p) for p in prompt]
+
+
+def encode_prompt(tokenizer: TextTokenizer, text: str, context: int, param: str,
+                  add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `text`, in a way that bounds the work a text far beyond the context costs.
+
+    Encoding takes seconds and hundreds of MB per MB of text, all wasted on a prompt that cannot fit. So a
+    long text is first probed by prefixes (4x longer each time, so a text that fits costs at most a third
+    more): one whose prefix already has more than twice the context in tokens is refused. The margin of 2
+    covers any difference between a prefix's tokens and the start of the whole text's, which comes only
+    from tokens across the cut. encode_batch releases the GIL, so the event loop runs meanwhile."""
+    size = 4 * context  # characters: a first guess at what a context's worth of tokens takes
+    while size < len(text):
+        probe = len(tokenizer.encode_batch([text[:size]], add_special_tokens)[0])
+        if probe > 2 * context:
+            raise InvalidParameter(param, f"the prompt's first {size} characters alone are {probe} tokens, "
+                                   f"but the model's context is {context}; shorten it",
+                                   code="context_length_exceeded")
+        size *= 4
+    return tokenizer.encode_batch([text], add_special_tokens)[0]
 
 
 def _max_tokens(asked: int | None, prompt: Sequence[int], context: int) -> int:

@@ -91,7 +91,8 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
     install_error_handlers(app, state.counters)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # outermost: before anything reads
+    # Outermost: before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, counters=state.counters)
     add_status_routes(app, state)
     add_generation_routes(app, state)
     return app
@@ -353,9 +354,10 @@ class BodyLimitMiddleware:
     read, and a body sent without one (chunked) is cut off as soon as it passes the limit, so at most the
     limit is ever held in memory."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, counters: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.counters = counters if counters is not None else {"http_errors": 0}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -365,6 +367,7 @@ class BodyLimitMiddleware:
         if declared.isdigit() and int(declared) > self.max_bytes:
             err = BodyTooLarge(self.max_bytes)
             body = error_body(err.detail, param=None, code="request_too_large")
+            self.counters["http_errors"] += 1
             await JSONResponse(body, status_code=413)(scope, receive, send)
             return
         seen = 0

@@ -307,8 +307,7 @@ def test_short_concurrent_load_has_no_errors_and_leaks_no_blocks(server):
 
 
 def big_prompt(chars):
-    """Text that costs the tiny test tokenizer about 5 us per character to encode (over 30 s for 7 MB),
-    made of words it has never seen."""
+    """Text that is slow for the tiny test tokenizer to encode: words it has never seen."""
     rng = random.Random(0)
     words = ["alpha", "zebra", "quartz", "x1y2", "jumbo", "vivid"]
     text = " ".join(rng.choice(words) + str(rng.randint(0, 99)) for _ in range(chars // 7))

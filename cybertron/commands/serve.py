@@ -17,7 +17,7 @@ from cybertron.errors import UserError
 from cybertron.runs import load_for_inference
 from cybertron.serve.engine import Engine
 from cybertron.serve.options import MODEL_SHORTCUTS, OUT_IS_NOT_AN_INPUT, ModelSourceSection, validate_source
-from cybertron.serve.server import create_app
+from cybertron.serve.server import MAX_BODY_BYTES, create_app
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ServerSection:
     num_blocks: int = opt(0, "KV cache blocks; 0 = from free memory")
     block_size: int = opt(16, "tokens per KV cache block")
     model_name: str = opt("", "the name clients use; empty = the directory's")
+    max_body_bytes: int = opt(MAX_BODY_BYTES, "largest request body accepted; a larger one gets 413")
 
 
 @dataclass
@@ -39,13 +40,15 @@ class ServeConfig:
 
 SHORTCUTS = {**MODEL_SHORTCUTS, "--host": "server.host", "--port": "server.port", "--api-key": "server.api_key",
              "--max-batch-size": "server.max_batch_size", "--num-blocks": "server.num_blocks",
-             "--block-size": "server.block_size", "--model-name": "server.model_name"}
+             "--block-size": "server.block_size", "--model-name": "server.model_name",
+             "--max-body-bytes": "server.max_body_bytes"}
 
 
 def validate_server(s: ServerSection) -> None:
     raise_first_failure([
         (s.max_batch_size >= 1, f"server.max_batch_size must be >= 1, got {s.max_batch_size}"),
         (s.block_size >= 1, f"server.block_size must be >= 1, got {s.block_size}"),
+        (s.max_body_bytes >= 1, f"server.max_body_bytes must be >= 1, got {s.max_body_bytes}"),
         (s.num_blocks >= 0, f"server.num_blocks must be >= 1 (or 0 = from memory), got {s.num_blocks}"),
     ])
 
@@ -78,7 +81,7 @@ def main(argv: list[str]) -> int:
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
                     block_size=s.block_size)
     name = s.model_name or name
-    app = create_app(engine, tokenizer, name, api_key=s.api_key or None)
+    app = create_app(engine, tokenizer, name, api_key=s.api_key or None, max_body_bytes=s.max_body_bytes)
     print(f"serving {name} on http://{s.host}:{s.port} ({device}, "
           f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")

@@ -72,11 +72,12 @@ class TextTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once: the Rust encoder spreads them over all cores."""
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Encode many texts at once: the Rust encoder spreads them over all cores, and unlike `encode` it
+        releases the GIL meanwhile (so a server thread encoding a huge prompt does not stall the others)."""
         # encode_batch_fast skips computing offsets (tokenizers >= 0.20); same ids, less work.
         encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         # numpy arrays and tensors hold numpy/torch scalars, which the Rust side does not accept as ints.

@@ -22,7 +22,12 @@ IDLE_WAIT_S = 1.0  # how long the idle loop sleeps before re-checking that it sh
 
 
 class EngineFailure(RuntimeError):
-    """The step loop raised while this request was in flight; the engine was reset and keeps serving."""
+    """This request failed in the engine (the step loop raised while it was in flight, or the model gave it
+    non-finite logits); the engine keeps serving the others. `code` is for the HTTP error body."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(eq=False)
@@ -79,6 +84,9 @@ class AsyncEngine:
                 output = await handle.outputs.get()
                 if isinstance(output, BaseException):
                     raise output
+                if output.error is not None:
+                    handle.done = True  # the engine already ended it
+                    raise EngineFailure(output.error, code="non_finite_logits")
                 yield output
                 if output.finished:
                     handle.done = True

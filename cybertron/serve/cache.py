@@ -104,6 +104,12 @@ class PagedKVCache:
         blocks = self.allocator.allocate(extra) if extra else []
         self.tables.setdefault(seq_id, []).extend(blocks)
 
+    def clear(self, seq_id: int) -> None:
+        """Zero a sequence's blocks and the scratch block (after it produced NaN: see the pools' comment)."""
+        blocks = torch.tensor([SCRATCH_BLOCK, *self.tables.get(seq_id, ())], device=self.device)
+        self.k[:, blocks] = 0
+        self.v[:, blocks] = 0
+
     def release(self, seq_id: int) -> None:
         """Return a sequence's blocks to the pool (finished, cancelled or preempted); no-op if it has none."""
         self.allocator.free(self.tables.pop(seq_id, []))

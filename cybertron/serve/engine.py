@@ -22,11 +22,19 @@ from dataclasses import dataclass, field
 import torch
 
 from cybertron.data.tokenizer import TextTokenizer
+from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.decode_graphs import DecodeGraphs
 from cybertron.serve.detokenize import OutputText
-from cybertron.serve.sampling import InvalidParameter, SamplingBatch, SamplingParams, make_generator, sample
+from cybertron.serve.sampling import (
+    NON_FINITE_LOGITS,
+    InvalidParameter,
+    SamplingBatch,
+    SamplingParams,
+    make_generator,
+    sample,
+)
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
@@ -42,7 +50,12 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]]
     text: str  # new text that is safe to show (stop strings already cut)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # why the request failed (finish_reason "error"); the others are unaffected
+
+
+class GenerationError(UserError):
+    """A request could not be generated (the model produced non-finite logits for it)."""
 
 
 @dataclass
@@ -120,11 +133,11 @@ class Engine:
         n, context = len(prompt_ids), self.config.max_seq_len
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
-        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
-            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
-        if n >= context:
+        if n >= context:  # before the scan of every id below: a prompt of a million ids is refused at once
             raise InvalidParameter("prompt", f"the prompt has {n} tokens but the model's context is "
                                    f"{context}; shorten it", code="context_length_exceeded")
+        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
+            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
         if n + params.max_tokens > context:
             raise InvalidParameter("max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
                                    f"exceeds the model's context of {context}; ask for at most "
@@ -256,7 +269,8 @@ class Engine:
         sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device)
         logits = self._prefill_logits(requests) if prefill else self._decode_logits(requests)
         drawn = sample(logits, sampling)
-        return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i]))
+        return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])
+                 if drawn.finite[i] else self._fail(r, NON_FINITE_LOGITS))
                 for i, r in enumerate(requests)]
 
     def _prefill_logits(self, requests: list[_Request]) -> torch.Tensor:
@@ -308,6 +322,13 @@ class Engine:
         return RequestOutput(request.id, [token], [logprob], [top] if params.top_logprobs else [], text,
                              reason is not None, reason)
 
+    def _fail(self, request: _Request, message: str) -> RequestOutput:
+        """End one request with an error. Its KV blocks may hold NaN, and a masked-out NaN key still turns
+        attention into NaN (0 * NaN), so they are zeroed before another request can reuse them."""
+        self.cache.clear(request.id)
+        self._finish(request, "error")
+        return RequestOutput(request.id, [], [], [], "", True, "error", error=message)
+
     def _finish(self, request: _Request, reason: str) -> None:
         request.finish_reason = reason
         self.cache.release(request.id)
@@ -329,6 +350,9 @@ class Engine:
         try:
             while not finished:
                 self.step()
+                for output in mine:
+                    if output.error is not None:
+                        raise GenerationError(output.error)
                 yield from mine
                 finished = any(o.finished for o in mine)
                 mine.clear()
@@ -349,6 +373,9 @@ class Engine:
             self.add_request(prompt, p, on_output=sink.append)
         while not all(sink and sink[-1].finished for sink in collected):
             self.step()
+        failed = [(i, sink[-1].error) for i, sink in enumerate(collected) if sink[-1].error is not None]
+        if failed:
+            raise GenerationError(f"prompt {failed[0][0]}: {failed[0][1]}")
         return [_result(prompt, sink) for prompt, sink in zip(prompts, collected)]
 
 

@@ -41,11 +41,12 @@ def install_error_handlers(app: FastAPI, counters: dict[str, int]) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return answer(err.status_code, error_body(str(err.detail), kind))
+        code = "request_too_large" if err.status_code == 413 else None
+        return answer(err.status_code, error_body(str(err.detail), kind, code=code))
 
     @app.exception_handler(EngineFailure)
     async def engine_failure(request: Request, err: EngineFailure) -> JSONResponse:
-        return answer(500, error_body(str(err), "server_error"))
+        return answer(500, error_body(str(err), "server_error", code=err.code))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:

@@ -1,7 +1,10 @@
 """OpenAI API shapes: request bodies (validated by pydantic), error bodies, and response/chunk builders.
 
-Unknown request fields are ignored (clients send many optional ones); fields we cannot honour with a
-non-default value (penalties, echo, suffix) are rejected rather than silently ignored.
+A field this server does not implement (tools, response_format, logit_bias, penalties...) is refused with
+a 400 naming it, never silently dropped, unless it holds its neutral value (null, false, 0, [], {}, or
+e.g. tool_choice "none"), which asks for nothing; clients and SDKs send those routinely. `user` is mere
+metadata and is accepted. Text must be valid Unicode: JSON lets a lone surrogate ("\\ud800") through,
+and it is refused here rather than failing in the tokenizer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,48 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 128  # choices per request (prompts x n): each is a request in the engine
+# Fields we do not implement, with the values that ask for nothing beyond NEUTRAL (null, false, 0, [], {}).
+NEUTRAL = (None, False, 0, [], {})
+ALSO_NEUTRAL: dict[str, tuple] = {
+    "tool_choice": ("none", "auto"),  # "auto" without tools calls none
+    "parallel_tool_calls": (True,),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "best_of": (1,),
+    "service_tier": ("auto", "default"),
+    "repetition_penalty": (1, 1.0),
+}
+
+
+def reject_unsupported(extra: dict[str, Any] | None, where: str = "") -> None:
+    """InvalidParameter naming the first field we do not implement that asks for something."""
+    for name, value in (extra or {}).items():
+        if value not in (*NEUTRAL, *ALSO_NEUTRAL.get(name, ())):
+            raise InvalidParameter(where + name, f"{where + name} is not supported by this server; leave it "
+                                   "out", code="unsupported_parameter")
+
+
+def check_text(value: Any, param: str) -> None:
+    """InvalidParameter if a string in `value` (a string, or lists/dicts of them) is not valid Unicode."""
+    if isinstance(value, str):
+        if value.isascii():
+            return
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidParameter(param, f"{param} is not valid Unicode text: a lone surrogate "
+                                   f"({value[err.start]!r}) at character {err.start}") from None
+    elif isinstance(value, list):
+        for item in value:
+            if not isinstance(item, int):  # token ids: nothing to check, and there can be a million
+                check_text(item, param)
+    elif isinstance(value, dict):
+        for item in value.values():
+            check_text(item, param)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -41,27 +86,31 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to be refused by name in check(), not dropped
 
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # not in OpenAI's API; vLLM's extension (0 or -1 = off)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # OpenAI and vLLM take an int64 seed; choice i of a request samples with seed + i.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     ignore_eos: bool = False
-    user: str | None = None
+    user: str | None = None  # metadata about the caller: accepted, unused
+
+    def check(self) -> None:
+        """InvalidParameter for a field we do not implement or text that is not valid Unicode."""
+        reject_unsupported(self.model_extra)
+        for name in type(self).model_fields:
+            check_text(getattr(self, name), name)
 
     def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int,
                         choice: int) -> SamplingParams:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidParameter(name, f"{name} is not supported; leave it at 0")
+        if self.top_k is not None and self.top_k < -1:
+            raise InvalidParameter("top_k", f"top_k must be -1 or 0 (off) or at least 1, got {self.top_k}")
         # JSON has already decoded escapes ("\\n" arrives as a newline): decode_escapes is for command lines
         # only, and here it would turn a literal backslash the client sent into something else.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -88,7 +137,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -108,6 +157,12 @@ class ChatRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def check(self) -> None:
+        super().check()
+        for i, message in enumerate(self.messages):
+            reject_unsupported(message.model_extra, f"messages.{i}.")
+            check_text(message.content, f"messages.{i}.content")
 
 
 # ---- responses ------------------------------------------------------------------------------------------

@@ -20,6 +20,13 @@ import torch
 from cybertron.errors import UserError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit: more would make every streamed chunk large
+# Stop strings are searched in every request's text after every token (detokenize.py), at a cost that grows
+# with their number and length: without a cap one request can slow everyone's step down. OpenAI allows 4.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512  # their total length
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (a negative seed wraps around)
+NON_FINITE_LOGITS = ("the model produced non-finite logits (NaN or inf) for this request, so no token can be "
+                     "sampled; the checkpoint's weights are broken or the computation overflowed")
 
 
 class InvalidParameter(UserError):
@@ -66,6 +73,12 @@ class SamplingParams:
                                                    f"got {self.top_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidParameter("stop", "stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or sum(map(len, self.stop)) > MAX_STOP_CHARS:
+            raise InvalidParameter("stop", f"at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} "
+                                           f"characters in all, got {len(self.stop)} of "
+                                           f"{sum(map(len, self.stop))}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise InvalidParameter("seed", f"seed must be in [-2**63, 2**64), got {self.seed}")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -109,27 +122,33 @@ class SampleOutput:
     tokens: list[int]
     logprobs: list[float]  # of the chosen tokens, under the model's distribution
     top_logprobs: list[list[tuple[int, float]]]  # per row, best first; empty where not asked for
+    finite: list[bool]  # False: the row's logits had no distribution (its token is meaningless)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     """One token per row of `logits` (B, vocab), each row with its own parameters and random stream.
     Everything stays on the device until one transfer of all results at the end (one sync per step)."""
     logits = logits.float()
+    # A row with a NaN or +inf logit, or no finite one, is no distribution (NaN weights, an overflow). It is
+    # flagged and sampled as if uniform, so the other rows of the batch go on; the engine fails its request.
+    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+    logits = logits.masked_fill(broken[:, None], 0.0)
     model_logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     if batch.rows is not None:
         tokens = tokens.index_copy(0, batch.rows, _sample_rows(logits[batch.rows], batch))
     chosen = model_logprobs.gather(1, tokens[:, None])
     k = max(p.top_logprobs for p in batch.params)
-    columns = [tokens[:, None].double(), chosen.double()]
+    columns = [tokens[:, None].double(), chosen.double(), broken[:, None].double()]
     if k:
         top = torch.topk(model_logprobs, k, dim=-1)
         columns += [top.indices.double(), top.values.double()]
     # Token ids are exact in float64, so ids and log-probs travel in one tensor: one transfer, one sync.
     rows = torch.cat(columns, dim=1).tolist()
-    top_lists = [list(zip(map(int, row[2:2 + p.top_logprobs]), row[2 + k:2 + k + p.top_logprobs]))
+    top_lists = [list(zip(map(int, row[3:3 + p.top_logprobs]), row[3 + k:3 + k + p.top_logprobs]))
                  for row, p in zip(rows, batch.params)]
-    return SampleOutput([int(row[0]) for row in rows], [row[1] for row in rows], top_lists)
+    return SampleOutput([int(row[0]) for row in rows], [row[1] for row in rows], top_lists,
+                        [row[2] == 0.0 for row in rows])
 
 
 def _sample_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Endpoints: /v1/completions and /v1/chat/completions (streaming as server-sent events, or not), /v1/models,
 /health, and Prometheus text at /metrics. Every error is an OpenAI-style body with a 4xx/5xx status and
-the server keeps serving. The engine steps in its own thread (AsyncEngine), so the event loop only parses,
-formats and streams; a client that disconnects has its request cancelled and its KV blocks freed.
+the server keeps serving. The engine steps in its own thread (AsyncEngine), and requests are checked and
+tokenized in worker threads, so the event loop only parses, formats and streams (a huge prompt does not
+stall /health or other streams); a client that disconnects has its request cancelled and its KV blocks freed.
+A request body over `max_body_bytes` is refused with 413 before it is read.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.serve.async_engine import AsyncEngine, EngineFailure
@@ -25,6 +29,7 @@ from cybertron.serve.engine import Engine, RequestOutput
 from cybertron.serve.errors import install_error_handlers
 from cybertron.serve.metrics import render_metrics
 from cybertron.serve.protocol import (
+    MAX_CHOICES,
     APIError,
     ChatFormat,
     ChatRequest,
@@ -36,6 +41,11 @@ from cybertron.serve.protocol import (
     usage,
 )
 from cybertron.serve.sampling import InvalidParameter, SamplingParams
+
+# The largest request body accepted by default. A 128k-token prompt is about 1 MB as JSON token ids and
+# less as text, so anything a model can take fits, several prompts of a batch included; while a hostile
+# body costs at most this much memory (and the seconds of parsing it) before it is refused.
+MAX_BODY_BYTES = 8 << 20
 
 
 @dataclass
@@ -65,7 +75,7 @@ class ServerState:
 
 
 def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_name: str,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app. The engine's step loop starts with the app and stops with it."""
     runner = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     state = ServerState(runner, tokenizer, model_name)
@@ -81,6 +91,8 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
     install_error_handlers(app, state.counters)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # Outermost: before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, counters=state.counters)
     add_status_routes(app, state)
     add_generation_routes(app, state)
     return app
@@ -105,39 +117,67 @@ def add_status_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
-    tokenizer = state.tokenizer
-
+    # Checking and tokenizing a prompt can take seconds of CPU (the body may hold megabytes of text): it
+    # runs in a worker thread, while the event loop keeps answering /health and streaming other requests.
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state.counters["http_requests"] += 1
-        state.check_model(body.model)
-        if body.echo or body.suffix:
-            raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
-        prompts = completion_prompts(tokenizer, body.prompt)
-        k = body.logprobs
-        jobs = [Job(i * body.n + j, prompt, body.sampling_params(
-                    _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j))
-                for i, prompt in enumerate(prompts) for j in range(body.n)]
-        fmt = CompletionFormat(tokenizer, logprobs=k is not None)
-        return await respond(state, request, jobs, fmt, body, sum(len(p) for p in prompts))
+        jobs, prompt_tokens = await anyio.to_thread.run_sync(completion_jobs, state, body)
+        fmt = CompletionFormat(state.tokenizer, logprobs=body.logprobs is not None)
+        return await respond(state, request, jobs, fmt, body, prompt_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         state.counters["http_requests"] += 1
-        state.check_model(body.model)
-        if body.top_logprobs and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = tokenizer.encode(render_chat(tokenizer, messages))
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        jobs = [Job(j, prompt, body.sampling_params(_max_tokens(max_tokens, prompt, state.context),
-                                                    body.logprobs, body.top_logprobs or 0, j))
-                for j in range(body.n)]
-        fmt = ChatFormat(tokenizer, logprobs=body.logprobs)
-        return await respond(state, request, jobs, fmt, body, len(prompt), prompt_param="messages")
+        jobs, prompt_tokens = await anyio.to_thread.run_sync(chat_jobs, state, body)
+        fmt = ChatFormat(state.tokenizer, logprobs=body.logprobs)
+        return await respond(state, request, jobs, fmt, body, prompt_tokens)
 
 
-def completion_prompts(tokenizer: TextTokenizer, prompt: str | list) -> list[list[int]]:
+def completion_jobs(state: ServerState, body: CompletionRequest) -> tuple[list[Job], int]:
+    """The checked choices of a /v1/completions request, and its prompt tokens (run in a worker thread)."""
+    body.check()
+    state.check_model(body.model)
+    if body.echo or body.suffix:
+        raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+    prompts = completion_prompts(state.tokenizer, body.prompt, state.context, body.n)
+    k = body.logprobs
+    jobs = [Job(i * body.n + j, prompt, body.sampling_params(
+                _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j))
+            for i, prompt in enumerate(prompts) for j in range(body.n)]
+    check_jobs(state, jobs, "prompt")
+    return jobs, sum(len(p) for p in prompts)
+
+
+def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int]:
+    """The checked choices of a /v1/chat/completions request, and its prompt tokens (in a worker thread)."""
+    body.check()
+    state.check_model(body.model)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = encode_prompt(state.tokenizer, render_chat(state.tokenizer, messages), state.context, "messages")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    jobs = [Job(j, prompt, body.sampling_params(_max_tokens(max_tokens, prompt, state.context),
+                                                body.logprobs, body.top_logprobs or 0, j))
+            for j in range(body.n)]
+    check_jobs(state, jobs, "messages")
+    return jobs, len(prompt)
+
+
+def check_jobs(state: ServerState, jobs: list[Job], prompt_param: str) -> None:
+    """Validate every choice, so that errors get a proper status before any stream starts."""
+    for job in jobs:
+        try:
+            state.runner.check_request(job.prompt, job.params)
+        except InvalidParameter as err:
+            if err.param == "prompt":  # name the field the client sent (chat has messages, not a prompt)
+                err.param = prompt_param
+            raise
+
+
+def completion_prompts(tokenizer: TextTokenizer, prompt: str | list, context: int,
+                       n: int = 1) -> list[list[int]]:
     """/v1/completions accepts a string, a list of strings, a list of token ids, or a list of those."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -145,8 +185,32 @@ def completion_prompts(tokenizer: TextTokenizer, prompt: str | list) -> list[lis
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "the prompt is empty; give at least one token", param="prompt")
+    if len(prompt) * n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompt)} prompts x n={n} asks for {len(prompt) * n} choices; at most "
+                       f"{MAX_CHOICES} per request", param="n" if n > 1 else "prompt")
     # Encoded as the model's tokenizer would for a plain text (its own bos, if it adds one).
-    return [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompt]
+    return [encode_prompt(tokenizer, p, context, "prompt", add_special_tokens=True) if isinstance(p, str)
+            else list(p) for p in prompt]
+
+
+def encode_prompt(tokenizer: TextTokenizer, text: str, context: int, param: str,
+                  add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `text`, in a way that bounds the work a text far beyond the context costs.
+
+    Encoding takes seconds and hundreds of MB per MB of text, all wasted on a prompt that cannot fit. So a
+    long text is first probed by prefixes (4x longer each time, so a text that fits costs at most a third
+    more): one whose prefix already has more than twice the context in tokens is refused. The margin of 2
+    covers any difference between a prefix's tokens and the start of the whole text's, which comes only
+    from tokens across the cut. encode_batch releases the GIL, so the event loop runs meanwhile."""
+    size = 4 * context  # characters: a first guess at what a context's worth of tokens takes
+    while size < len(text):
+        probe = len(tokenizer.encode_batch([text[:size]], add_special_tokens)[0])
+        if probe > 2 * context:
+            raise InvalidParameter(param, f"the prompt's first {size} characters alone are {probe} tokens, "
+                                   f"but the model's context is {context}; shorten it",
+                                   code="context_length_exceeded")
+        size *= 4
+    return tokenizer.encode_batch([text], add_special_tokens)[0]
 
 
 def _max_tokens(asked: int | None, prompt: Sequence[int], context: int) -> int:
@@ -155,17 +219,8 @@ def _max_tokens(asked: int | None, prompt: Sequence[int], context: int) -> int:
 
 
 async def respond(state: ServerState, request: Request, jobs: list[Job], fmt: CompletionFormat,
-                  body: CompletionRequest | ChatRequest, prompt_tokens: int,
-                  prompt_param: str = "prompt") -> Response:
-    """Validate every choice (so errors get a proper status before any stream starts), then stream or
-    collect them."""
-    for job in jobs:
-        try:
-            state.runner.check_request(job.prompt, job.params)
-        except InvalidParameter as err:
-            if err.param == "prompt":  # name the field the client sent (chat has messages, not a prompt)
-                err.param = prompt_param
-            raise
+                  body: CompletionRequest | ChatRequest, prompt_tokens: int) -> Response:
+    """Stream the choices, or collect them into one response."""
     response_id = new_id(fmt.id_prefix)
     if body.stream:
         events = sse_events(state, jobs, fmt, response_id, prompt_tokens, body.include_usage)
@@ -263,7 +318,7 @@ async def sse_events(state: ServerState, jobs: list[Job], fmt: CompletionFormat,
             yield event([], usage=usage(prompt_tokens, completion_tokens))
     except EngineFailure as err:
         state.counters["http_errors"] += 1
-        yield f"data: {json.dumps(error_body(str(err), 'server_error'))}\n\n"
+        yield f"data: {json.dumps(error_body(str(err), 'server_error', code=err.code))}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -283,3 +338,47 @@ class APIKeyMiddleware:
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while reading a body that passed the limit (FastAPI lets an HTTPException from the body
+    reader through to the error handlers)."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"the request body is larger than this server's limit of {max_bytes} bytes "
+                              "(server.max_body_bytes)")
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over `max_bytes`: a declared Content-Length is checked before any byte is
+    read, and a body sent without one (chunked) is cut off as soon as it passes the limit, so at most the
+    limit is ever held in memory."""
+
+    def __init__(self, app, max_bytes: int, counters: dict[str, int] | None = None):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.counters = counters if counters is not None else {"http_errors": 0}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            err = BodyTooLarge(self.max_bytes)
+            body = error_body(err.detail, param=None, code="request_too_large")
+            self.counters["http_errors"] += 1
+            await JSONResponse(body, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def receive_within_limit():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, receive_within_limit, send)

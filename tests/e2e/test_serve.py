@@ -3,6 +3,7 @@ requests answered with OpenAI-style errors, client disconnects, a short concurre
 leaked at the end."""
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -60,6 +61,13 @@ def free_port():
 def server(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("serve") / "tiny-llama"
     make_model_dir(model_dir)
+    with running_server(model_dir) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_server(model_dir):
+    """`cybertron serve` over model_dir in a subprocess: yields (its url, the process)."""
     port = free_port()
     log = open(model_dir.parent / "server.log", "w+")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model is fastest on one thread of a shared box
@@ -73,7 +81,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, log)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -170,6 +178,41 @@ MALFORMED = [
      "context_length_exceeded"),
     ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 600},
      400, "max_tokens", "context_length_exceeded"),
+    # caps and ranges (top_k: -1 and 0 mean off, as in vLLM)
+    ("completions", {"prompt": "Hi", "top_k": -5}, 400, "top_k", None),
+    ("completions", {"prompt": "Hi", "seed": 2**64}, 400, "seed", None),
+    ("completions", {"prompt": "Hi", "seed": -(2**63) - 1}, 400, "seed", None),
+    ("completions", {"prompt": "Hi", "n": 17}, 400, "n", None),
+    ("completions", {"prompt": ["Hi"] * 20, "n": 8}, 400, "n", None),
+    ("completions", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs", None),
+    ("completions", {"prompt": "Hi", "stop": [f"s{i}" for i in range(17)]}, 400, "stop", None),
+    ("completions", {"prompt": "Hi", "stop": ["x" * 513]}, 400, "stop", None),
+    # lone surrogates, which JSON lets through
+    ("completions", {"prompt": "Hi \ud800 there"}, 400, "prompt", None),
+    ("completions", {"prompt": ["ok", "\udfff"]}, 400, "prompt", None),
+    ("completions", {"prompt": "Hi", "stop": ["\ud83d"]}, 400, "stop", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages.0.content", None),
+    ("chat/completions", {"messages": [{"role": "system", "content": "Hi"},
+                                       {"role": "user", "content": [{"type": "text", "text": "a\udc00"}]}]},
+     400, "messages.1.content", None),
+    # fields we do not implement are refused by name, not dropped
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools", "unsupported_parameter"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"},
+     400, "tool_choice", "unsupported_parameter"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                          "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    ("completions", {"prompt": "Hi", "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
+    ("completions", {"prompt": "Hi", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": -1},
+     400, "frequency_penalty", "unsupported_parameter"),
+    ("completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    ("completions", {"prompt": "Hi", "min_p": 0.1}, 400, "min_p", "unsupported_parameter"),
+    ("chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     400, "messages.0.tool_calls", "unsupported_parameter"),
 ]
 
 
@@ -261,3 +304,98 @@ def test_short_concurrent_load_has_no_errors_and_leaks_no_blocks(server):
     assert m["cybertron_kv_blocks_used"] == 0
     assert m["cybertron_kv_blocks_free"] == m["cybertron_kv_blocks_total"] == 512
     assert m["cybertron_generated_tokens_total"] > stats["chunks"] / 2
+
+
+def big_prompt(chars):
+    """Text that is slow for the tiny test tokenizer to encode: words it has never seen."""
+    rng = random.Random(0)
+    words = ["alpha", "zebra", "quartz", "x1y2", "jumbo", "vivid"]
+    text = " ".join(rng.choice(words) + str(rng.randint(0, 99)) for _ in range(chars // 7))
+    return text[:chars]
+
+
+def health_latencies_during(url, body, endpoint="completions"):
+    """(the big request's status, /health round trips in seconds while it was in flight)."""
+    async def run():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
+            big = asyncio.ensure_future(http.post(f"/v1/{endpoint}", json=body))
+            latencies = []
+            while not big.done():
+                start = time.perf_counter()
+                assert (await http.get("/health")).status_code == 200
+                latencies.append(time.perf_counter() - start)
+                await asyncio.sleep(0.02)
+            return (await big).status_code, latencies
+
+    return asyncio.run(run())
+
+
+def test_a_huge_prompt_is_refused_quickly_while_health_answers(server):
+    """7 MB of text (under the 8 MiB body limit): only a prefix is encoded before it is refused, in a worker
+    thread; /health keeps answering meanwhile."""
+    start = time.perf_counter()
+    status, latencies = health_latencies_during(server, {"prompt": big_prompt(7_000_000), "max_tokens": 4})
+    elapsed = time.perf_counter() - start
+    print(f"7 MB prompt refused in {elapsed:.2f} s; /health: {len(latencies)} probes, max {max(latencies):.3f} s")
+    assert status == 400 and elapsed < 10
+    assert latencies and max(latencies) < 1.0
+
+
+def test_unsupported_openai_fields_are_refused_by_name_and_neutral_ones_accepted(client):
+    messages = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    refused = [{"tools": [tool]}, {"tool_choice": "required"}, {"response_format": {"type": "json_object"}},
+               {"logit_bias": {"5": 10}}, {"presence_penalty": 0.5}]
+    for fields in refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=2, **fields)
+        assert err.value.param == next(iter(fields)) and err.value.code == "unsupported_parameter"
+    # What SDKs send by default or to mean "nothing": accepted. `user` is metadata: accepted, unused.
+    reply = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=2, presence_penalty=0, frequency_penalty=0.0,
+        logit_bias={}, user="alice", tool_choice="none", response_format={"type": "text"}, top_p=1.0)
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_a_body_over_the_limit_is_413(server):
+    """Refused from its Content-Length before it is read, and a chunked body (no length) cut off once it
+    passes the limit (8 MiB by default)."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    over = b'{"prompt": "' + b"a" * (8 << 20) + b'"}'
+    response = httpx.post(f"{server}/v1/completions", content=over, headers=headers, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunked():
+        yield over[:1 << 20]
+        for start in range(1 << 20, len(over), 1 << 20):
+            yield over[start:start + (1 << 20)]
+
+    response = httpx.post(f"{server}/v1/completions", content=chunked(), headers=headers, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_model_with_nan_weights_gets_errors_and_the_server_stays_up(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "nan-llama"
+    make_model_dir(model_dir)
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"][7] = float("nan")  # one value: every logit becomes NaN
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with running_server(model_dir) as (url, process):
+        nan_client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as err:
+                nan_client.completions.create(model="nan-llama", prompt="Hello", max_tokens=4)
+            assert err.value.code == "non_finite_logits" and "non-finite logits" in err.value.message
+            stream = nan_client.chat.completions.create(model="nan-llama", stream=True, max_tokens=4,
+                                                        messages=[{"role": "user", "content": "Hi"}])
+            with pytest.raises(openai.APIError, match="non-finite logits"):
+                list(stream)
+            assert httpx.get(f"{url}/health").status_code == 200
+        m = wait_idle(url)
+        assert process.poll() is None and m["cybertron_kv_blocks_used"] == 0

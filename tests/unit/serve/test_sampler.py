@@ -81,9 +81,16 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(debug_mode
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
-    ("max_tokens", 0), ("top_logprobs", 21), ("stop", ("",)),
+    ("max_tokens", 0), ("top_logprobs", 21), ("stop", ("",)), ("stop", tuple("abcdefghijklmnopq")),
+    ("stop", ("x" * 513,)), ("seed", 2**64), ("seed", -(2**63) - 1),
 ])
 def test_out_of_range_parameters_are_user_errors_naming_the_field(field, value):
     with pytest.raises(UserError) as err:
         SamplingParams(**{field: value}).validate()
     assert err.value.param == field
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), 0])
+def test_every_seed_in_range_is_accepted_by_the_generator(seed):
+    SamplingParams(seed=seed, stop=tuple("abcdefghijklmnop"), max_tokens=1).validate()  # 16 stops: the cap
+    assert make_generator(seed).initial_seed() == seed % 2**64

@@ -141,8 +141,10 @@ def nan_run(steps: int, rng: random.Random, root: Path, data: Path, cache: Path)
     calls = {"n": 0}
     original = LanguageModelStep.__call__
 
-    def poisoned_call(self, model, batch):  # counts forward passes: one micro-batch per step here
+    def poisoned_call(self, model, batch):  # counts training forwards: one micro-batch per step here
         loss, extra = original(self, model, batch)
+        if not model.training:  # evaluation
+            return loss, extra
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == poisoned else loss), extra
 

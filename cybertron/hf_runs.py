@@ -59,7 +59,7 @@ def _write_hf(run: LoadedRun, root: Path, out: Path, dtype: torch.dtype) -> None
     copy_tokenizer_files(root, out)  # first: save_hf_model extends the base's generation_config.json
     if run.meta.head == REWARD_HEAD:  # a reward model: a *ForSequenceClassification directory
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        save_reward_hf(run.model, out, pad, dtype)
+        save_reward_hf(run.model, out, pad, dtype, eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id)
     else:
         generation = out / "generation_config.json"
         save_hf_model(run.model.state_dict(), run.model.config, out, dtype=dtype,

@@ -87,9 +87,11 @@ class RewardModelScorer:
 
 
 def save_reward_hf(model: RewardModel, out_dir: Path, pad_token_id: int | None,
-                   dtype: torch.dtype | None = None) -> Path:
+                   dtype: torch.dtype | None = None, eos_token_id: int | None = None,
+                   bos_token_id: int | None = None) -> Path:
     """Write a reward model (adapters already merged) as a Hugging Face `*ForSequenceClassification`
-    directory with one label: our parameter names are already that class's."""
+    directory with one label: our parameter names are already that class's. The scorer reads the last
+    non-pad token, so pad_token_id is what it needs; bos/eos are kept for the tokenizer's users."""
     from cybertron.models.hf import config_to_hf, write_safetensors
 
     out = Path(out_dir)
@@ -100,6 +102,7 @@ def save_reward_hf(model: RewardModel, out_dir: Path, pad_token_id: int | None,
     hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
     hf.update({"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
                "problem_type": "regression", "pad_token_id": pad_token_id})
+    hf.update({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None})
     write_safetensors(tensors, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return out

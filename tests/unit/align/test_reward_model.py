@@ -91,6 +91,8 @@ def test_reward_run_exports_as_sequence_classification(hf_dir, tmp_path):
     assert cli_main(["export", "--run", str(run.run_dir), "--out", str(tmp_path / "hf_rm"), "--merge"]) == 0
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").float().eval()
     assert type(theirs).__name__ == "Qwen2ForSequenceClassification"
+    tokenizer = run.task.tokenizer  # the special ids travel along, as a causal-LM export's do
+    assert (theirs.config.eos_token_id, theirs.config.bos_token_id) == (tokenizer.eos_id, tokenizer.bos_id)
     ids, lengths = run.task.setup.train["chosen_ids"], run.task.setup.train["chosen_len"]
     pad = theirs.config.pad_token_id
     ids = ids.masked_fill(torch.arange(ids.shape[1])[None] >= lengths[:, None], pad)

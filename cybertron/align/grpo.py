@@ -169,6 +169,7 @@ class RolloutStats:
     truncated_fraction: float
     zero_advantage_groups: float  # share of groups whose completions all scored the same (no signal)
     seconds: float
+    idle_forwards: int = 0  # under ZeRO-3: model calls ranks made only to join the others' weight gathers
 
     def to_log(self) -> dict[str, float]:
         return {"reward": self.reward_mean, "reward_std": self.reward_std,
@@ -177,18 +178,20 @@ class RolloutStats:
                 "rollout_tokens_per_s": self.completion_tokens / max(self.seconds, 1e-9)}
 
 
-def rollout_sums(rewards: torch.Tensor, results: list[Result], group_size: int) -> torch.Tensor:
+def rollout_sums(rewards: torch.Tensor, results: list[Result], group_size: int,
+                 idle_forwards: int = 0) -> torch.Tensor:
     """Sums that add up over ranks: reward, reward^2, completions, completion tokens, truncated completions,
-    groups whose rewards are all equal, groups."""
+    groups whose rewards are all equal, groups, idle model calls (lockstep generation)."""
     groups = rewards.view(-1, group_size)
     flat = (groups.max(dim=1).values == groups.min(dim=1).values).float().sum()
     return torch.tensor([float(rewards.sum()), float((rewards.double() ** 2).sum()), len(results),
                          sum(len(r.token_ids) for r in results), sum(r.finish_reason == "length" for r in results),
-                         float(flat), groups.shape[0]], dtype=torch.float64)
+                         float(flat), groups.shape[0], idle_forwards], dtype=torch.float64)
 
 
 def rollout_stats(sums: torch.Tensor, seconds: float) -> RolloutStats:
-    total, squares, n, tokens, truncated, flat, groups = sums.tolist()
+    total, squares, n, tokens, truncated, flat, groups, idle = sums.tolist()
     mean = total / n
     var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0  # unbiased, as torch.std
-    return RolloutStats(mean, max(var, 0.0) ** 0.5, int(tokens), tokens / n, truncated / n, flat / groups, seconds)
+    return RolloutStats(mean, max(var, 0.0) ** 0.5, int(tokens), tokens / n, truncated / n, flat / groups, seconds,
+                        int(idle))

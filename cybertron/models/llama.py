@@ -151,8 +151,15 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """logits_at: (B,) one position per row whose logits alone are returned, (B, vocab) (a prompt's last
+        token at prefill: a long prompt's full logits over a large vocabulary would be mostly thrown away).
+        Taken here, inside forward, so the call goes through the module's hooks (FSDP gathers the embedding
+        and head in its pre-forward hook)."""
         h = self.hidden_states(tokens, positions, cache)
+        if logits_at is not None:
+            h = h.gather(1, logits_at[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         return self.lm_head(h) if self.lm_head is not None else h
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

@@ -111,13 +111,33 @@ def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
             and dims.dp_replicate == 1 and not cfg.cpu_offload)
 
 
+def shards_parameters(dims: ParallelDims, cfg: ParallelSection) -> bool:
+    """Whether a multi-process layout's data parallelism is FSDP2 (zero3, HSDP, zero2 in its composed form):
+    the weights are split over ranks and every forward gathers them, a collective all ranks must join."""
+    return (not paper_zero2(dims, cfg) and dims.data_parallel in ("zero2", "zero3")
+            and (dims.dp > 1 or cfg.cpu_offload))
+
+
+def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
+                 param_dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen module beside the trained one (GRPO's KL reference) sharded as the trained one is under
+    FSDP2 layouts, gathered block by block in each forward; whole otherwise (it has no gradients to reduce)."""
+    if mesh is None or not shards_parameters(dims, cfg):
+        return module
+    return apply_fsdp(module, _shard_mesh(dims, mesh), reshard_after_forward=True, cpu_offload=cfg.cpu_offload,
+                      param_dtype=param_dtype)
+
+
+def _shard_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
+    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+
+
 def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
                          param_dtype: torch.dtype | None, replicas_equal: bool = False) -> nn.Module:
     if paper_zero2(dims, cfg):
         return part  # replicated parameters; Zero2Gradients partitions the gradients
-    if dims.data_parallel in ("zero2", "zero3") and (dims.dp > 1 or cfg.cpu_offload):
-        shard_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        return apply_fsdp(part, shard_mesh, reshard_after_forward=dims.data_parallel == "zero3",
+    if shards_parameters(dims, cfg):
+        return apply_fsdp(part, _shard_mesh(dims, mesh), reshard_after_forward=dims.data_parallel == "zero3",
                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)
     if dims.data_parallel in ("ddp", "zero1") and dims.dp > 1:
         return apply_ddp(part, dp_mesh(mesh), init_sync=not replicas_equal)

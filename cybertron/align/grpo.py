@@ -7,7 +7,9 @@ minimises the clipped policy-gradient loss with a k3 KL penalty to the reference
 disabled under LoRA; a frozen copy only for full training with kl_coef > 0).
 
 Generator and trainer run the same code on the same weights, so the token log-probabilities the engine
-reports equal the trainer's (fp32); `check_logprobs` asserts it at every step.
+reports equal the trainer's (fp32); `check_logprobs` asserts it at every step. Under ZeRO-3 the engine runs
+the sharded policy itself: each block gathers its weights in its forward, and the ranks' engines call the
+model in lockstep (parallel/lockstep.py).
 """
 
 from __future__ import annotations

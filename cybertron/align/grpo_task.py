@@ -149,8 +149,7 @@ class GRPOTask(AlignTask):
         are over every rank's rollouts."""
         c, a = self.cfg, self.cfg.align
         start = time.perf_counter()
-        lockstep = self.engine.lockstep
-        idle_before = lockstep.idle_forwards if isinstance(lockstep, ShardedLockstep) else 0
+        idle_before = self._idle_forwards()
         self.model.eval()
         try:
             with self.trainer.autocast():
@@ -165,9 +164,13 @@ class GRPOTask(AlignTask):
         sequences = [records[i // group_size].ids + res.token_ids for i, res in enumerate(results)]
         rewards = torch.tensor(self.setup.reward(step, prompts, [r.text for r in results], fields, sequences),
                                dtype=torch.float32)
-        idle = (lockstep.idle_forwards if isinstance(lockstep, ShardedLockstep) else 0) - idle_before
+        idle = self._idle_forwards() - idle_before
         sums = self.world.sum_over_dp(rollout_sums(rewards, results, group_size, idle).to(self.device)).cpu()
         return results, rewards, rollout_stats(sums, seconds)
+
+    def _idle_forwards(self) -> int:
+        lockstep = self.engine.lockstep
+        return lockstep.idle_forwards if isinstance(lockstep, ShardedLockstep) else 0
 
     def make_rollout(self, step: int, records: list[PromptRecord], first_prompt: int = 0
                      ) -> tuple[Batch, RolloutStats]:

@@ -84,7 +84,8 @@ def grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenize
     # adapters' wrappers change between training and generation; eager decode keeps rollouts exact.
     engine = Engine(model, tokenizer, max_batch_size=min(rollouts, 256), block_size=KV_BLOCK_SIZE,
                     num_blocks=min(rollouts, 256) * blocks_per_sequence, device=world.device,
-                    decode_graphs=False, lockstep=lockstep)
+                    decode_graphs=False, lockstep=lockstep,
+                    kv_heads=model.config.n_kv_heads // world.dims.tp)
     model.train()
     reference = None
     if a.kl_coef > 0 and cfg.finetune.method == "full":

@@ -113,7 +113,8 @@ class Engine:
                  max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16,
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
-                 decode_graphs: bool | None = None, lockstep: Lockstep | None = None):
+                 decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
+                 kv_heads: int | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -121,7 +122,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_attention_keys = max_attention_keys
-        self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size)
+        # kv_heads: the KV heads this rank's attention holds (the model's, unless tensor parallelism splits them)
+        self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size,
+                                 kv_heads)
         self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
         if lockstep is not None and self.decode_graphs is not None:
             raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
@@ -392,12 +395,13 @@ def _result(prompt: Sequence[int], outputs: list[RequestOutput]) -> Result:
 
 
 def build_cache(model: Transformer, device: torch.device, block_size: int, num_blocks: int | None,
-                kv_memory_bytes: int | None, max_batch_size: int) -> PagedKVCache:
+                kv_memory_bytes: int | None, max_batch_size: int, kv_heads: int | None = None) -> PagedKVCache:
     """A pool in the model's dtype, sized by num_blocks, else by default_num_blocks."""
     cfg, dtype = model.config, next(model.parameters()).dtype
     if num_blocks is None:
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
-    return PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype, device)
+    return PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
+                        device)
 
 
 def build_decode_graphs(model: Transformer, cache: PagedKVCache, max_batch_size: int,

@@ -191,6 +191,16 @@ def rollout_sums(rewards: torch.Tensor, results: list[Result], group_size: int,
                          float(flat), groups.shape[0], idle_forwards], dtype=torch.float64)
 
 
+def rollout_checksum(results: list[Result]) -> int:
+    """A number that differs, almost surely, between two different lists of completions (token ids in
+    order); it fits in an int64 so ranks can compare it with one all-reduce."""
+    total = 0
+    for r in results:
+        for t in [*r.token_ids, -1]:  # -1 ends a completion: [1], [2] differs from [1, 2], []
+            total = (total * 1_000_003 + t + 1) % (1 << 61)
+    return total
+
+
 def rollout_stats(sums: torch.Tensor, seconds: float) -> RolloutStats:
     total, squares, n, tokens, truncated, flat, groups, idle = sums.tolist()
     mean = total / n

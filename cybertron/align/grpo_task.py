@@ -16,6 +16,7 @@ from cybertron.align.grpo import (
     RolloutStats,
     generate_rollouts,
     group_advantages,
+    rollout_checksum,
     rollout_rows,
     rollout_stats,
     rollout_sums,
@@ -160,6 +161,10 @@ class GRPOTask(AlignTask):
         finally:
             self.model.train()
         seconds = time.perf_counter() - start
+        # Tensor-parallel ranks sample from the same replicated logits with the same seeds; were they ever to
+        # differ, each would train on other rows and the layers' sums would mix them: fail instead.
+        if not self.world.same_over_tp(rollout_checksum(results)):
+            raise RuntimeError(f"step {step}: the tensor-parallel ranks of a replica sampled different rollouts")
         prompts = [r.prompt for r in records for _ in range(group_size)]
         fields = [r.fields for r in records for _ in range(group_size)]
         sequences = [records[i // group_size].ids + res.token_ids for i, res in enumerate(results)]

@@ -120,9 +120,14 @@ def shards_parameters(dims: ParallelDims, cfg: ParallelSection) -> bool:
 
 def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
                  param_dtype: torch.dtype | None = None) -> nn.Module:
-    """A frozen module beside the trained one (GRPO's KL reference) sharded as the trained one is under
-    FSDP2 layouts, gathered block by block in each forward; whole otherwise (it has no gradients to reduce)."""
-    if mesh is None or not shards_parameters(dims, cfg):
+    """A frozen module beside the trained one (GRPO's KL reference) sharded as the trained one is: split over
+    the tp ranks, and under FSDP2 layouts over the dp ranks too, gathered block by block in each forward. It
+    has no gradients to reduce, so under DDP it stays whole. Pipeline stages are not supported here."""
+    if mesh is None:
+        return module
+    if dims.tp > 1:
+        apply_tensor_parallel(module, mesh["tp"], llama_tp_plan(cfg.sequence_parallel, cfg.loss_parallel))
+    if not shards_parameters(dims, cfg):
         return module
     return apply_fsdp(module, _shard_mesh(dims, mesh), reshard_after_forward=True, cpu_offload=cfg.cpu_offload,
                       param_dtype=param_dtype)

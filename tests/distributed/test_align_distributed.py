@@ -117,7 +117,8 @@ def test_grpo_zero3_full_weights_with_a_sharded_reference(grpo_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_tp2_generates_from_tensor_parallel_weights_like_one_process(tmp_path):
+@pytest.mark.parametrize("weights", ["lora", "full"])  # full: the frozen KL reference is tensor-parallel too
+def test_grpo_tp2_generates_from_tensor_parallel_weights_like_one_process(tmp_path, weights):
     """Under tp 2 the engine runs the tensor-parallel policy (each rank holds half of every projection and of the
     KV heads); both ranks generate the same prompts with the same seeds. Generator and trainer log-probabilities
     are asserted equal at every micro-batch (align.check_logprobs)."""
@@ -128,7 +129,7 @@ def test_grpo_tp2_generates_from_tensor_parallel_weights_like_one_process(tmp_pa
     args = ["align", "--method", "grpo", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "prompts.jsonl"),
             "--reward", f"{tmp_path / 'length.py'}:length", "--steps", "3", "--train.global_batch_size", "4",
             "--align.group_size", "4", "--align.max_new_tokens", "6", "--data.val_fraction", "0", "--lr", "1e-2",
-            "--align.check_logprobs", "true", *COMMON]
+            "--align.check_logprobs", "true", "--weights", weights, *COMMON]
     _run([*args, "--out", str(tmp_path / "one")])
     two = _run([*args, "--parallel.tp", "2", "--parallel.sequence_parallel", "false", "--parallel.loss_parallel",
                 "false", "--out", str(tmp_path / "two")], torchrun=2)

@@ -137,8 +137,12 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     validate_layout(cfg, world_size)
     p = cfg.parallel
     raise_first_failure([
-        (not (grpo and (p.data_parallel != "ddp" or p.tp > 1 or p.pp > 1) and world_size > 1),
-         "grpo generates with whole weights on every rank: use parallel.data_parallel=ddp"),
-        (p.tp == 1 and p.pp == 1, f"`cybertron align` runs with data parallelism (ddp, zero1-3) for now, got "
-                                  f"parallel.tp={p.tp} parallel.pp={p.pp}"),
+        (not (grpo and p.data_parallel not in ("ddp", "zero3") and world_size > 1),
+         f"grpo runs on several processes with parallel.data_parallel=ddp (whole weights on every rank) or "
+         f"zero3 (generation gathers the sharded weights block by block), got {p.data_parallel}"),
+        (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
+         "grpo with parallel.tp > 1 samples from whole logits of whole sequences: set "
+         "parallel.sequence_parallel=false and parallel.loss_parallel=false"),
+        ((p.tp == 1 or grpo) and p.pp == 1, f"`cybertron align` runs with data parallelism (ddp, zero1-3) for now"
+                                            f" (grpo also with tp), got parallel.tp={p.tp} parallel.pp={p.pp}"),
     ])

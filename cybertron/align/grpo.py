@@ -7,7 +7,9 @@ minimises the clipped policy-gradient loss with a k3 KL penalty to the reference
 disabled under LoRA; a frozen copy only for full training with kl_coef > 0).
 
 Generator and trainer run the same code on the same weights, so the token log-probabilities the engine
-reports equal the trainer's (fp32); `check_logprobs` asserts it at every step.
+reports equal the trainer's (fp32); `check_logprobs` asserts it at every step. Under ZeRO-3 the engine runs
+the sharded policy itself: each block gathers its weights in its forward, and the ranks' engines call the
+model in lockstep (parallel/lockstep.py).
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class RolloutStats:
     truncated_fraction: float
     zero_advantage_groups: float  # share of groups whose completions all scored the same (no signal)
     seconds: float
+    idle_forwards: int = 0  # under ZeRO-3: model calls ranks made only to join the others' weight gathers
 
     def to_log(self) -> dict[str, float]:
         return {"reward": self.reward_mean, "reward_std": self.reward_std,
@@ -177,18 +180,30 @@ class RolloutStats:
                 "rollout_tokens_per_s": self.completion_tokens / max(self.seconds, 1e-9)}
 
 
-def rollout_sums(rewards: torch.Tensor, results: list[Result], group_size: int) -> torch.Tensor:
+def rollout_sums(rewards: torch.Tensor, results: list[Result], group_size: int,
+                 idle_forwards: int = 0) -> torch.Tensor:
     """Sums that add up over ranks: reward, reward^2, completions, completion tokens, truncated completions,
-    groups whose rewards are all equal, groups."""
+    groups whose rewards are all equal, groups, idle model calls (lockstep generation)."""
     groups = rewards.view(-1, group_size)
     flat = (groups.max(dim=1).values == groups.min(dim=1).values).float().sum()
     return torch.tensor([float(rewards.sum()), float((rewards.double() ** 2).sum()), len(results),
                          sum(len(r.token_ids) for r in results), sum(r.finish_reason == "length" for r in results),
-                         float(flat), groups.shape[0]], dtype=torch.float64)
+                         float(flat), groups.shape[0], idle_forwards], dtype=torch.float64)
+
+
+def rollout_checksum(results: list[Result]) -> int:
+    """A number that differs, almost surely, between two different lists of completions (token ids in
+    order); it fits in an int64 so ranks can compare it with one all-reduce."""
+    total = 0
+    for r in results:
+        for t in [*r.token_ids, -1]:  # -1 ends a completion: [1], [2] differs from [1, 2], []
+            total = (total * 1_000_003 + t + 1) % (1 << 61)
+    return total
 
 
 def rollout_stats(sums: torch.Tensor, seconds: float) -> RolloutStats:
-    total, squares, n, tokens, truncated, flat, groups = sums.tolist()
+    total, squares, n, tokens, truncated, flat, groups, idle = sums.tolist()
     mean = total / n
     var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0  # unbiased, as torch.std
-    return RolloutStats(mean, max(var, 0.0) ** 0.5, int(tokens), tokens / n, truncated / n, flat / groups, seconds)
+    return RolloutStats(mean, max(var, 0.0) ** 0.5, int(tokens), tokens / n, truncated / n, flat / groups, seconds,
+                        int(idle))

@@ -16,6 +16,7 @@ from cybertron.align.grpo import (
     RolloutStats,
     generate_rollouts,
     group_advantages,
+    rollout_checksum,
     rollout_rows,
     rollout_stats,
     rollout_sums,
@@ -28,6 +29,10 @@ from cybertron.align.task import AlignTask, split_rows
 from cybertron.data.escapes import decode_escapes
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
+from cybertron.parallel.apply import shard_frozen, shards_parameters
+from cybertron.parallel.dims import dp_mesh
+from cybertron.parallel.lockstep import ShardedLockstep
+from cybertron.parallel.world import World
 from cybertron.serve.engine import Engine
 from cybertron.train.trainer import Batch
 
@@ -66,21 +71,28 @@ def grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device:
     return GRPOSetup(step, train, val, reward, description)
 
 
-def grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenizer, device: torch.device,
-                     seq_len: int, rank_prompts: int) -> tuple[Engine, nn.Module | None]:
-    """The engine that generates with the policy itself (this rank's prompts), and the KL reference."""
+def grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenizer, world: World, seq_len: int,
+                     rank_prompts: int, param_dtype: torch.dtype | None = None) -> tuple[Engine, nn.Module | None]:
+    """The engine that generates with the policy itself (this rank's prompts), and the KL reference. Called
+    before the layout is applied: the engine keeps the module, which FSDP2 shards in place; under such a
+    layout the engines of all ranks run in lockstep and the reference is sharded too."""
     a = cfg.align
     rollouts = rank_prompts * a.group_size
     blocks_per_sequence = -(-seq_len // KV_BLOCK_SIZE)
+    sharded = world.is_distributed and shards_parameters(world.dims, cfg.parallel)
+    lockstep = ShardedLockstep(model, dp_mesh(world.mesh).get_group(), world.device) if sharded else None
     # CUDA graphs stay off: they would capture kernels for the weights' current dtype and addresses, and the
     # adapters' wrappers change between training and generation; eager decode keeps rollouts exact.
     engine = Engine(model, tokenizer, max_batch_size=min(rollouts, 256), block_size=KV_BLOCK_SIZE,
-                    num_blocks=min(rollouts, 256) * blocks_per_sequence, device=device, decode_graphs=False)
+                    num_blocks=min(rollouts, 256) * blocks_per_sequence, device=world.device,
+                    decode_graphs=False, lockstep=lockstep,
+                    kv_heads=model.config.n_kv_heads // world.dims.tp)
     model.train()
     reference = None
     if a.kl_coef > 0 and cfg.finetune.method == "full":
         # Full training changes every weight: the reference must be a frozen copy (LoRA needs none).
         reference = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = shard_frozen(reference, world.dims, world.mesh, cfg.parallel, param_dtype)
     return engine, reference
 
 
@@ -116,7 +128,10 @@ class GRPOTask(AlignTask):
     def extra_log_fields(self, seconds: float) -> dict[str, float]:
         assert self.stats is not None  # a step ran, so a rollout was made
         gen, self.gen_seconds = self.gen_seconds, 0.0
-        return {**self.stats.to_log(), "generate_share": gen / max(seconds, 1e-9)}
+        fields = {**self.stats.to_log(), "generate_share": gen / max(seconds, 1e-9)}
+        if self.engine.lockstep is not None:  # the ranks' idle calls in this rollout: the price of uneven work
+            fields["idle_forwards"] = self.stats.idle_forwards
+        return fields
 
     def evaluate(self, step: int) -> dict[str, float] | None:
         """Mean reward of greedy completions for the held-out prompts."""
@@ -136,6 +151,7 @@ class GRPOTask(AlignTask):
         are over every rank's rollouts."""
         c, a = self.cfg, self.cfg.align
         start = time.perf_counter()
+        idle_before = self._idle_forwards()
         self.model.eval()
         try:
             with self.trainer.autocast():
@@ -145,13 +161,22 @@ class GRPOTask(AlignTask):
         finally:
             self.model.train()
         seconds = time.perf_counter() - start
+        # Tensor-parallel ranks sample from the same replicated logits with the same seeds; were they ever to
+        # differ, each would train on other rows and the layers' sums would mix them: fail instead.
+        if not self.world.same_over_tp(rollout_checksum(results)):
+            raise RuntimeError(f"step {step}: the tensor-parallel ranks of a replica sampled different rollouts")
         prompts = [r.prompt for r in records for _ in range(group_size)]
         fields = [r.fields for r in records for _ in range(group_size)]
         sequences = [records[i // group_size].ids + res.token_ids for i, res in enumerate(results)]
         rewards = torch.tensor(self.setup.reward(step, prompts, [r.text for r in results], fields, sequences),
                                dtype=torch.float32)
-        sums = self.world.sum_over_dp(rollout_sums(rewards, results, group_size).to(self.device)).cpu()
+        idle = self._idle_forwards() - idle_before
+        sums = self.world.sum_over_dp(rollout_sums(rewards, results, group_size, idle).to(self.device)).cpu()
         return results, rewards, rollout_stats(sums, seconds)
+
+    def _idle_forwards(self) -> int:
+        lockstep = self.engine.lockstep
+        return lockstep.idle_forwards if isinstance(lockstep, ShardedLockstep) else 0
 
     def make_rollout(self, step: int, records: list[PromptRecord], first_prompt: int = 0
                      ) -> tuple[Batch, RolloutStats]:

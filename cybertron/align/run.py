@@ -82,8 +82,9 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
     # the layout is applied (every rank computes the same values, with no communication).
     if isinstance(setup, GRPOSetup):
-        engine, reference = grpo_model_state(cfg, model, tokenizer, device, seq_len,
-                                             plan.batch_size // world.dp_size)
+        engine, reference = grpo_model_state(cfg, model, tokenizer, world, seq_len,
+                                             plan.batch_size // world.dp_size,
+                                             torch.bfloat16 if dtype_name == "bf16" else None)
     elif getattr(setup.step, "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
         setup.train = _shared_reference(world, model, setup.train, micro, device, amp)

@@ -153,10 +153,18 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """head: when given, returns head(hidden_states, lm_head) in place of the logits (a fused output head
-        and loss); it runs inside this forward, where FSDP has gathered the head's weight."""
+        and loss); it runs inside this forward, where FSDP has gathered the head's weight.
+
+        logits_at: (B,) one position per row whose logits alone are returned, (B, vocab) (a prompt's last
+        token at prefill: a long prompt's full logits over a large vocabulary would be mostly thrown away).
+        Taken here, inside forward, so the call goes through the module's hooks (FSDP gathers the embedding
+        and head in its pre-forward hook)."""
         h = self.hidden_states(tokens, positions, cache)
+        if logits_at is not None:
+            h = h.gather(1, logits_at[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         if self.lm_head is None:
             return h
         return head(h, self.lm_head) if head is not None else self.lm_head(h)

@@ -87,7 +87,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     tensor parallelism with loss_parallel on a vocabulary-shard head (never the full logits), else on the
     gathered head."""
     assert not ((fp8 != "none" or fused_loss) and dims.pp > 1), "validate() refuses fp8 / fused_loss with pp"
-    fsdp = mesh is not None and uses_fsdp(dims, cfg)
+    fsdp = mesh is not None and shards_parameters(dims, cfg)
     float8_gather = fp8 != "none" and fsdp and float8_all_gather_supported(fp8)
     if fp8 != "none":
         convert_to_float8(model, fp8, fsdp_float8_all_gather=float8_gather, emulate=fp8_emulate)
@@ -150,19 +150,38 @@ def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
             and dims.dp_replicate == 1 and not cfg.cpu_offload)
 
 
-def uses_fsdp(dims: ParallelDims, cfg: ParallelSection) -> bool:
-    """Whether the layout shards parameters with FSDP2 (fully_shard)."""
+def shards_parameters(dims: ParallelDims, cfg: ParallelSection) -> bool:
+    """Whether a multi-process layout's data parallelism is FSDP2 (zero3, HSDP, zero2 in its composed form):
+    the weights are split over ranks and every forward gathers them, a collective all ranks must join."""
     return (not paper_zero2(dims, cfg) and dims.data_parallel in ("zero2", "zero3")
             and (dims.dp > 1 or cfg.cpu_offload))
+
+
+def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
+                 param_dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen module beside the trained one (GRPO's KL reference) sharded as the trained one is: split over
+    the tp ranks, and under FSDP2 layouts over the dp ranks too, gathered block by block in each forward. It
+    has no gradients to reduce, so under DDP it stays whole. Pipeline stages are not supported here."""
+    if mesh is None:
+        return module
+    if dims.tp > 1:
+        apply_tensor_parallel(module, mesh["tp"], llama_tp_plan(cfg.sequence_parallel, cfg.loss_parallel))
+    if not shards_parameters(dims, cfg):
+        return module
+    return apply_fsdp(module, _shard_mesh(dims, mesh), reshard_after_forward=True, cpu_offload=cfg.cpu_offload,
+                      param_dtype=param_dtype)
+
+
+def _shard_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
+    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
 
 
 def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
                          param_dtype: torch.dtype | None, replicas_equal: bool = False) -> nn.Module:
     if paper_zero2(dims, cfg):
         return part  # replicated parameters; Zero2Gradients partitions the gradients
-    if uses_fsdp(dims, cfg):
-        shard_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        return apply_fsdp(part, shard_mesh, reshard_after_forward=dims.data_parallel == "zero3",
+    if shards_parameters(dims, cfg):
+        return apply_fsdp(part, _shard_mesh(dims, mesh), reshard_after_forward=dims.data_parallel == "zero3",
                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)
     if dims.data_parallel in ("ddp", "zero1") and dims.dp > 1:
         return apply_ddp(part, dp_mesh(mesh), init_sync=not replicas_equal)

@@ -110,6 +110,14 @@ class World:
         dist.all_reduce(out, group=dp_mesh(self.mesh).get_group())
         return out
 
+    def same_over_tp(self, value: int) -> bool:
+        """Whether every tensor-parallel rank of this replica holds `value` (e.g. a checksum of data that the
+        tp ranks must share); True without tensor parallelism."""
+        if not self.is_distributed or self.dims.tp == 1:
+            return True
+        both = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.mesh["tp"].get_group())
+        return int(both[0]) == value == -int(both[1])
 
 def run_on_world(env: DistEnv, dims: ParallelDims, device_name: str, timeout_s: int,
                  body: Callable[[World], T]) -> T:

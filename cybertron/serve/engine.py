@@ -10,6 +10,11 @@ prompt (recomputation); its generator keeps its state, so what it samples is unc
 
 The engine is single-threaded: one thread calls add_request/cancel/step (see async_engine.py for the
 server's background loop).
+
+Serving runs one engine alone. A trainer that generates from weights sharded over ranks (GRPO under ZeRO-3)
+hands each rank's engine a `Lockstep`: every rank then calls the model the same number of times per step,
+so the collectives that gather each block's weights inside its forward are joined by every rank, whatever
+work each one has.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -38,6 +44,19 @@ from cybertron.serve.sampling import (
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
+
+
+class Lockstep(Protocol):
+    """Keeps the engines of several ranks calling one sharded model together (see the module docstring)."""
+
+    def agree(self, forwards: int) -> int:
+        """The most model calls any rank makes this step, given this rank's own count; every rank calls it
+        once per step, 0 included (all ranks at 0: every engine is done)."""
+        ...
+
+    def idle_forward(self) -> None:
+        """A model call without a request that joins the other ranks' collectives."""
+        ...
 
 
 @dataclass
@@ -107,7 +126,8 @@ class Engine:
                  max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16,
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
-                 decode_graphs: bool | None = None):
+                 decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
+                 kv_heads: int | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -115,8 +135,15 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_attention_keys = max_attention_keys
-        self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size)
+        # kv_heads: the KV heads this rank's attention holds (the model's, unless tensor parallelism splits them)
+        self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size,
+                                 kv_heads)
         self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
+        if lockstep is not None and self.decode_graphs is not None:
+            raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
+                             "weights")
+        self.lockstep = lockstep
+        self._peers_busy = False  # under lockstep: some rank called the model in the last step
         self._eos = {tokenizer.eos_id} if tokenizer is not None else set()
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
@@ -193,14 +220,22 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One iteration: make room, admit and prefill, decode one token for the others. Returns the
         outputs of this step (also handed to each request's on_output)."""
-        with torch.inference_mode():
+        # Under lockstep the weights are gathered into buffers that the trainer reuses after generation, and
+        # tensors made in inference mode could not be written outside it: no_grad instead.
+        with torch.inference_mode() if self.lockstep is None else torch.no_grad():
             decoding = self._reserve_decode_slots()
             admitted = self._admit()
+            groups = self._decode_groups(decoding)
+            calls = len(groups) + bool(admitted)
+            agreed = calls if self.lockstep is None else self.lockstep.agree(calls)
+            self._peers_busy = agreed > 0
             produced = []
-            for group in self._decode_groups(decoding):
+            for group in groups:
                 produced += self._forward(group, prefill=False)
             if admitted:
                 produced += self._forward(admitted, prefill=True)
+            for _ in range(agreed - calls):
+                self.lockstep.idle_forward()
         for request, output in produced:
             if request.on_output is not None:
                 request.on_output(output)
@@ -280,12 +315,9 @@ class Engine:
         tokens = torch.tensor([r.tokens + [0] * (width - n) for r, n in zip(requests, lengths)])
         last = torch.tensor(lengths).to(self.device, non_blocking=True) - 1
         batch = self.cache.batch([r.id for r in requests], [0] * len(requests), lengths)
-        hidden = self.model.hidden_states(tokens.to(self.device, non_blocking=True), positions=batch.positions,
-                                          cache=batch)
-        # The output head on each prompt's last position only: a 2k-token prompt's full logits at a 128k
-        # vocabulary would be 0.5 GB in bf16, all but one row thrown away.
-        last_hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
-        return self.model.lm_head(last_hidden)
+        # The output head on each prompt's last position only (logits_at), through the model's own call.
+        return self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch,
+                          logits_at=last)
 
     def _decode_logits(self, requests: list[_Request]) -> torch.Tensor:
         """(B, vocab) logits of one new token per request, through the captured graphs when enabled."""
@@ -371,7 +403,9 @@ class Engine:
         collected: list[list[RequestOutput]] = [[] for _ in prompts]
         for prompt, p, sink in zip(prompts, per_prompt, collected):
             self.add_request(prompt, p, on_output=sink.append)
-        while not all(sink and sink[-1].finished for sink in collected):
+        # Under lockstep a rank whose requests are done keeps stepping (idle) until every rank's are.
+        self._peers_busy = self.lockstep is not None
+        while not all(sink and sink[-1].finished for sink in collected) or self._peers_busy:
             self.step()
         failed = [(i, sink[-1].error) for i, sink in enumerate(collected) if sink[-1].error is not None]
         if failed:
@@ -388,12 +422,13 @@ def _result(prompt: Sequence[int], outputs: list[RequestOutput]) -> Result:
 
 
 def build_cache(model: Transformer, device: torch.device, block_size: int, num_blocks: int | None,
-                kv_memory_bytes: int | None, max_batch_size: int) -> PagedKVCache:
+                kv_memory_bytes: int | None, max_batch_size: int, kv_heads: int | None = None) -> PagedKVCache:
     """A pool in the model's dtype, sized by num_blocks, else by default_num_blocks."""
     cfg, dtype = model.config, next(model.parameters()).dtype
     if num_blocks is None:
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
-    return PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype, device)
+    return PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
+                        device)
 
 
 def build_decode_graphs(model: Transformer, cache: PagedKVCache, max_batch_size: int,

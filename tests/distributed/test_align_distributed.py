@@ -51,7 +51,7 @@ def test_preference_methods_match_one_process(prefs, tmp_path, method, weights, 
             "--parallel.data_parallel", layout, *COMMON]
     _run([*args, "--out", str(tmp_path / "one")])
     two = _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
-    assert f"2 ranks ({layout})" in two.stdout and two.stdout.count("done: step") == 1
+    assert f"2 ranks ({layout} " in two.stdout and two.stdout.count("done: step") == 1
     keys = ["loss", "grad_norm", "accuracy" if method == "reward" else "reward_margin"]
     _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
     val = lambda run: [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
@@ -63,7 +63,10 @@ def test_preference_methods_match_one_process(prefs, tmp_path, method, weights, 
     _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
 
 
-def test_grpo_ddp_generates_and_trains_like_one_process(tmp_path_factory, tmp_path):
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """A tiny base trained on arithmetic, the GRPO arguments and their one-process run. The stop string ends
+    completions at different lengths, so ranks have uneven work."""
     root = tmp_path_factory.mktemp("arith")
     write_arithmetic(root)
     _run(["train", "--data.path", str(root / "arith.jsonl"), "--data.cache_dir", str(root / "cache"),
@@ -72,13 +75,67 @@ def test_grpo_ddp_generates_and_trains_like_one_process(tmp_path_factory, tmp_pa
           "--log.progress", "lines", "--log.tensorboard", "false"])
     args = ["align", "--method", "grpo", "--model", str(root / "base"), "--data", str(root / "prompts.jsonl"),
             "--reward", f"{root / 'reward.py'}:correct", "--steps", "4", "--train.global_batch_size", "4",
-            "--align.group_size", "4", "--align.max_new_tokens", "3", "--data.val_fraction", "0", "--lr", "1e-3",
-            "--align.check_logprobs", "true", *COMMON]
-    _run([*args, "--out", str(tmp_path / "one")])
+            "--align.group_size", "4", "--align.max_new_tokens", "6", "--align.stop", "\\n",
+            "--data.val_fraction", "0", "--lr", "1e-3", "--align.check_logprobs", "true", *COMMON]
+    _run([*args, "--out", str(root / "one")])
+    return root, args
+
+
+GRPO_KEYS = ["loss", "grad_norm", "reward", "reward_std", "kl", "completion_len"]
+
+
+def test_grpo_ddp_generates_and_trains_like_one_process(grpo_run, tmp_path):
+    root, args = grpo_run
     _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
-    keys = ["loss", "grad_norm", "reward", "reward_std", "kl", "completion_len"]
     # Each rank samples exactly what one process samples for its prompts (seeds by global position).
-    _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
+    _close(_steps(tmp_path / "two", GRPO_KEYS), _steps(root / "one", GRPO_KEYS), 1e-5)
+
+
+def test_grpo_zero3_generates_from_sharded_weights_like_one_process(grpo_run, tmp_path):
+    """Under ZeRO-3 the engine runs the FSDP2-sharded policy (each block gathered in its forward), both ranks
+    in lockstep. align.check_logprobs makes every training micro-batch assert that the generator's token
+    log-probabilities equal the trainer's within 1e-5 (GRPOStep raises LogprobMismatch, the run fails)."""
+    root, args = grpo_run
+    two = _run([*args, "--parallel.data_parallel", "zero3", "--out", str(tmp_path / "two")], torchrun=2)
+    assert "2 ranks (zero3" in two.stdout
+    _close(_steps(tmp_path / "two", GRPO_KEYS), _steps(root / "one", GRPO_KEYS), 1e-5)
+    rows = [r for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert max(r["logprob_gap"] for r in rows) <= 1e-5
+    assert sum(r["idle_forwards"] for r in rows) > 0  # some rank waited on the other: lockstep was needed
+
+
+@pytest.mark.slow
+def test_grpo_zero3_full_weights_with_a_sharded_reference(grpo_run, tmp_path):
+    """Full training keeps a frozen KL reference; under ZeRO-3 it is sharded too (parallel/apply.shard_frozen)
+    and its log-probabilities come from gathered blocks, as the policy's."""
+    root, args = grpo_run
+    full = [*args, "--weights", "full"]  # align.kl_coef is 0.04 by default: the reference is used
+    _run([*full, "--out", str(tmp_path / "one")])
+    _run([*full, "--parallel.data_parallel", "zero3", "--out", str(tmp_path / "two")], torchrun=2)
+    _close(_steps(tmp_path / "two", GRPO_KEYS), _steps(tmp_path / "one", GRPO_KEYS), 1e-5)
+    assert all(r["kl"] > 0 for r in read_metrics(tmp_path / "two") if "loss" in r and r["step"] > 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["lora", "full"])  # full: the frozen KL reference is tensor-parallel too
+def test_grpo_tp2_generates_from_tensor_parallel_weights_like_one_process(tmp_path, weights):
+    """Under tp 2 the engine runs the tensor-parallel policy (each rank holds half of every projection and of the
+    KV heads); both ranks generate the same prompts with the same seeds. Generator and trainer log-probabilities
+    are asserted equal at every micro-batch (align.check_logprobs)."""
+    make_hf_dir(tmp_path / "hf")  # a random tiny model: completions vary, and so does a length reward
+    write_arithmetic(tmp_path)
+    (tmp_path / "length.py").write_text("def length(prompts, completions, **fields):\n"
+                                        "    return [float(len(c)) for c in completions]\n")
+    args = ["align", "--method", "grpo", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "prompts.jsonl"),
+            "--reward", f"{tmp_path / 'length.py'}:length", "--steps", "3", "--train.global_batch_size", "4",
+            "--align.group_size", "4", "--align.max_new_tokens", "6", "--data.val_fraction", "0", "--lr", "1e-2",
+            "--align.check_logprobs", "true", "--weights", weights, *COMMON]
+    _run([*args, "--out", str(tmp_path / "one")])
+    two = _run([*args, "--parallel.tp", "2", "--parallel.sequence_parallel", "false", "--parallel.loss_parallel",
+                "false", "--out", str(tmp_path / "two")], torchrun=2)
+    assert "tp=2" in two.stdout
+    _close(_steps(tmp_path / "two", GRPO_KEYS), _steps(tmp_path / "one", GRPO_KEYS), 1e-5)
+    assert any(r["grad_norm"] > 0 and r["kl"] > 0 for r in read_metrics(tmp_path / "two") if "loss" in r)
 
 
 def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path):
@@ -86,7 +143,9 @@ def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path)
 
     hf, data = prefs
     base = ["align", "--model", str(hf), "--data", str(data), "--out", str(tmp_path / "x"), "--nproc", "2"]
-    assert cli_main([*base, "--method", "grpo", "--reward", "r.py:f", "--parallel.data_parallel", "zero3"]) == 2
+    assert cli_main([*base, "--method", "grpo", "--reward", "r.py:f", "--parallel.data_parallel", "zero2"]) == 2
+    assert cli_main([*base, "--method", "grpo", "--reward", "r.py:f", "--parallel.tp", "2"]) == 2  # sp, lp on
+    assert cli_main([*base, "--parallel.tp", "2"]) == 2  # dpo: data parallelism only
     assert cli_main([*base, "--train.global_batch_size", "7"]) == 2
-    assert cli_main([*base, "--parallel.data_parallel", "zero1"]) == 2
+    assert cli_main([*base, "--parallel.pp", "2"]) == 2
     assert not (tmp_path / "x").exists()

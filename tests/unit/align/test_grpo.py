@@ -12,6 +12,7 @@ from cybertron.align.grpo import (
     LogprobMismatch,
     generate_rollouts,
     group_advantages,
+    rollout_checksum,
     rollout_rows,
     token_logprobs,
 )
@@ -21,7 +22,7 @@ from cybertron.errors import UserError
 from cybertron.finetune.lora import LoRASpec, apply_lora, lora_modules
 from cybertron.models.llama import build_model
 from cybertron.models.presets import preset_config
-from cybertron.serve.engine import Engine
+from cybertron.serve.engine import Engine, Result
 from cybertron.train.losses import next_token_logprobs
 
 
@@ -198,3 +199,13 @@ def test_loading_reward_functions(tmp_path):
                            (f"{tmp_path / 'broken.py'}:f", "importing .* failed: ModuleNotFoundError")]:
         with pytest.raises(UserError, match=fragment):
             load_reward_function(spec)
+
+
+def test_rollout_checksum_tells_different_completions_apart():
+    def results(*completions):
+        return [Result(list(c), [0.0] * len(c), "stop") for c in completions]
+
+    base = rollout_checksum(results([1, 2], [3]))
+    assert base == rollout_checksum(results([1, 2], [3]))
+    for other in ([[1], [2, 3]], [[1, 2, 3], []], [[2, 1], [3]], [[1, 2], [4]], [[3], [1, 2]], [[1, 2]]):
+        assert rollout_checksum(results(*other)) != base

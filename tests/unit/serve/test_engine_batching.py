@@ -164,3 +164,21 @@ def test_decode_is_split_to_bound_the_gathered_keys(debug_model):
     fresh = Engine(debug_model, max_batch_size=6, num_blocks=64, block_size=4, max_attention_keys=64)
     results = fresh.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6))
     assert [r.token_ids for r in results] == [greedy_reference(debug_model, p, 6) for p in prompts]
+
+
+def test_prefill_takes_the_last_prompt_logits_through_the_model_call(debug_model):
+    """logits_at picks one position per row, and the engine's prefill goes through model() (its hooks fire:
+    what FSDP2 needs to gather the embedding and head), not through its methods."""
+    tokens = torch.tensor(random_prompts([6, 6], seed=4))
+    last = torch.tensor([5, 2])
+    with torch.no_grad():
+        full = debug_model(tokens)
+        torch.testing.assert_close(debug_model(tokens, logits_at=last), full[torch.arange(2), last])
+    calls = []
+    hook = debug_model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    try:
+        Engine(debug_model, max_batch_size=2, num_blocks=8, block_size=8).generate(
+            random_prompts([3, 5]), SamplingParams(temperature=0.0, max_tokens=2))
+    finally:
+        hook.remove()
+    assert calls == [torch.Size([2, 5]), torch.Size([2, 1])]  # one prefill of both prompts, one decode

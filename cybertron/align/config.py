@@ -139,6 +139,6 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     raise_first_failure([
         (not (grpo and (p.data_parallel != "ddp" or p.tp > 1 or p.pp > 1) and world_size > 1),
          "grpo generates with whole weights on every rank: use parallel.data_parallel=ddp"),
-        (p.tp == 1 and p.pp == 1, f"`cybertron align` runs with data parallelism (ddp, zero1-3) for now, got "
-                                  f"parallel.tp={p.tp} parallel.pp={p.pp}"),
+        (p.pp == 1, f"`cybertron align` splits no pipeline stages (a pair's loss needs the whole model's "
+                    f"output for both responses): use data or tensor parallelism, got parallel.pp={p.pp}"),
     ])

@@ -37,21 +37,35 @@ def prefs(tmp_path_factory):
     return make_hf_dir(root / "hf"), write_color_pairs(root / "prefs.jsonl", 40, seed=3)
 
 
+DP = "--parallel.data_parallel"
+# layout -> (flags, the layout as the announcement describes it)
+LAYOUTS = {"ddp": ([DP, "ddp"], "ddp dp_replicate=2"), "zero3": ([DP, "zero3"], "zero3 dp_shard=2"),
+           # tensor parallelism with sequence and loss parallelism (the defaults): vocabulary-sharded
+           # log-probabilities, sequence-sharded hidden states gathered for the reward head, padded pairs
+           "tp2": (["--parallel.tp", "2"], "ddp tp=2"),
+           "tp2-plain": (["--parallel.tp", "2", "--parallel.sequence_parallel", "false",
+                          "--parallel.loss_parallel", "false"], "ddp tp=2")}
+
+
 # The default run keeps one case per method and layout; the other combinations run with `-m slow`.
 @pytest.mark.parametrize("method, weights, layout", [
-    ("dpo", "lora", "ddp"), ("reward", "lora", "zero3"),
+    ("dpo", "lora", "ddp"), ("reward", "lora", "zero3"), ("dpo", "lora", "tp2"), ("reward", "full", "tp2"),
     pytest.param("dpo", "full", "zero3", marks=pytest.mark.slow),  # full ZeRO-3: finetune's default test has it
+    pytest.param("dpo", "full", "tp2", marks=pytest.mark.slow),
+    pytest.param("simpo", "lora", "tp2-plain", marks=pytest.mark.slow),
     pytest.param("reward", "lora", "ddp", marks=pytest.mark.slow),
+    pytest.param("reward", "lora", "tp2", marks=pytest.mark.slow),
+    pytest.param("reward", "full", "tp2-plain", marks=pytest.mark.slow),
     pytest.param("reward", "full", "zero3", marks=pytest.mark.slow)])
 def test_preference_methods_match_one_process(prefs, tmp_path, method, weights, layout):
     hf, data = prefs
+    flags, described = LAYOUTS[layout]
     args = ["align", "--method", method, "--model", str(hf), "--data", str(data), "--weights", weights,
             "--steps", "4", "--lr", "2e-3", "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
-            "--data.val_fraction", "0.2", "--eval.every", "2", "--checkpoint.every", "2",
-            "--parallel.data_parallel", layout, *COMMON]
+            "--data.val_fraction", "0.2", "--eval.every", "2", "--checkpoint.every", "2", *COMMON]
     _run([*args, "--out", str(tmp_path / "one")])
-    two = _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
-    assert f"2 ranks ({layout})" in two.stdout and two.stdout.count("done: step") == 1
+    two = _run([*args, *flags, "--out", str(tmp_path / "two")], torchrun=2)
+    assert f"2 ranks ({described})" in two.stdout and two.stdout.count("done: step") == 1
     keys = ["loss", "grad_norm", "accuracy" if method == "reward" else "reward_margin"]
     _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
     val = lambda run: [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]

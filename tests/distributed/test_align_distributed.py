@@ -100,12 +100,17 @@ def test_grpo_ddp_generates_and_trains_like_one_process(tmp_path_factory, tmp_pa
     _close(_steps(tmp_path / "two", keys), _steps(tmp_path / "one", keys), 1e-5)
 
 
-def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path):
+def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path, capsys):
     from cybertron.cli import main as cli_main
 
     hf, data = prefs
     base = ["align", "--model", str(hf), "--data", str(data), "--out", str(tmp_path / "x"), "--nproc", "2"]
     assert cli_main([*base, "--method", "grpo", "--reward", "r.py:f", "--parallel.data_parallel", "zero3"]) == 2
+    assert cli_main([*base, "--method", "grpo", "--reward", "r.py:f", "--parallel.tp", "2"]) == 2
+    assert "grpo generates with whole weights" in capsys.readouterr().err
+    assert cli_main([*base, "--parallel.pp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "splits no pipeline stages" in err and len(err.strip().splitlines()) == 1
     assert cli_main([*base, "--train.global_batch_size", "7"]) == 2
-    assert cli_main([*base, "--parallel.data_parallel", "zero1"]) == 2
+    assert cli_main([*base, "--parallel.tp", "3"]) == 2  # does not divide the world size
     assert not (tmp_path / "x").exists()

@@ -1,5 +1,7 @@
-"""`cybertron align` on 2 gloo ranks (DDP, ZeRO-3) against the same run in one process: the same losses,
-rewards and held-out metrics, and checkpoints that resume in one process."""
+"""`cybertron align` on 2 gloo ranks (DDP, ZeRO-3, tensor parallelism with and without sequence and loss
+parallelism) against the same run in one process: the same losses, gradient norms, rewards and held-out
+metrics, and checkpoints that resume in one process. Default: dpo-lora-ddp, reward-lora-zero3, dpo-lora-tp2,
+reward-full-tp2 and GRPO under DDP; the rest with `-m slow`."""
 
 from __future__ import annotations
 

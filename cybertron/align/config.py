@@ -143,6 +143,6 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
          "grpo with parallel.tp > 1 samples from whole logits of whole sequences: set "
          "parallel.sequence_parallel=false and parallel.loss_parallel=false"),
-        ((p.tp == 1 or grpo) and p.pp == 1, f"`cybertron align` runs with data parallelism (ddp, zero1-3) for now"
-                                            f" (grpo also with tp), got parallel.tp={p.tp} parallel.pp={p.pp}"),
+        (p.pp == 1, f"`cybertron align` splits no pipeline stages (a pair's loss needs the whole model's "
+                    f"output for both responses): use data or tensor parallelism, got parallel.pp={p.pp}"),
     ])

@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from cybertron.align import losses
 from cybertron.align.preference_data import trim_batch
 from cybertron.finetune.lora import adapters_disabled
+from cybertron.parallel.tensor_parallel import sharded_next_token_logprobs
 from cybertron.train.losses import next_token_logprobs
 from cybertron.train.trainer import Batch, Trainer, to_device
 
@@ -25,8 +27,14 @@ REFERENCE_METHODS = ("dpo", "ipo")
 
 
 def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's response tokens (B,), response token count (B,)) in fp32."""
-    logp = next_token_logprobs(model(ids), ids)
+    """(summed log-probability of each row's response tokens (B,), response token count (B,)) in fp32.
+    Under tensor parallelism with loss parallelism the logits arrive sharded over the vocabulary (a DTensor):
+    their log-probabilities are computed on the shards (the Trainer's step context is loss_parallel)."""
+    logits = model(ids)
+    if isinstance(logits, DTensor):
+        logp = sharded_next_token_logprobs(logits, ids)
+    else:
+        logp = next_token_logprobs(logits, ids)
     scored = mask[:, 1:]
     return (logp * scored).sum(-1), scored.sum(-1).float()
 
@@ -77,10 +85,12 @@ class PreferenceStep:
         return per_pair.sum(), metrics
 
 
-def pair_batches(rows: Batch, batch_size: int) -> list[Batch]:
-    """Consecutive batches of `rows` (in order), each cut to its own longest sequence."""
+def pair_batches(rows: Batch, batch_size: int, multiple: int = 1) -> list[Batch]:
+    """Consecutive batches of `rows` (in order), each cut to its own longest sequence rounded up to a
+    multiple of `multiple` (the tensor-parallel degree under sequence parallelism)."""
     n = rows["chosen_ids"].shape[0]
-    return [trim_batch({k: v[i:i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)]
+    return [trim_batch({k: v[i:i + batch_size] for k, v in rows.items()}, multiple)
+            for i in range(0, n, batch_size)]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cybertron.data.chat_template import Message, render, render_with_assistant_spans
 from cybertron.data.sources import utf8_lines
@@ -248,12 +249,20 @@ def pair_rows(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tenso
             **pad_sequences([p.rejected for p in pairs], pad_id, "rejected", width)}
 
 
-def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def trim_batch(batch: dict[str, torch.Tensor], multiple: int = 1) -> dict[str, torch.Tensor]:
     """Cut every (N, L) sequence tensor to the longest sequence of this batch (rows were padded to the
-    longest of the whole dataset). Host-side, before the batch moves to the device: no device sync."""
+    longest of the whole dataset), rounded up to a multiple of `multiple` (sequence parallelism splits the
+    sequence into equal slices), padding with zeros past L: a zero mask scores nothing, every row keeps its
+    length, and right padding changes no earlier position under causal attention. Host-side, before the
+    batch moves to the device: no device sync."""
     prefixes = [k[:-4] for k in batch if k.endswith("_len")]
     width = max(int(batch[f"{p}_len"].max()) for p in prefixes)
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+    width = -(-width // multiple) * multiple
+    return {k: _to_width(v, width) if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def _to_width(v: torch.Tensor, width: int) -> torch.Tensor:
+    return v[:, :width] if v.shape[1] >= width else F.pad(v, (0, width - v.shape[1]))
 
 
 @dataclass

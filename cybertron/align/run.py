@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,7 +153,14 @@ class PreferenceTask(AlignTask):
         rows = self.loader.next_batch()  # the global batch (the same on every rank); this rank's share:
         mine = self.world.local_slice(self.loader.batch_size)
         return split_rows({k: v[mine] for k, v in rows.items()}, self.cfg.train.micro_batch_size, self.device,
-                          pair_batches)
+                          partial(pair_batches, multiple=self.seq_multiple))
+
+    @property
+    def seq_multiple(self) -> int:
+        """What every batch's sequence length is a multiple of: sequence parallelism gives each tensor-parallel
+        rank an equal slice of it (the padding scores nothing, so the loss is that of one process)."""
+        tp = self.world.dims.tp
+        return tp if tp > 1 and self.cfg.parallel.sequence_parallel else 1
 
     def tokens_in(self, micro_batches: list[Batch]) -> int:
         return sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in micro_batches)
@@ -161,7 +169,8 @@ class PreferenceTask(AlignTask):
         if self.setup.val is None:
             return None
         e = self.cfg.eval
-        batches = [to_device(b, self.device) for b in pair_batches(self.setup.val, e.batch_size)[:e.batches]]
+        batches = pair_batches(self.setup.val, e.batch_size, self.seq_multiple)[:e.batches]
+        batches = [to_device(b, self.device) for b in batches]
         metrics = evaluate_metrics(self.trainer, batches)
         return {f"val_{k}": v for k, v in metrics.items()}
 

@@ -104,7 +104,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     for stage, part in stages.items():
         if tp_on:
             float8_tp = fp8 != "none" and float8_all_gather_supported(fp8)
-            apply_tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp), float8=float8_tp)
+            _tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp), float8=float8_tp)
             if dims.pp > 1:
                 _local_stage_io(part, mesh["tp"], first=stage == 0, sp=sp)
         _checkpoint_and_compile(part, cfg, compile_blocks, compile_options)
@@ -122,6 +122,18 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         return Parallelized(stages[0], [stages[0]], step_fn, collectives, None, zero2)
     strategy = _pipeline_strategy(stages, n_stages, dims, mesh, cfg, lp, sp, model.config.dim)
     return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
+
+
+def _tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, plan: dict, float8: bool = False) -> None:
+    """The plan applies to the module holding the blocks. When that is a backbone inside a wrapper (the reward
+    model's score head around a Transformer without lm_head), the wrapper's own modules stay whole and
+    replicated, and the backbone hands them its hidden states gathered whole: under sequence parallelism
+    they arrive split over the sequence, and a head reading the last real token needs every position."""
+    backbone = transformer_of(part)
+    apply_tensor_parallel(backbone, tp_mesh, plan, float8=float8)
+    if backbone is not part:
+        backbone.register_forward_hook(
+            lambda _mod, _args, out: out.full_tensor() if isinstance(out, DTensor) else out)
 
 
 def _checkpoint_and_compile(part: nn.Module, cfg: ParallelSection, compile_blocks: bool,

@@ -134,6 +134,22 @@ def sharded_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tor
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
+def sharded_next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
+    """(B, T-1) fp32 log p(ids[:, t+1] | ids[:, :t+1]) as a plain, replicated tensor, from vocabulary-sharded
+    DTensor logits (B, T, V); call inside `loss_parallel()`, forward and backward (the Trainer's step
+    context). Through torch's loss-parallel cross-entropy: each rank's log-softmax shard is normalised by a
+    logsumexp over the tensor-parallel group and each target's logit comes from the rank owning it, so the
+    (tokens x vocab) logits are never gathered; chunked over rows like train.losses.next_token_logprobs."""
+    targets = ids[:, 1:]
+    logits = logits[:, :-1]
+    parts = []
+    for chunk, chunk_targets in zip(logits.split(chunk_rows), targets.split(chunk_rows)):
+        flat = chunk.float().flatten(0, 1)
+        nll = F.cross_entropy(flat, chunk_targets.reshape(-1), reduction="none")
+        parts.append(-nll.full_tensor().view(chunk_targets.shape))
+    return torch.cat(parts)
+
+
 class LossParallelStep(LanguageModelStep):
     """Next-token prediction whose logits arrive sharded over the vocabulary (lm_head with Shard(-1))."""
 

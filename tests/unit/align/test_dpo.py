@@ -155,3 +155,28 @@ def test_dpo_learns_a_preference_the_base_lacks(hf_dir, tmp_path, weights):
     assert after["val_reward_margin"] > before["val_reward_margin"] + 0.25
     assert after["val_reward_accuracy"] >= 0.9  # held-out pairs: 20 never trained on
     assert after["val_loss"] < 0.6
+
+
+def test_pairs_padded_to_a_multiple_of_tp_score_the_same(hf_dir, pairs):
+    """Sequence parallelism pads each batch to a multiple of tp: past every row's end (with zeros, beyond the
+    dataset's width too), so neither the preference loss nor a reward model's scores change."""
+    from cybertron.align.reward import RewardModel, RewardStep
+
+    plain = pair_batches(pairs, 12)[0]
+    padded = pair_batches(pairs, 12, multiple=64)[0]
+    width = plain["chosen_ids"].shape[1]
+    assert padded["chosen_ids"].shape[1] == 64 > pairs["chosen_ids"].shape[1] >= width
+    assert not padded["chosen_mask"][:, width:].any() and torch.equal(padded["chosen_len"], plain["chosen_len"])
+    policy = build_finetune_model(load_hf_model(hf_dir), MethodSection(method="full"), 0).eval()
+    rows = reference_logprobs(policy, pairs, 12, torch.device("cpu"), contextlib.nullcontext)
+    with torch.no_grad():
+        for step, model, batches in [(PreferenceStep("simpo"), policy, (plain, padded)),
+                                     (PreferenceStep("dpo"), policy, pair_batches(rows, 12, 1) +
+                                      pair_batches(rows, 12, 64)),
+                                     (RewardStep(), RewardModel(load_hf_model(hf_dir), seed=1).eval(),
+                                      (plain, padded))]:
+            (loss_a, metrics_a), (loss_b, metrics_b) = (step(model, b) for b in batches)
+            assert loss_b.item() == pytest.approx(loss_a.item(), abs=1e-5)
+            for key in metrics_a:  # DPO at its reference: every reward is 0 up to rounding, its accuracy noise
+                if not (key == "reward_accuracy" and getattr(step, "method", "") == "dpo"):
+                    assert metrics_b[key].item() == pytest.approx(metrics_a[key].item(), abs=1e-4), key

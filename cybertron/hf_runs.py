@@ -44,9 +44,9 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise UserError(f"--out {hf_dir} exists and is not empty; choose a new directory")
-    root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
-    copy_tokenizer_files(root, hf_dir)  # first: save_hf_model extends the base's generation_config.json
-    run = load_run(Path(run_dir), "cpu", merge=True)
+    ckpt = ckpt_io.resolve_checkpoint(Path(run_dir))  # reports a fallback once; load_run gets the checkpoint
+    copy_tokenizer_files(ckpt.parent.parent, hf_dir)  # first: save_hf_model extends the base's generation_config
+    run = load_run(ckpt, "cpu", merge=True)
     tokenizer = run.tokenizer
     if run.meta.head == REWARD_HEAD:  # a reward model: a *ForSequenceClassification directory
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

@@ -133,7 +133,7 @@ def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = 
 def _run(cfg: TrainConfig, record_run: RecordRun, env: DistEnv, dims, mesh, device: torch.device) -> Finished:
     barrier = _barrier if mesh is not None else (lambda: None)
     run_dir = resolve_run_dir(cfg) if mesh is None else Path(_from_main(str(resolve_run_dir(cfg))))
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume, report=env.is_main)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     with _main_first(env.is_main, barrier):  # rank 0 tokenizes into the cache; the others then read it
         data = build_data(cfg)

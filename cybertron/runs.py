@@ -187,7 +187,7 @@ def load_run(path: Path, device: torch.device | str = "cpu", merge: bool = True,
                 model = wrap(model)
         model.to_empty(device=device)
         (model.model if wrap is not None else model).tie_weights()
-        load_checkpoint(ckpt, model, None)
+        load_checkpoint(ckpt, model, None, verified=True)
     else:
         base = Path(meta.base_model or "")
         if not meta.base_model or not base.is_dir():
@@ -197,7 +197,7 @@ def load_run(path: Path, device: torch.device | str = "cpu", merge: bool = True,
                                   f"only (restore the directory or edit {_meta_file(run_dir).name})")
         weights = load_base_weights(base, device, torch.float32)
         model = build_finetune_model(weights, meta.adapters.method_section(), seed=0, wrap=wrap)
-        load_checkpoint(ckpt, trainable_view(model), None)
+        load_checkpoint(ckpt, trainable_view(model), None, verified=True)
         if merge:
             merge_lora_(model)
     tok_path = next((p for p in (run_dir, ckpt) if (p / "tokenizer.json").is_file()), None)

@@ -71,7 +71,7 @@ def run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun
 def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun, dp: DataParallel,
                   device: torch.device) -> Finished:
     run_dir = Path(dp.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume, report=dp.is_main)
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base = open_base(Path(cfg.model.path))
     model_cfg, tokenizer, chat = check_chat_format(base, cfg.data.chat_template)

@@ -137,7 +137,7 @@ def command_main(argv: list[str], command: str, parse: Callable[[list[str]], Any
         run_section = getattr(cfg, "run", None)
         if run_section is not None and run_section.out:
             # Checked once here too: inside the ranks, a bad --resume would print one error line per rank.
-            find_resume_checkpoint(Path(run_section.out), run_section.resume)
+            find_resume_checkpoint(Path(run_section.out), run_section.resume, report=False)
         return launch_torchrun(nproc, argv, command)
     run(cfg, env)
     return 0

@@ -21,6 +21,7 @@ from cybertron.config import CheckpointSection, EvalSection, LogSection, to_toml
 from cybertron.errors import UserError
 from cybertron.models.config import ModelConfig
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.async_checkpoint import CheckpointSaver
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay
 from cybertron.train.trainer import Batch, LoopHooks, StepResult, Trainer, fit
 
@@ -36,9 +37,10 @@ def resolve_run_dir(cfg: Any) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from. Refuses to start over a run that has checkpoints without --resume, and
-    --resume without a checkpoint: starting from scratch there would hide a mistyped --out behind a whole run."""
+def find_resume_checkpoint(run_dir: Path, resume: bool, report: bool = True) -> Path | None:
+    """The checkpoint to resume from: the newest intact one (damaged newer ones are passed over with one line
+    each when `report`). Refuses to start over a run that has checkpoints without --resume, and --resume
+    without a checkpoint: starting from scratch there would hide a mistyped --out behind a whole run."""
     latest = ckpt_io.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume to continue "
@@ -46,9 +48,10 @@ def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     if latest is None and resume:
         where = "" if run_dir.is_dir() else " (the directory does not exist)"
         raise UserError(f"no checkpoint in {run_dir} to resume{where}; drop --resume to start a new run")
-    if latest is not None:
-        ckpt_io.read_trainer_state(latest)  # fail now, before anything is written, if it is unreadable
-    return latest
+    if latest is None:
+        return None
+    # Verified now, before anything is written: a damaged newest checkpoint falls back to an older one.
+    return ckpt_io.intact_checkpoint(run_dir, ckpt_io.to_stderr if report else None)
 
 
 def write_config(run_dir: Path, cfg: Any) -> None:
@@ -130,7 +133,7 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
     d = driver
     start_step = 0
     if d.resume_from is not None:
-        state = ckpt_io.load_checkpoint(d.resume_from, d.saved, d.trainer.optimizer)
+        state = ckpt_io.load_checkpoint(d.resume_from, d.saved, d.trainer.optimizer, verified=True)
         task.load_state_dict(state)
         start_step = int(state["step"])
     if d.is_main:
@@ -145,14 +148,18 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
         display.message(f"resumed from {d.resume_from} at step {start_step}")
     else:
         display.message(task.describe())
+    saver = CheckpointSaver(d.run_dir, d.model_cfg, d.checkpoint.keep, d.checkpoint.async_save, d.is_main,
+                            d.barrier)
     try:
-        path = _loop(d, task, logger, display, start_step)
+        path = _loop(d, task, logger, display, start_step, saver)
     finally:
+        saver.close()
         logger.close()
     return Finished(d.run_dir, model, task, d.steps, path)
 
 
-def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay, start_step: int) -> Path:
+def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay, start_step: int,
+          saver: CheckpointSaver) -> Path:
     total = d.steps
 
     def evaluate(step: int) -> dict[str, float] | None:
@@ -162,8 +169,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
         return fields
 
     def save(step: int) -> Path:
-        return ckpt_io.save_checkpoint(d.run_dir, step, d.saved, d.trainer.optimizer, task.state_dict(),
-                                       d.model_cfg, keep=d.checkpoint.keep, is_main=d.is_main, barrier=d.barrier)
+        return saver.save(step, d.saved, d.trainer.optimizer, task.state_dict())
 
     def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
         tokens_per_s = tokens / max(seconds, 1e-9)
@@ -172,6 +178,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
                     **task.log_fields(step, result, seconds, tokens_per_s)})
 
     def on_step_end(step: int) -> None:
+        saver.poll()
         if d.eval.every and step % d.eval.every == 0 and step != total:
             evaluate(step)
         if d.checkpoint.every and step % d.checkpoint.every == 0 and step != total:
@@ -185,5 +192,6 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
     fit(d.trainer, start_step, total, hooks)
     final = evaluate(total)
     path = save(total)
+    saver.finish()
     display.message(f"done: step {total}, {task.summary(final)}checkpoint saved to {path}")
     return path

@@ -255,17 +255,19 @@ def publish(tmp: Path, final: Path, step: int, trainer_state: dict[str, Any], mo
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _os_error(err: BaseException) -> OSError | None:
-    """The OSError behind a failed save: raised directly, or one rank's failure inside DCP's
-    CheckpointException."""
-    if isinstance(err, OSError):
-        return err
-    if isinstance(err, CheckpointException):
-        for exc, _trace in err.failures.values():
-            if isinstance(exc, OSError):
-                return exc
-    cause = err.__cause__ or err.__context__
-    return _os_error(cause) if cause is not None else None
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind a failed save: raised directly, one rank's failure inside DCP's CheckpointException,
+    or the context of the RuntimeError torch.save's zip writer raises when a write fails ("unexpected pos")."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        if isinstance(err, CheckpointException):
+            found = (_os_error(exc) for exc, _trace in err.failures.values())
+            return next((e for e in found if e is not None), None)
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _human(n: int) -> str:

@@ -288,9 +288,10 @@ def save_failed(err: BaseException, tmp: Path, is_main: bool) -> BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
     where = next(p for p in (tmp, *tmp.parents) if p.exists())
     free = shutil.disk_usage(where).free
-    previous = latest_checkpoint(tmp.parent.parent)
-    kept = (f"the previous checkpoint {previous.name} is intact: free space, then rerun with --resume"
-            if previous is not None else "no earlier checkpoint exists")
+    step = _step_of(tmp.parent / tmp.name.replace(".tmp-", "")) or 0
+    earlier = [p for p in complete_checkpoints(tmp.parent.parent) if (_step_of(p) or 0) < step]
+    kept = (f"the previous checkpoint {earlier[-1].name} is untouched: free space, then rerun with --resume"
+            if earlier else "no earlier checkpoint exists")
     path = os_err.filename or tmp
     return CheckpointError(f"cannot write checkpoint {tmp.parent / tmp.name.replace('.tmp-', '')} "
                            f"({path}: {os_err.strerror or os_err}); {_human(free)} free on that disk; {kept}")

@@ -220,7 +220,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         assert "\n" not in error
         assert error.startswith(f"cannot write checkpoint {root / 'step-2'} ({root / '.tmp-step-2'}"), error
         assert "File too large" in error and " free on that disk" in error
-        assert "the previous checkpoint step-1 is intact: free space, then rerun with --resume" in error
+        assert "the previous checkpoint step-1 is untouched: free space, then rerun with --resume" in error
         assert out["after_failure"] == ["step-1"]  # intact, and the half-written directory is gone
         assert out["after_retry"] == ["step-2"]    # keep=1: step-1 deleted only once step-2 is published
         assert ckpt_io.checkpoint_problem(root / "step-2") is None

@@ -236,7 +236,7 @@ def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
         tokenizer_dir = path
     else:
         try:
-            ckpt = resolve_checkpoint(path)
+            ckpt = resolve_checkpoint(path, report=None)  # load_run reports a fallback, once
         except UserError as err:
             raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing) nor a "
                             "cybertron run directory (no complete checkpoint)") from err

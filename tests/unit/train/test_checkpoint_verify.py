@@ -89,6 +89,15 @@ def test_no_intact_checkpoint_is_one_error(tmp_path):
     assert "the 1 older one is too" in message and "no intact checkpoint" in message
 
 
+def test_truncated_metadata_is_found_by_its_size(tmp_path):
+    first, second = _two_checkpoints(tmp_path)
+    meta = second / ".metadata"
+    size = meta.stat().st_size
+    meta.write_bytes(meta.read_bytes()[:200])
+    assert ckpt_io.checkpoint_problem(second) == f".metadata: 200 bytes, the manifest says {size}"
+    assert ckpt_io.intact_checkpoint(tmp_path, report=None) == first
+
+
 def test_truncated_metadata_is_one_line_without_dcp_tracebacks(tmp_path, capfd):
     first, second = _two_checkpoints(tmp_path)
     for ckpt in (first, second):

@@ -79,6 +79,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode in results:
                 results[mode].append(run(mode, args, Path(tmp)))
+                print(f"{mode}: {results[mode][-1]}", flush=True)  # progress, for runs on a busy machine
         size = sum(p.stat().st_size for p in (Path(tmp) / "sync").rglob("*") if p.is_file())
     params = results["none"][0]["params"]
     print(f"model {params / 1e6:.1f}M parameters, checkpoint {size / 2**20:.0f} MiB (weights + AdamW, with manifest), "

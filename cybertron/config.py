@@ -120,6 +120,8 @@ class EvalSection:
 class CheckpointSection:
     every: int = opt(100, "save every N steps (and at the end); 0 = only at the end")
     keep: int = opt(2, "complete checkpoints kept; older ones are deleted")
+    async_save: bool = opt(True, "write checkpoints in a background thread while training continues "
+                                 "(costs host memory for one copy of the saved state until written)")
 
 
 @dataclass

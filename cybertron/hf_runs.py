@@ -47,10 +47,10 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     """A run's newest checkpoint (adapters merged into the base) as a Hugging Face directory."""
     hf_dir = Path(hf_dir)
     _refuse_non_empty(hf_dir)
-    root = ckpt_io.resolve_checkpoint(Path(run_dir)).parent.parent
-    run = load_run(Path(run_dir), "cpu", merge=True)
+    ckpt = ckpt_io.resolve_checkpoint(Path(run_dir))  # reports a fallback once; load_run gets the checkpoint
+    run = load_run(ckpt, "cpu", merge=True)
     with atomic_directory(hf_dir) as tmp:  # a kill leaves no --out directory, never a half-written model
-        _write_hf(run, root, tmp, dtype)
+        _write_hf(run, ckpt.parent.parent, tmp, dtype)
     return hf_dir
 
 

@@ -120,7 +120,7 @@ def run_training(cfg: TrainConfig, record_run: RecordRun, env: DistEnv | None = 
 
 def _run(cfg: TrainConfig, record_run: RecordRun, world: World) -> Finished:
     run_dir = Path(world.from_main(str(resolve_run_dir(cfg))))
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume, report=world.is_main)
     dtype_name = resolve_dtype(cfg.train.dtype, world.device)
     with world.main_first():  # rank 0 tokenizes into the cache; the others then read it
         data = build_data(cfg)

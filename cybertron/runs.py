@@ -188,7 +188,7 @@ def load_run(path: Path, device: torch.device | str = "cpu", merge: bool = True,
                 model = wrap(model)
         model.to_empty(device=device)
         (model.model if wrap is not None else model).tie_weights()
-        load_checkpoint(ckpt, model, None)
+        load_checkpoint(ckpt, model, None, verified=True)
     else:
         base = Path(meta.base_model or "")
         if not meta.base_model or not base.is_dir():
@@ -198,7 +198,7 @@ def load_run(path: Path, device: torch.device | str = "cpu", merge: bool = True,
                                   f"only (restore the directory or edit {_meta_file(run_dir).name})")
         weights = load_base_weights(base, device, torch.float32)
         model = build_finetune_model(weights, meta.adapters.method_section(), seed=0, wrap=wrap)
-        load_checkpoint(ckpt, trainable_view(model), None)
+        load_checkpoint(ckpt, trainable_view(model), None, verified=True)
         if merge:
             merge_lora_(model)
     tok_path = next((p for p in (run_dir, ckpt) if (p / "tokenizer.json").is_file()), None)
@@ -237,7 +237,7 @@ def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
         tokenizer_dir = path
     else:
         try:
-            ckpt = resolve_checkpoint(path)
+            ckpt = resolve_checkpoint(path, report=None)  # load_run reports a fallback, once
         except UserError as err:
             raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing) nor a "
                             "cybertron run directory (no complete checkpoint)") from err

@@ -55,7 +55,7 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     """Build everything (data and reference log-probabilities first, so bad input fails before training),
     then hand the method's task to the training driver (which resumes if asked)."""
     run_dir = Path(world.from_main(str(resolve_run_dir(cfg))))
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume, report=world.is_main)
     device = world.device
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base = open_base(Path(cfg.model.path))

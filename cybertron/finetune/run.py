@@ -75,7 +75,7 @@ def run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun
 
 def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRun, world: World) -> Finished:
     run_dir = Path(world.from_main(str(resolve_run_dir(cfg))))  # only reads cfg.run
-    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume)
+    resume_from = find_resume_checkpoint(run_dir, cfg.run.resume, report=world.is_main)
     device = world.device
     dtype_name = resolve_dtype(cfg.train.dtype, device)
     base = open_base(Path(cfg.model.path))

@@ -186,7 +186,7 @@ def command_main(argv: list[str], command: str, parse: Callable[[list[str]], Any
                 argv = [*argv, f"--run.out={run_section.out}"]
             if run_section.out:
                 # Checked once here too: inside the ranks, a bad --resume would print one error line per rank.
-                find_resume_checkpoint(Path(run_section.out), run_section.resume)
+                find_resume_checkpoint(Path(run_section.out), run_section.resume, report=False)
         return launch_torchrun(nproc, argv, command, max_restarts or 0)
     run(cfg, env)
     return 0

@@ -21,6 +21,7 @@ from cybertron.errors import TrainingDiverged, UserError
 from cybertron.files import write_text_atomic
 from cybertron.models.config import ModelConfig
 from cybertron.train import checkpoint as ckpt_io
+from cybertron.train.async_checkpoint import CheckpointSaver
 from cybertron.train.guard import GuardSettings, SkipCounter, SpikeDetector, weights_finite
 from cybertron.train.metrics import MetricsLogger, ProgressDisplay
 from cybertron.train.trainer import Batch, LoopHooks, StepResult, Trainer, fit
@@ -41,9 +42,10 @@ def resolve_run_dir(cfg: Any) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from. Refuses to start over a run that has checkpoints without --resume, and
-    --resume without a checkpoint: starting from scratch there would hide a mistyped --out behind a whole run."""
+def find_resume_checkpoint(run_dir: Path, resume: bool, report: bool = True) -> Path | None:
+    """The checkpoint to resume from: the newest intact one (damaged newer ones are passed over with one line
+    each when `report`). Refuses to start over a run that has checkpoints without --resume, and --resume
+    without a checkpoint: starting from scratch there would hide a mistyped --out behind a whole run."""
     latest = ckpt_io.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume to continue "
@@ -51,9 +53,10 @@ def find_resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     if latest is None and resume:
         where = "" if run_dir.is_dir() else " (the directory does not exist)"
         raise UserError(f"no checkpoint in {run_dir} to resume{where}; drop --resume to start a new run")
-    if latest is not None:
-        ckpt_io.read_trainer_state(latest)  # fail now, before anything is written, if it is unreadable
-    return latest
+    if latest is None:
+        return None
+    # Verified now, before anything is written: a damaged newest checkpoint falls back to an older one.
+    return ckpt_io.intact_checkpoint(run_dir, ckpt_io.to_stderr if report else None)
 
 
 def write_config(run_dir: Path, cfg: Any) -> None:
@@ -136,7 +139,7 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
     d = driver
     start_step = 0
     if d.resume_from is not None:
-        state = ckpt_io.load_checkpoint(d.resume_from, d.saved, d.trainer.optimizer)
+        state = ckpt_io.load_checkpoint(d.resume_from, d.saved, d.trainer.optimizer, verified=True)
         task.load_state_dict(state)
         if d.trainer.loss_scale is not None and "loss_scale" in state:
             d.trainer.loss_scale.load_state_dict(state["loss_scale"])
@@ -158,9 +161,12 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
                             "short when the run was stopped")
     else:
         display.message(task.describe())
+    saver = CheckpointSaver(d.run_dir, d.model_cfg, d.checkpoint.keep, d.checkpoint.async_save, d.is_main,
+                            d.barrier)
     try:
-        path = _loop(d, task, logger, display, start_step)
+        path = _loop(d, task, logger, display, start_step, saver)
     finally:
+        saver.close()
         logger.close()
     return Finished(d.run_dir, model, task, d.steps, path)
 
@@ -174,7 +180,8 @@ def _trainer_state(d: Driver, task: Task) -> dict[str, Any]:
     return state
 
 
-def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay, start_step: int) -> Path:
+def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay, start_step: int,
+          saver: CheckpointSaver) -> Path:
     total = d.steps
     skips = SkipCounter(d.guard.max_skipped_steps)
     spikes = SpikeDetector(d.guard.spike_zscore, d.guard.spike_window) if d.guard.spike_zscore > 0 else None
@@ -199,8 +206,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
         if not weights_finite(d.saved):
             raise TrainingDiverged(f"the weights are not finite at step {step}: checkpoint not written; the "
                                    f"newest good checkpoint is {newest_good()}; lower train.lr")
-        return ckpt_io.save_checkpoint(d.run_dir, step, d.saved, d.trainer.optimizer, _trainer_state(d, task),
-                                       d.model_cfg, keep=d.checkpoint.keep, is_main=d.is_main, barrier=d.barrier)
+        return saver.save(step, d.saved, d.trainer.optimizer, _trainer_state(d, task))
 
     def on_log(step: int, result: StepResult, seconds: float, tokens: int) -> None:
         tokens_per_s = tokens / max(seconds, 1e-9)
@@ -220,6 +226,8 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
             logger.log({"step": step, "skipped": reason})
             display.message(f"step {step}/{total} skipped: {reason}")
             return step
+        if was_spike:
+            saver.wait()  # a checkpoint still being written in the background is the one to roll back to
         latest = ckpt_io.latest_checkpoint(d.run_dir)
         if was_spike and latest is not None:
             return roll_back(step, reason, latest)
@@ -248,6 +256,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
 
     def on_step_end(step: int) -> None:
         nonlocal save_due
+        saver.poll()
         if skipped_at != step:
             skips.accepted()
         if d.eval.every and step % d.eval.every == 0 and step != total:
@@ -270,6 +279,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
     fit(d.trainer, start_step, total, hooks)
     final = evaluate(total)
     path = save(total)
+    saver.finish()
     skipped = f"{skips.total} skipped (not finite), " if skips.total else ""
     display.message(f"done: step {total}, {skipped}{task.summary(final)}checkpoint saved to {path}")
     return path

@@ -16,15 +16,15 @@ TOL = 1e-5
 TP2 = {"tp": 2}
 PLAIN_TP = {**TP2, "sequence_parallel": False, "loss_parallel": False}
 # The default run: adapters under TP with sequence and loss parallelism (the norms' frozen weights re-registered
-# by SequenceParallel), DoRA with activation checkpointing, LoRA with CPU offload (FSDP2 over the tp mesh's
-# one-rank data-parallel dim).
+# by SequenceParallel) and DoRA with activation checkpointing; CPU offload (FSDP2 over the tp mesh's one-rank
+# data-parallel dim) and the rest run with -m slow.
 WORLD_2 = {
     "lora_tp": AdapterRun("lora", TP2),
-    "dora_tp": AdapterRun("dora", TP2),
     "dora_tp_ac": AdapterRun("dora", {**TP2, "activation_checkpoint": "full"}),
-    "lora_tp_offload": AdapterRun("lora", {**TP2, "cpu_offload": True}),
 }
 WORLD_2_SLOW = {
+    "dora_tp": AdapterRun("dora", TP2),
+    "lora_tp_offload": AdapterRun("lora", {**TP2, "cpu_offload": True}),  # the finetune CLI's slow run has it
     **{f"{m}_tp_plain": AdapterRun(m, PLAIN_TP) for m in METHODS},
     "full_tp": AdapterRun("full", TP2),
     "full_tp_ac": AdapterRun("full", {**TP2, "activation_checkpoint": "full"}),

@@ -56,7 +56,8 @@ LAYOUTS = {"ddp": ([DP, "ddp"], "ddp dp_replicate=2"), "zero3": ([DP, "zero3"], 
 
 # The default run keeps one case per method and layout; the other combinations run with `-m slow`.
 @pytest.mark.parametrize("method, weights, layout", [
-    ("dpo", "lora", "ddp"), ("reward", "lora", "zero3"), ("dpo", "lora", "tp2"), ("reward", "full", "tp2"),
+    ("reward", "lora", "zero3"), ("dpo", "lora", "tp2"), ("reward", "full", "tp2"),
+    pytest.param("dpo", "lora", "ddp", marks=pytest.mark.slow),  # finetune's default run has lora under ddp
     pytest.param("dpo", "full", "zero3", marks=pytest.mark.slow),  # full ZeRO-3: finetune's default test has it
     pytest.param("dpo", "full", "tp2", marks=pytest.mark.slow),
     pytest.param("simpo", "lora", "tp2-plain", marks=pytest.mark.slow),
@@ -105,6 +106,7 @@ def grpo_run(tmp_path_factory):
 GRPO_KEYS = ["loss", "grad_norm", "reward", "reward_std", "kl", "completion_len"]
 
 
+@pytest.mark.slow  # ddp generation is what one process does; the default run has the sharded zero3 case
 def test_grpo_ddp_generates_and_trains_like_one_process(grpo_run, tmp_path):
     root, args = grpo_run
     _run([*args, "--out", str(tmp_path / "two")], torchrun=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.distributed.harness import Layout, reference_run, run_world
-from tests.distributed.layouts import SAVE_AT, WORLD_2, WORLD_2_NEW_TORCH, WORLD_4, WORLD_8
+from tests.distributed.layouts import SAVE_AT, WORLD_2, WORLD_2_NEW_TORCH, WORLD_4, WORLD_4_SLOW, WORLD_8
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
@@ -31,6 +31,11 @@ def world4(ckpt_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
+def world4_slow(ckpt_dir) -> dict:
+    return run_world(4, WORLD_4_SLOW, ckpt_dir / "w4slow", port=29616)
+
+
+@pytest.fixture(scope="module")
 def world2(ckpt_dir, world4) -> dict:  # after world4: it resumes world4's checkpoints
     layouts = {**WORLD_2, **(WORLD_2_NEW_TORCH if NEW_TORCH else {})}
     return run_world(2, layouts, ckpt_dir / "w4", port=29612)
@@ -50,6 +55,12 @@ def _assert_matches(result: dict, reference: dict) -> None:
 def test_layout_matches_single_process_at_world_4(name, world4, reference):
     assert min(reference["grad_norms"]) > 0.5  # clipping engaged in every step
     _assert_matches(world4[name], reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WORLD_4_SLOW))
+def test_more_layouts_match_single_process_at_world_4(name, world4_slow, reference):
+    _assert_matches(world4_slow[name], reference)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in WORLD_2 if not n.startswith("resume")))

@@ -171,6 +171,7 @@ def test_a_reader_closing_stdout_early_ends_the_run_quietly(tmp_path, fast_run_a
     assert first.startswith("model ") and stderr == ""
 
 
+@pytest.mark.slow  # the fused loss is compared step by step in tests/unit and tests/distributed by default
 def test_fused_loss_trains_like_the_plain_head(tmp_path, fast_run_args):
     from tests.conftest import read_metrics
 

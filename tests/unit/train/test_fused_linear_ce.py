@@ -55,7 +55,8 @@ def test_frozen_head_gets_no_gradient_and_the_hidden_states_do():
     torch.testing.assert_close(h.grad, h_ref.grad)
 
 
-@pytest.mark.parametrize("tied, compiled", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("tied, compiled", [(False, False), (True, False),
+                                            pytest.param(True, True, marks=pytest.mark.slow)])  # compile: 11 s
 def test_language_model_step_with_fused_loss_matches_the_plain_step(tied, compiled):
     cfg = preset_config("debug", tie_embeddings=tied)
     g = torch.Generator().manual_seed(1)

@@ -191,6 +191,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
     spiked: str | None = None  # the spike detector's verdict on the step just run
 
     def newest_good() -> str:
+        saver.wait()  # a save still being written in the background may be the newest good one
         latest = ckpt_io.latest_checkpoint(d.run_dir)
         return str(latest) if latest is not None else "none (no checkpoint was written)"
 

@@ -28,8 +28,11 @@ def build_trainer(model: nn.Module, world: World, p: ParallelSection, t: TrainSe
     One process compiles forward + loss together (train.compile); a parallel layout compiles each block.
     replicas_equal: every rank loaded the same weights and seeded the same adapters (fine-tuning), so DDP
     skips its start-up broadcast."""
-    # FSDP all-gathers parameters in the compute dtype (gradients are still reduced in fp32)
-    param_dtype = DTYPES[dtype_name] if dtype_name != "fp32" and world.is_distributed else None
+    # Under bf16, FSDP all-gathers parameters in bf16 (gradients are still reduced in fp32). Under fp16 it
+    # gathers fp32, as one process holds them: parameters autocast does not cast (norm weights, the
+    # embedding) would otherwise be rounded to fp16's 11-bit mantissa, and the run would drift from one
+    # process's by about as much as fp16 differs from fp32.
+    param_dtype = DTYPES[dtype_name] if dtype_name == "bf16" and world.is_distributed else None
     par = parallelize(model, world.dims, world.mesh, p, compile_blocks=t.compile and world.is_distributed,
                       param_dtype=param_dtype, converters=converters, replicas_equal=replicas_equal, fp8=t.fp8,
                       fused_loss=t.fused_loss)

@@ -113,6 +113,9 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    # How often each token occurs in `output`, kept up to date as tokens come (only when a penalty needs it):
+    # each step then reads it as it is, instead of counting the whole output again.
+    counts: dict[int, int] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -173,6 +176,8 @@ class Engine:
         if need > self.cache.num_total_blocks:
             raise InvalidParameter("max_tokens", f"the request needs {need} KV cache blocks but the cache "
                                    f"has {self.cache.num_total_blocks}; ask for fewer tokens")
+        if any(not t < self.config.vocab_size for t, _ in params.logit_bias):
+            raise InvalidParameter("logit_bias", f"logit_bias token ids must be in [0, {self.config.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise InvalidParameter("stop", "stop strings need a tokenizer; this engine has none")
 
@@ -183,7 +188,8 @@ class Engine:
         self.check_request(prompt_ids, params)
         text = OutputText(self.tokenizer, params.stop) if self.tokenizer is not None else None
         generator = None if params.greedy else make_generator(params.seed)
-        request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output)
+        request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output,
+                           counts={} if params.penalized else None)
         self._requests[request.id] = request
         self.waiting.append(request)
         self.stats.requests_added += 1
@@ -301,7 +307,8 @@ class Engine:
         """One model call for `requests` (whole prompts when prefilling, else one new token each), then
         one sampled token per request. Every host -> device input, sampling's included, is sent before
         the forward is launched, and all results come back in one transfer at the end."""
-        sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device)
+        sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device,
+                                       [r.counts for r in requests])
         logits = self._prefill_logits(requests) if prefill else self._decode_logits(requests)
         drawn = sample(logits, sampling)
         return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])
@@ -333,6 +340,8 @@ class Engine:
                 top: list[tuple[int, float]]) -> RequestOutput:
         request.output.append(token)
         request.logprobs.append(logprob)
+        if request.counts is not None:
+            request.counts[token] = request.counts.get(token, 0) + 1
         if request.params.top_logprobs:
             request.top_logprobs.append(top)
         self.stats.generated_tokens += 1

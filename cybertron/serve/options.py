@@ -53,12 +53,16 @@ class SamplingSection:
     stop: list[str] = opt([], "stop before this text (repeat --stop for several; backslash escapes such as \\n "
                               "are decoded)")
     greedy: bool = opt(False, "always take the most likely token (temperature 0)")
+    presence_penalty: float = opt(0.0, "subtracted from the logit of each token already generated, in [-2, 2]")
+    frequency_penalty: float = opt(0.0, "subtracted from a token's logit once per time it was generated, in "
+                                        "[-2, 2]")
 
     def params(self) -> SamplingParams:
         """The engine's parameters, validated; ConfigError naming the sampling key otherwise."""
         params = SamplingParams(temperature=0.0 if self.greedy else self.temperature, top_k=self.top_k,
                                 top_p=self.top_p, max_tokens=self.max_new_tokens,
-                                stop=tuple(decode_escapes(s, "sampling.stop") for s in self.stop), seed=self.seed)
+                                stop=tuple(decode_escapes(s, "sampling.stop") for s in self.stop), seed=self.seed,
+                                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
         try:
             params.validate()
         except UserError as err:

@@ -1,6 +1,6 @@
 """OpenAI API shapes: request bodies (validated by pydantic), error bodies, and response/chunk builders.
 
-A field this server does not implement (tools, response_format, logit_bias, penalties...) is refused with
+A field this server does not implement (tools, response_format, best_of, min_p...) is refused with
 a 400 naming it, never silently dropped, unless it holds its neutral value (null, false, 0, [], {}, or
 e.g. tool_choice "none"), which asks for nothing; clients and SDKs send those routinely. `user` is mere
 metadata and is accepted. Text must be valid Unicode: JSON lets a lone surrogate ("\\ud800") through,
@@ -100,6 +100,9 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     ignore_eos: bool = False
     user: str | None = None  # metadata about the caller: accepted, unused
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string, JSON keys being strings) -> bias
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     def check(self) -> None:
         """InvalidParameter for a field we do not implement or text that is not valid Unicode."""
@@ -121,7 +124,19 @@ class _SamplingFields(BaseModel):
         top_p = 1.0 if self.top_p is None else self.top_p
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens,
                               stop=stop, seed=seed, logprobs=logprobs, top_logprobs=top_logprobs,
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(),
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0)
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """The keys as token ids; InvalidParameter for a key that is not one (ranges: SamplingParams)."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdecimal()) or len(key) > 20:
+                raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids (decimal strings such "
+                                                     f"as \"50256\"), got {key[:40]!r}")
+            pairs.append((int(key), bias))
+        return tuple(pairs)
 
     @property
     def include_usage(self) -> bool:

@@ -4,9 +4,15 @@ Reproducibility: every request owns a `torch.Generator`, and a sampled row consu
 number from it per token. What a request draws therefore depends on its seed alone, never on which other
 requests share the batch.
 
+Before a token is chosen (greedy or sampled), each row's logits get OpenAI's adjustments: its logit_bias
+added, and `frequency_penalty * count[j] + presence_penalty * (count[j] > 0)` subtracted, where count is
+how often token j occurs in what the request has generated so far (not the prompt). Temperature, top-k and
+top-p then act on the adjusted logits.
+
 Log-probabilities are those of the *model's* distribution: `log_softmax` of the raw fp32 logits, before
-temperature, top-k or top-p. That is the quantity a trainer computes from the same logits (policy-gradient
-and KL terms in GRPO/PPO need exactly it), and it does not change when a client changes how it samples.
+logit_bias, penalties, temperature, top-k or top-p. That is the quantity a trainer computes from the same
+logits (policy-gradient and KL terms in GRPO/PPO need exactly it), it does not change when a client changes
+how it samples, and it is what vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit: more would make every streamed chunk la
 # with their number and length: without a cap one request can slow everyone's step down. OpenAI allows 4.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512  # their total length
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI documents; each becomes work in every step
+LOGIT_BIAS_RANGE = 100.0  # |bias| at most, OpenAI's range: -100 bans a token in practice, +100 forces it
+PENALTY_RANGE = 2.0  # |presence_penalty| and |frequency_penalty| at most, OpenAI's range
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (a negative seed wraps around)
 NON_FINITE_LOGITS = ("the model produced non-finite logits (NaN or inf) for this request, so no token can be "
                      "sampled; the checkpoint's weights are broken or the computation overflowed")
@@ -52,10 +61,18 @@ class SamplingParams:
     top_logprobs: int = 0  # also return the n most likely tokens (model distribution) at each step
     ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks need fixed lengths)
     stop_token_ids: tuple[int, ...] = field(default=())
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids distinct
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the request's generated tokens must be counted (a penalty is set)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def validate(self) -> None:
         """InvalidParameter naming the first value out of range."""
@@ -79,6 +96,26 @@ class SamplingParams:
                                            f"{sum(map(len, self.stop))}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise InvalidParameter("seed", f"seed must be in [-2**63, 2**64), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE):
+                raise InvalidParameter(name, f"{name} must be in [-2, 2], got {value}")
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        """Ranges only: whether the ids exist in the vocabulary is the engine's check (it knows the model)."""
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameter("logit_bias", f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got "
+                                                 f"{len(self.logit_bias)}")
+        seen = set()
+        for token, bias in self.logit_bias:
+            if token < 0 or token in seen:
+                raise InvalidParameter("logit_bias", f"logit_bias keys must be distinct token ids >= 0, got "
+                                                     f"{token}" + (" twice" if token in seen else ""))
+            if not (math.isfinite(bias) and -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE):
+                raise InvalidParameter("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for "
+                                                     f"token {token}")
+            seen.add(token)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -103,18 +140,69 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # (S, 1); "off" is a k larger than any vocabulary
     top_p: torch.Tensor | None  # (S, 1)
     uniform: torch.Tensor | None  # (S,) one draw per sampled row from that request's generator
+    # Sparse logit adjustments (logit_bias and penalties): entry e adds scale * count + shift to logit
+    # [row, token]; None if no row has any.
+    adjust_at: torch.Tensor | None = None  # (2, E) int64: rows, tokens
+    adjust_terms: torch.Tensor | None = None  # (3, E) float32: scale, count, shift
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-              device: torch.device | str) -> SamplingBatch:
+              device: torch.device | str,
+              counts: Sequence[dict[int, int] | None] | None = None) -> SamplingBatch:
+        """`counts[i]`: how often each token occurs in row i's generated tokens (needed where penalized)."""
+        adjust_at, adjust_terms = _adjustments(params, counts, device)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:
-            return cls(list(params), None, None, None, None, None)
+            return cls(list(params), None, None, None, None, None, adjust_at, adjust_terms)
         uniform = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled])
         columns = torch.tensor([[i, params[i].top_k or 2**62] for i in sampled], dtype=torch.int64)
         floats = torch.tensor([[params[i].temperature, params[i].top_p] for i in sampled], dtype=torch.float32)
         columns, floats, uniform = (t.to(device, non_blocking=True) for t in (columns, floats, uniform))
-        return cls(list(params), columns[:, 0], floats[:, :1], columns[:, 1:], floats[:, 1:], uniform)
+        return cls(list(params), columns[:, 0], floats[:, :1], columns[:, 1:], floats[:, 1:], uniform,
+                   adjust_at, adjust_terms)
+
+
+def _adjustments(params: Sequence[SamplingParams], counts: Sequence[dict[int, int] | None] | None,
+                 device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The sparse entries of every row's logit_bias (scale 0, shift = bias) and penalties (scale
+    -frequency_penalty, count, shift -presence_penalty, one entry per distinct generated token). The host
+    only concatenates lists, without arithmetic per token; the device computes scale * count + shift."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    scale: list[float] = []
+    count: list[float] = []
+    shift: list[float] = []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            n = len(p.logit_bias)
+            ids, biases = zip(*p.logit_bias)
+            rows += [i] * n
+            tokens += ids
+            scale += [0.0] * n
+            count += [0.0] * n
+            shift += biases
+        seen = counts[i] if counts is not None and p.penalized else None
+        if seen:
+            n = len(seen)
+            rows += [i] * n
+            tokens += seen.keys()
+            scale += [-p.frequency_penalty] * n
+            count += seen.values()
+            shift += [-p.presence_penalty] * n
+    if not rows:
+        return None, None
+    at = torch.tensor([rows, tokens], dtype=torch.int64).to(device, non_blocking=True)
+    terms = torch.tensor([scale, count, shift], dtype=torch.float32).to(device, non_blocking=True)
+    return at, terms
+
+
+def adjust_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """(B, vocab) logits with the batch's logit_bias and penalties applied (a new tensor; several entries
+    on one token add up, a bias and a penalty on the same token both count)."""
+    if batch.adjust_at is None:
+        return logits
+    scale, count, shift = batch.adjust_terms
+    return logits.index_put((batch.adjust_at[0], batch.adjust_at[1]), scale * count + shift, accumulate=True)
 
 
 @dataclass
@@ -134,6 +222,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
     logits = logits.masked_fill(broken[:, None], 0.0)
     model_logprobs = torch.log_softmax(logits, dim=-1)
+    logits = adjust_logits(logits, batch)  # what is chosen from; the reported logprobs stay the model's
     tokens = logits.argmax(dim=-1)
     if batch.rows is not None:
         tokens = tokens.index_copy(0, batch.rows, _sample_rows(logits[batch.rows], batch))

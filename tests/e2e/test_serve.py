@@ -3,6 +3,7 @@ requests answered with OpenAI-style errors, client disconnects, a short concurre
 leaked at the end."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -58,9 +59,14 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("serve") / "tiny-llama"
-    make_model_dir(model_dir)
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny-llama"
+    make_model_dir(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
     with running_server(model_dir) as (url, _):
         yield url
 
@@ -204,10 +210,14 @@ MALFORMED = [
      400, "tool_choice", "unsupported_parameter"),
     ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                           "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
-    ("completions", {"prompt": "Hi", "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
-    ("completions", {"prompt": "Hi", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": -1},
-     400, "frequency_penalty", "unsupported_parameter"),
+    # logit_bias and the penalties: OpenAI's ranges, ids in the vocabulary (400 tokens), at most 300 entries
+    ("completions", {"prompt": "Hi", "logit_bias": {"5": 100.5}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "Hi", "logit_bias": {"400": 1}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "Hi", "logit_bias": {"fox": 1}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "Hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "Hi", "presence_penalty": 2.5}, 400, "presence_penalty", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": -3},
+     400, "frequency_penalty", None),
     ("completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     ("completions", {"prompt": "Hi", "min_p": 0.1}, 400, "min_p", "unsupported_parameter"),
     ("chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
@@ -346,7 +356,7 @@ def test_unsupported_openai_fields_are_refused_by_name_and_neutral_ones_accepted
     messages = [{"role": "user", "content": "Hi"}]
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     refused = [{"tools": [tool]}, {"tool_choice": "required"}, {"response_format": {"type": "json_object"}},
-               {"logit_bias": {"5": 10}}, {"presence_penalty": 0.5}]
+               {"modalities": ["audio"]}]
     for fields in refused:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=2, **fields)
@@ -356,6 +366,45 @@ def test_unsupported_openai_fields_are_refused_by_name_and_neutral_ones_accepted
         model="tiny-llama", messages=messages, max_tokens=2, presence_penalty=0, frequency_penalty=0.0,
         logit_bias={}, user="alice", tool_choice="none", response_format={"type": "text"}, top_p=1.0)
     assert reply.choices[0].message.role == "assistant"
+
+
+def _penalized_greedy(model_dir, prompt, n, logit_bias=None, presence=0.0, frequency=0.0):
+    """Reference: transformers' logits over everything so far, OpenAI's formula applied, argmax; stops at eos."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+    tokens, generated = tokenizer.encode(prompt).ids, []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([tokens + generated])).logits[0, -1].float()
+            for token, bias in (logit_bias or {}).items():
+                logits[int(token)] += bias
+            for token in set(generated):
+                logits[token] -= frequency * generated.count(token) + presence
+            generated.append(int(logits.argmax()))
+            if generated[-1] == model.config.eos_token_id:
+                break
+    return tokenizer, tokenizer.decode(generated)
+
+
+def test_logit_bias_and_penalties_follow_openais_formula(client, model_dir):
+    prompt, n = "The quick brown", 16
+    kwargs = dict(model="tiny-llama", prompt=prompt, max_tokens=n, temperature=0.0)
+    tokenizer, plain = _penalized_greedy(model_dir, prompt, n)
+    forced = tokenizer.encode(" fox").ids[0]
+    reply = client.completions.create(**kwargs, logit_bias={str(forced): 100})
+    assert reply.choices[0].text == tokenizer.decode([forced] * n)
+    # Two concurrent requests (batched together by the server), each with its own penalties.
+    settings = [dict(frequency_penalty=2.0), dict(presence_penalty=1.0, frequency_penalty=-0.5,
+                                                  logit_bias={str(forced): -100})]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda extra: client.completions.create(**kwargs, **extra), settings))
+    for reply, extra in zip(replies, settings):
+        expected = _penalized_greedy(model_dir, prompt, n, extra.get("logit_bias"), extra.get("presence_penalty", 0),
+                                     extra.get("frequency_penalty", 0))[1]
+        assert reply.choices[0].text == expected, extra
+    assert replies[0].choices[0].text != plain
 
 
 def test_a_body_over_the_limit_is_413(server):

@@ -92,9 +92,36 @@ def test_api_key_is_required_on_v1_only(client):
 
 
 def test_unsupported_fields_are_refused_not_ignored(client):
-    for extra, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"echo": True}, "echo"),
+    for extra, param in [({"best_of": 3}, "best_of"), ({"echo": True}, "echo"),
                          ({"n": 0}, "n"), ({"logprobs": 21}, "logprobs")]:
         response = client.post("/v1/completions", json={"prompt": "Hi", **extra})
         assert response.status_code == 400, extra
         assert response.json()["error"]["param"] == param
     assert client.engine.cache.num_free_blocks == client.engine.cache.num_total_blocks
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(client, chat_tokenizer):
+    prompt = chat_tokenizer.encode("Hello")
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    forced = client.post("/v1/completions", json={**body, "logit_bias": {"42": 100}}).json()
+    assert forced["choices"][0]["text"] == chat_tokenizer.decode([42] * 8)
+    plain = client.post("/v1/completions", json=body).json()
+    penalized = client.post("/v1/completions", json={**body, "frequency_penalty": 1.5, "presence_penalty": -0.5,
+                                                     "logit_bias": {"7": -3.5}}).json()
+    expected = Engine(client.engine.model, chat_tokenizer, num_blocks=16, block_size=8).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, frequency_penalty=1.5,
+                                 presence_penalty=-0.5, logit_bias=((7, -3.5),)))[0]
+    assert penalized["choices"][0]["text"] == expected.text != plain["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"logit_bias": {"fox": 1}}, "logit_bias"), ({"logit_bias": {"-3": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 1, "05": 2}}, "logit_bias"), ({"logit_bias": {"320": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"), ({"logit_bias": {"5": "up"}}, "logit_bias.5"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.1}, "frequency_penalty"),
+])
+def test_out_of_range_adjustments_are_400_naming_the_field(client, extra, param):
+    response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -36,7 +36,8 @@ class GenerateConfig:
 
 SHORTCUTS = {**MODEL_SHORTCUTS, "--prompt": "generate.prompt", "--max-new-tokens": "sampling.max_new_tokens",
              "--temperature": "sampling.temperature", "--top-k": "sampling.top_k", "--top-p": "sampling.top_p",
-             "--seed": "sampling.seed", "--stop": "sampling.stop", "--greedy": "sampling.greedy"}
+             "--seed": "sampling.seed", "--stop": "sampling.stop", "--greedy": "sampling.greedy",
+             "--presence-penalty": "sampling.presence_penalty", "--frequency-penalty": "sampling.frequency_penalty"}
 
 
 def main(argv: list[str]) -> int:

@@ -34,6 +34,18 @@ def test_generate_cli_streams_greedy_text_from_an_hf_directory(hf_dir, text_mode
     assert capsys.readouterr().out == expected[0].text + "\n"
 
 
+def test_generate_cli_penalties_reach_the_engine(hf_dir, text_model, tokenizer, capsys):
+    code = cli_main(["generate", "--model", str(hf_dir), "--prompt", "The quick", "--greedy", "--max-new-tokens",
+                     "12", "--device", "cpu", "--frequency-penalty", "2", "--presence-penalty", "0.5"])
+    assert code == 0
+    engine = Engine(text_model, tokenizer, num_blocks=16, block_size=8)
+    prompt = [tokenizer.encode("The quick")]
+    penalized, plain = engine.generate(prompt * 2, [
+        SamplingParams(temperature=0.0, max_tokens=12, frequency_penalty=2.0, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, max_tokens=12)])
+    assert capsys.readouterr().out == penalized.text + "\n" and penalized.text != plain.text
+
+
 def test_generate_cli_sampling_is_seeded(hf_dir, capsys):
     argv = ["generate", "--model", str(hf_dir), "--prompt", "", "--max-new-tokens", "8", "--seed", "3",
             "--top-k", "20", "--top-p", "0.9", "--temperature", "1.0"]
@@ -51,6 +63,7 @@ def test_generate_cli_sampling_is_seeded(hf_dir, capsys):
     (["--model", "/nonexistent/dir", "--prompt", "x"], "is not a directory"),
     (["--model", "{hf}", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["--model", "{hf}", "--prompt", "x", "--top-p", "0"], "top_p"),
+    (["--model", "{hf}", "--prompt", "x", "--frequency-penalty", "3"], "sampling.frequency_penalty must be in"),
     (["--model", "{hf}", "--prompt", "x", "--max-new-tokens", "100000"], "context"),
     (["--model", "{hf}", "--prompt", "x", "--device", "tpu"], "--device"),
     (["--model", "{hf}", "--prompt", "x", "--max-new-tokens", "ten"], "sampling.max_new_tokens expects int"),

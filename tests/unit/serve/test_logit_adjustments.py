@@ -105,3 +105,13 @@ def test_a_bias_on_a_token_outside_the_vocabulary_is_refused(debug_model):
     with pytest.raises(UserError) as err:
         engine.check_request([1, 2], SamplingParams(logit_bias=((256, 1.0),)))
     assert err.value.param == "logit_bias"
+
+
+def test_a_preempted_request_keeps_counting_what_it_generated_before(debug_model):
+    """Recomputation puts the output so far into the new prompt; the penalties must still count it."""
+    prompts = random_prompts([10, 12, 9, 11], seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=20, frequency_penalty=1.0, presence_penalty=0.5)
+    engine = Engine(debug_model, max_batch_size=4, num_blocks=12, block_size=4)
+    results = engine.generate(prompts, params)
+    assert engine.stats.preemptions > 0
+    assert [r.token_ids for r in results] == [_penalized_greedy(debug_model, p, 20, params) for p in prompts]

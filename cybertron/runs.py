@@ -243,8 +243,9 @@ def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
         try:
             ckpt = resolve_checkpoint(path, report=None)  # load_run reports a fallback, once
         except UserError as err:
-            raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing) nor a "
-                            "cybertron run directory (no complete checkpoint)") from err
+            raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing), a PEFT "
+                            "adapter directory (adapter_config.json) nor a cybertron run directory (no complete "
+                            "checkpoint)") from err
         cfg = read_model_config(ckpt)
         tokenizer_dir = ckpt.parent.parent
     if not (tokenizer_dir / "tokenizer.json").is_file():

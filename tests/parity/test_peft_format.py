@@ -97,3 +97,21 @@ def test_unsupported_peft_options_are_refused_by_name(tmp_path):
     config_file.write_text(json.dumps({**original, "base_model_name_or_path": str(other)}))
     with pytest.raises(UserError, match="another model"):
         load_peft_model(adapter)
+
+
+@pytest.mark.slow
+def test_qlora_adapter_is_written_as_is(tmp_path):
+    """A QLoRA run's adapters go out unchanged (the NF4 base is the loader's choice): the file holds the trained
+    tensors, and peft over the full-precision base gives what cybertron gives over that base."""
+    pytest.importorskip("torchao")
+    run = _finetune(tmp_path, "llama", "qlora", steps=2)
+    out = tmp_path / "adapter"
+    assert export_main(["--run", str(run.run_dir), "--out", str(out)]) == 0
+    trained = dict(lora_modules(run.model))
+    written = dict(lora_modules(load_peft_model(out, merge=False)))
+    assert trained.keys() == written.keys()
+    for name, module in trained.items():
+        assert torch.equal(module.lora_A, written[name].lora_A) and torch.equal(module.lora_B, written[name].lora_B)
+    assert any(m.lora_B.abs().max() > 0 for m in trained.values())
+    with torch.no_grad():
+        assert (_peft_logits(tmp_path / "hf", out) - load_peft_model(out)(TOKENS)).abs().max() <= 1e-4

@@ -231,7 +231,7 @@ def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
         raise UserError(f"model.path {path} is not a directory; give a Hugging Face model directory, a PEFT "
                         "adapter directory or a cybertron run directory")
     if is_peft_dir(path):  # the base's config; the adapter's own tokenizer files when it carries them
-        cfg, tokenizer = read_base(read_peft_adapter(path).base)
+        cfg, tokenizer = read_base(read_peft_adapter(path).base)  # every check now, before any slow work
         return cfg, (TextTokenizer.load(path) if (path / "tokenizer.json").is_file() else tokenizer)
     if is_hf_dir(path):
         cfg = read_hf_config(path)

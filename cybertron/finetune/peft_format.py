@@ -119,6 +119,20 @@ def read_peft_adapter(path: Path) -> PeftAdapter:
     return PeftAdapter(_base_dir(path, config), spec, tensors)
 
 
+def adapter_base(path: Path) -> Path:
+    """The base directory a PEFT adapter directory names (read without its weights)."""
+    return _base_dir(Path(path), _read_config(Path(path)))
+
+
+def tokenizer_dir(path: Path) -> Path:
+    """Where a base's tokenizer files are: the directory itself, or for a PEFT adapter saved without them (as
+    `peft` saves), its base's."""
+    path = Path(path)
+    while is_peft_dir(path) and not (path / "tokenizer.json").is_file():
+        path = adapter_base(path)
+    return path
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / CONFIG_FILE
     try:

@@ -11,11 +11,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from cybertron.commands.export import main as export_main  # noqa: E402
+from cybertron.commands.finetune import run as run_finetune  # noqa: E402
+from cybertron.config import parse_args  # noqa: E402
 from cybertron.errors import UserError  # noqa: E402
-from cybertron.finetune.lora import lora_modules  # noqa: E402
+from cybertron.finetune.config import SHORTCUTS, FinetuneConfig  # noqa: E402
+from cybertron.finetune.lora import adapters_disabled, lora_modules  # noqa: E402
 from cybertron.runs import load_base_weights, load_for_inference, load_peft_model, load_run, read_base  # noqa: E402
 from tests.parity.test_lora_export import _finetune  # noqa: E402
-from tests.unit.finetune.tiny_hf import VOCAB, make_hf_dir  # noqa: E402
+from tests.unit.finetune.tiny_hf import VOCAB, make_hf_dir, write_chats  # noqa: E402
 
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -81,6 +84,21 @@ def test_peft_saved_adapter_loads_with_peft_logits(tmp_path, lora):
         cfg, tokenizer = read_base(adapter)
         assert cfg.n_layers == 2 and tokenizer.vocab_size <= VOCAB  # the base's tokenizer: peft saved none
         assert (load_base_weights(adapter, "cpu", torch.float32).eval()(TOKENS) - expected).abs().max() <= 1e-4
+
+
+def test_finetune_from_a_peft_adapter_trains_over_the_merged_base(tmp_path):
+    """`cybertron finetune --model ADAPTER_DIR` (peft saved no tokenizer): the run's base is the adapter merged
+    onto its base, and the run directory reloads (run.json names the adapter directory)."""
+    hf, adapter = _peft_saved(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    chats = write_chats(tmp_path / "chats.jsonl", n=8)
+    cfg = parse_args(["--model.path", str(adapter), "--data.path", str(chats), "--steps", "1",
+                      "--train.global_batch_size", "4", "--data.seq_len", "64", "--out", str(tmp_path / "run"),
+                      "--log.progress", "lines", "--log.tensorboard", "false", "--eval.every", "0"],
+                     FinetuneConfig(), SHORTCUTS)
+    run = run_finetune(cfg)
+    reloaded = load_run(run.run_dir, merge=False).model
+    with torch.no_grad(), adapters_disabled(reloaded):
+        assert (reloaded(TOKENS) - _peft_logits(hf, adapter)).abs().max() <= 1e-4
 
 
 def test_unsupported_peft_options_are_refused_by_name(tmp_path):

@@ -2,7 +2,8 @@
 
 The HF directory written holds config.json, safetensors and the tokenizer files, and loads in
 `transformers.AutoModelForCausalLM.from_pretrained` with the same logits as cybertron's model (a reward run:
-`AutoModelForSequenceClassification`, with the same scores).
+`AutoModelForSequenceClassification`, with the same scores). An adapter run can instead be written as a PEFT
+adapter directory (`export_peft`), which `peft.PeftModel.from_pretrained` loads onto the run's base.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from cybertron.align.reward import save_reward_hf
 from cybertron.data.tokenizer import copy_tokenizer_files
 from cybertron.errors import UserError
 from cybertron.files import atomic_directory, is_empty_or_absent
+from cybertron.finetune.peft_format import write_peft_adapter
 from cybertron.models.hf import SpecialTokenIds, load_hf_model, save_hf_model
-from cybertron.runs import REWARD_HEAD, LoadedRun, converted_meta, load_run
+from cybertron.runs import REWARD_HEAD, LoadedRun, converted_meta, is_hf_dir, load_run, read_meta
 from cybertron.train import checkpoint as ckpt_io
 
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")  # the canonical names (cybertron.config) of the dtypes written
@@ -52,6 +54,36 @@ def export_hf(run_dir: Path, hf_dir: Path, dtype: torch.dtype = torch.float32) -
     with atomic_directory(hf_dir) as tmp:  # a kill leaves no --out directory, never a half-written model
         _write_hf(run, ckpt.parent.parent, tmp, dtype)
     return hf_dir
+
+
+def export_peft(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A LoRA/DoRA/QLoRA run's newest adapters as a PEFT adapter directory (adapter_config.json,
+    adapter_model.safetensors, the tokenizer files) whose base_model_name_or_path is the run's base. A QLoRA
+    adapter is written as is: whoever loads it quantizes the base (or not) as they choose."""
+    out_dir = Path(out_dir)
+    _refuse_non_empty(out_dir)
+    ckpt = ckpt_io.resolve_checkpoint(Path(run_dir))
+    root = ckpt.parent.parent
+    meta = read_meta(root)
+    if meta.adapters is None:
+        raise UserError(f"{root} is a {meta.method} run with no adapters to write in PEFT's format; export "
+                        "it whole with --merge")
+    if meta.head == REWARD_HEAD:
+        raise UserError(f"{root} is a reward model, whose score head PEFT's causal-LM adapter cannot hold; "
+                        "export it whole with --merge")
+    run = load_run(ckpt, "cpu", merge=False)
+    with atomic_directory(out_dir) as tmp:  # a kill leaves no --out directory, never half an adapter
+        copy_tokenizer_files(root, tmp)
+        write_peft_adapter(run.model, meta.adapters.lora, str(meta.base_model), tmp, dtype)
+        if not (tmp / "tokenizer.json").is_file():
+            run.tokenizer.save(tmp)
+    return out_dir
+
+
+def base_is_hf(run_dir: Path) -> bool:
+    """Whether the run's base is a Hugging Face directory (one `peft` can load the adapter onto)."""
+    base = read_meta(ckpt_io.resolve_checkpoint(Path(run_dir), report=None).parent.parent).base_model
+    return base is not None and is_hf_dir(Path(base))
 
 
 def _write_hf(run: LoadedRun, root: Path, out: Path, dtype: torch.dtype) -> None:

@@ -34,6 +34,7 @@ from cybertron.files import write_text_atomic
 from cybertron.finetune.config import FinetuneConfig, MethodSection
 from cybertron.finetune.lora import LoRASpec, merge_lora_, trainable_view
 from cybertron.finetune.model import BaseModel, build_finetune_model
+from cybertron.finetune.peft_format import apply_peft_adapter, is_peft_dir, read_peft_adapter
 from cybertron.models.config import ModelConfig
 from cybertron.models.hf import load_hf_model, read_hf_config
 from cybertron.models.llama import Transformer
@@ -223,12 +224,15 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
-    """(model config, tokenizer) of a base (a Hugging Face or a run directory), checked without loading any
-    weight."""
+    """(model config, tokenizer) of a base (a Hugging Face, PEFT adapter or run directory), checked without
+    loading any weight."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"model.path {path} is not a directory; give a Hugging Face model directory or a "
-                        "cybertron run directory")
+        raise UserError(f"model.path {path} is not a directory; give a Hugging Face model directory, a PEFT "
+                        "adapter directory or a cybertron run directory")
+    if is_peft_dir(path):  # the base's config; the adapter's own tokenizer files when it carries them
+        cfg, tokenizer = read_base(read_peft_adapter(path).base)  # every check now, before any slow work
+        return cfg, (TextTokenizer.load(path) if (path / "tokenizer.json").is_file() else tokenizer)
     if is_hf_dir(path):
         cfg = read_hf_config(path)
         if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")) \
@@ -239,8 +243,9 @@ def read_base(path: Path) -> tuple[ModelConfig, TextTokenizer]:
         try:
             ckpt = resolve_checkpoint(path, report=None)  # load_run reports a fallback, once
         except UserError as err:
-            raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing) nor a "
-                            "cybertron run directory (no complete checkpoint)") from err
+            raise UserError(f"{path} is not a Hugging Face model directory (config.json is missing), a PEFT "
+                            "adapter directory (adapter_config.json) nor a cybertron run directory (no complete "
+                            "checkpoint)") from err
         cfg = read_model_config(ckpt)
         tokenizer_dir = ckpt.parent.parent
     if not (tokenizer_dir / "tokenizer.json").is_file():
@@ -261,10 +266,21 @@ def open_base(path: Path) -> BaseModel:
 
 
 def load_base_weights(path: Path, device: torch.device | str, dtype: torch.dtype) -> Transformer:
-    """A base's weights as a plain Transformer in train mode (a fine-tuned run's adapters merged in)."""
+    """A base's weights as a plain Transformer in train mode (a fine-tuned run's or a PEFT adapter's adapters
+    merged in)."""
+    if is_peft_dir(path):
+        return load_peft_model(path, device).to(dtype).train()
     if is_hf_dir(path):
         return load_hf_model(path, device=device, dtype=dtype)
     return load_run(path, device, head=LM_HEAD).model.to(dtype).train()
+
+
+def load_peft_model(path: Path, device: torch.device | str = "cpu", merge: bool = True) -> Transformer:
+    """A PEFT LoRA/DoRA adapter directory on its base (base_model_name_or_path: a Hugging Face or run
+    directory), in eval mode: merged into plain weights, or kept as LoRALinear layers (merge=False)."""
+    adapter = read_peft_adapter(Path(path))
+    model = apply_peft_adapter(load_base_weights(adapter.base, device, torch.float32), adapter)
+    return (merge_lora_(model) if merge else model).eval()
 
 
 # ---- generate and serve -------------------------------------------------------------------------------------
@@ -272,15 +288,19 @@ def load_base_weights(path: Path, device: torch.device | str, dtype: torch.dtype
 def load_for_inference(path: Path, as_run: bool, device: torch.device,
                        dtype: str = "auto") -> tuple[Transformer, TextTokenizer, str]:
     """(model in eval mode, tokenizer, a display name) from a model source, as `cybertron generate` and
-    `cybertron serve` take it: a Hugging Face directory or a run directory (`as_run`: given with --run, so an
-    HF directory there is a mistake). `dtype` (canonical: auto, fp32, bf16, fp16) applies to an HF model."""
+    `cybertron serve` take it: a Hugging Face directory, a PEFT adapter directory (merged onto its base) or a run
+    directory (`as_run`: given with --run, so an HF directory there is a mistake). `dtype` (canonical: auto, fp32,
+    bf16, fp16) applies to an HF model and a PEFT adapter's merged model."""
     flag = "--run" if as_run else "--model"
     if not path.is_dir():
         raise UserError(f"{flag} {path} is not a directory; give a Hugging Face model directory or a cybertron "
                         "run directory")
-    if as_run or not is_hf_dir(path):  # load_run names what a run directory lacks
+    if as_run or not (is_hf_dir(path) or is_peft_dir(path)):  # load_run names what a run directory lacks
         run = load_run(path, device, head=LM_HEAD)
         return run.model, run.tokenizer, path.resolve().name
     torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if is_peft_dir(path):
+        _, tokenizer = read_base(path)
+        return load_peft_model(path, device).to(torch_dtype), tokenizer, path.resolve().name
     model = load_hf_model(path, device=device, dtype=torch_dtype)
     return model.eval(), TextTokenizer.load(path), path.resolve().name

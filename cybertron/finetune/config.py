@@ -30,8 +30,8 @@ CHAT_TEMPLATE_HELP = ("Jinja chat template file that replaces the model's; 'defa
 
 @dataclass
 class BaseModelSection:
-    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json) or a "
-                        "cybertron run directory")
+    path: str = opt("", "Hugging Face model directory (config.json, safetensors, tokenizer.json), a PEFT "
+                        "adapter directory (merged onto its base) or a cybertron run directory")
     dtype: str = opt("auto", "storage dtype of the frozen base: auto (bf16 when adapters train under bf16 "
                              "autocast, else fp32), fp32 or bf16; full fine-tuning keeps fp32 weights", dtype=True)
 

@@ -27,6 +27,7 @@ from cybertron.files import write_text_atomic
 from cybertron.finetune.config import FinetuneConfig
 from cybertron.finetune.lora import count_params
 from cybertron.finetune.model import BaseModel, OpenBase, base_dtype, build_finetune_model, saved_module
+from cybertron.finetune.peft_format import tokenizer_dir
 from cybertron.finetune.quant import check_shardable, quantized_bits_per_param
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.build_trainer import build_trainer
@@ -136,7 +137,7 @@ def write_run_files(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, chat_tem
     """config.toml and the base's tokenizer files, with the chat template the run trains with as
     chat_template.jinja (which both our loader and `transformers` prefer to tokenizer_config's)."""
     write_config(run_dir, cfg)
-    copy_tokenizer_files(base_dir, run_dir)
+    copy_tokenizer_files(tokenizer_dir(base_dir), run_dir)
     write_text_atomic(run_dir / CHAT_TEMPLATE_FILE, chat_template)
 
 

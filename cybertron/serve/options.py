@@ -23,12 +23,13 @@ OUT_IS_NOT_AN_INPUT = {"--out": "--out is an output directory; read a run (or a 
 
 @dataclass
 class ModelSourceSection:
-    path: str = opt("", "a Hugging Face model directory (config.json, safetensors, tokenizer.json) or a cybertron "
-                        "run directory (its newest checkpoint is loaded)")
+    path: str = opt("", "a Hugging Face model directory (config.json, safetensors, tokenizer.json), a PEFT "
+                        "LoRA/DoRA adapter directory (merged onto its base_model_name_or_path) or a cybertron run "
+                        "directory (its newest checkpoint is loaded)")
     run: str = opt("", "a cybertron run directory: the explicit form of model.path for a run")
     device: str = opt("auto", "auto (cuda if available), cpu or cuda[:N]")
-    dtype: str = opt("auto", "weights/KV dtype of a Hugging Face model: auto (bf16 on CUDA, fp32 on CPU), fp32, "
-                             "bf16 or fp16", dtype=True)
+    dtype: str = opt("auto", "weights/KV dtype of a Hugging Face model or PEFT adapter: auto (bf16 on CUDA, fp32 "
+                             "on CPU), fp32, bf16 or fp16", dtype=True)
 
     def source(self) -> tuple[Path, bool]:
         """(the directory to load, whether it was given as a run with --run)."""

@@ -36,7 +36,7 @@ def _args(inputs, run_dir, *extra):
             "--log.progress", "lines", "--log.tensorboard", "false", *extra]
 
 
-def test_lora_finetune_then_merge_export_then_generate(inputs, tmp_path):
+def test_lora_finetune_then_export_then_generate(inputs, tmp_path):
     run_dir = tmp_path / "run"
     result = _cli(_args(inputs, run_dir, "--method", "lora", "--steps", "6"))
     assert result.returncode == 0, result.stderr
@@ -45,12 +45,16 @@ def test_lora_finetune_then_merge_export_then_generate(inputs, tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert json.loads((run_dir / "run.json").read_text())["adapters"]["method"] == "lora"
 
-    assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "no-merge")]) == 2  # adapters only
     export = _cli(["export", "--run", str(run_dir), "--out", str(tmp_path / "hf"), "--merge"])
     assert export.returncode == 0, export.stderr
     gen = _cli(["generate", "--model", str(tmp_path / "hf"), "--prompt", "hello", "--max-new-tokens", "8",
                 "--greedy"])
     assert gen.returncode == 0, gen.stderr  # (the tuned model may well stop at once: it learned short replies)
+    # without --merge: a PEFT adapter directory, which generate takes as --model (merged onto its base on load)
+    assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert cli_main(["generate", "--model", str(tmp_path / "peft"), "--prompt", "hello", "--max-new-tokens", "8",
+                     "--greedy"]) == 0  # (its logits are checked against peft's in tests/parity/test_peft_format.py)
 
 
 def test_full_finetune_run_dir_serves_generate(inputs, tmp_path):

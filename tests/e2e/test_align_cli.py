@@ -101,6 +101,7 @@ def test_grpo_resume_repeats_the_uninterrupted_run(arithmetic, tmp_path):
     assert got == expected
 
 
+@pytest.mark.slow  # three CLI runs; tests/unit/align/test_grpo.py checks the messages by default
 def test_reward_function_failures_stop_the_run_naming_the_sample(arithmetic, tmp_path):
     broken = _cli(_grpo_args(arithmetic, tmp_path / "a", "--steps", "3", "--reward",
                              f"{arithmetic / 'reward.py'}:broken", "--align.max_new_tokens", "6"))

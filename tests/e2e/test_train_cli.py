@@ -114,6 +114,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, bad_inputs, fast_run_args,
     assert not run_dir.exists()  # nothing written
 
 
+@pytest.mark.slow  # tests/unit/train/test_checkpoint_verify.py covers damaged checkpoints by default
 def test_corrupted_checkpoint_fails_resume_without_touching_the_run(tmp_path, fast_run_args):
     run_dir = tmp_path / "run"
     assert _cli([*fast_run_args, "--steps", "2", "--out", str(run_dir)]).returncode == 0

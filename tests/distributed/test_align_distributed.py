@@ -56,7 +56,8 @@ LAYOUTS = {"ddp": ([DP, "ddp"], "ddp dp_replicate=2"), "zero3": ([DP, "zero3"], 
 
 # The default run keeps one case per method and layout; the other combinations run with `-m slow`.
 @pytest.mark.parametrize("method, weights, layout", [
-    ("reward", "lora", "zero3"), ("dpo", "lora", "tp2"), ("reward", "full", "tp2"),
+    ("dpo", "lora", "tp2"), ("reward", "full", "tp2"),
+    pytest.param("reward", "lora", "zero3", marks=pytest.mark.slow),  # zero3 by default: GRPO and finetune
     pytest.param("dpo", "lora", "ddp", marks=pytest.mark.slow),  # finetune's default run has lora under ddp
     pytest.param("dpo", "full", "zero3", marks=pytest.mark.slow),  # full ZeRO-3: finetune's default test has it
     pytest.param("dpo", "full", "tp2", marks=pytest.mark.slow),

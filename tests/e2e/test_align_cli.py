@@ -86,6 +86,7 @@ def test_grpo_raises_the_reward_with_generator_and_trainer_logprobs_equal(arithm
     assert json.loads((out / "run.json").read_text())["align_method"] == "grpo"
 
 
+@pytest.mark.slow  # the session driver's bitwise resume is tested by default in tests/unit/train/test_session.py
 def test_grpo_resume_repeats_the_uninterrupted_run(arithmetic, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     extra = ["--steps", "6", "--checkpoint.every", "3", "--align.updates_per_rollout", "3", "--weights", "lora"]

@@ -3,7 +3,6 @@ from the newest checkpoint, and the run ends with the losses of a run nobody kil
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,43 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.chaos import losses as _losses  # tolerant of lines torn by the kill
+from bench.chaos import rank_pid as _rank_pid  # the worker torchrun started for a rank, found in /proc
 from tests.conftest import cli_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 12
 KILL_AFTER_STEP = 3  # one step past the checkpoint of step 2: the restart must repeat step 3
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before the kill, and again after resuming) keeps its last record."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by the kill
-            continue
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-    return losses
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The worker process torchrun started for `rank` (read from its environment)."""
-    for pid in _children(launcher):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
 
 
 @pytest.fixture(scope="module")

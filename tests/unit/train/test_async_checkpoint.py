@@ -7,30 +7,17 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cybertron.config import CheckpointSection, EvalSection, LogSection
-from cybertron.models.llama import build_model
-from cybertron.models.presets import preset_config
+from cybertron.config import CheckpointSection
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train import session
-from cybertron.train.optim import build_optimizer
-from cybertron.train.trainer import LanguageModelStep, Trainer
-from tests.unit.train.test_session import SEQ_LEN, TokenStreamTask
+from tests.unit.train.test_session import _run as run_token_stream
 
 
 def _run(run_dir: Path, steps: int, async_save: bool, resume: bool = False) -> session.Finished:
-    model_cfg = preset_config("debug", vocab_size=64, n_layers=1, max_seq_len=SEQ_LEN)
-    model = build_model(model_cfg, seed=0)
-    optimizer = build_optimizer(model, 1e-2, 0.0, (0.9, 0.95), 1e-8)
-    trainer = Trainer(model, optimizer, LanguageModelStep(), lambda step: 1e-2, 1.0)
-    tokens = np.random.default_rng(0).integers(0, 64, 2000).astype(np.int32)
-    task = TokenStreamTask(trainer, tokens[:1600], tokens[1600:])
-    driver = session.Driver(run_dir, session.find_resume_checkpoint(run_dir, resume), trainer, [model], model_cfg,
-                            steps, EvalSection(every=0), CheckpointSection(every=2, keep=10, async_save=async_save),
-                            LogSection(every=1, tensorboard=False, progress="lines"), write_run_files=lambda d: None)
-    return session.run(driver, task, model)
+    return run_token_stream(run_dir, steps, resume, eval_every=0, log_every=1,
+                            checkpoint=CheckpointSection(every=2, keep=10, async_save=async_save))[0]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -17,20 +17,10 @@ import torch.distributed.checkpoint as dcp
 
 from cybertron.errors import CheckpointError
 from cybertron.models.llama import build_model
-from cybertron.models.presets import preset_config
 from cybertron.train import checkpoint as ckpt_io
 from cybertron.train.manifest import MANIFEST, file_sha256, write_manifest
 from cybertron.train.optim import build_optimizer
-
-CFG = preset_config("debug", tie_embeddings=True)
-
-
-def _trained(seed=0):
-    model = build_model(CFG, seed=seed)
-    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
-    model(torch.randint(0, 256, (2, 8))).float().logsumexp(-1).mean().backward()
-    opt.step()
-    return model, opt
+from tests.unit.train.test_checkpoint import CFG, _trained
 
 
 def _two_checkpoints(tmp_path):

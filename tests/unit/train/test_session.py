@@ -60,7 +60,8 @@ class TokenStreamTask:
         self.loader.load_state_dict(state["loader"])
 
 
-def _run(run_dir: Path, steps: int, resume: bool = False) -> tuple[session.Finished, TokenStreamTask]:
+def _run(run_dir: Path, steps: int, resume: bool = False, eval_every: int = 3,
+         checkpoint: CheckpointSection | None = None, log_every: int = 2) -> tuple[session.Finished, TokenStreamTask]:
     model_cfg = preset_config("debug", vocab_size=64, n_layers=1, max_seq_len=SEQ_LEN)
     model = build_model(model_cfg, seed=0)
     optimizer = build_optimizer(model, 1e-2, 0.0, (0.9, 0.95), 1e-8)
@@ -68,9 +69,9 @@ def _run(run_dir: Path, steps: int, resume: bool = False) -> tuple[session.Finis
     tokens = np.random.default_rng(0).integers(0, 64, 2000).astype(np.int32)
     task = TokenStreamTask(trainer, tokens[:1600], tokens[1600:])
     resume_from = session.find_resume_checkpoint(run_dir, resume)
-    driver = session.Driver(run_dir, resume_from, trainer, [model], model_cfg, steps, EvalSection(every=3),
-                            CheckpointSection(every=2, keep=2), LogSection(every=2, tensorboard=False,
-                                                                           progress="lines"),
+    driver = session.Driver(run_dir, resume_from, trainer, [model], model_cfg, steps, EvalSection(every=eval_every),
+                            checkpoint or CheckpointSection(every=2, keep=2),
+                            LogSection(every=log_every, tensorboard=False, progress="lines"),
                             write_run_files=lambda d: (d / "files.txt").write_text("written"))
     return session.run(driver, task, model), task
 

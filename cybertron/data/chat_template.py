@@ -3,7 +3,7 @@ default format for models that ship no template.
 
 Templates run in Jinja's immutable sandbox (as `transformers` does): they ship with downloaded model files
 and must not reach Python internals. The variables given are the ones HF templates use: `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception` and `strftime_now`.
+`add_generation_prompt`, `bos_token`, `eos_token`, `tools`, `raise_exception` and `strftime_now`.
 
 A model pretrained by `cybertron train` (or any base model) has learned no chat format. Fine-tuning,
 alignment and serving then all use DEFAULT_CHAT_TEMPLATE, and a fine-tuning run writes the template it
@@ -66,10 +66,12 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render(template: str, messages: Sequence[Message], add_generation_prompt: bool, bos_token: str = "",
-           eos_token: str = "") -> str:
+           eos_token: str = "", tools: list[dict] | None = None) -> str:
+    """`tools`: function definitions in OpenAI's format, for templates that describe them to the model
+    (serving; messages may then hold tool_calls and tool results, as transformers passes them)."""
     try:
         return compile_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                 bos_token=bos_token, eos_token=eos_token)
+                                                 bos_token=bos_token, eos_token=eos_token, tools=tools)
     except jinja2.TemplateError as err:
         raise ChatTemplateError(f"the chat template rejected a conversation: {err}") from err
 

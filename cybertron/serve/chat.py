@@ -12,6 +12,7 @@ followed by `<|assistant|>\n` to ask for the reply, which then ends at the eos t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from cybertron.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, render
 from cybertron.data.tokenizer import TextTokenizer
@@ -19,7 +20,8 @@ from cybertron.data.tokenizer import TextTokenizer
 __all__ = ["ChatTemplateError", "render_chat"]  # ChatTemplateError: the messages cannot be rendered
 
 
-def render_chat(tokenizer: TextTokenizer, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt text for `messages` (dicts with role and content), ending where the assistant replies."""
+def render_chat(tokenizer: TextTokenizer, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    """The prompt text for `messages` (dicts with role and content, tool_calls or tool_call_id where
+    tools are in play), ending where the assistant replies; `tools` are described to the model."""
     return render(tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt=True,
-                  bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token)
+                  bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token, tools=tools)

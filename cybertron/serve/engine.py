@@ -41,6 +41,7 @@ from cybertron.serve.sampling import (
     make_generator,
     sample,
 )
+from cybertron.serve.structured import Matcher, token_mask
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
@@ -116,6 +117,7 @@ class _Request:
     # How often each token occurs in `output`, kept up to date as tokens come (only when a penalty needs it):
     # each step then reads it as it is, instead of counting the whole output again.
     counts: dict[int, int] | None = None
+    matcher: Matcher | None = None  # structured output: where the request stands in its grammar
 
     @property
     def tokens(self) -> list[int]:
@@ -189,7 +191,8 @@ class Engine:
         text = OutputText(self.tokenizer, params.stop) if self.tokenizer is not None else None
         generator = None if params.greedy else make_generator(params.seed)
         request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output,
-                           counts={} if params.penalized else None)
+                           counts={} if params.penalized else None,
+                           matcher=params.grammar.matcher() if params.grammar is not None else None)
         self._requests[request.id] = request
         self.waiting.append(request)
         self.stats.requests_added += 1
@@ -310,6 +313,8 @@ class Engine:
         sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device,
                                        [r.counts for r in requests])
         logits = self._prefill_logits(requests) if prefill else self._decode_logits(requests)
+        # Structured output: the grammars' masks are computed on the host while the device runs the forward.
+        sampling.allowed = token_mask([r.matcher for r in requests], logits.shape[-1], self.device)
         drawn = sample(logits, sampling)
         return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])
                  if drawn.finite[i] else self._fail(r, NON_FINITE_LOGITS))
@@ -353,6 +358,8 @@ class Engine:
             text = request.text.push(token)
             if request.text.stopped:
                 reason = "stop"
+        if reason is None and request.matcher is not None:
+            reason = request.matcher.advance(token)  # structured output: "stop" once the grammar is complete
         if reason is None and (len(request.output) >= params.max_tokens
                                or len(request.tokens) >= self.config.max_seq_len):
             reason = "length"
@@ -361,7 +368,7 @@ class Engine:
                 text += request.text.finish()
             self._finish(request, reason)
         return RequestOutput(request.id, [token], [logprob], [top] if params.top_logprobs else [], text,
-                             reason is not None, reason)
+                             reason is not None, reason, error=request.matcher.error if request.matcher else None)
 
     def _fail(self, request: _Request, message: str) -> RequestOutput:
         """End one request with an error. Its KV blocks may hold NaN, and a masked-out NaN key still turns

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,6 +65,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids distinct
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    # Structured output: a compiled grammar (structured.Grammar) the tokens must follow; None = free text.
+    grammar: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -130,6 +133,24 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 @dataclass
+class TokenMask:
+    """The tokens that constrained rows may choose (structured output, see structured.py): token j is allowed
+    for row rows[k] if bit j % 32 of the int32 word bits[k, j // 32] is set."""
+
+    rows: torch.Tensor  # (R,) int64
+    bits: torch.Tensor  # (R, ceil(vocab / 32)) int32
+
+
+def mask_logits(logits: torch.Tensor, mask: TokenMask | None) -> torch.Tensor:
+    """(B, vocab) logits with every token a row's mask forbids at -inf (a new tensor)."""
+    if mask is None:
+        return logits
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask.bits[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+    return logits.index_put((mask.rows,), logits[mask.rows].masked_fill(~allowed, float("-inf")))
+
+
+@dataclass
 class SamplingBatch:
     """A step's sampling inputs, moved to the device *before* the forward is launched, so that nothing
     between the forward and the final read-back waits for the device."""
@@ -144,6 +165,7 @@ class SamplingBatch:
     # [row, token]; None if no row has any.
     adjust_at: torch.Tensor | None = None  # (2, E) int64: rows, tokens
     adjust_terms: torch.Tensor | None = None  # (3, E) float32: scale, count, shift
+    allowed: TokenMask | None = None  # structured output: set by the engine once the forward is launched
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -223,6 +245,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     logits = logits.masked_fill(broken[:, None], 0.0)
     model_logprobs = torch.log_softmax(logits, dim=-1)
     logits = adjust_logits(logits, batch)  # what is chosen from; the reported logprobs stay the model's
+    logits = mask_logits(logits, batch.allowed)  # structured output: only what the grammar allows
     tokens = logits.argmax(dim=-1)
     if batch.rows is not None:
         tokens = tokens.index_copy(0, batch.rows, _sample_rows(logits[batch.rows], batch))

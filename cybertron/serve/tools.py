@@ -1,0 +1,178 @@
+"""Tool calls in the model's own format: learned from its chat template, constrained, parsed and streamed.
+
+A model calls a tool by writing text its chat template defines: Qwen2.5 and Hermes write
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, Llama 3.1 a bare `{"name": ...,
+"parameters": {...}}`. Rather than a table keyed on model names, the format is read off the template:
+ToolCallFormat.detect renders a conversation whose assistant turn holds probe calls and finds, around the
+probe's name and arguments, the literal text the template wraps them in. A model whose template renders
+no tool calls cannot be offered tools (a 400 naming `tools`).
+
+tool_choice:
+- "none": the tools are shown to the model (the template renders them) but its reply is plain content;
+- "auto": generation is free; a reply holding calls in the template's format, to tools of the request,
+  is returned as `message.tool_calls` with finish_reason "tool_calls", the text before them as content;
+- "required" / a named function: generation is constrained (structured.py) to one call (or several, with
+  parallel_tool_calls, where the template has a separator for them), whose arguments follow the
+  function's parameters schema, in the template's exact text.
+
+Assistant messages with tool_calls and tool results (role "tool", tool_call_id) in the history are handed
+to the template as transformers does, arguments decoded from their JSON string into an object.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from cybertron.data.chat_template import render
+from cybertron.data.tokenizer import TextTokenizer
+from cybertron.serve.sampling import InvalidParameter
+from cybertron.serve.structured import schema_text
+
+PROBE_ARGUMENTS = {"cybertron_probe_argument": "cybertron_probe_value"}
+PROBE_NAMES = ("cybertron_probe_first", "cybertron_probe_second")
+PROBE_TEXT = "cybertron probe reply"
+PROBE_TOOL = {"type": "function", "function": {"name": PROBE_NAMES[0], "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How the template writes a call: begin + head + NAME + middle + ARGUMENTS + tail + end, calls
+    joined by `separator` (None where the template writes one call per reply)."""
+
+    begin: str  # e.g. "<tool_call>\n"
+    head: str  # the call's JSON up to the name, e.g. '{"name": "'
+    middle: str  # between the name and the arguments, e.g. '", "arguments": '
+    tail: str  # after the arguments, e.g. "}"
+    end: str  # e.g. "\n</tool_call>"
+    separator: str | None
+    name_key: str  # the JSON keys of the name and the arguments ("arguments", or "parameters")
+    arguments_key: str
+
+    @staticmethod
+    def detect(tokenizer: TextTokenizer) -> ToolCallFormat:
+        """The format of the tokenizer's chat template; InvalidParameter("tools") if it renders no calls."""
+        return _detect(tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token)
+
+    def call_text(self, name: str, arguments: str) -> str:
+        return f"{self.begin}{self.head}{name}{self.middle}{arguments}{self.tail}{self.end}"
+
+    def grammar(self, tools: list[dict[str, Any]], several: bool) -> str:
+        """Lark (llguidance's dialect) for a reply that is only calls to `tools` (dicts with name and
+        parameters), one or, if `several` and the template allows, more."""
+        lines = ["start: call" + (f" ({json.dumps(self.separator)} call)*" if several and self.separator
+                                  is not None else ""),
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        for i, tool in enumerate(tools):
+            opening = json.dumps(self.begin + self.head + tool["name"] + self.middle)
+            closing = self.tail + self.end
+            lines.append(f"call_{i}: {opening} arguments_{i}" + (f" {json.dumps(closing)}" if closing else ""))
+            lines.append(f"arguments_{i}: %json {schema_text(parameters_schema(tool))}")
+        return "\n".join(lines) + "\n"
+
+    def parse(self, text: str, names: set[str]) -> tuple[str, list[dict[str, Any]]]:
+        """(content, calls): the calls in `text` to functions in `names`, and the text around them. Calls
+        follow each other from the first; one whose JSON does not parse, or that names another function,
+        ends them, and it stays in the content with what follows. Without calls the content is `text`."""
+        marker, decoder = self.begin.strip(), json.JSONDecoder()
+        first = text.find(marker) if marker else _skip_space(text, 0)
+        calls: list[dict[str, Any]] = []
+        position = first
+        while 0 <= position < len(text) and text.startswith(marker, position):
+            start = _skip_space(text, position + len(marker))
+            try:
+                value, stop = decoder.raw_decode(text, start)
+            except json.JSONDecodeError:
+                break
+            arguments = value.get(self.arguments_key, {}) if isinstance(value, dict) else None
+            if not (isinstance(arguments, dict) and value.get(self.name_key) in names):
+                break
+            calls.append(new_call(value[self.name_key], arguments))
+            position = _skip_separators(text, stop, self.end.strip(), (self.separator or "").strip())
+        if not calls:
+            return text, []
+        return (text[:first] + text[position:]).strip(), calls
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
+def _skip_separators(text: str, position: int, *pieces: str) -> int:
+    position = _skip_space(text, position)
+    for piece in pieces:
+        if piece and text.startswith(piece, position):
+            position = _skip_space(text, position + len(piece))
+    return position
+
+
+def new_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call: arguments as a JSON string, an id the client echoes back with the result."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def parameters_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """The function's parameters schema; a function without one takes no arguments (as OpenAI reads it)."""
+    return tool.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@lru_cache(maxsize=16)
+def _detect(template: str, bos: str, eos: str) -> ToolCallFormat:
+    unsupported = InvalidParameter("tools", "this model's chat template does not render tool calls, so the "
+                                   "model cannot be offered tools; leave tools out", code="unsupported_parameter")
+    if not template:
+        raise unsupported
+    user = [{"role": "user", "content": "probe"}]
+
+    def reply(assistant: dict[str, Any]) -> str:
+        """What the template adds for the assistant turn, after the generation prompt."""
+        before = render(template, user, True, bos, eos, tools=[PROBE_TOOL])
+        after = render(template, [*user, assistant], False, bos, eos, tools=[PROBE_TOOL])
+        if not after.startswith(before):
+            raise unsupported
+        return after[len(before):]
+
+    def calls(*names: str) -> dict[str, Any]:
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": PROBE_ARGUMENTS}}
+            for i, name in enumerate(names)]}
+
+    plain = reply({"role": "assistant", "content": PROBE_TEXT})
+    end_of_turn = plain[plain.index(PROBE_TEXT) + len(PROBE_TEXT):] if PROBE_TEXT in plain else ""
+    one = reply(calls(PROBE_NAMES[0])).removesuffix(end_of_turn)
+    fmt = _locate(one, unsupported)
+    two = reply(calls(*PROBE_NAMES)).removesuffix(end_of_turn)
+    first, second = (fmt.call_text(name, json.dumps(PROBE_ARGUMENTS)) for name in PROBE_NAMES)
+    separator = two[len(first):len(two) - len(second)] if (
+        two.startswith(first) and two.endswith(second) and len(two) >= len(first) + len(second)) else None
+    return ToolCallFormat(fmt.begin, fmt.head, fmt.middle, fmt.tail, fmt.end, separator, fmt.name_key,
+                          fmt.arguments_key)
+
+
+def _locate(text: str, unsupported: InvalidParameter) -> ToolCallFormat:
+    """Split a reply holding one probe call into the template's literal pieces."""
+    name, arguments = PROBE_NAMES[0], json.dumps(PROBE_ARGUMENTS, ensure_ascii=False)
+    at_name, at_arguments = text.find(name), text.find(arguments)
+    if at_name < 0 or at_arguments < at_name:
+        raise unsupported
+    decoder = json.JSONDecoder()
+    for start in (i for i in range(at_name, -1, -1) if text[i] == "{"):
+        try:
+            value, stop = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            continue
+        items = value.items() if isinstance(value, dict) else ()
+        name_key = next((k for k, v in items if v == name), None)
+        arguments_key = next((k for k, v in items if v == PROBE_ARGUMENTS), None)
+        if stop > at_arguments and name_key and arguments_key:
+            return ToolCallFormat(text[:start], text[start:at_name], text[at_name + len(name):at_arguments],
+                                  text[at_arguments + len(arguments):stop], text[stop:], None, name_key,
+                                  arguments_key)
+    raise unsupported

@@ -1,14 +1,16 @@
 """OpenAI API shapes: request bodies (validated by pydantic), error bodies, and response/chunk builders.
 
-A field this server does not implement (tools, response_format, best_of, min_p...) is refused with
-a 400 naming it, never silently dropped, unless it holds its neutral value (null, false, 0, [], {}, or
-e.g. tool_choice "none"), which asks for nothing; clients and SDKs send those routinely. `user` is mere
+A field this server does not implement (best_of, min_p, audio...) is refused with a 400 naming it, never
+silently dropped, unless it holds its neutral value (null, false, 0, [], {}, or e.g. modalities ["text"]),
+which asks for nothing; clients and SDKs send those routinely. response_format, tools and tool_choice are
+implemented (structured.py, tools.py), and their combinations the server cannot honour get a 400 too. `user` is mere
 metadata and is accepted. Text must be valid Unicode: JSON lets a lone surrogate ("\\ud800") through,
 and it is refused here rather than failing in the tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -42,9 +44,8 @@ MAX_CHOICES = 128  # choices per request (prompts x n): each is a request in the
 # Fields we do not implement, with the values that ask for nothing beyond NEUTRAL (null, false, 0, [], {}).
 NEUTRAL = (None, False, 0, [], {})
 ALSO_NEUTRAL: dict[str, tuple] = {
-    "tool_choice": ("none", "auto"),  # "auto" without tools calls none
+    "tool_choice": ("none", "auto"),  # on /v1/completions, which has no tools ("auto" without tools calls none)
     "parallel_tool_calls": (True,),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "best_of": (1,),
     "service_tier": ("auto", "default"),
@@ -79,8 +80,59 @@ def check_text(value: Any, param: str) -> None:
             check_text(item, param)
 
 
+def plain(value: Any) -> Any:
+    """Pydantic models (also in lists) as dicts and lists, for check_text."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True)
+    return [plain(item) for item in value] if isinstance(value, list) else value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced exactly
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments always follow the parameters schema where generation is constrained
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class _SamplingFields(BaseModel):
@@ -103,12 +155,14 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (a decimal string, JSON keys being strings) -> bias
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: ResponseFormat | None = None  # text, or JSON (any object, or following a schema)
 
     def check(self) -> None:
         """InvalidParameter for a field we do not implement or text that is not valid Unicode."""
         reject_unsupported(self.model_extra)
         for name in type(self).model_fields:
-            check_text(getattr(self, name), name)
+            if name != "messages":  # checked message by message, to name the one at fault
+                check_text(plain(getattr(self, name)), name)
 
     def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int,
                         choice: int) -> SamplingParams:
@@ -156,6 +210,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: which call it answers
 
     def text(self) -> str:
         """The content as text; content parts other than text are refused (this is a text model)."""
@@ -165,6 +221,31 @@ class ChatMessage(BaseModel):
             raise InvalidParameter("messages", "only text content parts are supported by this model")
         return "".join(str(part.get("text", "")) for part in self.content)
 
+    def template_message(self, index: int) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' shape): tool-call arguments as objects."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidParameter(f"messages.{index}.tool_calls", "only assistant messages hold tool_calls")
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": call.type, "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments,
+                                                                    f"messages.{index}.tool_calls.{j}")}}
+                for j, call in enumerate(self.tool_calls)]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments(text: str, param: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidParameter(param + ".function.arguments", f"{param}.function.arguments must be a JSON "
+                               f"object as a string, got {text[:40]!r}")
+    return value
+
 
 class ChatRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -172,12 +253,16 @@ class ChatRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         super().check()
         for i, message in enumerate(self.messages):
             reject_unsupported(message.model_extra, f"messages.{i}.")
             check_text(message.content, f"messages.{i}.content")
+            check_text(plain(message.tool_calls), f"messages.{i}.tool_calls")
 
 
 # ---- responses ------------------------------------------------------------------------------------------

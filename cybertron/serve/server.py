@@ -11,6 +11,7 @@ A request body over `max_body_bytes` is refused with 413 before it is read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -38,9 +39,12 @@ from cybertron.serve.protocol import (
     envelope,
     error_body,
     new_id,
+    plain,
     usage,
 )
 from cybertron.serve.sampling import InvalidParameter, SamplingParams
+from cybertron.serve.structured import Grammar, GrammarCompiler
+from cybertron.serve.tools import ToolChatFormat, ToolUse, tool_use
 
 # The largest request body accepted by default. A 128k-token prompt is about 1 MB as JSON token ids and
 # less as text, so anything a model can take fits, several prompts of a batch included; while a hostile
@@ -63,6 +67,7 @@ class ServerState:
     tokenizer: TextTokenizer
     model_name: str
     counters: dict[str, int] = field(default_factory=lambda: {"http_requests": 0, "http_errors": 0})
+    grammars: GrammarCompiler | None = None  # structured output: compiled grammars, cached
 
     @property
     def context(self) -> int:
@@ -79,6 +84,7 @@ def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_nam
     """The ASGI app. The engine's step loop starts with the app and stops with it."""
     runner = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     state = ServerState(runner, tokenizer, model_name)
+    state.grammars = GrammarCompiler(tokenizer, runner.engine.config.vocab_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,8 +135,9 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         state.counters["http_requests"] += 1
-        jobs, prompt_tokens = await anyio.to_thread.run_sync(chat_jobs, state, body)
-        fmt = ChatFormat(state.tokenizer, logprobs=body.logprobs)
+        jobs, prompt_tokens, tools = await anyio.to_thread.run_sync(chat_jobs, state, body)
+        fmt = (ChatFormat(state.tokenizer, logprobs=body.logprobs) if tools is None
+               else ToolChatFormat(state.tokenizer, body.logprobs, tools))
         return await respond(state, request, jobs, fmt, body, prompt_tokens)
 
 
@@ -142,27 +149,55 @@ def completion_jobs(state: ServerState, body: CompletionRequest) -> tuple[list[J
         raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
     prompts = completion_prompts(state.tokenizer, body.prompt, state.context, body.n)
     k = body.logprobs
-    jobs = [Job(i * body.n + j, prompt, body.sampling_params(
-                _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j))
+    grammar = response_grammar(state, body, None)
+    jobs = [Job(i * body.n + j, prompt, dataclasses.replace(body.sampling_params(
+                _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j), grammar=grammar))
             for i, prompt in enumerate(prompts) for j in range(body.n)]
     check_jobs(state, jobs, "prompt")
     return jobs, sum(len(p) for p in prompts)
 
 
-def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int]:
-    """The checked choices of a /v1/chat/completions request, and its prompt tokens (in a worker thread)."""
+def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int, ToolUse | None]:
+    """The checked choices of a /v1/chat/completions request, its prompt tokens, and how its replies use
+    tools (None: plain text). Runs in a worker thread."""
     body.check()
     state.check_model(body.model)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = encode_prompt(state.tokenizer, render_chat(state.tokenizer, messages), state.context, "messages")
+    functions = [t.function.model_dump(exclude_none=True) for t in body.tools or ()]
+    tools = tool_use(state.tokenizer, functions, plain(body.tool_choice), body.parallel_tool_calls)
+    messages = [m.template_message(i) for i, m in enumerate(body.messages)]
+    text = render_chat(state.tokenizer, messages, [t.model_dump(exclude_none=True) for t in body.tools or ()]
+                       or None)
+    prompt = encode_prompt(state.tokenizer, text, state.context, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    jobs = [Job(j, prompt, body.sampling_params(_max_tokens(max_tokens, prompt, state.context),
-                                                body.logprobs, body.top_logprobs or 0, j))
+    grammar = response_grammar(state, body, tools)
+    jobs = [Job(j, prompt, dataclasses.replace(body.sampling_params(
+                _max_tokens(max_tokens, prompt, state.context), body.logprobs, body.top_logprobs or 0, j),
+                grammar=grammar))
             for j in range(body.n)]
     check_jobs(state, jobs, "messages")
-    return jobs, len(prompt)
+    return jobs, len(prompt), tools
+
+
+def response_grammar(state: ServerState, body: CompletionRequest | ChatRequest,
+                     tools: ToolUse | None) -> Grammar | None:
+    """The grammar that tool_choice or response_format asks generation to follow; None for free text."""
+    form = body.response_format
+    json_asked = form is not None and form.type != "text"
+    if tools is not None and json_asked:
+        raise InvalidParameter("response_format", "response_format cannot be combined with tools unless "
+                               "tool_choice is \"none\"; leave one of them out")
+    if tools is not None:
+        return state.grammars.lark(tools.grammar(), "tools") if tools.constrained else None
+    if not json_asked:
+        return None
+    if form.type == "json_object":
+        return state.grammars.json_object("response_format")
+    if form.json_schema is None or form.json_schema.schema_ is None:
+        raise InvalidParameter("response_format.json_schema", "response_format of type json_schema needs "
+                               "json_schema.schema, the JSON schema of the reply")
+    return state.grammars.json_schema(form.json_schema.schema_, "response_format.json_schema.schema")
 
 
 def check_jobs(state: ServerState, jobs: list[Job], prompt_param: str) -> None:
@@ -313,7 +348,9 @@ async def sse_events(state: ServerState, jobs: list[Job], fmt: CompletionFormat,
             async for index, output in outputs:
                 completion_tokens += len(output.token_ids)
                 if output.text or output.finished or fmt.logprobs:
-                    yield event([fmt.chunk(index, output)])
+                    chunk = fmt.chunk(index, output)
+                    if chunk is not None:  # None: text held back (a tool call may be starting)
+                        yield event([chunk])
         if include_usage:
             yield event([], usage=usage(prompt_tokens, completion_tokens))
     except EngineFailure as err:

@@ -29,6 +29,8 @@ from typing import Any
 
 from cybertron.data.chat_template import render
 from cybertron.data.tokenizer import TextTokenizer
+from cybertron.serve.engine import RequestOutput
+from cybertron.serve.protocol import ChatFormat
 from cybertron.serve.sampling import InvalidParameter
 from cybertron.serve.structured import schema_text
 
@@ -74,10 +76,10 @@ class ToolCallFormat:
             lines.append(f"arguments_{i}: %json {schema_text(parameters_schema(tool))}")
         return "\n".join(lines) + "\n"
 
-    def parse(self, text: str, names: set[str]) -> tuple[str, list[dict[str, Any]]]:
-        """(content, calls): the calls in `text` to functions in `names`, and the text around them. Calls
-        follow each other from the first; one whose JSON does not parse, or that names another function,
-        ends them, and it stays in the content with what follows. Without calls the content is `text`."""
+    def parse(self, text: str, names: set[str]) -> tuple[int, int, list[dict[str, Any]]]:
+        """(first, last, calls): the calls in `text` to functions in `names`, which span text[first:last].
+        Calls follow each other from the first; one whose JSON does not parse, or that names another
+        function, ends them, and it stays in the content with what follows. No calls: (len, len, [])."""
         marker, decoder = self.begin.strip(), json.JSONDecoder()
         first = text.find(marker) if marker else _skip_space(text, 0)
         calls: list[dict[str, Any]] = []
@@ -94,8 +96,8 @@ class ToolCallFormat:
             calls.append(new_call(value[self.name_key], arguments))
             position = _skip_separators(text, stop, self.end.strip(), (self.separator or "").strip())
         if not calls:
-            return text, []
-        return (text[:first] + text[position:]).strip(), calls
+            return len(text), len(text), []
+        return first, max(position, first), calls
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -176,3 +178,106 @@ def _locate(text: str, unsupported: InvalidParameter) -> ToolCallFormat:
                                   text[at_arguments + len(arguments):stop], text[stop:], None, name_key,
                                   arguments_key)
     raise unsupported
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a request's tools and tool_choice ask of generation and of the reply."""
+
+    format: ToolCallFormat
+    functions: tuple[dict[str, Any], ...]  # OpenAI function definitions (name, description, parameters)
+    choice: str  # "auto", "required", or the name of the function to call
+    parallel: bool
+
+    @property
+    def constrained(self) -> bool:
+        return self.choice != "auto"
+
+    def grammar(self) -> str:
+        """The Lark grammar of a constrained reply: calls only."""
+        if self.choice == "required":
+            return self.format.grammar(list(self.functions), several=self.parallel)
+        return self.format.grammar([f for f in self.functions if f["name"] == self.choice], several=False)
+
+    def find(self, text: str) -> tuple[int, int, list[dict[str, Any]]]:
+        """(first, last, calls) of a finished reply: its calls, which span text[first:last]."""
+        return self.format.parse(text, {f["name"] for f in self.functions})
+
+    def shown(self, text: str) -> int:
+        """How much of a reply in progress can be streamed as content: not what may become a call."""
+        if self.constrained:
+            return 0
+        marker = self.format.begin.strip()
+        if not marker:  # a bare JSON call: a reply starting with "{" is held back whole
+            stripped = text.lstrip()
+            return 0 if not stripped or stripped.startswith("{") else len(text)
+        found = text.find(marker)
+        if found >= 0:
+            return found
+        partial = next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
+        return len(text) - partial
+
+
+def tool_use(tokenizer: TextTokenizer, functions: list[dict[str, Any]], choice: str | dict[str, Any] | None,
+             parallel: bool | None) -> ToolUse | None:
+    """How the reply deals with tools; None where it is plain text (no tools, or tool_choice "none").
+    InvalidParameter for a choice the tools cannot meet or a template without tool calls."""
+    name = choice["function"]["name"] if isinstance(choice, dict) else None
+    choice = name or choice or ("auto" if functions else "none")
+    if not functions:
+        if choice not in ("none", "auto"):
+            raise InvalidParameter("tool_choice", f"tool_choice {choice!r} needs tools; give tools or leave "
+                                   "tool_choice out")
+        return None
+    names = [f["name"] for f in functions]
+    if len(set(names)) < len(names):
+        raise InvalidParameter("tools", "tools must have distinct function names")
+    if name is not None and name not in names:
+        raise InvalidParameter("tool_choice", f"tool_choice names the function {name!r}, which is not among "
+                               f"the tools ({', '.join(names)})")
+    if choice == "none":
+        return None
+    return ToolUse(ToolCallFormat.detect(tokenizer), tuple(functions), choice, parallel is not False)
+
+
+class ToolChatFormat(ChatFormat):
+    """Chat choices whose replies may hold tool calls: `message.tool_calls` with finish_reason "tool_calls".
+    Streaming, content goes out as it comes until a call may begin; the calls follow at the end, each whole
+    in one delta (OpenAI streams the arguments in pieces; clients accumulate either the same way)."""
+
+    def __init__(self, tokenizer: TextTokenizer, logprobs: bool, use: ToolUse):
+        super().__init__(tokenizer, logprobs)
+        self.use = use
+        self._text: dict[int, str] = {}
+        self._sent: dict[int, int] = {}  # characters of the reply streamed as content
+
+    def chunk(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        text = self._text[index] = self._text.get(index, "") + out.text
+        sent = self._sent.get(index, 0)
+        chunk = super().chunk(index, out)
+        if not out.finished:
+            shown = max(sent, self.use.shown(text))
+            self._sent[index] = shown
+            chunk["delta"] = {"content": text[sent:shown]} if shown > sent else {}
+            return chunk if chunk["delta"] or chunk["logprobs"] else None
+        first, last, calls = self.use.find(text) if out.finish_reason == "stop" else (0, 0, [])
+        if not calls:
+            chunk["delta"] = {"content": text[sent:]} if len(text) > sent else {}
+            return chunk
+        rest = text[sent:first].rstrip() + text[last:]
+        chunk["delta"] = {**({"content": rest} if rest.strip() else {}),
+                          "tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        chunk["finish_reason"] = "tool_calls"
+        return chunk
+
+    def choice(self, index: int, outs: list[RequestOutput]) -> dict[str, Any]:
+        choice = super().choice(index, outs)
+        if choice["finish_reason"] != "stop":
+            return choice
+        text = choice["message"]["content"]
+        first, last, calls = self.use.find(text)
+        if calls:
+            content = (text[:first] + text[last:]).strip() or None
+            choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
+        return choice

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from cybertron.data.chat_template import render
+from cybertron.data.chat_template import ChatTemplateError, render
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.serve.engine import RequestOutput
 from cybertron.serve.protocol import ChatFormat
@@ -135,8 +135,13 @@ def _detect(template: str, bos: str, eos: str) -> ToolCallFormat:
 
     def reply(assistant: dict[str, Any]) -> str:
         """What the template adds for the assistant turn, after the generation prompt."""
-        before = render(template, user, True, bos, eos, tools=[PROBE_TOOL])
-        after = render(template, [*user, assistant], False, bos, eos, tools=[PROBE_TOOL])
+        try:
+            before = render(template, user, True, bos, eos, tools=[PROBE_TOOL])
+            after = render(template, [*user, assistant], False, bos, eos, tools=[PROBE_TOOL])
+        except ChatTemplateError as err:
+            raise InvalidParameter("tools", f"this model's chat template fails on tool calls ({err}), so the "
+                                   "model cannot be offered tools; leave tools out",
+                                   code="unsupported_parameter") from None
         if not after.startswith(before):
             raise unsupported
         return after[len(before):]
@@ -150,7 +155,10 @@ def _detect(template: str, bos: str, eos: str) -> ToolCallFormat:
     end_of_turn = plain[plain.index(PROBE_TEXT) + len(PROBE_TEXT):] if PROBE_TEXT in plain else ""
     one = reply(calls(PROBE_NAMES[0])).removesuffix(end_of_turn)
     fmt = _locate(one, unsupported)
-    two = reply(calls(*PROBE_NAMES)).removesuffix(end_of_turn)
+    try:
+        two = reply(calls(*PROBE_NAMES)).removesuffix(end_of_turn)
+    except InvalidParameter:  # a template may refuse several calls in one reply (Llama 3.1's does)
+        two = ""
     first, second = (fmt.call_text(name, json.dumps(PROBE_ARGUMENTS)) for name in PROBE_NAMES)
     separator = two[len(first):len(two) - len(second)] if (
         two.startswith(first) and two.endswith(second) and len(two) >= len(first) + len(second)) else None

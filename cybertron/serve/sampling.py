@@ -145,9 +145,12 @@ def mask_logits(logits: torch.Tensor, mask: TokenMask | None) -> torch.Tensor:
     """(B, vocab) logits with every token a row's mask forbids at -inf (a new tensor)."""
     if mask is None:
         return logits
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((mask.bits[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
-    return logits.index_put((mask.rows,), logits[mask.rows].masked_fill(~allowed, float("-inf")))
+    one = torch.ones(32, dtype=torch.int32, device=logits.device)
+    bit = one.bitwise_left_shift(torch.arange(32, dtype=torch.int32, device=logits.device))  # 1 << k, as int32
+    forbidden = (mask.bits[:, :, None] & bit).flatten(1)[:, :logits.shape[-1]] == 0
+    if mask.rows.shape[0] == logits.shape[0]:  # every row constrained (rows are 0..B-1 in order)
+        return logits.masked_fill(forbidden, float("-inf"))
+    return logits.index_put((mask.rows,), logits[mask.rows].masked_fill(forbidden, float("-inf")))
 
 
 @dataclass

@@ -43,7 +43,7 @@ from cybertron.serve.protocol import (
     usage,
 )
 from cybertron.serve.sampling import InvalidParameter, SamplingParams
-from cybertron.serve.structured import Grammar, GrammarCompiler
+from cybertron.serve.structured import Grammar, GrammarCompiler, has_library
 from cybertron.serve.tools import ToolChatFormat, ToolUse, tool_use
 
 # The largest request body accepted by default. A 128k-token prompt is about 1 MB as JSON token ids and
@@ -180,6 +180,20 @@ def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int, To
     return jobs, len(prompt), tools
 
 
+def tool_grammar(state: ServerState, tools: ToolUse) -> Grammar | None:
+    """The grammar of a reply with tools: calls only (required, named), or free text whose calls follow
+    their schemas ("auto": where the format marks calls and the library is installed; strict functions
+    need it, others are parsed unconstrained without it)."""
+    grammar = tools.grammar()
+    if grammar is None and tools.strict:
+        raise InvalidParameter("tools", "strict functions with tool_choice \"auto\" need a chat template that "
+                               "marks where a call begins, and this model's writes bare JSON; use tool_choice "
+                               "\"required\" or a named function, or strict: false")
+    if grammar is None or not (tools.constrained or tools.strict or has_library()):
+        return None
+    return state.grammars.lark(grammar, "tools")
+
+
 def response_grammar(state: ServerState, body: CompletionRequest | ChatRequest,
                      tools: ToolUse | None) -> Grammar | None:
     """The grammar that tool_choice or response_format asks generation to follow; None for free text."""
@@ -189,7 +203,7 @@ def response_grammar(state: ServerState, body: CompletionRequest | ChatRequest,
         raise InvalidParameter("response_format", "response_format cannot be combined with tools unless "
                                "tool_choice is \"none\"; leave one of them out")
     if tools is not None:
-        return state.grammars.lark(tools.grammar(), "tools") if tools.constrained else None
+        return tool_grammar(state, tools)
     if not json_asked:
         return None
     if form.type == "json_object":

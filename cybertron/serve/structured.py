@@ -58,6 +58,14 @@ def require_library(param: str) -> Any:
     return llguidance
 
 
+def has_library() -> bool:
+    try:
+        require_library("")
+    except InvalidParameter:
+        return False
+    return True
+
+
 def json_options(schema: dict[str, Any]) -> dict[str, Any]:
     """`schema` with our whitespace settings as defaults (a schema's own x-guidance options win)."""
     return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}

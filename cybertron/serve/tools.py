@@ -9,8 +9,12 @@ no tool calls cannot be offered tools (a 400 naming `tools`).
 
 tool_choice:
 - "none": the tools are shown to the model (the template renders them) but its reply is plain content;
-- "auto": generation is free; a reply holding calls in the template's format, to tools of the request,
-  is returned as `message.tool_calls` with finish_reason "tool_calls", the text before them as content;
+- "auto": the reply is free text, but where the template marks calls (<tool_call>) and the grammar
+  library is installed, a call the model begins is constrained to its function's schema from the marker
+  on (a lazy grammar). A reply holding calls in the template's format, to tools of the request, is
+  returned as `message.tool_calls` with finish_reason "tool_calls", the text before them as content.
+  Strict functions (OpenAI's strict mode) need that constraint: without the library, or with a bare JSON
+  format, they are refused with a 400 rather than left unenforced;
 - "required" / a named function: generation is constrained (structured.py) to one call (or several, with
   parallel_tool_calls, where the template has a separator for them), whose arguments follow the
   function's parameters schema, in the template's exact text.
@@ -63,28 +67,48 @@ class ToolCallFormat:
     def call_text(self, name: str, arguments: str) -> str:
         return f"{self.begin}{self.head}{name}{self.middle}{arguments}{self.tail}{self.end}"
 
+    @property
+    def marker(self) -> str:
+        """What opens every call (e.g. "<tool_call>"); empty for a bare JSON call."""
+        return self.begin.strip()
+
     def grammar(self, tools: list[dict[str, Any]], several: bool) -> str:
         """Lark (llguidance's dialect) for a reply that is only calls to `tools` (dicts with name and
         parameters), one or, if `several` and the template allows, more."""
         lines = ["start: call" + (f" ({json.dumps(self.separator)} call)*" if several and self.separator
                                   is not None else ""),
                  "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        return "\n".join(lines + self._call_rules(tools, self.begin)) + "\n"
+
+    def lazy_grammar(self, tools: list[dict[str, Any]], several: bool) -> str:
+        """Lark for a free reply in which every call, from the moment its marker is written, follows its
+        function's schema (a lazy lexeme: text up to the first marker). Needs a marker."""
+        marker = self.marker
+        assert marker, "a bare JSON call has no marker to start a call from"
+        lines = ["%llguidance {}", "start: " + ("call*" if several else "call?") + " TEXT", r"TEXT: /(.|\n)*/",
+                 f"trigger[lazy]: TEXT {json.dumps(marker)}",
+                 "call: trigger (" + " | ".join(f"call_{i}" for i in range(len(tools))) + ")"]
+        return "\n".join(lines + self._call_rules(tools, self.begin[self.begin.index(marker) + len(marker):])) + "\n"
+
+    def _call_rules(self, tools: list[dict[str, Any]], begin: str) -> list[str]:
+        lines = []
         for i, tool in enumerate(tools):
-            opening = json.dumps(self.begin + self.head + tool["name"] + self.middle)
+            opening = json.dumps(begin + self.head + tool["name"] + self.middle)
             closing = self.tail + self.end
             lines.append(f"call_{i}: {opening} arguments_{i}" + (f" {json.dumps(closing)}" if closing else ""))
             lines.append(f"arguments_{i}: %json {schema_text(parameters_schema(tool))}")
-        return "\n".join(lines) + "\n"
+        return lines
 
-    def parse(self, text: str, names: set[str]) -> tuple[int, int, list[dict[str, Any]]]:
+    def parse(self, text: str, names: set[str], limit: int | None = None) -> tuple[int, int, list[dict[str, Any]]]:
         """(first, last, calls): the calls in `text` to functions in `names`, which span text[first:last].
-        Calls follow each other from the first; one whose JSON does not parse, or that names another
-        function, ends them, and it stays in the content with what follows. No calls: (len, len, [])."""
-        marker, decoder = self.begin.strip(), json.JSONDecoder()
+        Calls follow each other from the first, at most `limit`; one whose JSON does not parse, or that
+        names another function, ends them, and it stays in the content with what follows. No calls: (len,
+        len, [])."""
+        marker, decoder = self.marker, json.JSONDecoder()
         first = text.find(marker) if marker else _skip_space(text, 0)
         calls: list[dict[str, Any]] = []
         position = first
-        while 0 <= position < len(text) and text.startswith(marker, position):
+        while 0 <= position < len(text) and text.startswith(marker, position) and len(calls) != limit:
             start = _skip_space(text, position + len(marker))
             try:
                 value, stop = decoder.raw_decode(text, start)
@@ -199,23 +223,32 @@ class ToolUse:
 
     @property
     def constrained(self) -> bool:
+        """The reply is calls only."""
         return self.choice != "auto"
 
-    def grammar(self) -> str:
-        """The Lark grammar of a constrained reply: calls only."""
+    @property
+    def strict(self) -> bool:
+        """Some function asks for arguments that always follow its schema (OpenAI's strict mode)."""
+        return any(f.get("strict") for f in self.functions)
+
+    def grammar(self) -> str | None:
+        """The Lark grammar of the reply: calls only (required, named); for "auto", free text in which each
+        call follows its schema once begun. None for "auto" where calls have no marker to begin with."""
         if self.choice == "required":
             return self.format.grammar(list(self.functions), several=self.parallel)
-        return self.format.grammar([f for f in self.functions if f["name"] == self.choice], several=False)
+        if self.choice != "auto":
+            return self.format.grammar([f for f in self.functions if f["name"] == self.choice], several=False)
+        return self.format.lazy_grammar(list(self.functions), self.parallel) if self.format.marker else None
 
     def find(self, text: str) -> tuple[int, int, list[dict[str, Any]]]:
         """(first, last, calls) of a finished reply: its calls, which span text[first:last]."""
-        return self.format.parse(text, {f["name"] for f in self.functions})
+        return self.format.parse(text, {f["name"] for f in self.functions}, None if self.parallel else 1)
 
     def shown(self, text: str) -> int:
         """How much of a reply in progress can be streamed as content: not what may become a call."""
         if self.constrained:
             return 0
-        marker = self.format.begin.strip()
+        marker = self.format.marker
         if not marker:  # a bare JSON call: a reply starting with "{" is held back whole
             stripped = text.lstrip()
             return 0 if not stripped or stripped.startswith("{") else len(text)

@@ -3,16 +3,22 @@ constrained replies that are valid calls, parsing of free replies, and streaming
 may become a call."""
 
 import json
+import sys
 
 import pytest
+import torch
+from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from cybertron.data.tokenizer import TextTokenizer
+from cybertron.models.llama import build_model
+from cybertron.models.presets import preset_config
 from cybertron.serve.chat import render_chat
 from cybertron.serve.engine import Engine, RequestOutput
 from cybertron.serve.protocol import ChatRequest
-from cybertron.serve.sampling import InvalidParameter, SamplingParams
-from cybertron.serve.structured import GrammarCompiler
+from cybertron.serve.sampling import InvalidParameter, SamplingParams, mask_logits
+from cybertron.serve.server import create_app
+from cybertron.serve.structured import GrammarCompiler, token_mask
 from cybertron.serve.tools import ToolCallFormat, ToolChatFormat, ToolUse, tool_use
 from tests.chat_templates import LLAMA_TOOLS_TEMPLATE, QWEN_TOOLS_TEMPLATE
 
@@ -163,3 +169,60 @@ def test_streaming_holds_back_only_what_may_become_a_call(tokenizer):
     (call,) = chunks[-1]["delta"]["tool_calls"]
     assert call["index"] == 0 and call["id"].startswith("call_") and call["type"] == "function"
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome", "days": 3}'}
+
+
+def test_auto_calls_follow_their_schema_once_begun(tokenizer, text_model):
+    """A reply that starts free and writes the marker: from there on only a valid call can follow, then free
+    text again. Sampled from random logits under the mask, token by token, after a forced opening."""
+    chat = with_template(tokenizer, QWEN_TOOLS_TEMPLATE)
+    use = tool_use(chat, [WEATHER, TIME], "auto", None)
+    grammar = GrammarCompiler(chat, text_model.config.vocab_size).lark(use.grammar(), "tools")
+    vocab = text_model.config.vocab_size
+    for seed in range(3):
+        matcher, tokens = grammar.matcher(), chat.encode("Let me look. <tool_call>")
+        for token in tokens:
+            assert matcher.advance(token) is None
+        generator = torch.Generator().manual_seed(seed)
+        while not chat.decode(tokens).endswith("</tool_call>"):
+            logits = mask_logits(torch.randn(1, vocab, generator=generator), token_mask([matcher], vocab, "cpu"))
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            assert matcher.advance(token) is None and len(tokens) < 300
+            tokens.append(token)
+        first, last, calls = use.find(chat.decode(tokens))
+        assert first == len("Let me look. ") and len(calls) == 1
+        if calls[0]["function"]["name"] == "get_weather":
+            Weather.model_validate_json(calls[0]["function"]["arguments"])
+        # After the call the reply is free again: plain text is allowed.
+        free = token_mask([matcher], vocab, "cpu")
+        assert torch.isfinite(mask_logits(torch.zeros(1, vocab), free)).sum() > vocab // 2
+
+
+@pytest.fixture(scope="module")
+def long_model(tokenizer):
+    """The debug shape with room for Qwen's tool prompt (its system turn describes every tool)."""
+    return build_model(preset_config("debug", vocab_size=tokenizer.vocab_size, max_seq_len=1024), seed=1).eval()
+
+
+def test_strict_auto_needs_a_marked_format_and_the_library(long_model, tokenizer, monkeypatch):
+    strict = {"type": "function", "function": {**WEATHER, "strict": True}}
+    loose = {"type": "function", "function": WEATHER}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    llama = with_template(tokenizer, LLAMA_TOOLS_TEMPLATE)
+    with TestClient(create_app(Engine(long_model, llama, num_blocks=256, block_size=8), llama, "t")) as client:
+        refused = client.post("/v1/chat/completions", json={**body, "tools": [strict]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+        assert client.post("/v1/chat/completions", json={**body, "tools": [loose]}).status_code == 200
+    qwen = with_template(tokenizer, QWEN_TOOLS_TEMPLATE)
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if the extra were not installed
+    with TestClient(create_app(Engine(long_model, qwen, num_blocks=256, block_size=8), qwen, "t")) as client:
+        missing = client.post("/v1/chat/completions", json={**body, "tools": [strict]})
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_extra"
+        assert client.post("/v1/chat/completions", json={**body, "tools": [loose]}).status_code == 200
+
+
+def test_without_parallel_calls_only_the_first_counts(tokenizer):
+    use = tool_use(with_template(tokenizer, QWEN_TOOLS_TEMPLATE), [TIME], "auto", False)
+    call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    first, last, calls = use.find(call + "\n" + call)
+    assert len(calls) == 1 and (first, last) == (0, len(call) + 1)
+    assert "call*" not in use.grammar() and "call?" in use.grammar()

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.serve.async_engine import AsyncEngine, EngineFailure
 from cybertron.serve.chat import render_chat
+from cybertron.serve.constraints import request_grammar
 from cybertron.serve.engine import Engine, RequestOutput
 from cybertron.serve.errors import install_error_handlers
 from cybertron.serve.metrics import render_metrics
@@ -43,7 +44,7 @@ from cybertron.serve.protocol import (
     usage,
 )
 from cybertron.serve.sampling import InvalidParameter, SamplingParams
-from cybertron.serve.structured import Grammar, GrammarCompiler, has_library
+from cybertron.serve.structured import GrammarCompiler
 from cybertron.serve.tools import ToolChatFormat, ToolUse, tool_use
 
 # The largest request body accepted by default. A 128k-token prompt is about 1 MB as JSON token ids and
@@ -149,7 +150,7 @@ def completion_jobs(state: ServerState, body: CompletionRequest) -> tuple[list[J
         raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
     prompts = completion_prompts(state.tokenizer, body.prompt, state.context, body.n)
     k = body.logprobs
-    grammar = response_grammar(state, body, None)
+    grammar = request_grammar(state.grammars, body.response_format, None)
     jobs = [Job(i * body.n + j, prompt, dataclasses.replace(body.sampling_params(
                 _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j), grammar=grammar))
             for i, prompt in enumerate(prompts) for j in range(body.n)]
@@ -171,47 +172,13 @@ def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int, To
                        or None)
     prompt = encode_prompt(state.tokenizer, text, state.context, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    grammar = response_grammar(state, body, tools)
+    grammar = request_grammar(state.grammars, body.response_format, tools)
     jobs = [Job(j, prompt, dataclasses.replace(body.sampling_params(
                 _max_tokens(max_tokens, prompt, state.context), body.logprobs, body.top_logprobs or 0, j),
                 grammar=grammar))
             for j in range(body.n)]
     check_jobs(state, jobs, "messages")
     return jobs, len(prompt), tools
-
-
-def tool_grammar(state: ServerState, tools: ToolUse) -> Grammar | None:
-    """The grammar of a reply with tools: calls only (required, named), or free text whose calls follow
-    their schemas ("auto": where the format marks calls and the library is installed; strict functions
-    need it, others are parsed unconstrained without it)."""
-    grammar = tools.grammar()
-    if grammar is None and tools.strict:
-        raise InvalidParameter("tools", "strict functions with tool_choice \"auto\" need a chat template that "
-                               "marks where a call begins, and this model's writes bare JSON; use tool_choice "
-                               "\"required\" or a named function, or strict: false")
-    if grammar is None or not (tools.constrained or tools.strict or has_library()):
-        return None
-    return state.grammars.lark(grammar, "tools")
-
-
-def response_grammar(state: ServerState, body: CompletionRequest | ChatRequest,
-                     tools: ToolUse | None) -> Grammar | None:
-    """The grammar that tool_choice or response_format asks generation to follow; None for free text."""
-    form = body.response_format
-    json_asked = form is not None and form.type != "text"
-    if tools is not None and json_asked:
-        raise InvalidParameter("response_format", "response_format cannot be combined with tools unless "
-                               "tool_choice is \"none\"; leave one of them out")
-    if tools is not None:
-        return tool_grammar(state, tools)
-    if not json_asked:
-        return None
-    if form.type == "json_object":
-        return state.grammars.json_object("response_format")
-    if form.json_schema is None or form.json_schema.schema_ is None:
-        raise InvalidParameter("response_format.json_schema", "response_format of type json_schema needs "
-                               "json_schema.schema, the JSON schema of the reply")
-    return state.grammars.json_schema(form.json_schema.schema_, "response_format.json_schema.schema")
 
 
 def check_jobs(state: ServerState, jobs: list[Job], prompt_param: str) -> None:

@@ -136,3 +136,15 @@ def test_metrics_expose_prefix_hits_and_prefill_tokens(debug_model):
     assert values["cybertron_prefill_tokens_total"] == 10 + 2
     assert values["cybertron_kv_blocks_cached"] == engine.blocks.num_cached > 0
     assert values["cybertron_kv_blocks_used"] == 0
+
+
+def test_a_group_of_identical_prompts_is_prefilled_once(debug_model):
+    """GRPO's case: group_size copies of a prompt in one generate call. The first copy is prefilled; the
+    others wait one step for its blocks and then compute only the last partial block."""
+    prompt = random_prompts([14], seed=18)[0]
+    engine = Engine(debug_model, max_batch_size=8, num_blocks=32, block_size=4)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=4) for i in range(4)]
+    results = engine.generate([prompt] * 4, params)
+    assert engine.stats.prefix_hit_tokens == 3 * 12 and engine.stats.prefill_tokens == 14 + 3 * 2
+    alone = Engine(debug_model, max_batch_size=8, num_blocks=32, block_size=4, prefix_caching=False)
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone.generate([prompt] * 4, params)]

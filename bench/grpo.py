@@ -6,7 +6,8 @@
 Runs the real `cybertron align --method grpo` (an AlignConfig -> validate -> run_align) on a random-weight
 Hugging Face directory written here (default: dim 256, 4 layers, 4 heads / 2 kv heads, FFN 512, vocab 384;
 `--shape PRESET` uses a cybertron preset instead), prompts of 4-12 random words, and a deterministic reward
-in a temporary file (the share of the completion's characters that are letters of `--word`). Each step samples
+in a temporary file (the share of the completion's characters that are letters of `--word`); `--prompt-words`
+sets the prompt lengths (e.g. 48-64 for prompts that fill a few KV blocks). Each step samples
 `--group-size` completions for each of `--prompts` prompts with cybertron's engine on the policy itself
 (end-of-text still ends a completion), computes the KL reference's log-probabilities, then takes one
 optimizer step.
@@ -72,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kl-coef", type=float, default=0.04, help="0 = no reference forward")
     p.add_argument("--word", default="the", help="the reward counts the letters of this word")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadier on a shared machine)")
+    p.add_argument("--prompt-words", default="4-12", help="words per prompt, LOW-HIGH (uniform)")
     p.add_argument("--prefix-caching", default="on", choices=["on", "off"], help="the engine's prefix cache")
     p.add_argument("--keep", default="", help="write the model and run directories here instead of a temp dir")
     return p.parse_args()
@@ -115,11 +117,11 @@ def make_model_dir(out: Path, shape: str, seed: int = 0) -> Path:
     return out
 
 
-def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+def write_prompts(path: Path, n: int, words: tuple[int, int] = (4, 12), seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))}) + "\n")
+            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))}) + "\n")
     return path
 
 
@@ -206,8 +208,9 @@ def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]]
     prompt_count = args.prompts * (args.steps + 1)
     cfg = AlignConfig()
     cfg.model.path = str(model_dir)
-    cfg.data.path = str(write_prompts(work / "prompts.jsonl", prompt_count))
-    cfg.data.seq_len = 64 + args.max_new_tokens  # prompts are at most ~40 tokens
+    words = tuple(int(w) for w in args.prompt_words.split("-"))
+    cfg.data.path = str(write_prompts(work / "prompts.jsonl", prompt_count, words))
+    cfg.data.seq_len = 2 * words[1] + 40 + args.max_new_tokens  # a prompt is ~1-2 tokens a word + the template
     cfg.data.val_fraction = 0.0
     cfg.align.method = "grpo"
     cfg.align.reward = write_reward(work / "reward.py", args.word)

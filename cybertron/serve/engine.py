@@ -301,8 +301,8 @@ class Engine:
                 request.num_computed += chunk.length
         if not done:
             return []
-        return self._postprocess([requests[i] for i in done], [chunks[i].length for i in done], logits[done],
-                                 sampling)
+        rows = logits if len(done) == len(chunks) else logits[done]
+        return self._postprocess([requests[i] for i in done], [chunks[i].length for i in done], rows, sampling)
 
     def _sampling(self, requests: list[_Request]) -> SamplingBatch:
         # Every host -> device input, sampling's included, is sent before the forward is launched, and all

@@ -157,7 +157,7 @@ class GrammarCompiler:
                 self._cache.move_to_end(text)
                 return self._cache[text]
         lib = require_library(param)
-        tokenizer = self._tokenizer(lib)
+        tokenizer = self._tokenizer(lib, param)
         # validate_grammar reports an unsupported schema feature by name; the constructor only flags an error.
         failed, messages = lib.LLMatcher.validate_grammar_with_warnings(text, tokenizer)
         compiled = None if failed else lib.LLMatcher(tokenizer, text, log_level=0)
@@ -171,15 +171,19 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
-    def _tokenizer(self, lib: Any) -> Any:
+    def _tokenizer(self, lib: Any, param: str) -> Any:
         """The library's view of our tokenizer: built from the tokenizer.json the HF tokenizers library
         serializes (vocabulary, merges, byte-level or byte-fallback decoding), widened to the model's output
         size; its end-of-text token is the one the engine stops at."""
         with self._lock:
             if self._library_tokenizer is None:
-                self._library_tokenizer = lib.LLTokenizer(self.tokenizer.backend.to_str(),
-                                                          n_vocab=self.vocab_size,
-                                                          eos_token=self.tokenizer.eos_id)
+                try:
+                    self._library_tokenizer = lib.LLTokenizer(self.tokenizer.backend.to_str(),
+                                                              n_vocab=self.vocab_size,
+                                                              eos_token=self.tokenizer.eos_id)
+                except (ValueError, RuntimeError) as err:  # a tokenizer kind the library cannot walk
+                    raise InvalidParameter(param, f"{param} needs constrained decoding, which this model's "
+                                           f"tokenizer does not support: {err}") from None
             return self._library_tokenizer
 
 

@@ -123,3 +123,45 @@ def test_without_the_library_a_request_that_needs_it_is_a_400_naming_the_extra(t
         assert "cybertron[structured]" in error["message"]
         plain = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
         assert plain.status_code == 200
+
+
+def llama2_style_tokenizer():
+    """The layout of Llama 2's and Mistral's tokenizer.json: "▁" for spaces, the 256 bytes as <0xNN> pieces
+    of the BPE vocabulary (byte fallback for what no piece covers), then the learned pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from cybertron.data.tokenizer import TextTokenizer
+    from tests.unit.serve.conftest import CORPUS
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = normalizer
+    learner.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=150, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizer
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return TextTokenizer(backend, eos_token="</s>", bos_token="<s>")
+
+
+def test_a_llama2_style_tokenizer_is_bridged_too():
+    """Byte-fallback vocabularies reach the library through the same tokenizer.json: "{" and every
+    multi-byte character are <0xNN> pieces here, and the output still validates."""
+    from cybertron.models.llama import build_model
+    from cybertron.models.presets import preset_config
+
+    tokenizer = llama2_style_tokenizer()
+    assert tokenizer.backend.token_to_id("{") is None and tokenizer.decode(tokenizer.encode('{"é": 1}')) == '{"é": 1}'
+    model = build_model(preset_config("debug", vocab_size=tokenizer.vocab_size), seed=1).eval()
+    grammar = GrammarCompiler(tokenizer, tokenizer.vocab_size).json_schema(Person.model_json_schema(), "x")
+    engine = Engine(model, tokenizer, num_blocks=64, block_size=8)
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=150, grammar=grammar) for seed in range(3)]
+    for result in engine.generate([tokenizer.encode("Hello")] * 3, params):
+        assert result.finish_reason == "stop", result.text
+        Person.model_validate_json(result.text)

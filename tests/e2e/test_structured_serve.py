@@ -93,9 +93,15 @@ def client(tmp_path_factory):
 MESSAGES = [{"role": "user", "content": "Who is Ada? And the weather in Paris?"}]
 
 
+def parse(client, **kwargs):
+    """The client's structured-output helper: chat.completions.parse, beta.chat.completions.parse before 2.0."""
+    completions = client.chat.completions if hasattr(client.chat.completions, "parse") else client.beta.chat.completions
+    return completions.parse(**kwargs)
+
+
 def test_parse_helper_returns_a_validated_model(client):
-    completion = client.chat.completions.parse(model="tiny-tools", messages=MESSAGES, response_format=Person,
-                                               max_tokens=300, seed=1)
+    completion = parse(client, model="tiny-tools", messages=MESSAGES, response_format=Person, max_tokens=300,
+                       seed=1)
     choice = completion.choices[0]
     assert choice.finish_reason == "stop"
     assert isinstance(choice.message.parsed, Person)
@@ -113,8 +119,8 @@ def test_json_object_reply_parses(client):
 
 def test_required_tool_calls_have_valid_arguments(client):
     tools = [openai.pydantic_function_tool(Weather, name="get_weather")]
-    completion = client.chat.completions.parse(model="tiny-tools", messages=MESSAGES, tools=tools,
-                                               tool_choice="required", max_tokens=400, seed=3)
+    completion = parse(client, model="tiny-tools", messages=MESSAGES, tools=tools, tool_choice="required",
+                       max_tokens=400, seed=3)
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     for call in choice.message.tool_calls:

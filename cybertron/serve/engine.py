@@ -33,6 +33,7 @@ from cybertron.models.llama import Transformer
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.decode_graphs import DecodeGraphs
 from cybertron.serve.detokenize import OutputText
+from cybertron.serve.multi_lora import LoraAdapter, MultiLoRA, attach_adapters
 from cybertron.serve.sampling import (
     NON_FINITE_LOGITS,
     InvalidParameter,
@@ -109,6 +110,7 @@ class _Request:
     generator: torch.Generator | None
     text: OutputText | None
     on_output: Callable[[RequestOutput], None] | None
+    adapter: int = 0  # multi-LoRA slot: 0 the base, i + 1 the engine's adapter i
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -130,7 +132,7 @@ class Engine:
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
-                 kv_heads: int | None = None):
+                 kv_heads: int | None = None, adapters: Sequence[LoraAdapter] = ()):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -141,6 +143,15 @@ class Engine:
         # kv_heads: the KV heads this rank's attention holds (the model's, unless tensor parallelism splits them)
         self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size,
                                  kv_heads)
+        # ---- multi-LoRA (serve/multi_lora.py): adapters chosen per request, wrapped into the model in place.
+        # Decode graphs are off with adapters: the per-row adapter index is not among a graph's static inputs.
+        self.lora: MultiLoRA | None = None
+        if adapters:
+            if decode_graphs or lockstep is not None:
+                raise ValueError("an engine with LoRA adapters decodes eagerly and alone (no decode graphs, no "
+                                 "lockstep)")
+            self.lora, decode_graphs = attach_adapters(self.model, adapters), False
+        # ---- end multi-LoRA
         self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
         if lockstep is not None and self.decode_graphs is not None:
             raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
@@ -182,19 +193,35 @@ class Engine:
             raise InvalidParameter("stop", "stop strings need a tokenizer; this engine has none")
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> int:
-        """Queue a request; it is admitted at the next step with room. Returns its id."""
+                    on_output: Callable[[RequestOutput], None] | None = None, adapter: str | None = None) -> int:
+        """Queue a request; it is admitted at the next step with room. Returns its id. `adapter` names the
+        LoRA adapter it runs with (None: the base model)."""
         params = params or SamplingParams()
         self.check_request(prompt_ids, params)
+        slot = self.adapter_slot(adapter)
         text = OutputText(self.tokenizer, params.stop) if self.tokenizer is not None else None
         generator = None if params.greedy else make_generator(params.seed)
-        request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output,
+        request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output, slot,
                            counts={} if params.penalized else None)
         self._requests[request.id] = request
         self.waiting.append(request)
         self.stats.requests_added += 1
         self.stats.prompt_tokens += len(request.prompt)
         return request.id
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters requests can name (add_request's `adapter`)."""
+        return list(self.lora.names) if self.lora is not None else []
+
+    def adapter_slot(self, adapter: str | None) -> int:
+        """0 for the base (None), else the adapter's slot; InvalidParameter("model") naming an unknown one."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapter_names:
+            raise InvalidParameter("model", f"no adapter named {adapter!r} is loaded; adapters: "
+                                   f"{', '.join(self.adapter_names) or 'none'}", code="model_not_found")
+        return self.lora.slot(adapter)
 
     def cancel(self, request_id: int) -> bool:
         """Stop a request and free its blocks now; False if it already finished. Its consumer (on_output)
@@ -309,6 +336,8 @@ class Engine:
         the forward is launched, and all results come back in one transfer at the end."""
         sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device,
                                        [r.counts for r in requests])
+        if self.lora is not None:  # multi-LoRA: each row's adapter for this call (rows follow `requests`)
+            self.lora.select([r.adapter for r in requests])
         logits = self._prefill_logits(requests) if prefill else self._decode_logits(requests)
         drawn = sample(logits, sampling)
         return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])
@@ -381,12 +410,12 @@ class Engine:
 
     # ---- synchronous helpers ----------------------------------------------------------------------------
 
-    def stream(self, prompt_ids: Sequence[int],
-               params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
         """Add a request and step the engine until it finishes, yielding its outputs (other requests in the
         engine advance too). Closing the iterator early cancels the request."""
         mine: list[RequestOutput] = []
-        request_id = self.add_request(prompt_ids, params, on_output=mine.append)
+        request_id = self.add_request(prompt_ids, params, on_output=mine.append, adapter=adapter)
         finished = False
         try:
             while not finished:
@@ -402,16 +431,22 @@ class Engine:
                 self.cancel(request_id)
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
-        """Run every prompt to completion (batched continuously) and return the results in prompt order."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapters: Sequence[str | None] | None = None) -> list[Result]:
+        """Run every prompt to completion (batched continuously) and return the results in prompt order.
+        `adapters`: the LoRA adapter of each prompt (None entries, or no list: the base model)."""
         per_prompt = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        for prompt, p in zip(prompts, per_prompt):
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        for prompt, p, adapter in zip(prompts, per_prompt, adapters):
             self.check_request(prompt, p)  # all or nothing: no request is left behind in the engine
+            self.adapter_slot(adapter)
         collected: list[list[RequestOutput]] = [[] for _ in prompts]
-        for prompt, p, sink in zip(prompts, per_prompt, collected):
-            self.add_request(prompt, p, on_output=sink.append)
+        for prompt, p, sink, adapter in zip(prompts, per_prompt, collected, adapters):
+            self.add_request(prompt, p, on_output=sink.append, adapter=adapter)
         # Under lockstep a rank whose requests are done keeps stepping (idle) until every rank's are.
         self._peers_busy = self.lockstep is not None
         while not all(sink and sink[-1].finished for sink in collected) or self._peers_busy:

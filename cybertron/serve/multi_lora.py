@@ -2,22 +2,27 @@
 
 `attach_adapters(model, adapters)` swaps each Linear that some adapter adapts for a `MultiLoRALinear` that
 keeps the base weight (same parameter, same name) and holds every adapter's update for that layer stacked
-into padded tensors, slot 0 being "no adapter":
+into padded tensors, slot 0 being "no adapter" (all zeros), r the largest rank of any adapter:
 
-    a_t  (n + 1, in, r_max)     A^T of each adapter, zero-padded to the largest rank (zeros for slot 0)
-    b_t  (n + 1, r_max, out)    (s B)^T with the scale s = alpha / rank folded in
-    dora (n + 1, out) or None   DoRA's m / ||W + s B A||_row (ones where an adapter is plain LoRA or absent)
+    a     (n + 1, in, r)        A^T of each adapter, zero-padded to rank r
+    a_cat (in, (n + 1) r)       the same side by side (a second copy: the layout the dense path multiplies by)
+    b     (n + 1, r, out)       (s B)^T with the scale s = alpha / rank folded in
+    dora  (n + 1, out) or None  DoRA's m / ||W + s B A||_row (ones where an adapter is plain LoRA or absent)
 
-Before every model call the engine writes one adapter index per batch row into the `AdapterRows` object that
-all wrappers share (given to each at wrap time: no global state). A wrapper then computes, for all rows at once,
+Before every model call the engine writes each batch row's adapter slot into the `AdapterRows` object that all
+wrappers share (given to each at wrap time: no global state). A wrapper then computes every row at once,
+y = dora[idx] * (x W^T + delta) + bias, with delta in one of two exact ways:
 
-    y = dora[idx] * (x W^T + bmm(bmm(x, a_t[idx]), b_t[idx])) + bias
+    gather  bmm(bmm(x, a[idx]), b[idx])           each row reads its own adapter (punica's BGMV shape)
+    dense   ((x @ a_cat) * onehot(idx)) @ b.view((n+1) r, out)
+            all loaded adapters in two plain matmuls, the row's own rank block kept by a 0/1 mask
 
-with batched gathers and two bmm calls: each row reads its own adapter's weights (punica's BGMV shape), and
-nothing on this path loops over rows or adapters in Python or reads a device value on the host. Padding ranks
-with zeros changes nothing (0 * x adds exactly 0), and a row of slot 0 adds exactly 0 (times a DoRA scale of
-exactly 1), so base rows get the base model's output. When no row of a call uses an adapter the index is None
-and the wrappers are plain Linears.
+Both read no device value on the host and loop over neither rows nor adapters in Python, so decode graphs could
+capture either. Gather moves B x r x (in + out) weights per call, dense (n + 1) x r x (in + out): dense is taken
+while the adapters loaded are no more than the rows of the call (bench/RESULTS.md, "Serving v2: multi-LoRA",
+measures both). Padding ranks with zeros adds exactly 0, and so does a masked block (its h is finite), so a base
+row gets the base model's output; when no row of a call uses an adapter the index is None and the wrappers are
+plain Linears.
 
 This module works on plain tensors (`LoraAdapter`); reading adapters from PEFT directories and fine-tuning runs
 is runs.py's job.
@@ -54,25 +59,29 @@ class LoraAdapter:
 
 
 class AdapterRows:
-    """Which adapter each row of the next model call uses: (B,) int64 slot indices on the model's device, or None
-    when every row is the base. Set by the engine before each call; read by every MultiLoRALinear."""
+    """Which adapter each row of the next model call uses, set by the engine before each call and read by every
+    MultiLoRALinear: `index` (B,) int64 slots on the model's device, or None when every row is the base; `mask`
+    (B, (n + 1) r) the rows' one-hot slots widened to rank blocks (the dense path's); `path` gather or dense."""
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.path = "gather"
 
 
 class MultiLoRALinear(nn.Module):
     """A frozen Linear plus, per batch row, that row's adapter update (see the module docstring)."""
 
-    def __init__(self, base: nn.Linear, a_t: torch.Tensor, b_t: torch.Tensor, dora: torch.Tensor | None,
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, dora: torch.Tensor | None,
                  rows: AdapterRows):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same parameters: the model's state dict is unchanged
         self.bias = base.bias
         # Not persistent: a checkpoint of the served model is the base's.
-        self.register_buffer("a_t", a_t, persistent=False)
-        self.register_buffer("b_t", b_t, persistent=False)
+        self.register_buffer("a", a, persistent=False)
+        self.register_buffer("a_cat", a.permute(1, 0, 2).flatten(1).contiguous(), persistent=False)
+        self.register_buffer("b", b, persistent=False)
         self.register_buffer("dora", dora, persistent=False)
         self.rows = rows
 
@@ -81,23 +90,30 @@ class MultiLoRALinear(nn.Module):
         index = self.rows.index
         if index is not None:
             n = x.shape[0]  # rows: (B, T, in) in the decoder, (B, in) at the output head with logits_at
-            h = torch.bmm(x.reshape(n, -1, self.in_features), self.a_t[index])  # (B, T, r_max)
-            y = y + torch.bmm(h, self.b_t[index]).view(y.shape)  # (B, T, out)
+            broadcast = (n, *[1] * (x.dim() - 2), -1)  # a per-row vector over every position of the row
+            if self.rows.path == "dense":
+                h = (x @ self.a_cat) * self.rows.mask.view(broadcast)  # (B, T, (n+1) r)
+                y = y + h @ self.b.flatten(0, 1)
+            else:
+                h = torch.bmm(x.reshape(n, -1, self.in_features), self.a[index])  # (B, T, r)
+                y = y + torch.bmm(h, self.b[index]).view(y.shape)
             if self.dora is not None:
-                y = y * self.dora[index].view(n, *[1] * (y.dim() - 2), self.out_features)
+                y = y * self.dora[index].view(broadcast)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, adapters={self.a_t.shape[0] - 1}, "
-                f"r_max={self.a_t.shape[2]}, dora={self.dora is not None}")
+        return (f"{self.in_features}, {self.out_features}, adapters={self.b.shape[0] - 1}, rank={self.b.shape[1]}, "
+                f"dora={self.dora is not None}")
 
 
 class MultiLoRA:
     """The adapters attached to a model: their names (slot i + 1 is names[i]) and the rows object the engine
-    sets before each model call."""
+    sets before each model call. `path` (auto, gather or dense) fixes how wrappers compute; auto picks per call."""
 
-    def __init__(self, names: list[str], rows: AdapterRows, device: torch.device):
-        self.names, self.rows, self.device = names, rows, device
+    def __init__(self, names: list[str], rows: AdapterRows, rank: int, weight: torch.Tensor, path: str = "auto"):
+        assert path in ("auto", "gather", "dense"), path
+        self.names, self.rows, self.rank, self.path = names, rows, rank, path
+        self.device, self.dtype = weight.device, weight.dtype
         self._slots = {name: i + 1 for i, name in enumerate(names)}
 
     def slot(self, name: str | None) -> int:
@@ -106,11 +122,18 @@ class MultiLoRA:
 
     def select(self, slots: Sequence[int]) -> None:
         """The adapter slot of each row of the next model call (one small host -> device copy)."""
-        self.rows.index = None if not any(slots) else \
-            torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        rows = self.rows
+        if not any(slots):
+            rows.index = rows.mask = None
+            return
+        rows.index = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        dense = len(self.names) < len(slots) if self.path == "auto" else self.path == "dense"
+        rows.path = "dense" if dense else "gather"
+        rows.mask = None if not dense else \
+            F.one_hot(rows.index, len(self.names) + 1).to(self.dtype).repeat_interleave(self.rank, dim=1)
 
 
-def attach_adapters(model: nn.Module, adapters: Sequence[LoraAdapter]) -> MultiLoRA:
+def attach_adapters(model: nn.Module, adapters: Sequence[LoraAdapter], path: str = "auto") -> MultiLoRA:
     """Wrap every Linear of `model` that some adapter adapts (in place) and return the handle that selects rows.
     UserError (one line) when an adapter names a module the base lacks or a shape differs from the base's."""
     names = [a.name for a in adapters]
@@ -120,16 +143,15 @@ def attach_adapters(model: nn.Module, adapters: Sequence[LoraAdapter]) -> MultiL
     for adapter in adapters:
         for module, layer in adapter.layers.items():
             _check_layer(adapter.name, module, layer, linears.get(module))
-    weight = next(model.parameters())
+    # One rank for every layer, so one mask per call serves every wrapper's dense path.
+    rank = max(layer.a.shape[0] for adapter in adapters for layer in adapter.layers.values())
     rows = AdapterRows()
-    targets = [m for m in linears if any(m in a.layers for a in adapters)]
-    for module in targets:
+    for module in [m for m in linears if any(m in a.layers for a in adapters)]:
         base = linears[module]
-        per_adapter = [a.layers.get(module) for a in adapters]
-        a_t, b_t, dora = stack_layer(base, per_adapter, base.weight.dtype)
+        a, b, dora = stack_layer(base, [a.layers.get(module) for a in adapters], rank, base.weight.dtype)
         parent, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent), child, MultiLoRALinear(base, a_t, b_t, dora, rows))
-    return MultiLoRA(names, rows, weight.device)
+        setattr(model.get_submodule(parent), child, MultiLoRALinear(base, a, b, dora, rows))
+    return MultiLoRA(names, rows, rank, next(model.parameters()), path)
 
 
 def _check_layer(adapter: str, module: str, layer: LoraLayer, base: nn.Linear | None) -> None:
@@ -145,25 +167,24 @@ def _check_layer(adapter: str, module: str, layer: LoraLayer, base: nn.Linear | 
 
 
 @torch.no_grad()
-def stack_layer(base: nn.Linear, layers: Sequence[LoraLayer | None],
+def stack_layer(base: nn.Linear, layers: Sequence[LoraLayer | None], rank: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(a_t, b_t, dora) for one base Linear from each adapter's layer (None: the adapter leaves it alone)."""
+    """(a, b, dora) for one base Linear from each adapter's layer (None: the adapter leaves it alone)."""
     device = base.weight.device
-    r_max = max(layer.a.shape[0] for layer in layers if layer is not None)
     n = len(layers) + 1
-    a_t = torch.zeros(n, base.in_features, r_max, device=device, dtype=dtype)
-    b_t = torch.zeros(n, r_max, base.out_features, device=device, dtype=dtype)
+    a = torch.zeros(n, base.in_features, rank, device=device, dtype=dtype)
+    b = torch.zeros(n, rank, base.out_features, device=device, dtype=dtype)
     any_dora = any(layer is not None and layer.magnitude is not None for layer in layers)
     dora = torch.ones(n, base.out_features, device=device, dtype=dtype) if any_dora else None
     for slot, layer in enumerate(layers, start=1):
         if layer is None:
             continue
         r = layer.a.shape[0]
-        a_t[slot, :, :r] = layer.a.t().to(device, dtype)
-        b_t[slot, :r, :] = layer.b.t().to(device, dtype)
+        a[slot, :, :r] = layer.a.t().to(device, dtype)
+        b[slot, :r, :] = layer.b.t().to(device, dtype)
         if layer.magnitude is not None:
             dora[slot] = dora_scale(base.weight, layer).to(dtype)
-    return a_t, b_t, dora
+    return a, b, dora
 
 
 def dora_scale(weight: torch.Tensor, layer: LoraLayer) -> torch.Tensor:

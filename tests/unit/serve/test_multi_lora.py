@@ -45,15 +45,17 @@ def adapters(debug_model):
     return out
 
 
-def test_each_row_of_a_mixed_batch_matches_its_adapter_merged_and_run_alone(debug_model, adapters):
+@pytest.mark.parametrize("path", ["gather", "dense"])
+def test_each_row_of_a_mixed_batch_matches_its_adapter_merged_and_run_alone(debug_model, adapters, path):
     served = copy.deepcopy(debug_model)
-    lora = attach_adapters(served, [adapter for adapter, _ in adapters.values()])
+    lora = attach_adapters(served, [adapter for adapter, _ in adapters.values()], path=path)
     assert sum(isinstance(m, MultiLoRALinear) for m in served.modules()) == 4 * 7 + 1
     refs = [debug_model] + [merged for _, merged in adapters.values()]
     slots = [0, 1, 2, 3, 2, 0, 1]
     tokens = torch.randint(0, 256, (len(slots), 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         lora.select(slots)
+        assert lora.rows.path == path
         mixed = served(tokens)
         for row, slot in enumerate(slots):
             alone = refs[slot](tokens[row:row + 1])[0]
@@ -64,9 +66,11 @@ def test_each_row_of_a_mixed_batch_matches_its_adapter_merged_and_run_alone(debu
         assert lora.rows.index is None and torch.equal(served(tokens), debug_model(tokens))
 
 
-def test_engine_decodes_a_mixed_batch_with_each_adapters_greedy_tokens(debug_model, adapters):
+@pytest.mark.parametrize("path", ["auto", "gather"])  # auto: dense for calls of more rows than adapters
+def test_engine_decodes_a_mixed_batch_with_each_adapters_greedy_tokens(debug_model, adapters, path):
     engine = Engine(copy.deepcopy(debug_model), max_batch_size=8, num_blocks=64, block_size=8,
                     adapters=[adapter for adapter, _ in adapters.values()])
+    engine.lora.path = path
     assert engine.adapter_names == ["a", "b", "d"] and engine.decode_graphs is None
     names = [None, "a", "b", "d", "a", None, "d"]
     prompts = random_prompts([5, 9, 3, 12, 7, 4, 10], seed=3)

@@ -115,6 +115,9 @@ class MultiLoRA:
         self.names, self.rows, self.rank, self.path = names, rows, rank, path
         self.device, self.dtype = weight.device, weight.dtype
         self._slots = {name: i + 1 for i, name in enumerate(names)}
+        # The slot of each column of the dense path's stacked ranks: a row's mask is (its slot == column's slot),
+        # compared on the device (one_hot would check its input's range on the host).
+        self._columns = torch.arange(len(names) + 1, device=self.device).repeat_interleave(rank)
 
     def slot(self, name: str | None) -> int:
         """0 for the base (None), else the adapter's slot (the engine checks the name first)."""
@@ -129,8 +132,7 @@ class MultiLoRA:
         rows.index = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
         dense = len(self.names) < len(slots) if self.path == "auto" else self.path == "dense"
         rows.path = "dense" if dense else "gather"
-        rows.mask = None if not dense else \
-            F.one_hot(rows.index, len(self.names) + 1).to(self.dtype).repeat_interleave(self.rank, dim=1)
+        rows.mask = (rows.index[:, None] == self._columns).to(self.dtype) if dense else None
 
 
 def attach_adapters(model: nn.Module, adapters: Sequence[LoraAdapter], path: str = "auto") -> MultiLoRA:

@@ -143,16 +143,12 @@ class Engine:
         # kv_heads: the KV heads this rank's attention holds (the model's, unless tensor parallelism splits them)
         self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size,
                                  kv_heads)
-        # ---- multi-LoRA (serve/multi_lora.py): adapters chosen per request, wrapped into the model in place.
-        # Decode graphs are off with adapters: the per-row adapter index is not among a graph's static inputs.
-        self.lora: MultiLoRA | None = None
-        if adapters:
-            if decode_graphs or lockstep is not None:
-                raise ValueError("an engine with LoRA adapters decodes eagerly and alone (no decode graphs, no "
-                                 "lockstep)")
-            self.lora, decode_graphs = attach_adapters(self.model, adapters), False
-        # ---- end multi-LoRA
-        self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
+        # multi-LoRA (serve/multi_lora.py): adapters chosen per request, wrapped into the model in place; decode
+        # graphs take each row's adapter slot as one more static input.
+        if adapters and lockstep is not None:
+            raise ValueError("LoRA adapters are served by an engine of its own, not under lockstep")
+        self.lora: MultiLoRA | None = attach_adapters(self.model, adapters) if adapters else None
+        self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs, self.lora)
         if lockstep is not None and self.decode_graphs is not None:
             raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
                              "weights")
@@ -360,7 +356,7 @@ class Engine:
         ids, positions = [r.id for r in requests], [len(r.tokens) - 1 for r in requests]
         tokens = [r.output[-1] for r in requests]
         if self.decode_graphs is not None:
-            return self.decode_graphs(ids, tokens, positions)
+            return self.decode_graphs(ids, tokens, positions, [r.adapter for r in requests])
         batch = self.cache.batch(ids, positions, [1] * len(requests))
         inputs = torch.tensor(tokens)[:, None].to(self.device, non_blocking=True)
         return self.model(inputs, positions=batch.positions, cache=batch)[:, 0]
@@ -476,13 +472,13 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
 
 
 def build_decode_graphs(model: Transformer, cache: PagedKVCache, max_batch_size: int,
-                        enabled: bool | None) -> DecodeGraphs | None:
+                        enabled: bool | None, lora: MultiLoRA | None = None) -> DecodeGraphs | None:
     """CUDA graphs for decode by default on CUDA. enabled=True elsewhere runs the same static, padded
     path eagerly (how CPU tests cover it); False always decodes eagerly."""
     on_cuda = cache.device.type == "cuda"
     if not (on_cuda if enabled is None else enabled):
         return None
-    return DecodeGraphs(model, cache, max_batch_size, capture=on_cuda)
+    return DecodeGraphs(model, cache, max_batch_size, capture=on_cuda, lora=lora)
 
 
 def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, device: torch.device,

@@ -125,14 +125,19 @@ class MultiLoRA:
 
     def select(self, slots: Sequence[int]) -> None:
         """The adapter slot of each row of the next model call (one small host -> device copy)."""
-        rows = self.rows
         if not any(slots):
-            rows.index = rows.mask = None
+            self.rows.index = self.rows.mask = None
             return
-        rows.index = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        dense = len(self.names) < len(slots) if self.path == "auto" else self.path == "dense"
+        self.bind(torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True))
+
+    def bind(self, index: torch.Tensor) -> None:
+        """Rows' slots already on the device, (B,) int64: a decode graph binds a column of its static input
+        buffer, so each replay reads the slots copied in for that step. Nothing here reads the values."""
+        rows = self.rows
+        rows.index = index
+        dense = len(self.names) < index.shape[0] if self.path == "auto" else self.path == "dense"
         rows.path = "dense" if dense else "gather"
-        rows.mask = (rows.index[:, None] == self._columns).to(self.dtype) if dense else None
+        rows.mask = (index[:, None] == self._columns).to(self.dtype) if dense else None
 
 
 def attach_adapters(model: nn.Module, adapters: Sequence[LoraAdapter], path: str = "auto") -> MultiLoRA:

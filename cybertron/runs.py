@@ -323,7 +323,7 @@ def read_served_adapter(name: str, path: Path) -> LoraAdapter:
         t = adapter.tensors
         return LoraAdapter(name, {m: LoraLayer(t[f"{m}.lora_A"].float(), t[f"{m}.lora_B"].float() * scale,
                                                _float_or_none(t.get(f"{m}.magnitude")))
-                                  for m in adapter.spec.targets})
+                                  for m in adapter.spec.targets}, str(adapter.base) or None)
     try:
         ckpt = resolve_checkpoint(path, report=None)
     except UserError as err:
@@ -333,7 +333,8 @@ def read_served_adapter(name: str, path: Path) -> LoraAdapter:
     if meta.adapters is None:
         raise UserError(f"--lora {name}={path} is a {meta.kind} run whose checkpoints hold every weight, not "
                         "adapters; serve it on its own with --model")
-    return adapter_from_model(name, load_run(path, merge=False, head=LM_HEAD).model)
+    adapter = adapter_from_model(name, load_run(path, merge=False, head=LM_HEAD).model)
+    return LoraAdapter(name, adapter.layers, meta.base_model)
 
 
 def adapter_from_model(name: str, model: nn.Module) -> LoraAdapter:

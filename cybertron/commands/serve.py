@@ -108,6 +108,10 @@ def main(argv: list[str]) -> int:
     model, tokenizer, _ = load_for_inference(*source, device=device, dtype=cfg.model.dtype)
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
                     block_size=s.block_size, adapters=adapters)
+    for adapter in adapters:
+        if adapter.trained_on and Path(adapter.trained_on).resolve() != source[0].resolve():
+            print(f"note: adapter {adapter.name!r} was trained over {adapter.trained_on}, not over the served "
+                  f"{source[0]}; its shapes match, so it is served", file=sys.stderr)
     app = create_app(engine, tokenizer, name, api_key=s.api_key or None, max_body_bytes=s.max_body_bytes)
     served = f"{name} (+ adapters {', '.join(engine.adapter_names)})" if adapters else name
     print(f"serving {served} on http://{s.host}:{s.port} ({device}, "

@@ -56,6 +56,7 @@ class LoraAdapter:
 
     name: str
     layers: dict[str, LoraLayer]
+    trained_on: str | None = None  # the base it was trained over, as its files record it (a path or a hub id)
 
 
 class AdapterRows:

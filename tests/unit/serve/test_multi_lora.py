@@ -104,3 +104,20 @@ def test_adapters_for_another_model_are_refused_in_one_line(debug_model, adapter
         with pytest.raises(UserError, match=message) as err:
             attach_adapters(copy.deepcopy(debug_model), [good, adapter])
         assert "\n" not in str(err.value)
+
+
+def test_the_prefix_cache_shares_kv_within_an_adapter_never_across(debug_model, adapters):
+    """A prompt cached under one adapter is a miss for the base and the other adapters (their KV differs), and
+    a hit for the same adapter; every answer stays that adapter's own greedy tokens."""
+    engine = Engine(copy.deepcopy(debug_model), max_batch_size=4, num_blocks=64, block_size=4,
+                    adapters=[adapter for adapter, _ in adapters.values()])
+    prompt = random_prompts([17], seed=5)[0]  # four full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    hits = []
+    for name in ("a", None, "b", "a", None):
+        before = engine.stats.prefix_hit_tokens
+        [result] = engine.generate([prompt], params, [name])
+        hits.append(engine.stats.prefix_hit_tokens - before)
+        reference = debug_model if name is None else adapters[name][1]
+        assert result.token_ids == greedy_reference(reference, prompt, 4), name
+    assert hits == [0, 0, 0, 16, 16]

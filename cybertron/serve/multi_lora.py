@@ -94,7 +94,7 @@ class MultiLoRALinear(nn.Module):
             broadcast = (n, *[1] * (x.dim() - 2), -1)  # a per-row vector over every position of the row
             if self.rows.path == "dense":
                 h = (x @ self.a_cat) * self.rows.mask.view(broadcast)  # (B, T, (n+1) r)
-                y = y + h @ self.b.flatten(0, 1)
+                y = torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.b.flatten(0, 1)).view(y.shape)
             else:
                 h = torch.bmm(x.reshape(n, -1, self.in_features), self.a[index])  # (B, T, r)
                 y = y + torch.bmm(h, self.b[index]).view(y.shape)

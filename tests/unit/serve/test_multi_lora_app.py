@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from cybertron.cli import main as cli_main
 from cybertron.finetune.lora import LoRASpec, merge_lora_
 from cybertron.finetune.peft_format import write_peft_adapter
+from cybertron.hf_runs import convert_from_hf
 from cybertron.models.hf import save_hf_model
 from cybertron.runs import adapter_from_model
 from cybertron.serve.engine import Engine
@@ -75,6 +76,7 @@ def dirs(text_model, tokenizer, trained, tmp_path_factory):
     save_hf_model(text_model.state_dict(), text_model.config, root / "base")
     tokenizer.save(root / "base")
     write_peft_adapter(trained["a"], SPECS["a"], str(root / "base"), root / "a")
+    convert_from_hf(root / "base", root / "whole")  # a run whose checkpoint holds every weight
     return root
 
 
@@ -84,6 +86,7 @@ def dirs(text_model, tokenizer, trained, tmp_path_factory):
     (["base={root}/a"], "the name 'base' is already taken by the base model"),
     (["a={root}/nowhere"], "--lora a={root}/nowhere: not a directory"),
     (["a={root}"], "--lora a={root} is neither a PEFT adapter directory"),
+    (["a={root}/whole"], "--lora a={root}/whole is a pretrain run whose checkpoints hold every weight"),
 ])
 def test_serve_lora_flag_mistakes_are_one_line_errors(dirs, lora, message, capsys):
     argv = ["serve", "--model", str(dirs / "base"), "--device", "cpu", "--port", "0"]

@@ -8,7 +8,7 @@ text ignored), timed in turns (round robin, best of --repeats) so a co-tenant's 
   base            the plain base model, no adapters loaded
   loaded, base    3 adapters loaded, every request on the base (the wrappers' no-adapter path)
   mixed 3         3 adapters loaded, requests spread over them round robin: every batch mixes all three
-                  (the path multi_lora.py picks: dense while no more adapters are loaded than rows in the call)
+                  (the path multi_lora.py picks: dense while fewer adapters are loaded than rows in the call)
   mixed 3 + base  the same with a quarter of the requests on the base
   mixed 3, gather as "mixed 3", forced to gather each row's adapter weights and bmm (punica's BGMV shape)
   mixed 3, dense  as "mixed 3", forced to multiply by all adapters' stacked ranks and mask each row's block

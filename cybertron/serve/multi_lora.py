@@ -17,11 +17,10 @@ y = dora[idx] * (x W^T + delta) + bias, with delta in one of two exact ways:
     dense   ((x @ a_cat) * onehot(idx)) @ b.view((n+1) r, out)
             all loaded adapters in two plain matmuls, the row's own rank block kept by a 0/1 mask
 
-Both read no device value on the host and loop over neither rows nor adapters in Python, so decode graphs could
-capture either (decode graphs do: the slots are a column of their static input). Gather moves B x r x (in + out)
+Both read no device value on the host and loop over neither rows nor adapters in Python, so CUDA graphs capture
+either (decode_graphs.py passes the slots as a column of its static input). Gather moves B x r x (in + out)
 weights per call, dense (n + 1) x r x (in + out): dense is taken while fewer adapters are loaded than the call has
-rows (bench/RESULTS.md, "Serving v2: multi-LoRA",
-measures both). Padding ranks with zeros adds exactly 0, and so does a masked block (its h is finite), so a base
+rows (bench/RESULTS.md, "Serving v2: multi-LoRA", measures both). Padding ranks with zeros adds exactly 0, and so does a masked block (its h is finite), so a base
 row gets the base model's output; when no row of a call uses an adapter the index is None and the wrappers are
 plain Linears.
 

@@ -20,9 +20,9 @@ y = dora[idx] * (x W^T + delta) + bias, with delta in one of two exact ways:
 Both read no device value on the host and loop over neither rows nor adapters in Python, so CUDA graphs capture
 either (decode_graphs.py passes the slots as a column of its static input). Gather moves B x r x (in + out)
 weights per call, dense (n + 1) x r x (in + out): dense is taken while fewer adapters are loaded than the call has
-rows (bench/RESULTS.md, "Serving v2: multi-LoRA", measures both). Padding ranks with zeros adds exactly 0, and so does a masked block (its h is finite), so a base
-row gets the base model's output; when no row of a call uses an adapter the index is None and the wrappers are
-plain Linears.
+rows (bench/RESULTS.md, "Serving v2: multi-LoRA", measures both). Padding ranks with zeros adds exactly 0, and
+so does a masked block (its h is finite), so a base row gets the base model's output; when no row of a call uses
+an adapter the index is None and the wrappers are plain Linears.
 
 This module works on plain tensors (`LoraAdapter`); reading adapters from PEFT directories and fine-tuning runs
 is runs.py's job.

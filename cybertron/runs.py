@@ -32,12 +32,13 @@ from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import CheckpointError, UserError
 from cybertron.files import write_text_atomic
 from cybertron.finetune.config import FinetuneConfig, MethodSection
-from cybertron.finetune.lora import LoRASpec, merge_lora_, trainable_view
+from cybertron.finetune.lora import LoRASpec, lora_modules, merge_lora_, trainable_view
 from cybertron.finetune.model import BaseModel, build_finetune_model
 from cybertron.finetune.peft_format import apply_peft_adapter, is_peft_dir, read_peft_adapter
 from cybertron.models.config import ModelConfig
 from cybertron.models.hf import load_hf_model, read_hf_config
 from cybertron.models.llama import Transformer
+from cybertron.serve.multi_lora import LoraAdapter, LoraLayer
 from cybertron.train.checkpoint import load_checkpoint, read_model_config, resolve_checkpoint
 from cybertron.train.precision import DTYPES
 
@@ -304,3 +305,47 @@ def load_for_inference(path: Path, as_run: bool, device: torch.device,
         return load_peft_model(path, device).to(torch_dtype), tokenizer, path.resolve().name
     model = load_hf_model(path, device=device, dtype=torch_dtype)
     return model.eval(), TextTokenizer.load(path), path.resolve().name
+
+
+# ---- adapters served side by side (`cybertron serve --lora NAME=PATH`) ---------------------------------------
+
+def read_served_adapter(name: str, path: Path) -> LoraAdapter:
+    """A LoRA/DoRA adapter to serve over the served base, as plain tensors: a PEFT adapter directory, or a
+    cybertron lora/dora/qlora fine-tuning run (its newest checkpoint). Its shapes are checked against the base
+    when the engine attaches it (serve/multi_lora.py); UserError (one line) for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--lora {name}={path}: not a directory; give a PEFT adapter directory or a cybertron "
+                        "LoRA fine-tuning run")
+    if is_peft_dir(path):
+        adapter = read_peft_adapter(path, resolve_base=False)  # the base is the served model, not its record
+        scale = adapter.spec.alpha / adapter.spec.rank
+        t = adapter.tensors
+        return LoraAdapter(name, {m: LoraLayer(t[f"{m}.lora_A"].float(), t[f"{m}.lora_B"].float() * scale,
+                                               _float_or_none(t.get(f"{m}.magnitude")))
+                                  for m in adapter.spec.targets}, str(adapter.base) or None)
+    try:
+        ckpt = resolve_checkpoint(path, report=None)
+    except UserError as err:
+        raise UserError(f"--lora {name}={path} is neither a PEFT adapter directory (adapter_config.json) nor a "
+                        "cybertron run directory") from err
+    meta = read_meta(ckpt.parent.parent)
+    if meta.adapters is None:
+        raise UserError(f"--lora {name}={path} is a {meta.kind} run whose checkpoints hold every weight, not "
+                        "adapters; serve it on its own with --model")
+    adapter = adapter_from_model(name, load_run(path, merge=False, head=LM_HEAD).model)
+    return LoraAdapter(name, adapter.layers, meta.base_model)
+
+
+def adapter_from_model(name: str, model: nn.Module) -> LoraAdapter:
+    """The LoRALinear layers of `model` (finetune/lora.py) as an adapter to serve, scale folded into B."""
+    layers = {module: LoraLayer(m.lora_A.detach().float().cpu(), (m.lora_B.detach().float() * m.scale).cpu(),
+                                _float_or_none(m.magnitude))
+              for module, m in lora_modules(model)}
+    if not layers:
+        raise UserError(f"adapter {name!r}: the model holds no LoRA layers")
+    return LoraAdapter(name, layers)
+
+
+def _float_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().cpu()

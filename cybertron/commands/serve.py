@@ -1,6 +1,11 @@
 """`cybertron serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
-    cybertron serve --model RUN_OR_HF_DIR [--host H] [--port P] [--api-key KEY] [--config serve.toml]
+    cybertron serve --model RUN_OR_HF_DIR [--lora NAME=PATH ...] [--host H] [--port P] [--api-key KEY]
+                    [--config serve.toml]
+
+Each --lora serves a LoRA/DoRA adapter (a PEFT adapter directory or a cybertron fine-tuning run) over the base
+as a model of its own: a request's `model` field picks the base or an adapter by name, and requests for
+different adapters share one batch (cybertron/serve/multi_lora.py).
 
 Endpoints: /v1/completions and /v1/chat/completions (streaming or not), /v1/models, /health and /metrics
 (the app is cybertron/serve/server.py).
@@ -11,10 +16,11 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cybertron.config import help_text, opt, parse_args, raise_first_failure
 from cybertron.errors import UserError
-from cybertron.runs import load_for_inference
+from cybertron.runs import load_for_inference, read_served_adapter
 from cybertron.serve.engine import Engine
 from cybertron.serve.options import MODEL_SHORTCUTS, OUT_IS_NOT_AN_INPUT, ModelSourceSection, validate_source
 from cybertron.serve.server import MAX_BODY_BYTES, create_app
@@ -30,6 +36,8 @@ class ServerSection:
     block_size: int = opt(16, "tokens per KV cache block")
     model_name: str = opt("", "the name clients use; empty = the directory's")
     max_body_bytes: int = opt(MAX_BODY_BYTES, "largest request body accepted; a larger one gets 413")
+    lora: list[str] = opt([], "serve a LoRA/DoRA adapter over the base as NAME=PATH (a PEFT adapter directory or "
+                              "a cybertron fine-tuning run); repeat for several; requests choose it by `model`")
 
 
 @dataclass
@@ -41,7 +49,7 @@ class ServeConfig:
 SHORTCUTS = {**MODEL_SHORTCUTS, "--host": "server.host", "--port": "server.port", "--api-key": "server.api_key",
              "--max-batch-size": "server.max_batch_size", "--num-blocks": "server.num_blocks",
              "--block-size": "server.block_size", "--model-name": "server.model_name",
-             "--max-body-bytes": "server.max_body_bytes"}
+             "--max-body-bytes": "server.max_body_bytes", "--lora": "server.lora"}
 
 
 def validate_server(s: ServerSection) -> None:
@@ -51,6 +59,22 @@ def validate_server(s: ServerSection) -> None:
         (s.max_body_bytes >= 1, f"server.max_body_bytes must be >= 1, got {s.max_body_bytes}"),
         (s.num_blocks >= 0, f"server.num_blocks must be >= 1 (or 0 = from memory), got {s.num_blocks}"),
     ])
+
+
+def parse_lora(entries: list[str], base_name: str) -> list[tuple[str, Path]]:
+    """--lora NAME=PATH entries as (name, path); UserError for a malformed, repeated or base-shadowing name."""
+    pairs: list[tuple[str, Path]] = []
+    for entry in entries:
+        name, eq, path = entry.partition("=")
+        name = name.strip()
+        if not eq or not name or not path:
+            raise UserError(f"--lora {entry!r}: give NAME=PATH (the name clients send as `model`, then the "
+                            "adapter's directory)")
+        if name == base_name or name in (n for n, _ in pairs):
+            raise UserError(f"--lora {entry!r}: the name {name!r} is already taken by "
+                            f"{'the base model' if name == base_name else 'another --lora'}; choose another")
+        pairs.append((name, Path(path)))
+    return pairs
 
 
 def check_listen_address(host: str, port: int) -> None:
@@ -77,12 +101,20 @@ def main(argv: list[str]) -> int:
     validate_server(s)
     device = validate_source(cfg.model)
     check_listen_address(s.host, s.port)  # before minutes of model loading, not after
-    model, tokenizer, name = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
+    source = cfg.model.source()
+    name = s.model_name or source[0].resolve().name
+    lora = parse_lora(s.lora, name)
+    adapters = [read_served_adapter(n, path) for n, path in lora]  # before the base: their errors come first
+    model, tokenizer, _ = load_for_inference(*source, device=device, dtype=cfg.model.dtype)
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
-                    block_size=s.block_size)
-    name = s.model_name or name
+                    block_size=s.block_size, adapters=adapters)
+    for adapter in adapters:
+        if adapter.trained_on and Path(adapter.trained_on).resolve() != source[0].resolve():
+            print(f"note: adapter {adapter.name!r} was trained over {adapter.trained_on}, not over the served "
+                  f"{source[0]}; its shapes match, so it is served", file=sys.stderr)
     app = create_app(engine, tokenizer, name, api_key=s.api_key or None, max_body_bytes=s.max_body_bytes)
-    print(f"serving {name} on http://{s.host}:{s.port} ({device}, "
+    served = f"{name} (+ adapters {', '.join(engine.adapter_names)})" if adapters else name
+    print(f"serving {served} on http://{s.host}:{s.port} ({device}, "
           f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
     return 0

@@ -94,8 +94,9 @@ def peft_config(spec: LoRASpec, adapted: list[str], base_model: str) -> dict[str
 
 # ---- reading ------------------------------------------------------------------------------------------------
 
-def read_peft_adapter(path: Path) -> PeftAdapter:
-    """A PEFT LoRA/DoRA adapter directory; UserError (one line) for what cybertron cannot load."""
+def read_peft_adapter(path: Path, resolve_base: bool = True) -> PeftAdapter:
+    """A PEFT LoRA/DoRA adapter directory; UserError (one line) for what cybertron cannot load. resolve_base=False
+    (serving several adapters over a base given apart) leaves `base` as written, not checked to exist."""
     path = Path(path)
     config = _read_config(path)
     weights = path / WEIGHTS_FILE
@@ -116,7 +117,8 @@ def read_peft_adapter(path: Path) -> PeftAdapter:
         alpha = alpha * math.sqrt(rank)
     spec = LoRASpec(rank=rank, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
                     targets=adapted, dora=dora)
-    return PeftAdapter(_base_dir(path, config), spec, tensors)
+    base = _base_dir(path, config) if resolve_base else Path(config.get("base_model_name_or_path") or "")
+    return PeftAdapter(base, spec, tensors)
 
 
 def adapter_base(path: Path) -> Path:

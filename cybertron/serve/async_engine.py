@@ -37,6 +37,7 @@ class _Handle:
     prompt: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base)
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: int | None = None
     done: bool = False
@@ -75,9 +76,11 @@ class AsyncEngine:
         """Raises the engine's InvalidParameter in the caller, before anything is queued."""
         self.engine.check_request(prompt_ids, params)
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         self.check_request(prompt_ids, params)
-        handle = _Handle(list(prompt_ids), params, asyncio.get_running_loop())
+        self.engine.adapter_slot(adapter)  # an unknown adapter is refused here, before anything is queued
+        handle = _Handle(list(prompt_ids), params, asyncio.get_running_loop(), adapter)
         self._send("add", handle)
         try:
             while True:
@@ -123,7 +126,8 @@ class AsyncEngine:
                 return
             if command == "add":
                 try:
-                    handle.request_id = self.engine.add_request(handle.prompt, handle.params)
+                    handle.request_id = self.engine.add_request(handle.prompt, handle.params,
+                                                                adapter=handle.adapter)
                 except Exception as err:  # validated already; anything left is delivered, not lost
                     self._post(handle.loop, [(handle, err)])
                     continue

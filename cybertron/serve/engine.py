@@ -36,6 +36,7 @@ from cybertron.models.llama import Transformer
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
+from cybertron.serve.multi_lora import LoraAdapter, MultiLoRA, attach_adapters
 from cybertron.serve.runner import ModelRunner, build_decode_graphs
 from cybertron.serve.sampling import (
     NON_FINITE_LOGITS,
@@ -139,14 +140,17 @@ class Engine:
     max_prefill_tokens: the token budget of one step, shared by decode rows and prefill chunks (scheduler.py).
     chunked_prefill: a prompt longer than what the budget leaves is prefilled over several steps (False:
     whole prompts only, one larger than the budget alone). prefix_caching: prompts reuse the KV of cached
-    full blocks (block_manager.py); call reset_prefix_cache() after the model's weights change."""
+    full blocks (block_manager.py); call reset_prefix_cache() after the model's weights change.
+    adapters: LoRA/DoRA adapters a request can name (add_request's `adapter`), served side by side in every
+    batch (multi_lora.py); the model is wrapped in place."""
 
     def __init__(self, model: Transformer, tokenizer: TextTokenizer | None = None,
                  max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16,
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
-                 kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True):
+                 kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
+                 adapters: Sequence[LoraAdapter] = ()):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -162,11 +166,16 @@ class Engine:
         # progresses (a server may allow more rows than the default budget has tokens).
         budget = max(max_prefill_tokens, max_batch_size + block_size)
         self.scheduler = Scheduler(self.blocks, max_batch_size, budget, chunked_prefill)
-        self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
+        # multi-LoRA (multi_lora.py): decode graphs take each row's adapter slot as one more static input.
+        if adapters and lockstep is not None:
+            raise ValueError("LoRA adapters are served by an engine of its own, not under lockstep")
+        self.lora: MultiLoRA | None = attach_adapters(self.model, adapters) if adapters else None
+        self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs, self.lora)
         if lockstep is not None and self.decode_graphs is not None:
             raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
                              "weights")
-        self.runner = ModelRunner(self.model, self.cache, self.device, self.decode_graphs, max_attention_keys)
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.decode_graphs, max_attention_keys,
+                                  self.lora)
         self.lockstep = lockstep
         self._peers_busy = False  # under lockstep: some rank called the model in the last step
         self._eos = {tokenizer.eos_id} if tokenizer is not None else set()
@@ -201,20 +210,37 @@ class Engine:
             raise InvalidParameter("stop", "stop strings need a tokenizer; this engine has none")
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> int:
-        """Queue a request; it is admitted at the next step with room. Returns its id."""
+                    on_output: Callable[[RequestOutput], None] | None = None, adapter: str | None = None) -> int:
+        """Queue a request; it is admitted at the next step with room. Returns its id. `adapter` names the
+        LoRA adapter it runs with (None: the base model)."""
         params = params or SamplingParams()
         self.check_request(prompt_ids, params)
+        self.adapter_slot(adapter)
         text = OutputText(self.tokenizer, params.stop) if self.tokenizer is not None else None
         generator = None if params.greedy else make_generator(params.seed)
         request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output,
                            counts={} if params.penalized else None,
-                           matcher=params.grammar.matcher() if params.grammar is not None else None)
+                           matcher=params.grammar.matcher() if params.grammar is not None else None,
+                           adapter=adapter)
         self._requests[request.id] = request
         self.scheduler.add(request)
         self.stats.requests_added += 1
         self.stats.prompt_tokens += len(request.prompt)
         return request.id
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters requests can name (add_request's `adapter`)."""
+        return list(self.lora.names) if self.lora is not None else []
+
+    def adapter_slot(self, adapter: str | None) -> int:
+        """0 for the base (None), else the adapter's slot; InvalidParameter("model") naming an unknown one."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapter_names:
+            raise InvalidParameter("model", f"no adapter named {adapter!r} is loaded; adapters: "
+                                   f"{', '.join(self.adapter_names) or 'none'}", code="model_not_found")
+        return self.lora.slot(adapter)
 
     def cancel(self, request_id: int) -> bool:
         """Stop a request and free its blocks now; False if it already finished. Its consumer (on_output)
@@ -286,7 +312,7 @@ class Engine:
         """One new token per request: the KV of each one's last token, then a sampled token."""
         sampling = self._sampling(requests)
         logits = self.runner.decode([r.id for r in requests], [r.tokens[-1] for r in requests],
-                                    [len(r.tokens) - 1 for r in requests])
+                                    [len(r.tokens) - 1 for r in requests], self._adapter_slots(requests))
         return self._postprocess(requests, [1] * len(requests), logits, sampling)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> list[tuple[_Request, RequestOutput]]:
@@ -295,7 +321,8 @@ class Engine:
         done = [i for i, c in enumerate(chunks) if c.completes]
         sampling = self._sampling([requests[i] for i in done]) if done else None
         logits = self.runner.prefill([r.id for r in requests], [c.start for c in chunks],
-                                     [r.tokens[c.start:c.start + c.length] for r, c in zip(requests, chunks)])
+                                     [r.tokens[c.start:c.start + c.length] for r, c in zip(requests, chunks)],
+                                     self._adapter_slots(requests))
         self.stats.prefill_tokens += sum(c.length for c in chunks)
         for request, chunk in zip(requests, chunks):
             # A chunk mid-prompt: nothing to sample yet. Its blocks are registered only once the prompt's
@@ -306,6 +333,10 @@ class Engine:
             return []
         rows = logits if len(done) == len(chunks) else logits[done]
         return self._postprocess([requests[i] for i in done], [chunks[i].length for i in done], rows, sampling)
+
+    def _adapter_slots(self, requests: list[_Request]) -> list[int] | None:
+        """Each row's multi-LoRA slot (None without adapters)."""
+        return None if self.lora is None else [self.lora.slot(r.adapter) for r in requests]
 
     def _sampling(self, requests: list[_Request]) -> SamplingBatch:
         # Every host -> device input, sampling's included, is sent before the forward is launched, and all
@@ -375,12 +406,12 @@ class Engine:
 
     # ---- synchronous helpers ----------------------------------------------------------------------------
 
-    def stream(self, prompt_ids: Sequence[int],
-               params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
         """Add a request and step the engine until it finishes, yielding its outputs (other requests in the
         engine advance too). Closing the iterator early cancels the request."""
         mine: list[RequestOutput] = []
-        request_id = self.add_request(prompt_ids, params, on_output=mine.append)
+        request_id = self.add_request(prompt_ids, params, on_output=mine.append, adapter=adapter)
         finished = False
         try:
             while not finished:
@@ -396,16 +427,22 @@ class Engine:
                 self.cancel(request_id)
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
-        """Run every prompt to completion (batched continuously) and return the results in prompt order."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapters: Sequence[str | None] | None = None) -> list[Result]:
+        """Run every prompt to completion (batched continuously) and return the results in prompt order.
+        `adapters`: the LoRA adapter of each prompt (None entries, or no list: the base model)."""
         per_prompt = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        for prompt, p in zip(prompts, per_prompt):
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        for prompt, p, adapter in zip(prompts, per_prompt, adapters):
             self.check_request(prompt, p)  # all or nothing: no request is left behind in the engine
+            self.adapter_slot(adapter)
         collected: list[list[RequestOutput]] = [[] for _ in prompts]
-        for prompt, p, sink in zip(prompts, per_prompt, collected):
-            self.add_request(prompt, p, on_output=sink.append)
+        for prompt, p, sink, adapter in zip(prompts, per_prompt, collected, adapters):
+            self.add_request(prompt, p, on_output=sink.append, adapter=adapter)
         # Under lockstep a rank whose requests are done keeps stepping (idle) until every rank's are.
         self._peers_busy = self.lockstep is not None
         while not all(sink and sink[-1].finished for sink in collected) or self._peers_busy:

@@ -14,17 +14,22 @@ import torch
 from cybertron.models.llama import Transformer
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.decode_graphs import DecodeGraphs
+from cybertron.serve.multi_lora import MultiLoRA
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, device: torch.device,
-                 decode_graphs: DecodeGraphs | None, max_attention_keys: int):
+                 decode_graphs: DecodeGraphs | None, max_attention_keys: int, lora: MultiLoRA | None = None):
         self.model, self.cache, self.device = model, cache, device
         self.decode_graphs = decode_graphs
         self.max_attention_keys = max_attention_keys
+        self.lora = lora  # multi-LoRA: each call's rows name their adapter slots (`adapters`)
 
-    def prefill(self, seq_ids: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+    def prefill(self, seq_ids: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]],
+                adapters: Sequence[int] | None = None) -> torch.Tensor:
         """(B, vocab) logits at the last token of each row's chunk; chunks right-padded into one batch."""
+        if self.lora is not None:
+            self.lora.select(adapters)
         lengths = [len(chunk) for chunk in chunks]
         width = max(lengths)
         tokens = torch.tensor([list(chunk) + [0] * (width - n) for chunk, n in zip(chunks, lengths)])
@@ -34,11 +39,14 @@ class ModelRunner:
         return self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch,
                           logits_at=last)
 
-    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
+               adapters: Sequence[int] | None = None) -> torch.Tensor:
         """(B, vocab) logits of one new token per row (token at `position`), through the graphs if enabled."""
         ids, tokens, positions = list(seq_ids), list(tokens), list(positions)
         if self.decode_graphs is not None:
-            return self.decode_graphs(ids, tokens, positions)
+            return self.decode_graphs(ids, tokens, positions, None if adapters is None else list(adapters))
+        if self.lora is not None:
+            self.lora.select(adapters)
         batch = self.cache.batch(ids, positions, [1] * len(ids))
         inputs = torch.tensor(tokens)[:, None].to(self.device, non_blocking=True)
         return self.model(inputs, positions=batch.positions, cache=batch)[:, 0]
@@ -60,10 +68,10 @@ class ModelRunner:
 
 
 def build_decode_graphs(model: Transformer, cache: PagedKVCache, max_batch_size: int,
-                        enabled: bool | None) -> DecodeGraphs | None:
+                        enabled: bool | None, lora: MultiLoRA | None = None) -> DecodeGraphs | None:
     """CUDA graphs for decode by default on CUDA. enabled=True elsewhere runs the same static, padded
     path eagerly (how CPU tests cover it); False always decodes eagerly."""
     on_cuda = cache.device.type == "cuda"
     if not (on_cuda if enabled is None else enabled):
         return None
-    return DecodeGraphs(model, cache, max_batch_size, capture=on_cuda)
+    return DecodeGraphs(model, cache, max_batch_size, capture=on_cuda, lora=lora)

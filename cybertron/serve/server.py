@@ -60,6 +60,7 @@ class Job:
     index: int
     prompt: list[int]
     params: SamplingParams
+    adapter: str | None = None  # the LoRA adapter the request's `model` named (None: the base)
 
 
 @dataclass
@@ -74,10 +75,23 @@ class ServerState:
     def context(self) -> int:
         return self.runner.engine.config.max_seq_len
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+    @property
+    def adapters(self) -> list[str]:
+        return self.runner.engine.adapter_names
+
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names: None for the base (or no name); 404 for an unknown one."""
+        if name is None or name == self.model_name:
+            return None
+        if name not in self.adapters:
+            served = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
+        return name
+
+    def served_name(self, jobs: list[Job]) -> str:
+        """The `model` a response reports: the adapter the request chose, else the base."""
+        return jobs[0].adapter or self.model_name
 
 
 def create_app(engine: Engine | AsyncEngine, tokenizer: TextTokenizer, model_name: str,
@@ -119,8 +133,11 @@ def add_status_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "cybertron", "max_model_len": state.context}]}
+        base = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "cybertron",
+                "max_model_len": state.context}
+        # LoRA adapters are models of their own, with the base as their parent (as vLLM lists them)
+        adapters = [{**base, "id": name, "parent": state.model_name} for name in state.adapters]
+        return {"object": "list", "data": [base, *adapters]}
 
 
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
@@ -145,14 +162,15 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
 def completion_jobs(state: ServerState, body: CompletionRequest) -> tuple[list[Job], int]:
     """The checked choices of a /v1/completions request, and its prompt tokens (run in a worker thread)."""
     body.check()
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     if body.echo or body.suffix:
         raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
     prompts = completion_prompts(state.tokenizer, body.prompt, state.context, body.n)
     k = body.logprobs
     grammar = request_grammar(state.grammars, body.response_format, None)
     jobs = [Job(i * body.n + j, prompt, dataclasses.replace(body.sampling_params(
-                _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j), grammar=grammar))
+                _max_tokens(body.max_tokens, prompt, state.context), k is not None, k or 0, j), grammar=grammar),
+                adapter)
             for i, prompt in enumerate(prompts) for j in range(body.n)]
     check_jobs(state, jobs, "prompt")
     return jobs, sum(len(p) for p in prompts)
@@ -162,7 +180,7 @@ def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int, To
     """The checked choices of a /v1/chat/completions request, its prompt tokens, and how its replies use
     tools (None: plain text). Runs in a worker thread."""
     body.check()
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     functions = [t.function.model_dump(exclude_none=True) for t in body.tools or ()]
@@ -175,7 +193,7 @@ def chat_jobs(state: ServerState, body: ChatRequest) -> tuple[list[Job], int, To
     grammar = request_grammar(state.grammars, body.response_format, tools)
     jobs = [Job(j, prompt, dataclasses.replace(body.sampling_params(
                 _max_tokens(max_tokens, prompt, state.context), body.logprobs, body.top_logprobs or 0, j),
-                grammar=grammar))
+                grammar=grammar), adapter)
             for j in range(body.n)]
     check_jobs(state, jobs, "messages")
     return jobs, len(prompt), tools
@@ -247,14 +265,14 @@ async def respond(state: ServerState, request: Request, jobs: list[Job], fmt: Co
         return Response(status_code=499)  # the client left; nobody reads this
     choices = [fmt.choice(job.index, results[job.index]) for job in jobs]
     completion_tokens = sum(len(o.token_ids) for outs in results.values() for o in outs)
-    return JSONResponse(envelope(fmt.kind, response_id, state.model_name, choices,
+    return JSONResponse(envelope(fmt.kind, response_id, state.served_name(jobs), choices,
                                  usage=usage(prompt_tokens, completion_tokens)))
 
 
 async def merge(runner: AsyncEngine, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of all jobs as they come, tagged with the job's choice index. Closing it cancels them all."""
     if len(jobs) == 1:
-        async with aclosing(runner.stream(jobs[0].prompt, jobs[0].params)) as outputs:
+        async with aclosing(runner.stream(jobs[0].prompt, jobs[0].params, jobs[0].adapter)) as outputs:
             async for output in outputs:
                 yield jobs[0].index, output
         return
@@ -262,7 +280,7 @@ async def merge(runner: AsyncEngine, jobs: list[Job]) -> AsyncIterator[tuple[int
 
     async def pump(job: Job) -> None:
         try:
-            async with aclosing(runner.stream(job.prompt, job.params)) as outputs:
+            async with aclosing(runner.stream(job.prompt, job.params, job.adapter)) as outputs:
                 async for output in outputs:
                     inbox.put_nowait((job.index, output))
         except Exception as err:
@@ -316,7 +334,7 @@ async def sse_events(state: ServerState, jobs: list[Job], fmt: CompletionFormat,
                      prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     def event(choices: list[dict], **extra) -> str:
-        chunk = envelope(fmt.chunk_kind, response_id, state.model_name, choices, **extra)
+        chunk = envelope(fmt.chunk_kind, response_id, state.served_name(jobs), choices, **extra)
         return f"data: {json.dumps(chunk)}\n\n"
 
     completion_tokens = 0

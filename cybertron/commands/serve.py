@@ -9,6 +9,7 @@ rank 0 serves HTTP and the others mirror its engine.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -139,6 +140,10 @@ def serve_rank(cfg: ServeConfig, world: World) -> None:
     if not isinstance(engine, LeaderEngine):
         follow(engine, channel)
         return
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it found:
+    # a no-op one lets this rank go on to stop the followers and leave with them, instead of dying alone.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         run_server(cfg, engine, tokenizer, name, f"{world.device}, tp={world.dims.tp}")
     finally:

@@ -37,7 +37,8 @@ FAILED_STEP = -1  # the checksum of a step that raised
 @dataclass
 class StepMessage:
     """What the leader sends before a step: the engine calls made since the last one, in order, as
-    ("add", prompt_ids, params, request_id) or ("cancel", request_id); then step, or stop for good."""
+    ("add", prompt_ids, params, options, request_id), ("cancel", request_id) or ("reset_prefix_cache",);
+    then step, or stop for good."""
 
     calls: list[tuple] = field(default_factory=list)
     last_checksum: int = 0  # of the leader's previous step's outputs
@@ -67,13 +68,13 @@ class LeaderEngine(Engine):
         self._stopped = False
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> int:
+                    on_output: Callable[[RequestOutput], None] | None = None, **options) -> int:
         params = params or SamplingParams()
         if not params.greedy and params.seed is None:
             # Every rank must draw the same tokens, so an unseeded request gets its random seed here, once.
             params = dataclasses.replace(params, seed=randbits(63))
-        request_id = super().add_request(prompt_ids, params, on_output)
-        self._calls.append(("add", list(prompt_ids), params, request_id))
+        request_id = super().add_request(prompt_ids, params, on_output, **options)
+        self._calls.append(("add", list(prompt_ids), params, options, request_id))
         return request_id
 
     def cancel(self, request_id: int) -> bool:
@@ -81,6 +82,10 @@ class LeaderEngine(Engine):
         if cancelled:
             self._calls.append(("cancel", request_id))
         return cancelled
+
+    def reset_prefix_cache(self) -> None:
+        super().reset_prefix_cache()
+        self._calls.append(("reset_prefix_cache",))
 
     def step(self) -> list[RequestOutput]:
         self._send(StepMessage(self._calls, self._last_checksum))
@@ -121,11 +126,13 @@ def follow(engine: Engine, channel: dist.ProcessGroup) -> int:
                                 "results differ between ranks)")
         for call in message.calls:
             if call[0] == "add":
-                _, prompt, params, leader_id = call
-                request_id = engine.add_request(prompt, params)
+                _, prompt, params, options, leader_id = call
+                request_id = engine.add_request(prompt, params, **options)
                 assert request_id == leader_id, f"request id {request_id} here is {leader_id} on rank 0"
-            else:
+            elif call[0] == "cancel":
                 engine.cancel(call[1])
+            else:
+                engine.reset_prefix_cache()
         if message.stop:
             return steps
         steps += 1

@@ -67,7 +67,8 @@ def _logit_digests(model: torch.nn.Module) -> list[str]:
 
 def _scenario(engine: Engine) -> dict:
     """Rank 0's work: a batch (more prompts than batch slots), then a request cancelled mid-stream beside
-    another one, then a new greedy request after the cancel."""
+    another one (a prompt of the batch again: a prefix-cache hit), then, with the prefix cache reset, a new
+    greedy request after the cancel."""
     batch = engine.generate(_prompts(), PARAMS)
     long_id = engine.add_request(_prompts()[1], SamplingParams(temperature=0.0, max_tokens=20))
     kept: list = []
@@ -77,6 +78,7 @@ def _scenario(engine: Engine) -> dict:
     engine.cancel(long_id)
     while not (kept and kept[-1].finished):
         engine.step()
+    engine.reset_prefix_cache()
     after = engine.generate([_prompts()[2]], [SamplingParams(temperature=0.0, max_tokens=4, logprobs=True)])[0]
     return {"batch": [[r.token_ids, r.logprobs] for r in batch],
             "kept": [t for o in kept for t in o.token_ids], "after": [after.token_ids, after.logprobs]}

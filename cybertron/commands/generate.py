@@ -30,6 +30,7 @@ from cybertron.serve.sampling import SamplingParams
 from cybertron.serve.tensor_parallel import (
     TensorParallelSection,
     check_tp_degree,
+    check_tp_devices,
     check_tp_section,
     launch_ranks,
     needs_launch,
@@ -70,10 +71,12 @@ def main(argv: list[str]) -> int:
     check_tp_section(cfg.parallel)
     device = validate_source(cfg.model)
     env = DistEnv.from_environ()  # torchrun's variables, read once here
-    if needs_launch(cfg.parallel.tp, env):
-        model_cfg, tokenizer = read_base(cfg.model.source()[0])  # the checks a rank would make, from the config
+    if cfg.parallel.tp > 1:  # from the model's config alone, before any rank starts or loads weights
+        model_cfg, tokenizer = read_base(cfg.model.source()[0])
         check_tp_degree(model_cfg, cfg.parallel.tp)
         check_length(model_cfg, tokenizer, cfg.generate.prompt, params)
+    if needs_launch(cfg.parallel.tp, env):
+        check_tp_devices(device, cfg.parallel.tp)
         return launch_ranks(cfg.parallel.tp, argv, "generate")
     if env.world_size > 1:
         run_on_ranks(env, cfg.parallel.tp, device, cfg.parallel.timeout_s, lambda world: generate_rank(cfg, world))
@@ -85,11 +88,10 @@ def main(argv: list[str]) -> int:
 
 
 def generate_rank(cfg: GenerateConfig, world: World) -> None:
-    """One rank of `generate --tp N`: the same generation on this rank's shard; only rank 0 prints it."""
+    """One rank of `generate --tp N`: the same generation on this rank's shard; only rank 0 prints it (main has
+    checked the model's shape and the prompt's length)."""
     params = cfg.sampling.params()
     model, tokenizer, _ = load_for_inference(*cfg.model.source(), device=world.device, dtype=cfg.model.dtype)
-    check_tp_degree(model.config, world.dims.tp)  # under the user's own torchrun, nothing checked it yet
-    check_length(model.config, tokenizer, cfg.generate.prompt, params)
     shard_model(model, world.mesh["tp"])
     engine = single_request_engine(model, tokenizer, **rank_engine_options(model, world))
     pieces = generate_stream(engine, tokenizer, cfg.generate.prompt, params)

@@ -28,6 +28,7 @@ from cybertron.serve.tensor_parallel import (
     TensorParallelSection,
     agreed_num_blocks,
     check_tp_degree,
+    check_tp_devices,
     check_tp_section,
     launch_ranks,
     needs_launch,
@@ -96,8 +97,10 @@ def main(argv: list[str]) -> int:
     env = DistEnv.from_environ()  # torchrun's variables, read once here
     if env.is_main:
         check_listen_address(s.host, s.port)  # before minutes of model loading, not after
+    if cfg.parallel.tp > 1:  # from the model's config alone, before any rank starts or loads weights
+        check_tp_degree(read_base(cfg.model.source()[0])[0], cfg.parallel.tp)
     if needs_launch(cfg.parallel.tp, env):
-        check_tp_degree(read_base(cfg.model.source()[0])[0], cfg.parallel.tp)  # from the config alone
+        check_tp_devices(device, cfg.parallel.tp)
         return launch_ranks(cfg.parallel.tp, argv, "serve")
     if env.world_size > 1:
         run_on_ranks(env, cfg.parallel.tp, device, cfg.parallel.timeout_s, lambda world: serve_rank(cfg, world))
@@ -131,7 +134,6 @@ def serve_rank(cfg: ServeConfig, world: World) -> None:
     """One rank of `serve --tp N`: load and shard the model; rank 0 serves HTTP, the others follow its engine."""
     s = cfg.server
     model, tokenizer, name = load_for_inference(*cfg.model.source(), device=world.device, dtype=cfg.model.dtype)
-    check_tp_degree(model.config, world.dims.tp)  # under the user's own torchrun, nothing checked it yet
     shard_model(model, world.mesh["tp"])
     num_blocks = agreed_num_blocks(model, s.block_size, world.device, s.max_batch_size, s.num_blocks or None)
     channel = command_channel()

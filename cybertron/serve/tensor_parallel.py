@@ -61,6 +61,13 @@ def check_tp_degree(cfg: ModelConfig, tp: int) -> None:
                             f"each rank an equal share of them, so use a --tp that divides {value}")
 
 
+def check_tp_devices(device: torch.device, tp: int) -> None:
+    """UserError unless this machine has a GPU for each of the `tp` local ranks (rank i takes cuda:i)."""
+    if device.type == "cuda" and torch.cuda.device_count() < tp:
+        raise UserError(f"--tp {tp} on {device.type} starts {tp} ranks, one per GPU, but this machine has "
+                        f"{torch.cuda.device_count()}; use --tp {torch.cuda.device_count()} or fewer")
+
+
 def needs_launch(tp: int, env: DistEnv) -> bool:
     """Whether this process should start `tp` ranks with torchrun (True), or is the one rank to run (False)."""
     if env.world_size > 1 and env.world_size != tp:

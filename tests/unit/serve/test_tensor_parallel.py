@@ -2,13 +2,14 @@
 config (one error line, exit 2), and whether this process starts the ranks or is one of them."""
 
 import pytest
+import torch
 
 from cybertron.cli import main as cli_main
 from cybertron.errors import UserError
 from cybertron.models.hf import save_hf_model
 from cybertron.models.presets import preset_config
 from cybertron.parallel.runtime import DistEnv
-from cybertron.serve.tensor_parallel import check_tp_degree, needs_launch
+from cybertron.serve.tensor_parallel import check_tp_degree, check_tp_devices, needs_launch
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,13 @@ def test_the_command_starts_the_ranks_unless_torchrun_did():
     assert not needs_launch(2, DistEnv(rank=1, local_rank=1, world_size=2))
     with pytest.raises(UserError, match="runs on 2 ranks .* but --tp is 4"):
         needs_launch(4, DistEnv(world_size=2))
+
+
+def test_each_rank_needs_a_gpu_of_its_own():
+    check_tp_devices(torch.device("cpu"), 4)  # CPU ranks share the machine
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(UserError, match="starts 8 ranks, one per GPU"):
+            check_tp_devices(torch.device("cuda"), 8)
 
 
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["generate", "--prompt", "Hi"]])

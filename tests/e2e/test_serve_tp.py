@@ -102,7 +102,8 @@ def test_a_client_leaving_mid_stream_keeps_the_ranks_in_step(servers):
     tp, one = clients(servers)
     (tp_url, _, _), _ = servers
     with httpx.stream("POST", f"{tp_url}/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 200,
-                                                               "temperature": 0.0, "stream": True}) as response:
+                                                               "temperature": 0.0, "stream": True},
+                      timeout=60) as response:
         lines = response.iter_lines()
         assert [next(lines) for _ in range(3)]  # a few tokens arrived, then the client goes away
     assert wait_idle(tp_url)["cybertron_kv_blocks_used"] == 0  # cancelled on rank 0 and its blocks freed
@@ -138,7 +139,8 @@ def test_sigterm_stops_every_rank(servers):  # last of the tests that share the 
 def test_ctrl_c_stops_every_rank(model_dir):
     with serving(model_dir, "--tp", "2", log_name="ctrl_c.log") as (url, process, log_path):
         ranks = rank_pids(process)
-        assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
+                          timeout=60).status_code == 200
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every rank gets it too
         assert_every_rank_stopped(process, ranks, log_path)
 

@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
         check_tp_degree(read_base(cfg.model.source()[0])[0], cfg.parallel.tp)
     if needs_launch(cfg.parallel.tp, env):
         check_tp_devices(device, cfg.parallel.tp)
-        return launch_ranks(cfg.parallel.tp, argv, "serve")
+        return launch_ranks(cfg.parallel.tp, argv, "serve", signal_ends_well=True)
     if env.world_size > 1:
         run_on_ranks(env, cfg.parallel.tp, device, cfg.parallel.timeout_s, lambda world: serve_rank(cfg, world))
         if env.is_main:

@@ -76,16 +76,17 @@ def needs_launch(tp: int, env: DistEnv) -> bool:
     return tp > 1 and env.world_size == 1
 
 
-def launch_ranks(tp: int, argv: list[str], command: str) -> int:
+def launch_ranks(tp: int, argv: list[str], command: str, signal_ends_well: bool = False) -> int:
     """Start `tp` local ranks running `cybertron <command> argv` with torchrun and wait for them. SIGTERM or
-    SIGINT here makes torchrun pass the signal on to every rank (rank 0 shuts down and stops the others),
-    wait for them to exit and raise; that is the ordinary end of a server, not an error."""
+    SIGINT here makes torchrun pass the signal on to every rank, wait for them to exit and raise: for a server
+    (signal_ends_well: rank 0 shuts down and stops the others) that is its ordinary end, exit code 0; else
+    128 + the signal, as a shell reports it."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     try:
         return launch_torchrun(tp, argv, command)
-    except SignalException:
-        return 0
+    except SignalException as err:
+        return 0 if signal_ends_well else 128 + int(err.sigval)
 
 
 def run_on_ranks(env: DistEnv, tp: int, device: torch.device, timeout_s: int, body: Callable[[World], T]) -> T:

@@ -10,11 +10,12 @@ from cybertron.serve.engine import Engine
 from cybertron.serve.sampling import SamplingParams
 
 
-def single_request_engine(model: Transformer, tokenizer: TextTokenizer) -> Engine:
-    """An engine sized for one sequence of the model's full context (what a one-off generation needs)."""
+def single_request_engine(model: Transformer, tokenizer: TextTokenizer, **options) -> Engine:
+    """An engine sized for one sequence of the model's full context (what a one-off generation needs);
+    `options` go to the Engine (a tensor-parallel rank's KV heads, say)."""
     block_size = 16
     num_blocks = -(-model.config.max_seq_len // block_size)
-    return Engine(model, tokenizer, max_batch_size=1, num_blocks=num_blocks, block_size=block_size)
+    return Engine(model, tokenizer, max_batch_size=1, num_blocks=num_blocks, block_size=block_size, **options)
 
 
 def prompt_ids(tokenizer: TextTokenizer, prompt: str) -> list[int]:

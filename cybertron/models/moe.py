@@ -67,7 +67,12 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights. forward takes tokens already sorted by expert."""
+    """E SwiGLU experts as stacked weights. forward takes tokens already sorted by expert.
+
+    Every expert matmul goes through `project(x, name, layout)`, so a subclass can add to one projection
+    (per-expert LoRA, finetune/lora.py) without knowing how the groups are laid out."""
+
+    use_grouped_mm = True  # CUDA's grouped GEMM where it fits; a subclass may ask for the padded layout
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int):
         super().__init__()
@@ -77,34 +82,63 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x (N, dim), rows grouped by expert in order 0..E-1; tokens_per_expert (E,) int, summing to N."""
-        if x.is_cuda and _grouped_mm_fits(x, self.gate_proj):
-            return self._forward_grouped_mm(x, tokens_per_expert)
-        return self._forward_padded(x, tokens_per_expert)
-
-    def _forward_grouped_mm(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        offs = tokens_per_expert.cumsum(0).to(torch.int32)
-        h = F.silu(torch._grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offs))
-        h = h * torch._grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs)
-
-    def _forward_padded(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        # Scatter rows into (E, capacity, dim) with capacity = the busiest expert's count, run three
-        # batched matmuls, gather the rows back. Measured faster on CPU than a loop over experts
-        # (bench/RESULTS.md, "MoE").
-        n_experts = tokens_per_expert.shape[0]
-        counts = tokens_per_expert.to(torch.long)
-        capacity = int(counts.max()) if counts.numel() else 0
-        if capacity == 0:
+        if self.use_grouped_mm and x.is_cuda and _grouped_mm_fits(x, self.gate_proj):
+            layout: GroupedLayout | PaddedLayout = GroupedLayout(tokens_per_expert)
+        else:
+            layout = PaddedLayout(tokens_per_expert, x.shape[0])
+        if layout.empty:
             return x.new_zeros(x.shape[0], self.down_proj.shape[1])
-        expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts,
-                                         output_size=x.shape[0])
-        starts = counts.cumsum(0) - counts
-        slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
-        padded = x.new_zeros(n_experts, capacity, x.shape[1])
-        padded = padded.index_put((expert, slot), x)
-        h = F.silu(torch.bmm(padded, self.gate_proj.transpose(1, 2))) * torch.bmm(padded, self.up_proj.transpose(1, 2))
-        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, capacity, dim)
-        return out[expert, slot]
+        xg = layout.pack(x)
+        h = F.silu(self.project(xg, "gate_proj", layout)) * self.project(xg, "up_proj", layout)
+        return layout.unpack(self.project(h, "down_proj", layout))
+
+    def project(self, x: torch.Tensor, name: str, layout: GroupedLayout | PaddedLayout) -> torch.Tensor:
+        return layout.matmul(x, getattr(self, name))
+
+
+class GroupedLayout:
+    """Rows stay (N, dim); torch._grouped_mm multiplies each expert's run of rows by its own weight (CUDA)."""
+
+    def __init__(self, tokens_per_expert: torch.Tensor):
+        self.offs = tokens_per_expert.cumsum(0).to(torch.int32)
+        self.empty = False
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (N, in) @ weight[e].T per group; weight (E, out, in)."""
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=self.offs)
+
+
+class PaddedLayout:
+    """Rows scattered into (E, capacity, dim), capacity = the busiest expert's count, then batched matmuls.
+    Measured faster on CPU than a loop over experts (bench/RESULTS.md, "MoE"); torch._grouped_mm runs on
+    CPU in torch 2.13 but its backward fails there."""
+
+    def __init__(self, tokens_per_expert: torch.Tensor, n_rows: int):
+        counts = tokens_per_expert.to(torch.long)
+        self.n_experts = counts.shape[0]
+        self.capacity = int(counts.max()) if n_rows else 0  # a host sync; the GPU path avoids it
+        self.empty = self.capacity == 0
+        device = counts.device
+        self.expert = torch.repeat_interleave(torch.arange(self.n_experts, device=device), counts,
+                                              output_size=n_rows)
+        self.slot = torch.arange(n_rows, device=device) - (counts.cumsum(0) - counts)[self.expert]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(self.n_experts, self.capacity, x.shape[-1])
+        return padded.index_put((self.expert, self.slot), x)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.expert, self.slot]
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (E, capacity, in) @ weight[e].T per expert; weight (E, out, in)."""
+        return torch.bmm(x, weight.transpose(1, 2))
 
 
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -131,6 +165,8 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts = cfg.n_experts
         self.top_k = cfg.top_k
+        self.aux_loss_coef = cfg.aux_loss_coef  # read by train/moe_balance.py
+        self.bias_update_rate = cfg.bias_update_rate
         self.gate = Router(cfg)
         self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_ffn_dim)
         self.shared_expert = SharedExpert(cfg.dim, cfg.shared_ffn_dim) if cfg.shared_ffn_dim else None
@@ -144,7 +180,8 @@ class MoE(nn.Module):
         flat = idx.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
         token = order // self.top_k
-        tokens_per_expert = torch.bincount(flat, minlength=self.n_experts)
+        # scatter_add, not bincount: a fixed output shape (torch.compile traces it without a graph break).
+        tokens_per_expert = flat.new_zeros(self.n_experts).scatter_add_(0, flat, torch.ones_like(flat))
         y = self.experts(x[token], tokens_per_expert)  # (N*k, dim)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))

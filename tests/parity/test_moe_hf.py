@@ -113,3 +113,20 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     with pytest.raises(UserError, match="score_func"):
         save_hf_model(build_model(sig, seed=0).state_dict(), sig, tmp_path / "b")
     assert json.loads(json.dumps(cfg.to_dict()))["n_experts"] == cfg.n_experts
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe"])
+def test_balancing_loss_matches_transformers(name, tmp_path):
+    from cybertron.train.moe_balance import RouterBalance, balancing_loss
+
+    hf = _hf_model(name)
+    hf.config.output_router_logits = True
+    hf.config.router_aux_loss_coef = 0.02
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf").train()
+    assert ours.config.aux_loss_coef == 0.02  # output_router_logits switches HF's loss on, and ours
+    tokens = _tokens()
+    want = hf.train()(tokens, output_router_logits=True).aux_loss
+    ours(tokens)
+    got = balancing_loss(RouterBalance.of(ours)._drain(), ours.config.n_experts)
+    assert abs(got.item() - want.item()) <= 1e-6

@@ -83,7 +83,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x (N, dim), rows grouped by expert in order 0..E-1; tokens_per_expert (E,) int, summing to N."""
         if self.use_grouped_mm and x.is_cuda and _grouped_mm_fits(x, self.gate_proj):
-            layout: GroupedLayout | PaddedLayout = GroupedLayout(tokens_per_expert)
+            layout: GroupedLayout | PaddedLayout = GroupedLayout(tokens_per_expert, x.shape[0])
         else:
             layout = PaddedLayout(tokens_per_expert, x.shape[0])
         if layout.empty:
@@ -97,21 +97,34 @@ class GroupedExperts(nn.Module):
 
 
 class GroupedLayout:
-    """Rows stay (N, dim); torch._grouped_mm multiplies each expert's run of rows by its own weight (CUDA)."""
+    """Rows stay flat, (rows, dim), each expert's run starting on a multiple of ALIGN rows (the grouped GEMM
+    kernels' alignment); a grouped matmul multiplies each run by its expert's weight (CUDA, bf16). Sizes are
+    bounded from above (N + E x (ALIGN - 1) rows), so nothing waits on the device for the counts."""
 
-    def __init__(self, tokens_per_expert: torch.Tensor):
-        self.offs = tokens_per_expert.cumsum(0).to(torch.int32)
-        self.empty = False
+    ALIGN = 16
+
+    def __init__(self, tokens_per_expert: torch.Tensor, n_rows: int):
+        counts = tokens_per_expert.to(torch.long)
+        n_experts = counts.shape[0]
+        aligned = (counts + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+        ends = aligned.cumsum(0)
+        self.offs = ends.to(torch.int32)
+        expert = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts, output_size=n_rows)
+        slot = torch.arange(n_rows, device=counts.device) - (counts.cumsum(0) - counts)[expert]
+        self.rows = (ends - aligned)[expert] + slot  # where each input row sits in the aligned buffer
+        self.size = n_rows + n_experts * (self.ALIGN - 1)
+        self.empty = n_rows == 0
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x.new_zeros(self.size, x.shape[-1]).index_copy(0, self.rows, x)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x[self.rows]
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x (N, in) @ weight[e].T per group; weight (E, out, in)."""
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=self.offs)
+        """x (rows, in) @ weight[e].T per group; weight (E, out, in). Rows past offs[-1] come out as zeros."""
+        grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
+        return grouped_mm(x, weight.transpose(-2, -1), offs=self.offs)
 
 
 class PaddedLayout:
@@ -142,9 +155,11 @@ class PaddedLayout:
 
 
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # CUDA's grouped GEMM takes bf16 with rows 16-byte aligned (dim and ffn multiples of 8 elements).
+    # CUDA's grouped GEMM (torch 2.9+: compute capability 8.0+) takes bf16 with rows 16-byte aligned (dim and
+    # ffn multiples of 8 elements). On CPU torch 2.13 runs it forward but its backward fails: padded layout.
     return (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0)
+            and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 class SharedExpert(nn.Module):

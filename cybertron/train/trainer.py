@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from cybertron.errors import ConfigError
 from cybertron.train.fused_linear_ce import head_cross_entropy_sum
 from cybertron.train.guard import non_finite_reason
 from cybertron.train.loss_scale import DynamicLossScale
@@ -172,6 +173,11 @@ class Trainer:
         self.loss_scale = loss_scale  # fp16: dynamic loss scaling (train/loss_scale.py)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.balance = RouterBalance.of(model)  # None without mixture-of-experts layers
+        if self.balance is not None and self.balance.aux_loss_coef > 0 and not isinstance(self.strategy,
+                                                                                         MicroBatchLoop):
+            # A pipeline schedule computes the loss on the last stage only; the routers live on every stage.
+            raise ConfigError("model.aux_loss_coef > 0 does not run with pipeline parallelism (parallel.pp > 1) "
+                              "yet; set it to 0 (model.bias_update_rate balances without a loss)")
 
     def train_step(self, step: int, micro_batches: list[Batch], veto: Veto | None = None) -> StepResult:
         """One optimizer step over `micro_batches` (this rank's share of the global batch).

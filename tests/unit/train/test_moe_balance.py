@@ -78,3 +78,17 @@ def test_no_grad_and_eval_forwards_record_nothing():
     model.eval()
     model(tokens)
     assert all(not m.router_stats for _, m in RouterBalance.of(model).layers)
+
+
+def test_auxiliary_loss_under_a_pipeline_schedule_is_refused():
+    import pytest
+
+    from cybertron.errors import ConfigError
+
+    class Schedule:  # any strategy but the micro-batch loop: the loss lives on the last stage only
+        pass
+
+    model = _model(aux_loss_coef=0.01)
+    with pytest.raises(ConfigError, match="model.aux_loss_coef"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), LanguageModelStep(), lambda s: 1.0, 0.0,
+                strategy=Schedule())

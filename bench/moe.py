@@ -8,8 +8,9 @@ same AdamW, one process. Interleaved round by round on CPU so machine noise hits
 Runners: cybertron eager (as `cybertron train --model moe` builds it), cybertron + `train.compile`,
 transformers with its default experts implementation (`grouped_mm` in transformers 5.24 where torch has it,
 else its per-expert loop), transformers with `experts_implementation="eager"` (the per-expert loop), and
-transformers + torch.compile. `--layouts` adds cybertron eager with its experts' CPU layout swapped for a loop
-over experts (the alternative the padded batched matmul was measured against; bench code only)."""
+transformers + torch.compile. `--layouts` adds cybertron eager with its experts' CPU layout (one matmul per
+expert over its rows) swapped for batched matmuls over rows padded to the busiest expert (the alternative it
+was measured against)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import (  # noqa: E402  (bench/ is a folder of scripts)
@@ -34,7 +34,7 @@ from train_throughput import (  # noqa: E402  (bench/ is a folder of scripts)
 )
 
 from cybertron.models.hf import config_to_hf  # noqa: E402
-from cybertron.models.moe import GroupedExperts  # noqa: E402
+from cybertron.models.moe import GroupedExperts, PaddedLayout  # noqa: E402
 from cybertron.pretrain import build_model_config, build_weights  # noqa: E402
 from cybertron.train.optim import build_optimizer  # noqa: E402
 
@@ -55,13 +55,13 @@ def parse() -> argparse.Namespace:
     return args
 
 
-def make_ours(args: argparse.Namespace, compile: bool, loop_layout: bool = False) -> Step:
+def make_ours(args: argparse.Namespace, compile: bool, padded_layout: bool = False) -> Step:
     cfg = cybertron_config(args, compile)
     trainer, _ = build_cybertron(cfg)
-    if loop_layout:
+    if padded_layout:
         for module in trainer.model.modules():
             if isinstance(module, GroupedExperts):
-                module.forward = types.MethodType(_loop_forward, module)
+                module.forward = types.MethodType(_padded_forward, module)
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
         trainer.train_step(0, split_micro_batches(inputs, targets, 0, torch.device("cpu")))
@@ -69,12 +69,8 @@ def make_ours(args: argparse.Namespace, compile: bool, loop_layout: bool = False
     return step
 
 
-def _loop_forward(self: GroupedExperts, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    outs = []
-    for e, rows in enumerate(x.split(tokens_per_expert.tolist())):
-        h = F.silu(rows @ self.gate_proj[e].T) * (rows @ self.up_proj[e].T)
-        outs.append(h @ self.down_proj[e].T)
-    return torch.cat(outs)
+def _padded_forward(self: GroupedExperts, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    return self._swiglu(x, PaddedLayout(tokens_per_expert, x.shape[0]))
 
 
 def make_peer(args: argparse.Namespace, compiled: bool, experts: str | None) -> Step:
@@ -121,7 +117,7 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[], Step]]:
         "transformers (experts eager)": lambda: make_peer(args, False, "eager"),
     }
     if args.layouts:
-        out["cybertron, loop over experts"] = lambda: make_ours(args, False, loop_layout=True)
+        out["cybertron, experts padded to the busiest"] = lambda: make_ours(args, False, padded_layout=True)
     if not args.no_compile:
         out["cybertron+compile"] = lambda: make_ours(args, True)
         out["transformers+compile"] = lambda: make_peer(args, True, None)

@@ -16,13 +16,13 @@ import math
 import torch
 from torch import nn
 
-from cybertron.models.moe import GroupedExperts, GroupedLayout, PaddedLayout
+from cybertron.models.moe import GroupedExperts, Layout
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class LoRAExperts(GroupedExperts):
-    # Adapters are fp32 (master weights) over a base that may be bf16; the batched-matmul layout takes both.
+    # Adapters are fp32 (master weights) over a base that may be bf16: the grouped GEMM takes one dtype.
     use_grouped_mm = False
 
     def __init__(self, base: GroupedExperts, targets: list[str], rank: int, alpha: float,
@@ -41,7 +41,7 @@ class LoRAExperts(GroupedExperts):
             self.lora_B[name] = nn.Parameter(torch.zeros(n_experts, out_dim, rank, device=device))
         self.disabled = False  # True inside `adapters_disabled`
 
-    def project(self, x: torch.Tensor, name: str, layout: GroupedLayout | PaddedLayout) -> torch.Tensor:
+    def project(self, x: torch.Tensor, name: str, layout: Layout) -> torch.Tensor:
         base = layout.matmul(x, getattr(self, name))
         if self.disabled or name not in self.lora_A:
             return base

@@ -72,7 +72,7 @@ class GroupedExperts(nn.Module):
     Every expert matmul goes through `project(x, name, layout)`, so a subclass can add to one projection
     (per-expert LoRA, finetune/lora.py) without knowing how the groups are laid out."""
 
-    use_grouped_mm = True  # CUDA's grouped GEMM where it fits; a subclass may ask for the padded layout
+    use_grouped_mm = True  # CUDA's grouped GEMM where it fits; a subclass may opt out (fp32 adapters)
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int):
         super().__init__()
@@ -83,16 +83,24 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x (N, dim), rows grouped by expert in order 0..E-1; tokens_per_expert (E,) int, summing to N."""
         if self.use_grouped_mm and x.is_cuda and _grouped_mm_fits(x, self.gate_proj):
-            layout: GroupedLayout | PaddedLayout = GroupedLayout(tokens_per_expert, x.shape[0])
-        else:
-            layout = PaddedLayout(tokens_per_expert, x.shape[0])
+            return self._swiglu(x, GroupedLayout(tokens_per_expert, x.shape[0]))
+        if x.is_cuda:
+            return self._swiglu(x, PaddedLayout(tokens_per_expert, x.shape[0]))
+        return self._forward_split(x, tokens_per_expert)
+
+    # Kept out of torch.compile: its per-expert sizes change every step (a recompile each time otherwise).
+    @torch.compiler.disable
+    def _forward_split(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return self._swiglu(x, SplitLayout(tokens_per_expert, x.shape[0]))
+
+    def _swiglu(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         if layout.empty:
             return x.new_zeros(x.shape[0], self.down_proj.shape[1])
         xg = layout.pack(x)
         h = F.silu(self.project(xg, "gate_proj", layout)) * self.project(xg, "up_proj", layout)
         return layout.unpack(self.project(h, "down_proj", layout))
 
-    def project(self, x: torch.Tensor, name: str, layout: GroupedLayout | PaddedLayout) -> torch.Tensor:
+    def project(self, x: torch.Tensor, name: str, layout: Layout) -> torch.Tensor:
         return layout.matmul(x, getattr(self, name))
 
 
@@ -127,10 +135,31 @@ class GroupedLayout:
         return grouped_mm(x, weight.transpose(-2, -1), offs=self.offs)
 
 
+class SplitLayout:
+    """CPU: each expert's rows as a view of the sorted rows, one matmul per expert: exactly the work routed, no
+    padding. Measured faster on CPU than batched matmuls over rows padded to the busiest expert, which
+    multiply by the load imbalance (bench/RESULTS.md, "MoE"); torch._grouped_mm runs forward on CPU in torch
+    2.13 but its backward fails there."""
+
+    def __init__(self, tokens_per_expert: torch.Tensor, n_rows: int):
+        self.sizes = tokens_per_expert.tolist()
+        self.empty = n_rows == 0
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (N, in) @ weight[e].T per expert's rows; weight (E, out, in). unbind, not weight[e]: its backward
+        stacks the E gradients once instead of adding E weight-sized zero tensors."""
+        return torch.cat([rows @ w.T for rows, w in zip(x.split(self.sizes), weight.unbind(0))])
+
+
 class PaddedLayout:
-    """Rows scattered into (E, capacity, dim), capacity = the busiest expert's count, then batched matmuls.
-    Measured faster on CPU than a loop over experts (bench/RESULTS.md, "MoE"); torch._grouped_mm runs on
-    CPU in torch 2.13 but its backward fails there."""
+    """Rows scattered into (E, capacity, dim), capacity = the busiest expert's count, then batched matmuls:
+    CUDA outside the grouped GEMM's conditions (fp32, unaligned sizes)."""
 
     def __init__(self, tokens_per_expert: torch.Tensor, n_rows: int):
         counts = tokens_per_expert.to(torch.long)
@@ -160,6 +189,9 @@ def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+Layout = GroupedLayout | SplitLayout | PaddedLayout  # how an expert's rows meet its weight
 
 
 class SharedExpert(nn.Module):

@@ -24,6 +24,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 class LoRAExperts(GroupedExperts):
     # Adapters are fp32 (master weights) over a base that may be bf16: the grouped GEMM takes one dtype.
     use_grouped_mm = False
+    fused_cpu_loop = False  # every matmul goes through `project`, which adds the adapters
 
     def __init__(self, base: GroupedExperts, targets: list[str], rank: int, alpha: float,
                  generator: torch.Generator | None = None):

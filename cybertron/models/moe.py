@@ -73,6 +73,7 @@ class GroupedExperts(nn.Module):
     (per-expert LoRA, finetune/lora.py) without knowing how the groups are laid out."""
 
     use_grouped_mm = True  # CUDA's grouped GEMM where it fits; a subclass may opt out (fp32 adapters)
+    fused_cpu_loop = True  # CPU: gate and up as one matmul per expert; a subclass that adds to `project` opts out
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int):
         super().__init__()
@@ -91,7 +92,16 @@ class GroupedExperts(nn.Module):
     # Kept out of torch.compile: its per-expert sizes change every step (a recompile each time otherwise).
     @torch.compiler.disable
     def _forward_split(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return self._swiglu(x, SplitLayout(tokens_per_expert, x.shape[0]))
+        layout = SplitLayout(tokens_per_expert, x.shape[0])
+        if not self.fused_cpu_loop:
+            return self._swiglu(x, layout)
+        # One pass per expert over its rows (views): gate and up in one matmul, one concatenation at the end.
+        gate_up = torch.cat([self.gate_proj, self.up_proj], dim=1).unbind(0)  # E x (2 ffn, dim)
+        outs = []
+        for rows, w_gate_up, w_down in zip(x.split(layout.sizes), gate_up, self.down_proj.unbind(0)):
+            gate, up = (rows @ w_gate_up.T).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ w_down.T)
+        return torch.cat(outs)
 
     def _swiglu(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         if layout.empty:

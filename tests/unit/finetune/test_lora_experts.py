@@ -34,7 +34,8 @@ def test_default_targets_adapt_attention_and_every_expert_projection():
     assert "layers.0.mlp.experts.lora_B.up_proj" in trainable
     assert "layers.0.mlp.experts.gate_proj" not in trainable and "layers.0.mlp.gate.weight" not in trainable
     with torch.no_grad():
-        assert torch.equal(model(tokens), before)  # B = 0: a fresh adapter changes nothing
+        # B = 0: a fresh adapter changes nothing (up to rounding: the plain experts fuse gate and up on CPU)
+        torch.testing.assert_close(model(tokens), before, atol=1e-6, rtol=1e-6)
 
 
 def test_adapted_experts_equal_their_merged_weights_and_switch_off():

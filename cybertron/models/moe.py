@@ -83,7 +83,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x (N, dim), rows grouped by expert in order 0..E-1; tokens_per_expert (E,) int, summing to N."""
-        if self.use_grouped_mm and x.is_cuda and _grouped_mm_fits(x, self.gate_proj):
+        if self.use_grouped_mm and _grouped_mm_fits(x, self.gate_proj):
             return self._swiglu(x, GroupedLayout(tokens_per_expert, x.shape[0]))
         if x.is_cuda:
             return self._swiglu(x, PaddedLayout(tokens_per_expert, x.shape[0]))
@@ -134,6 +134,7 @@ class GroupedLayout:
         self.empty = n_rows == 0
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
         return x.new_zeros(self.size, x.shape[-1]).index_copy(0, self.rows, x)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ class GroupedLayout:
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (rows, in) @ weight[e].T per group; weight (E, out, in). Rows past offs[-1] come out as zeros."""
         grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
-        return grouped_mm(x, weight.transpose(-2, -1), offs=self.offs)
+        return grouped_mm(x.to(torch.bfloat16), weight.to(torch.bfloat16).transpose(-2, -1), offs=self.offs)
 
 
 class SplitLayout:
@@ -194,11 +195,15 @@ class PaddedLayout:
 
 
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # CUDA's grouped GEMM (torch 2.9+: compute capability 8.0+) takes bf16 with rows 16-byte aligned (dim and
-    # ffn multiples of 8 elements). On CPU torch 2.13 runs it forward but its backward fails: padded layout.
-    return (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    """CUDA's grouped GEMM (torch 2.9+: compute capability 8.0+) takes bf16 with rows 16-byte aligned (dim and
+    ffn multiples of 8 elements): bf16 tensors (FSDP's bf16 parameters), or fp32 ones under bf16 autocast
+    (cast here, as autocast casts a matmul). On CPU torch 2.13 runs it forward but its backward fails."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+        return False
+    if x.shape[-1] % 8 or weight.shape[1] % 8 or weight.shape[2] % 8:
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    return autocast_bf16 or (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16)
 
 
 Layout = GroupedLayout | SplitLayout | PaddedLayout  # how an expert's rows meet its weight

@@ -104,7 +104,7 @@ def test_bad_moe_config_names_the_field(kw, needle):
 
 
 def test_grouped_mm_layout_matches_padded_layout():
-    # The CUDA layout (aligned runs + grouped GEMM), run forward on CPU where torch has the kernel.
+    # The CUDA layout (aligned runs + grouped GEMM in bf16), run forward on CPU where torch has the kernel.
     from cybertron.models.moe import GroupedLayout, PaddedLayout
 
     torch.manual_seed(0)
@@ -121,7 +121,8 @@ def test_grouped_mm_layout_matches_padded_layout():
             pytest.skip(f"no grouped GEMM on this CPU build: {err}")
         padded = PaddedLayout(counts, x.shape[0])
         want = padded.unpack(_swiglu(ex, padded.pack(x), padded))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)  # bf16 rounding
 
 
 def _swiglu(ex, xg, layout):

@@ -52,6 +52,12 @@ class ModelSection:
     ffn_dim: int | None = opt(None, "override the SwiGLU hidden size")
     max_seq_len: int | None = opt(None, "override the longest sequence the model accepts")
     tie_embeddings: bool | None = opt(None, "override whether the output head shares the embedding")
+    n_experts: int | None = opt(None, "override the number of routed experts (mixture of experts; 0 = dense)")
+    top_k: int | None = opt(None, "override how many experts each token is routed to")
+    moe_ffn_dim: int | None = opt(None, "override each expert's SwiGLU hidden size")
+    aux_loss_coef: float | None = opt(None, "override the load-balancing loss weight (HF router_aux_loss_coef)")
+    bias_update_rate: float | None = opt(None, "auxiliary-loss-free balancing: routing-bias step per optimizer "
+                                               "step (DeepSeek-V3; 0 = off)")
 
 
 @dataclass

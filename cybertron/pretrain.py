@@ -82,7 +82,8 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, check_vocab: bool = Tr
         model_cfg = read_hf_config(m.init_from)
     else:
         overrides = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                                                "max_seq_len", "tie_embeddings")}
+                                                "max_seq_len", "tie_embeddings", "n_experts", "top_k",
+                                                "moe_ffn_dim", "aux_loss_coef", "bias_update_rate")}
         model_cfg = preset_config(m.preset, vocab_size=m.vocab_size or vocab_size, **overrides)
     try:
         model_cfg.validate()

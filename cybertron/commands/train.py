@@ -14,12 +14,15 @@ from cybertron.pretrain import run_training, validate
 from cybertron.runs import pretrain_meta
 from cybertron.train.session import Finished
 
+# `--model` names the preset to train from scratch (`cybertron train --model moe`).
+SHORTCUTS = {**TRAINING_SHORTCUTS, "--model": "model.preset"}
+
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(help_text(TrainConfig(), "train", TRAINING_SHORTCUTS) + LAUNCHER_HELP)
+        print(help_text(TrainConfig(), "train", SHORTCUTS) + LAUNCHER_HELP)
         return 0
-    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig(), TRAINING_SHORTCUTS), validate, run)
+    return command_main(argv, "train", lambda args: parse_args(args, TrainConfig(), SHORTCUTS), validate, run)
 
 
 def run(cfg: TrainConfig, env: DistEnv | None = None) -> Finished:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cybertron.errors import ConfigError
+from cybertron.finetune.lora_experts import PROJECTIONS, LoRAExperts
+from cybertron.models.moe import GroupedExperts
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -121,10 +123,17 @@ def apply_lora(model: nn.Module, spec: LoRASpec, seed: int = 0) -> list[str]:
     if spec.rank < 1:
         raise ConfigError(f"finetune.rank must be >= 1, got {spec.rank}")
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # Mixture-of-experts projections are stacked parameters, not linears; a target names them the same way.
+    experts = [name for name, m in model.named_modules() if isinstance(m, GroupedExperts)]
+    expert_projections = [f"{name}.{proj}" for name in experts for proj in PROJECTIONS]
     for pattern in spec.targets:
-        if not any(matches(name, [pattern]) for name in linears):
-            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        if not any(matches(name, [pattern]) for name in linears + expert_projections):
+            names = sorted({n.rsplit(".", 1)[-1] for n in linears + expert_projections})
             raise ConfigError(f"finetune.targets: {pattern!r} matches no linear layer; layer names are {names}")
+    targeted_experts = [p for p in expert_projections if matches(p, spec.targets)]
+    if targeted_experts and spec.dora:
+        raise ConfigError(f"finetune.dora is not implemented for expert weights ({targeted_experts[0]}); use LoRA "
+                          f"or leave the experts out of finetune.targets")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
@@ -134,7 +143,14 @@ def apply_lora(model: nn.Module, spec: LoRASpec, seed: int = 0) -> list[str]:
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), spec.rank, spec.alpha, spec.dropout, spec.dora,
                                           generator))
-    return swapped
+    for name in experts:
+        projections = [p for p in PROJECTIONS if f"{name}.{p}" in targeted_experts]
+        if projections:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child,
+                    LoRAExperts(getattr(model.get_submodule(parent_name), child), projections, spec.rank, spec.alpha,
+                                generator))
+    return swapped + targeted_experts
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -143,10 +159,16 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def lora_expert_modules(model: nn.Module) -> Iterator[tuple[str, LoRAExperts]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAExperts):
+            yield name, module
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model (e.g. as the frozen reference in DPO) without copying it."""
-    layers = [m for _, m in lora_modules(model)]
+    layers = [m for _, m in lora_modules(model)] + [m for _, m in lora_expert_modules(model)]
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True
@@ -161,8 +183,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's state dict (our keys): every LoRALinear folded into `<fqn>.weight`."""
     state = {}
     adapted = dict(lora_modules(model))
+    experts = dict(lora_expert_modules(model))
     for key, value in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
+        if module_name in experts and leaf in PROJECTIONS:
+            state[key] = experts[module_name].merged_weight(leaf)
+            continue
+        if any(key.startswith(f"{name}.lora_") for name in experts):
+            continue  # folded into the expert weights
         if module_name in adapted:
             if leaf == "weight":
                 state[key] = adapted[module_name].merged_weight()
@@ -185,6 +213,9 @@ def merge_lora_(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             linear.bias.copy_(module.bias)
         setattr(model.get_submodule(parent_name), child, linear)
+    for name, module in list(lora_expert_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.merged())
     return model
 
 

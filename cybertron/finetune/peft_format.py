@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cybertron.errors import UserError
-from cybertron.finetune.lora import LoRASpec, apply_lora, lora_modules
+from cybertron.finetune.lora import LoRASpec, apply_lora, lora_expert_modules, lora_modules
 from cybertron.models.hf import hf_key_to_ours, our_key_to_hf, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -62,6 +62,10 @@ def write_peft_adapter(model: nn.Module, spec: LoRASpec, base_model: str, out: P
                        dtype: torch.dtype = torch.float32) -> None:
     """adapter_config.json and adapter_model.safetensors for `model`'s LoRALinear layers, into directory `out`
     (which `peft.PeftModel.from_pretrained` loads onto the base `base_model`)."""
+    experts = [name for name, _ in lora_expert_modules(model)]
+    if experts:
+        raise UserError(f"the adapters on mixture-of-experts weights ({experts[0]}) have no PEFT LoRA layout; "
+                        f"export the run whole with --merge")
     adapted = [name for name, _ in lora_modules(model)]
     assert adapted, "write_peft_adapter needs a model with adapters"
     tensors = {}

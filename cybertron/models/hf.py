@@ -19,6 +19,13 @@ from safetensors.torch import save_file
 
 from cybertron.errors import UserError
 from cybertron.models.config import ModelConfig
+from cybertron.models.hf_moe import (
+    guess_style,
+    moe_config_from_hf,
+    moe_config_to_hf,
+    stack_experts,
+    unstack_experts,
+)
 from cybertron.models.llama import Transformer
 
 # Architecture -> fixed features of the family (fields that HF configs imply rather than state).
@@ -27,7 +34,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {"model_type": "mistral"},
     "Qwen2ForCausalLM": {"model_type": "qwen2", "qkv_bias": True},
     "Qwen3ForCausalLM": {"model_type": "qwen3", "qk_norm": True},
+    # Mixtures of experts: "moe" names the spelling of the expert block (models/hf_moe.py).
+    "MixtralForCausalLM": {"model_type": "mixtral", "moe": "mixtral"},
+    "Qwen2MoeForCausalLM": {"model_type": "qwen2_moe", "qkv_bias": True, "moe": "qwen2_moe"},
+    "Qwen3MoeForCausalLM": {"model_type": "qwen3_moe", "qk_norm": True, "moe": "qwen3_moe"},
 }
+_MOE_ARCH = {family["moe"]: arch for arch, family in ARCHITECTURES.items() if "moe" in family}
 
 # HF config key -> ModelConfig field, for the keys whose meaning is shared by every family above.
 _CONFIG_KEYS = {
@@ -71,9 +83,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     values["rope_theta"] = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     values["rope_scaling"] = dict(scaling) if scaling else None
-    values["qkv_bias"] = bool(family.get("qkv_bias", hf.get("attention_bias", False)))
+    values["qkv_bias"] = bool(hf.get("qkv_bias", family.get("qkv_bias", hf.get("attention_bias", False))))
     values["qk_norm"] = bool(family.get("qk_norm", False))
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
+    if "moe" in family:
+        values.update(moe_config_from_hf(hf, family["moe"]))
+        if "router_aux_loss_coef" in hf:  # kept for export when the loss is off (output_router_logits false)
+            values["extra"]["router_aux_loss_coef"] = hf["router_aux_loss_coef"]
     try:
         cfg = ModelConfig(**values)
         cfg.validate()
@@ -84,9 +100,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """An HF config.json dict that `transformers.AutoModelForCausalLM` builds the same model from."""
-    arch = cfg.extra.get("architecture")
-    if arch not in ARCHITECTURES:
-        arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    arch = hf_architecture(cfg)
     hf: dict[str, Any] = {"architectures": [arch], "model_type": ARCHITECTURES[arch]["model_type"]}
     hf.update({key: getattr(cfg, ours) for key, ours in _CONFIG_KEYS.items()})
     hf["head_dim"] = cfg.head_size
@@ -97,8 +111,20 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     hf["rope_parameters"] = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
     hf["torch_dtype"] = torch_dtype
     hf["dtype"] = torch_dtype
-    hf.update({k: v for k, v in cfg.extra.items() if k != "architecture"})
+    hf.update({k: v for k, v in cfg.extra.items() if k not in ("architecture", "router_aux_loss_coef")})
+    if cfg.n_experts:
+        hf.update(moe_config_to_hf(cfg, ARCHITECTURES[arch]["moe"]))
     return hf
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The HF architecture an export writes: the imported one, else the family our fields describe."""
+    arch = cfg.extra.get("architecture")
+    if arch in ARCHITECTURES and bool(cfg.n_experts) == ("moe" in ARCHITECTURES[arch]):
+        return arch
+    if cfg.n_experts:
+        return _MOE_ARCH[guess_style(cfg)]
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
 
 
 def read_hf_config(model_dir: str | Path) -> ModelConfig:
@@ -138,7 +164,7 @@ def read_hf_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None) 
                     state[hf_key_to_ours(key)] = tensor.to(dtype) if dtype is not None else tensor
         except (OSError, RuntimeError) as err:
             raise UserError(f"cannot read weights from {file}: {err}") from err
-    return state
+    return stack_experts(state)
 
 
 def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
@@ -215,6 +241,9 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir
     loads. `state_dict` uses our keys and holds full (unsharded) tensors. With the tokenizer's special ids,
     config.json names bos/eos/pad and generation_config.json makes `generate` stop at end-of-text."""
     out = Path(out_dir)
+    if cfg.n_experts:  # checked before anything is written: an export it refuses leaves no directory
+        hf_config = config_to_hf(cfg)
+        state_dict = unstack_experts(state_dict, ARCHITECTURES[hf_config["architectures"][0]]["moe"])
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key, value in state_dict.items():

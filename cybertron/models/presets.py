@@ -26,6 +26,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  max_seq_len=1024, tie_embeddings=False, rope_theta=10000.0),
     # Used by tests: a few thousand parameters per layer, fast in every parallel layout.
     "debug": dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    # A small mixture of experts (Mixtral-shaped, so it exports as MixtralForCausalLM): 8 experts, 2 per token,
+    # for the CPU test suite and bench/moe.py. The balancing loss is on (HF's router_aux_loss_coef scale).
+    "moe": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024,
+                tie_embeddings=False, rope_theta=10000.0, n_experts=8, top_k=2, aux_loss_coef=0.01),
     "llama3-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                       norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
                       tie_embeddings=True),

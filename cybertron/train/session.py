@@ -213,7 +213,7 @@ def _loop(d: Driver, task: Task, logger: MetricsLogger, display: ProgressDisplay
         tokens_per_s = tokens / max(seconds, 1e-9)
         logger.log({"step": step, "loss": result.loss.item(), "lr": d.trainer.lr_at(step - 1),
                     "grad_norm": result.grad_norm.item(), "tokens_per_s": tokens_per_s,
-                    **task.log_fields(step, result, seconds, tokens_per_s)})
+                    **task.log_fields(step, result, seconds, tokens_per_s), **result.moe})
 
     def veto(loss: float, grad_norm: float) -> str | None:
         nonlocal spiked

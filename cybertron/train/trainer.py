@@ -15,10 +15,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from cybertron.errors import ConfigError
 from cybertron.train.fused_linear_ce import head_cross_entropy_sum
 from cybertron.train.guard import non_finite_reason
 from cybertron.train.loss_scale import DynamicLossScale
 from cybertron.train.losses import IGNORE_INDEX, cross_entropy_sum
+from cybertron.train.moe_balance import RouterBalance
 
 Batch = dict[str, torch.Tensor]
 
@@ -104,6 +106,7 @@ class StepResult:
     grad_norm: torch.Tensor
     units: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    moe: dict[str, float] = field(default_factory=dict)  # expert load per MoE layer, balancing loss
     skipped: str | None = None  # why the optimizer did not step (a non-finite loss or gradient norm, a veto)
     overflow: bool = False  # skipped for an fp16 overflow that the loss scale backs off from (not divergence)
 
@@ -137,7 +140,12 @@ class MicroBatchLoop:
             with trainer.comm.no_sync(trainer.model, i == len(micro_batches) - 1), trainer.comm.step_context():
                 with trainer.autocast():
                     loss, extra = trainer.step_fn(trainer.model, mb)
-                (loss * scale).backward()
+                # Mixture of experts: the load-balancing loss joins the backward, not the logged loss.
+                balance = trainer.balance
+                aux = balance.micro_batch_loss(trainer.step_fn.weight(mb)) if balance is not None else None
+                ((loss if aux is None else loss + aux) * scale).backward()
+                if balance is not None:
+                    balance.discard()
             loss_sum += loss.detach().float()
             for key, value in extra.items():
                 metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
@@ -164,6 +172,12 @@ class Trainer:
         self.strategy = strategy or MicroBatchLoop()
         self.loss_scale = loss_scale  # fp16: dynamic loss scaling (train/loss_scale.py)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.balance = RouterBalance.of(model)  # None without mixture-of-experts layers
+        if self.balance is not None and self.balance.aux_loss_coef > 0 and not isinstance(self.strategy,
+                                                                                         MicroBatchLoop):
+            # A pipeline schedule computes the loss on the last stage only; the routers live on every stage.
+            raise ConfigError("model.aux_loss_coef > 0 does not run with pipeline parallelism (parallel.pp > 1) "
+                              "yet; set it to 0 (model.bias_update_rate balances without a loss)")
 
     def train_step(self, step: int, micro_batches: list[Batch], veto: Veto | None = None) -> StepResult:
         """One optimizer step over `micro_batches` (this rank's share of the global batch).
@@ -200,7 +214,8 @@ class Trainer:
             ls.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: self.comm.sum_over_dp(v) / global_units for k, v in metric_sums.items()}
-        return StepResult(loss, grad_norm, global_units, metrics, skipped, overflow)
+        moe = self.balance.end_step(self.comm.sum_over_dp, skipped is None) if self.balance is not None else {}
+        return StepResult(loss, grad_norm, global_units, metrics, moe, skipped, overflow)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:

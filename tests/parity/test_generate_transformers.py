@@ -16,6 +16,11 @@ COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_l
 CASES = {
     "llama-gqa": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
     "qwen2-qkv-bias": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Mixtures of experts: routing per decoded token through the same grouped experts as training.
+    "mixtral": (transformers.MixtralConfig, dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                                 sliding_window=None)),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
+                                                    moe_intermediate_size=32, norm_topk_prob=True)),
 }
 NEW_TOKENS = 24
 

@@ -180,3 +180,27 @@ def test_pairs_padded_to_a_multiple_of_tp_score_the_same(hf_dir, pairs):
             for key in metrics_a:  # DPO at its reference: every reward is 0 up to rounding, its accuracy noise
                 if not (key == "reward_accuracy" and getattr(step, "method", "") == "dpo"):
                     assert metrics_b[key].item() == pytest.approx(metrics_a[key].item(), abs=1e-4), key
+
+
+def test_dpo_on_a_mixture_of_experts_adds_the_balancing_loss(tmp_path, pairs):
+    from cybertron.models.moe import MoE
+
+    moe_dir = make_hf_dir(tmp_path / "mixtral", "mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
+
+    def one_step(coef):
+        model = lora_model(moe_dir, seed=3)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.aux_loss_coef = coef
+        rows = reference_logprobs(model, pairs, 4, torch.device("cpu"), contextlib.nullcontext)
+        trainer = Trainer(model, build_optimizer(model, 1e-2, 0.0, (0.9, 0.95), 1e-8), PreferenceStep("dpo"),
+                          lambda s: 1e-2, grad_clip=0.0)
+        result = trainer.train_step(0, pair_batches(rows, 6))
+        return result, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    with_aux, weights = one_step(0.5)
+    without, plain_weights = one_step(0.0)
+    assert with_aux.loss.item() == pytest.approx(math.log(2), abs=1e-6)  # the logged loss is DPO's alone
+    assert {"moe_load_max_mean_0", "moe_load_max_mean_1", "moe_aux_loss"} <= with_aux.moe.keys()
+    assert with_aux.moe["moe_aux_loss"] == pytest.approx(without.moe["moe_aux_loss"])  # same first routing
+    assert any(not torch.allclose(a, b) for a, b in zip(weights, plain_weights))  # ... but it joins the gradient

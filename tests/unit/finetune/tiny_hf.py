@@ -52,13 +52,15 @@ def write_tokenizer(out: Path, template: str | None = CHATML) -> None:
 
 def make_hf_dir(out: Path, family: str = "llama", template: str | None = CHATML, seed: int = 0,
                 max_shard_size: str | None = None, **overrides) -> Path:
-    """A random tiny `family` (llama, qwen2, mistral) model saved by transformers, with tokenizer files
+    """A random tiny `family` (llama, qwen2, mistral, mixtral) model saved by transformers, with tokenizer files
     (weights sharded with an index when max_shard_size is given, e.g. "150KB")."""
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig}[family]
-    extra = {"sliding_window": None} if family == "mistral" else {}
+                  "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig}[family]
+    extra = {"sliding_window": None} if family in ("mistral", "mixtral") else {}
+    if family == "mixtral":  # a mixture of experts: 4 experts, 2 per token
+        extra.update(num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(seed)
     cfg = config_cls(**{**COMMON, **extra, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(cfg).float()
@@ -66,6 +68,8 @@ def make_hf_dir(out: Path, family: str = "llama", template: str | None = CHATML,
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("mlp.gate.weight"):  # routers far from uniform: each token's choice matters
+                p.normal_(0, 0.5)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     write_tokenizer(out, template)

@@ -25,11 +25,35 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Mixture of experts (models/moe.py); n_experts = 0 is a dense model. Which layers are MoE follows the HF
+    # families: none of the first `first_k_dense` (DeepSeek), none in `mlp_only_layers`, and then every
+    # `decoder_sparse_step`-th layer (Qwen2/3-MoE: layer i is MoE when (i + 1) % step == 0).
+    n_experts: int = 0
+    top_k: int = 2
+    moe_ffn_dim: int | None = None  # each routed expert's hidden size; None: ffn_dim
+    score_func: str = "softmax"  # router scores: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the k selected scores to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek)
+    shared_ffn_dim: int = 0  # a dense shared expert every token passes (DeepSeek: n_shared x moe_ffn_dim)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(linear(x))
+    aux_loss_coef: float = 0.0  # Switch/Mixtral load-balancing loss weight (HF router_aux_loss_coef)
+    bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing via a selection bias
+    first_k_dense: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # passthrough HF fields we keep for export
 
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        return self.moe_ffn_dim if self.moe_ffn_dim is not None else self.ffn_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (self.n_experts > 0 and layer_idx >= self.first_k_dense and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the shape cannot build a model."""
@@ -42,18 +66,38 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_experts:
+            self._validate_moe()
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count from the shape alone (matches sum(p.numel()) of the built model)."""
+    def _validate_moe(self) -> None:
+        if self.n_experts < 0:
+            raise ValueError(f"model.n_experts must be >= 0, got {self.n_experts}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.n_experts={self.n_experts}")
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.score_func={self.score_func!r} is not implemented; use 'softmax' or 'sigmoid'")
+        if self.expert_ffn_dim <= 0 or self.decoder_sparse_step <= 0:
+            raise ValueError("model.moe_ffn_dim and model.decoder_sparse_step must be positive")
+        if self.aux_loss_coef < 0 or self.bias_update_rate < 0:
+            raise ValueError("model.aux_loss_coef and model.bias_update_rate must be >= 0")
+        if self.shared_expert_gate and not self.shared_ffn_dim:
+            raise ValueError("model.shared_expert_gate needs a shared expert (model.shared_ffn_dim > 0)")
+
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+        """Parameter count from the shape alone (matches sum(p.numel()) of the built model). active: only the
+        weights one token multiplies (top_k of the routed experts), what FLOPs per token count."""
         hd, d = self.head_size, self.dim
         attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
         if self.qkv_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         if self.qk_norm:
             attn += 2 * hd
-        mlp = 3 * d * self.ffn_dim
-        per_layer = attn + mlp + 2 * d
-        total = self.n_layers * per_layer + d
+        dense_mlp = 3 * d * self.ffn_dim
+        moe = (self.top_k if active else self.n_experts) * 3 * d * self.expert_ffn_dim + self.n_experts * d
+        moe += 3 * d * self.shared_ffn_dim
+        moe += d if self.shared_expert_gate else 0
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        total = self.n_layers * (attn + 2 * d) + n_moe * moe + (self.n_layers - n_moe) * dense_mlp + d
         if include_embedding:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         elif not self.tie_embeddings:

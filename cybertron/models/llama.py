@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cybertron.models.config import ModelConfig
+from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 
@@ -120,7 +121,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        # A mixture of experts or a dense MLP, per layer, as the config says (the same name either way, as HF).
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -216,6 +218,14 @@ class Transformer(nn.Module):
                 _normal_(module.weight, std, gen)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, Router):
+                _normal_(module.weight, std, gen)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, GroupedExperts):
+                _normal_(module.gate_proj, std, gen)
+                _normal_(module.up_proj, std, gen)
+                _normal_(module.down_proj, residual_std, gen)
 
 
 def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> None:

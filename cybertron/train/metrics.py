@@ -21,8 +21,8 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e1
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (weights that do matmuls, head included) + attention's 12 x L x H x hd x T."""
-    matmul_params = cfg.num_params(include_embedding=False)
+    """Training FLOPs per token: 6 x (weights a token multiplies, head included) + attention's 12 x L x H x hd x T."""
+    matmul_params = cfg.num_params(include_embedding=False, active=True)
     if cfg.tie_embeddings:
         matmul_params += cfg.vocab_size * cfg.dim  # the tied head still multiplies
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len

@@ -22,6 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from cybertron.models.moe import GroupedExperts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -95,3 +100,51 @@ def _expert_major_order(received: torch.Tensor) -> torch.Tensor:
     block = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     offset_in_block = torch.arange(block.numel(), device=lengths.device) - (lengths.cumsum(0) - lengths)[block]
     return block_starts[block] + offset_in_block
+
+
+class ExpertParallel:
+    """Mixed into an experts module's class by apply_expert_parallel (as fully_shard mixes in FSDPModule):
+    forward dispatches, runs the module's own forward on a weightless twin that holds this rank's weight
+    slices as plain tensors, and combines. Parameter names and the module tree are unchanged."""
+
+    ep_group: dist.ProcessGroup
+    _twin: nn.Module
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        x_local, local_counts, plan = dispatch(x, tokens_per_expert, self.ep_group)
+        twin = self._twin
+        twin.training = self.training
+        names = [name for name, _ in self.named_parameters(recurse=False)]
+        for name in names:
+            # the unsharded DTensor (FSDP2 gathers it over efsdp before forward); to_local keeps the graph.
+            # Set as a plain attribute: nn.Module would register a Parameter as one of the twin's own.
+            param = getattr(self, name)
+            vars(twin)[name] = param.to_local() if isinstance(param, DTensor) else param
+        try:
+            y_local = twin(x_local, local_counts)
+        finally:
+            for name in names:
+                del vars(twin)[name]
+        return combine(y_local, plan, self.ep_group)
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Module]:
+    """Shard every experts module's stacked weights (n_experts, ...) Shard(0) over ep_mesh and route its
+    tokens through dispatch/combine; returns the experts modules (for FSDP2 over the efsdp ranks)."""
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    for module in experts:
+        cls = type(module)
+        twin = cls.__new__(cls)
+        nn.Module.__init__(twin)  # no parameters: forward reads the plain tensors set on it for one call
+        twin.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param.detach(), ep_mesh, [Shard(0)]),
+                                                         requires_grad=param.requires_grad))
+        module.__class__ = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
+        module.ep_group = ep_mesh.get_group()
+        object.__setattr__(module, "_twin", twin)  # not a submodule: it must not appear in state dicts
+    return experts
+
+
+def is_expert_parallel(module: nn.Module) -> bool:
+    return isinstance(module, ExpertParallel)

@@ -64,7 +64,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
     transformer = transformer_of(model)
     for block in transformer.layers.values():
         if experts_mesh is not None:
-            _shard_experts(block, experts_mesh, dp_mesh.size(), kwargs)
+            _shard_experts(block, experts_mesh, kwargs)
         fully_shard(block, **kwargs)
     if transformer is not model:
         shards = dp_mesh.size(dp_mesh.ndim - 1)
@@ -75,14 +75,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
     return model
 
 
-def _shard_experts(block: nn.Module, experts_mesh: DeviceMesh, dp_size: int, kwargs: dict) -> None:
+def _shard_experts(block: nn.Module, experts_mesh: DeviceMesh, kwargs: dict) -> None:
     for module in block.modules():
         if is_expert_parallel(module):
             fully_shard(module, **{**kwargs, "mesh": experts_mesh})
-            # An expert's gradient already sums the tokens of its whole expert-parallel group (they reached it
-            # through the all-to-all), so over the remaining ranks it is summed and divided by the whole
-            # data-parallel degree, as every other gradient is; FSDP2 would divide by its mesh's size only.
-            module.set_gradient_divide_factor(float(dp_size))
 
 
 def _widest_dim(shards: int, param: nn.Parameter) -> Shard | None:

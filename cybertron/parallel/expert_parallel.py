@@ -102,6 +102,24 @@ def _expert_major_order(received: torch.Tensor) -> torch.Tensor:
     return block_starts[block] + offset_in_block
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `factor`.
+
+    An expert's gradient already sums the tokens of its whole expert-parallel group (they reached it through
+    the all-to-all), so FSDP2, which averages over the efsdp ranks only, would leave it ep times too large
+    against every other gradient (averaged over all dp = efsdp x ep ranks). FSDP2's own
+    set_gradient_divide_factor would do this with ReduceOp.PREMUL_SUM, which gloo lacks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
 class ExpertParallel:
     """Mixed into an experts module's class by apply_expert_parallel (as fully_shard mixes in FSDPModule):
     forward dispatches, runs the module's own forward on a weightless twin that holds this rank's weight
@@ -119,7 +137,8 @@ class ExpertParallel:
             # the unsharded DTensor (FSDP2 gathers it over efsdp before forward); to_local keeps the graph.
             # Set as a plain attribute: nn.Module would register a Parameter as one of the twin's own.
             param = getattr(self, name)
-            vars(twin)[name] = param.to_local() if isinstance(param, DTensor) else param
+            local = param.to_local() if isinstance(param, DTensor) else param
+            vars(twin)[name] = _ScaleGrad.apply(local, 1.0 / self.ep_group.size())
         try:
             y_local = twin(x_local, local_counts)
         finally:

@@ -131,34 +131,53 @@ class ExpertParallel:
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         x_local, local_counts, plan = dispatch(x, tokens_per_expert, self.ep_group)
         twin = self._twin
-        twin.training = self.training
-        names = [name for name, _ in self.named_parameters(recurse=False)]
-        for name in names:
+        twin.train(self.training)
+        slots = []
+        for fqn, param in self.named_parameters():
             # the unsharded DTensor (FSDP2 gathers it over efsdp before forward); to_local keeps the graph.
             # Set as a plain attribute: nn.Module would register a Parameter as one of the twin's own.
-            param = getattr(self, name)
+            owner, _, name = fqn.rpartition(".")
+            slot = vars(twin.get_submodule(owner))
             local = param.to_local() if isinstance(param, DTensor) else param
-            vars(twin)[name] = _ScaleGrad.apply(local, 1.0 / self.ep_group.size())
+            slot[name] = _ScaleGrad.apply(local, 1.0 / self.ep_group.size())
+            slots.append((slot, name))
         try:
             y_local = twin(x_local, local_counts)
         finally:
-            for name in names:
-                del vars(twin)[name]
+            for slot, name in slots:
+                del slot[name]
         return combine(y_local, plan, self.ep_group)
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # parameters, buffers, submodules, hooks, training
+
+
+def _weightless_twin(module: nn.Module) -> nn.Module:
+    """A module of the same class and tree as `module`, sharing its buffers and plain attributes, without
+    parameters or hooks (so FSDP2's and this file's hooks do not run on it)."""
+    twin = type(module).__new__(type(module))
+    nn.Module.__init__(twin)
+    vars(twin).update({k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS})
+    for name, buffer in module.named_buffers(recurse=False):
+        twin.register_buffer(name, buffer)
+    for name, child in module.named_children():
+        twin.add_module(name, _weightless_twin(child))
+    return twin
+
+
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Module]:
-    """Shard every experts module's stacked weights (n_experts, ...) Shard(0) over ep_mesh and route its
-    tokens through dispatch/combine; returns the experts modules (for FSDP2 over the efsdp ranks)."""
+    """Shard every experts module's stacked weights (n_experts, ...) Shard(0) over ep_mesh (its whole subtree:
+    a subclass's per-expert adapters too) and route its tokens through dispatch/combine; returns the experts
+    modules (for FSDP2 over the efsdp ranks)."""
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     for module in experts:
+        twin = _weightless_twin(module)
+        for fqn, param in list(module.named_parameters()):
+            owner, _, name = fqn.rpartition(".")
+            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
+            module.get_submodule(owner).register_parameter(
+                name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         cls = type(module)
-        twin = cls.__new__(cls)
-        nn.Module.__init__(twin)  # no parameters: forward reads the plain tensors set on it for one call
-        twin.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
-        for name, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(name, nn.Parameter(distribute_tensor(param.detach(), ep_mesh, [Shard(0)]),
-                                                         requires_grad=param.requires_grad))
         module.__class__ = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
         module.ep_group = ep_mesh.get_group()
         object.__setattr__(module, "_twin", twin)  # not a submodule: it must not appear in state dicts

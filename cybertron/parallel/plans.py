@@ -65,12 +65,14 @@ def llama_tp_plan(sequence_parallel: bool, loss_parallel: bool, moe_layers: Coll
 
 def _split_moe_layers(plan: dict[str, ParallelStyle], stream, keep_dtensor: bool, moe_layers: Collection[int],
                       n_layers: int) -> None:
-    """fnmatch cannot exclude layer numbers, so `layers.*.mlp` becomes one entry per dense layer; each MoE
-    layer gets the whole input replicated (plain tensors inside) and hands its replicated output back in the
-    stream's layout. The dense MLP's linears keep their wildcards: a MoE layer has no such children."""
-    dense_input = plan.pop("layers.*.mlp")
+    """fnmatch cannot exclude layer numbers, so the `layers.*.mlp` entries become one set per dense layer
+    (torch would warn about every MoE layer lacking the dense MLP's linears); each MoE layer gets the whole
+    input replicated (plain tensors inside) and hands its replicated output back in the stream's layout."""
+    dense = {key.removeprefix("layers.*.mlp"): plan.pop(key) for key in list(plan) if key.startswith("layers.*.mlp")}
     for i in range(n_layers):
-        plan[f"layers.{i}.mlp"] = PrepareModuleInputOutput(
-            input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
-            output_layouts=(Replicate(),), desired_output_layouts=(stream,),
-            use_local_output=not keep_dtensor) if i in moe_layers else dense_input
+        if i in moe_layers:
+            plan[f"layers.{i}.mlp"] = PrepareModuleInputOutput(
+                input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=not keep_dtensor)
+        else:
+            plan.update({f"layers.{i}.mlp{suffix}": style for suffix, style in dense.items()})

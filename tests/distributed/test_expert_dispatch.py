@@ -18,7 +18,9 @@ import torch.multiprocessing as mp
 
 from cybertron.parallel.expert_parallel import combine, dispatch
 
-pytestmark = pytest.mark.distributed
+# The default suite runs expert parallelism end to end (test_expert_parallel.py, ep 2) and the reorder alone
+# (tests/unit/test_expert_parallel.py); this spawn adds the edge cases with exact gradients.
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 PORT = 29671
 EP, E, DIM = 2, 4, 3
 # Expert of each token, per rank: rank 0 sends nothing to rank 1's experts (2, 3); expert 1 gets no token.

@@ -28,6 +28,7 @@ WORLD_4 = {
 WORLD_2_AFTER_4 = {  # resumes world 4's checkpoint
     "resume_ep4_as_ep2": Layout({"ep": 2}, moe=True, resume_from="ep4", record_batch=True),
     "moe_tp2_no_ep": Layout({"tp": 2}, moe=True),
+    "ep2_ac_full": Layout({"ep": 2, "activation_checkpoint": "full"}, moe=True),  # recompute repeats dispatch
 }
 
 
@@ -76,8 +77,9 @@ def test_ep_layout_matches_single_process_at_world_4(name, world4, reference):
 
 
 @pytest.mark.slow
-def test_moe_with_tp_and_no_ep_matches_single_process(world2_after_4, reference):
-    _assert_ep_matches(world2_after_4["moe_tp2_no_ep"], reference)
+@pytest.mark.parametrize("name", ["moe_tp2_no_ep", "ep2_ac_full"])
+def test_more_moe_layouts_match_single_process_at_world_2(name, world2_after_4, reference):
+    _assert_ep_matches(world2_after_4[name], reference)
 
 
 @pytest.mark.slow

@@ -153,6 +153,9 @@ class ParallelSection:
     sequence_parallel: bool = opt(True, "with tp > 1, shard norms and the residual stream over the sequence")
     loss_parallel: bool = opt(True, "with tp > 1, compute the cross-entropy on vocabulary-sharded logits")
     pp: int = opt(1, "pipeline-parallel degree (ranks the layers are split over)")
+    ep: int = opt(1, "expert-parallel degree (mixture-of-experts models): ranks the experts are split over, "
+                     "borrowed from dp_shard (world = pp x dp_replicate x dp_shard x tp, ep must divide dp_shard "
+                     "and model.n_experts; each expert is FSDP-sharded over the other dp_shard / ep ranks)")
     pp_schedule: str = opt("1f1b", "gpipe, 1f1b, interleaved_1f1b, looped_bfs, interleaved_zb, zbv, dualpipev")
     pp_microbatches: int = opt(0, "micro-batches per pipeline step; 0 = the number of stages")
     pp_virtual_stages: int = opt(1, "stages per pipeline rank (2+ for interleaved schedules, 2 for zbv)")

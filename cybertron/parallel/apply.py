@@ -1,7 +1,7 @@
 """parallelize(model, dims, mesh, cfg): the one way every command applies a layout to a plain, initialised
 model, at every world size, in the order
 
-    converters (fp8, NF4) -> TP (+SP) -> activation checkpointing -> compile -> FSDP2 / DDP / ZeRO
+    converters (fp8, NF4) -> TP (+SP) -> EP -> activation checkpointing -> compile -> FSDP2 / DDP / ZeRO
 
 (each step sees the modules the previous one made), with pipeline stages split off after the converters when
 pp > 1. Without a mesh (one process) it returns the model with the converters, activation checkpointing and
@@ -30,7 +30,8 @@ from cybertron.parallel.data_parallel import (
     build_zero1_optimizer,
     build_zero2_optimizer,
 )
-from cybertron.parallel.dims import ParallelDims, dp_mesh
+from cybertron.parallel.dims import ParallelDims, dp_mesh, dp_shard_mesh
+from cybertron.parallel.expert_parallel import apply_expert_parallel
 from cybertron.parallel.pipeline import (
     SCHEDULES,
     PipelineLoop,
@@ -104,9 +105,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     for stage, part in stages.items():
         if tp_on:
             float8_tp = fp8 != "none" and float8_all_gather_supported(fp8)
-            _tensor_parallel(part, mesh["tp"], llama_tp_plan(sp, lp), float8=float8_tp)
+            _tensor_parallel(part, mesh["tp"], _tp_plan(model, sp, lp), float8=float8_tp)
             if dims.pp > 1:
                 _local_stage_io(part, mesh["tp"], first=stage == 0, sp=sp)
+        if dims.ep > 1:
+            apply_expert_parallel(part, mesh["ep"])
         _checkpoint_and_compile(part, cfg, compile_blocks, compile_options)
         stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype, replicas_equal)
     zero2 = Zero2Gradients(stages[0], dp_mesh(mesh)) if paper_zero2(dims, cfg) else None
@@ -122,6 +125,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         return Parallelized(stages[0], [stages[0]], step_fn, collectives, None, zero2)
     strategy = _pipeline_strategy(stages, n_stages, dims, mesh, cfg, lp, sp, model.config.dim)
     return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
+
+
+def _tp_plan(model: nn.Module, sp: bool, lp: bool) -> dict:
+    """The family's plan for this model's shape: which of its layers are mixtures of experts."""
+    cfg = transformer_of(model).config
+    moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    return llama_tp_plan(sp, lp, moe, cfg.n_layers)
 
 
 def _tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, plan: dict, float8: bool = False) -> None:
@@ -157,9 +167,9 @@ def _precompute_scales_before_forward(model: nn.Module) -> None:
 
 def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
     """zero2 as in the ZeRO paper (replicated parameters, partitioned gradients and optimizer state) for
-    pure data parallelism; composed with tp, pp, HSDP or CPU offload, zero2 is FSDP2 without resharding."""
+    pure data parallelism; composed with tp, pp, ep, HSDP or CPU offload, zero2 is FSDP2 without resharding."""
     return (dims.data_parallel == "zero2" and dims.dp > 1 and dims.tp == 1 and dims.pp == 1
-            and dims.dp_replicate == 1 and not cfg.cpu_offload)
+            and dims.dp_replicate == 1 and dims.ep == 1 and not cfg.cpu_offload)
 
 
 def shards_parameters(dims: ParallelDims, cfg: ParallelSection) -> bool:
@@ -177,7 +187,7 @@ def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
     if mesh is None:
         return module
     if dims.tp > 1:
-        apply_tensor_parallel(module, mesh["tp"], llama_tp_plan(cfg.sequence_parallel, cfg.loss_parallel))
+        apply_tensor_parallel(module, mesh["tp"], _tp_plan(module, cfg.sequence_parallel, cfg.loss_parallel))
     if not shards_parameters(dims, cfg):
         return module
     return apply_fsdp(module, _shard_mesh(dims, mesh), reshard_after_forward=True, cpu_offload=cfg.cpu_offload,
@@ -185,7 +195,16 @@ def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
 
 
 def _shard_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    # (Under HSDP with expert parallelism "dp_shard" is a flattened dim: torch warns that slicing it from the
+    # root mesh will be deprecated, but it is the only 2-D mesh FSDP2's HSDP takes.)
+    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dp_shard_mesh(mesh)
+
+
+def _experts_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh | None:
+    """Where the expert-parallel experts are FSDP-sharded: the data-parallel ranks outside their ep group."""
+    if dims.ep == 1:
+        return None
+    return mesh["dp_replicate", "efsdp"] if dims.dp_replicate > 1 else mesh["efsdp"]
 
 
 def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelSection,
@@ -194,7 +213,8 @@ def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, 
         return part  # replicated parameters; Zero2Gradients partitions the gradients
     if shards_parameters(dims, cfg):
         return apply_fsdp(part, _shard_mesh(dims, mesh), reshard_after_forward=dims.data_parallel == "zero3",
-                          cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)
+                          cpu_offload=cfg.cpu_offload, param_dtype=param_dtype,
+                          experts_mesh=_experts_mesh(dims, mesh))
     if dims.data_parallel in ("ddp", "zero1") and dims.dp > 1:
         return apply_ddp(part, dp_mesh(mesh), init_sync=not replicas_equal)
     return part

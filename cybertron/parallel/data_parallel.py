@@ -29,6 +29,7 @@ from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from cybertron.parallel.blocks import transformer_of
+from cybertron.parallel.expert_parallel import is_expert_parallel
 from cybertron.train.optim import param_groups
 
 
@@ -44,11 +45,13 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, init_sync: bool = True) -> 
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool, cpu_offload: bool = False,
-               param_dtype: torch.dtype | None = None) -> nn.Module:
+               param_dtype: torch.dtype | None = None, experts_mesh: DeviceMesh | None = None) -> nn.Module:
     """fully_shard every transformer block, then each other child of a wrapper model (e.g. a score head, its
     own unit), then the root (embedding, final norm, head).
 
-    dp_mesh is 1-D (dp_shard: ZeRO-2/3) or 2-D (dp_replicate, dp_shard: HSDP)."""
+    dp_mesh is 1-D (dp_shard: ZeRO-2/3) or 2-D (dp_replicate, dp_shard: HSDP). experts_mesh: under expert
+    parallelism, the expert-parallel experts modules become FSDP units of their own over the data-parallel
+    ranks expert parallelism does not use (efsdp, or dp_replicate x efsdp), before their blocks."""
     kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype is not None:
         # Compute in param_dtype, but reduce gradients in fp32 so accumulation does not lose precision.
@@ -60,6 +63,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
         kwargs["offload_policy"] = OffloadPolicy()
     transformer = transformer_of(model)
     for block in transformer.layers.values():
+        if experts_mesh is not None:
+            _shard_experts(block, experts_mesh, kwargs)
         fully_shard(block, **kwargs)
     if transformer is not model:
         shards = dp_mesh.size(dp_mesh.ndim - 1)
@@ -68,6 +73,12 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
                 fully_shard(child, shard_placement_fn=partial(_widest_dim, shards), **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _shard_experts(block: nn.Module, experts_mesh: DeviceMesh, kwargs: dict) -> None:
+    for module in block.modules():
+        if is_expert_parallel(module):
+            fully_shard(module, **{**kwargs, "mesh": experts_mesh})
 
 
 def _widest_dim(shards: int, param: nn.Parameter) -> Shard | None:

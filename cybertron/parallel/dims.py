@@ -4,6 +4,15 @@ Validation needs only the world size and the model's shape, so a bad layout fail
 or model exists, with a message that names the constraint. The mesh always has the dims
 ("pp", "dp_replicate", "dp_shard", "tp") (size-1 dims included, which keeps slicing uniform) plus a
 flattened "dp" = dp_replicate x dp_shard for sums over data-parallel ranks.
+
+Expert parallelism (ep > 1) follows torchtitan: it adds no ranks to the world, it borrows them from the FSDP
+shard ranks. world = pp x dp_replicate x dp_shard x tp as without it, ep must divide dp_shard, and dp_shard
+splits into efsdp x ep (ep innermost, so an expert-parallel group is ep neighbouring shard ranks). The mesh
+then has the dims ("pp", "dp_replicate", "efsdp", "ep", "tp"), with "dp_shard" = efsdp x ep flattened: the
+dense parameters are FSDP-sharded over dp_shard as usual, each expert-parallel rank holds n_experts / ep whole
+experts, and those are FSDP-sharded over the efsdp ranks (the shard ranks expert parallelism does not use).
+Example: 8 ranks, tp 2, ep 2 -> dp_shard 4 = efsdp 2 x ep 2; every rank sees its own data (dp 4) and holds
+half the experts, each split over 2 ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from cybertron.models.config import ModelConfig
 
 DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+EP_MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "tp")  # when ep > 1: dp_shard split into efsdp x ep
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,11 @@ class ParallelDims:
         for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
             if value < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
-        if cp != 1 or ep != 1:
-            raise ConfigError(f"context and expert parallelism are not implemented yet (cp={cp}, ep={ep}); "
-                              "use 1")
+        if cp != 1:
+            raise ConfigError(f"context parallelism is not implemented yet (parallel.cp={cp}); use 1")
+        if ep > 1 and data_parallel in ("ddp", "zero1"):
+            raise ConfigError(f"parallel.ep={ep} needs parallel.data_parallel zero2 or zero3: each expert-parallel "
+                              f"rank holds other experts, which {data_parallel} would average as replicas")
         if dp_shard == -1:
             others = dp_replicate * tp * pp
             if world_size % others:
@@ -56,6 +68,10 @@ class ParallelDims:
         if product != world_size:
             raise ConfigError(f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} x "
                               f"pp={pp} = {product} must equal the world size {world_size}")
+        if dp_shard % ep:
+            raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard}: expert parallelism "
+                              f"borrows its ranks from the FSDP shard ranks (world {world_size} = pp {pp} x "
+                              f"dp_replicate {dp_replicate} x dp_shard {dp_shard} x tp {tp})")
         if data_parallel in ("ddp", "zero1"):
             dp_replicate, dp_shard = dp_replicate * dp_shard, 1
         return cls(dp_replicate, dp_shard, cp, tp, pp, ep, world_size, data_parallel)
@@ -66,15 +82,32 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def efsdp(self) -> int:
+        """The shard ranks expert parallelism does not use: each expert is FSDP-sharded over them."""
+        return self.dp_shard // self.ep
+
+    @property
+    def mesh_dims(self) -> tuple[str, ...]:
+        return EP_MESH_DIMS if self.ep > 1 else MESH_DIMS
+
+    @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
     def describe(self) -> str:
-        parts = [f"{name}={getattr(self, name)}" for name in MESH_DIMS if getattr(self, name) > 1]
+        names = (*MESH_DIMS, "ep")
+        parts = [f"{name}={getattr(self, name)}" for name in names if getattr(self, name) > 1]
         return f"{self.data_parallel} " + (" x ".join(parts) or "single process")
 
     def validate_model(self, cfg: ModelConfig, virtual_stages: int = 1) -> None:
         """Constraints between the layout and the model's shape."""
+        n_experts = getattr(cfg, "n_experts", 0)
+        if self.ep > 1 and n_experts <= 1:
+            raise ConfigError(f"parallel.ep={self.ep} needs a mixture-of-experts model (model.n_experts > 1); "
+                              "this model is dense")
+        if self.ep > 1 and n_experts % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} must divide model.n_experts={n_experts} (each expert-"
+                              "parallel rank holds the same number of whole experts)")
         if self.tp > 1:
             for name in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
                 value = getattr(cfg, name)
@@ -116,10 +149,28 @@ def build_mesh(dims: ParallelDims, device_type: str):
     """The world's DeviceMesh with named dims (and the flattened "dp"); the process group must exist."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = tuple(getattr(dims, name) for name in MESH_DIMS)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    names = dims.mesh_dims
+    shape = tuple(getattr(dims, name) for name in names)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    if dims.ep > 1:
+        mesh["efsdp", "ep"]._flatten("dp_shard")
     dp_mesh(mesh)
     return mesh
+
+
+def has_ep(mesh) -> bool:
+    return "ep" in mesh.mesh_dim_names
+
+
+def shard_dims(mesh) -> tuple[str, ...]:
+    """The root mesh's dims that make up dp_shard: itself, or efsdp x ep under expert parallelism."""
+    return ("efsdp", "ep") if has_ep(mesh) else ("dp_shard",)
+
+
+def dp_shard_mesh(mesh):
+    """The 1-D mesh of the FSDP shard ranks. Under expert parallelism "dp_shard" is flattened from efsdp x ep
+    (a second `_flatten` returns the same mesh without creating process groups)."""
+    return mesh["efsdp", "ep"]._flatten("dp_shard") if has_ep(mesh) else mesh["dp_shard"]
 
 
 def dp_mesh(mesh):
@@ -127,4 +178,4 @@ def dp_mesh(mesh):
 
     `_flatten` is private but stable since torch 2.4 (torchtitan relies on it); a second call returns the
     same mesh. Slicing "dp" from the root mesh instead is deprecated."""
-    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh["dp_replicate", *shard_dims(mesh)]._flatten("dp")

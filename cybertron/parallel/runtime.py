@@ -52,7 +52,7 @@ def layout_dims(cfg, world_size: int, model_cfg: ModelConfig | None = None) -> P
     """Validate the [parallel] section against the world size, the batch sizes and (if given) the model
     shape; ConfigError names the constraint. Runs before any process group or model exists."""
     p, t = cfg.parallel, cfg.train
-    dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.tp, p.pp, p.data_parallel)
+    dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.tp, p.pp, p.data_parallel, ep=p.ep)
     if p.activation_checkpoint not in MODES:
         raise ConfigError(f"parallel.activation_checkpoint must be one of {', '.join(MODES)}, "
                           f"got {p.activation_checkpoint!r}")

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from cybertron.config import ParallelSection, TrainSection
 from cybertron.data.loader import PackedLoader
+from cybertron.models.config import ModelConfig
 from cybertron.models.llama import build_model
 from cybertron.models.presets import preset_config
 from cybertron.parallel.apply import build_parallel_optimizer, parallelize
@@ -34,6 +35,8 @@ from cybertron.train.trainer import LanguageModelStep, Trainer
 SEQ_LEN = 32
 STEPS = 6
 MODEL = preset_config("debug", vocab_size=256)  # dim 64, 4 layers, 4 heads / 2 kv heads, ffn 128
+# The same with mixtures of 4 experts (top 2, expert ffn 64) in layers 1-3, layer 0 dense.
+MOE_MODEL = preset_config("debug", vocab_size=256, n_experts=4, top_k=2, moe_ffn_dim=64, first_k_dense=1)
 
 
 @dataclass
@@ -47,6 +50,11 @@ class Layout:
     fp8: str = "none"  # train.fp8's recipe, in torchao's emulation (float8 casts, fp32 matmuls: runs on CPU)
     fused_loss: bool = False
     steps: int = STEPS  # train the first `steps` of the STEPS-step schedule
+    moe: bool = False  # train MOE_MODEL instead of MODEL
+
+    @property
+    def model(self) -> ModelConfig:
+        return MOE_MODEL if self.moe else MODEL
 
 
 def train_section(layout: Layout) -> TrainSection:
@@ -67,7 +75,7 @@ def _micro_batches(loader: PackedLoader, micro: int) -> list[dict]:
 def reference_run(layout: Layout, steps: int | None = None, out_dir: Path | None = None, name: str = "") -> dict:
     """One process, no torch.distributed: the numbers every layout must reproduce."""
     t = train_section(layout)
-    model = build_model(MODEL, seed=0)
+    model = build_model(layout.model, seed=0)
     if layout.fp8 != "none":
         convert_to_float8(model, layout.fp8, emulate=True)
     opt = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
@@ -99,7 +107,7 @@ def _train(trainer, loader, parts, layout: Layout, t: TrainSection, steps: int, 
         result["grad_norms"].append(res.grad_norm.item())
         if layout.save_at and step + 1 == layout.save_at:
             ckpt_io.save_checkpoint(out_dir / name, step + 1, parts, trainer.optimizer,
-                                    {"loader": loader.state_dict()}, MODEL, is_main=is_main, barrier=barrier)
+                                    {"loader": loader.state_dict()}, layout.model, is_main=is_main, barrier=barrier)
     result["val_loss"] = trainer.evaluate([_micro_batches(loader, 0)[0]])
     return result
 
@@ -116,9 +124,10 @@ def parallel_run(layout: Layout, world_size: int, out_dir: Path, name: str) -> d
     t = train_section(layout)
     pcfg = replace(ParallelSection(), **layout.parallel)
     dims = ParallelDims.resolve(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.tp, pcfg.pp,
-                                pcfg.data_parallel)
+                                pcfg.data_parallel, ep=pcfg.ep)
+    dims.validate_model(layout.model)
     mesh = build_mesh(dims, "cpu")
-    model = build_model(MODEL, seed=0)  # the full model on every rank, then sharded: identical weights
+    model = build_model(layout.model, seed=0)  # the full model on every rank, then sharded: identical weights
     par = parallelize(model, dims, mesh, pcfg, fp8=layout.fp8, fused_loss=layout.fused_loss, fp8_emulate=True)
     opt = build_parallel_optimizer(par, dims, mesh, t)
     trainer = Trainer(par.model, opt, par.step_fn, _schedule(t), t.grad_clip, collectives=par.collectives,

@@ -41,6 +41,11 @@ BAD = {
     "fused loss with pipeline stages": (2, ["--parallel.pp", "2", "--train.fused_loss", "true"],
                                         "train.fused_loss does not run with pipeline parallelism"),
     "tied embeddings with pp": (2, ["--parallel.pp", "2", "--model.tie_embeddings", "true"], "tie_embeddings=false"),
+    "ep on a dense model": (2, ["--parallel.ep", "2"], "parallel.ep=2 needs a mixture-of-experts model"),
+    "ep larger than dp_shard": (4, ["--parallel.ep", "4", "--parallel.tp", "2"], "parallel.ep=4 must divide "
+                                                                               "parallel.dp_shard=2"),
+    "ep with ddp": (2, ["--parallel.ep", "2", "--parallel.data_parallel", "ddp"], "parallel.ep=2 needs "
+                                                                                  "parallel.data_parallel zero2"),
 }
 
 

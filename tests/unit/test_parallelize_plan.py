@@ -84,3 +84,26 @@ def test_plan_gives_float8_layers_torchaos_float8_styles():
     o = resolved["layers.0.self_attn.o_proj"]
     assert o.output_layouts == plan["layers.*.self_attn.o_proj"].output_layouts  # the layouts carry over
     assert q.use_local_output and not o.use_local_output
+
+
+def test_plan_keeps_moe_layers_whole_and_every_dense_mlp_split():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+
+    from cybertron.models.moe import MoE
+
+    cfg = preset_config("debug", vocab_size=64, n_experts=4, top_k=2, first_k_dense=1)
+    model = build_model(cfg, seed=0)
+    moe = [i for i in range(cfg.n_layers) if isinstance(model.layers[str(i)].mlp, MoE)]
+    plan = llama_tp_plan(sequence_parallel=True, loss_parallel=True, moe_layers=moe, n_layers=cfg.n_layers)
+    assert moe == [1, 2, 3]
+    for i in moe:  # the sequence-sharded stream in, replicated inside, sequence-sharded out
+        style = plan[f"layers.{i}.mlp"]
+        assert type(style) is PrepareModuleInputOutput and not any(k.startswith(f"layers.{i}.mlp.") for k in plan)
+        assert style.prepare_module_input.input_layouts == (Shard(1),)
+        assert style.prepare_module_input.desired_input_layouts == (Replicate(),)
+        assert style.prepare_module_output.desired_output_layouts == (Shard(1),)
+    dense = llama_tp_plan(sequence_parallel=True, loss_parallel=True)
+    for suffix in ("", ".gate_proj", ".up_proj", ".down_proj"):  # layer 0 keeps the dense MLP's styles
+        assert type(plan[f"layers.0.mlp{suffix}"]) is type(dense[f"layers.*.mlp{suffix}"])
+    assert present_plan(model, plan) == plan  # every entry names a module of the model

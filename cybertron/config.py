@@ -153,6 +153,8 @@ class ParallelSection:
     sequence_parallel: bool = opt(True, "with tp > 1, shard norms and the residual stream over the sequence")
     loss_parallel: bool = opt(True, "with tp > 1, compute the cross-entropy on vocabulary-sharded logits")
     pp: int = opt(1, "pipeline-parallel degree (ranks the layers are split over)")
+    cp: int = opt(1, "context-parallel degree: ranks that each hold 1/cp of every sequence (long contexts); "
+                     "data.seq_len must be a multiple of 2 x cp")
     ep: int = opt(1, "expert-parallel degree (mixture-of-experts models): ranks the experts are split over, "
                      "borrowed from dp_shard (world = pp x dp_replicate x dp_shard x tp, ep must divide dp_shard "
                      "and model.n_experts; each expert is FSDP-sharded over the other dp_shard / ep ranks)")

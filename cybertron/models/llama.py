@@ -67,6 +67,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        # The seam for parallelisms that change attention itself (context parallelism): a callable
+        # (q, k, v, mask) -> out that parallel/ may replace from outside; this file stays single-device.
+        self.attention: Callable[..., torch.Tensor] = causal_attention
 
     def forward(
         self,
@@ -87,7 +90,7 @@ class Attention(nn.Module):
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
         else:
-            out = causal_attention(q, k, v, mask)
+            out = self.attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, t, -1))
 
 

@@ -23,6 +23,11 @@ from cybertron.config import ParallelSection, TrainSection
 from cybertron.parallel.activation_checkpoint import apply_activation_checkpoint
 from cybertron.parallel.blocks import transformer_of
 from cybertron.parallel.collectives import build_collectives
+from cybertron.parallel.context_parallel import (
+    ContextParallelAttention,
+    ContextParallelStep,
+    apply_context_parallel,
+)
 from cybertron.parallel.data_parallel import (
     Zero2Gradients,
     apply_ddp,
@@ -30,7 +35,7 @@ from cybertron.parallel.data_parallel import (
     build_zero1_optimizer,
     build_zero2_optimizer,
 )
-from cybertron.parallel.dims import ParallelDims, dp_mesh, dp_shard_mesh
+from cybertron.parallel.dims import ParallelDims, dp_cp_mesh, dp_mesh, dp_shard_cp_mesh
 from cybertron.parallel.expert_parallel import apply_expert_parallel
 from cybertron.parallel.pipeline import (
     SCHEDULES,
@@ -67,6 +72,11 @@ class Parallelized:
     collectives: Collectives
     strategy: ForwardBackward | None  # None: the Trainer's default micro-batch loop
     zero2: Zero2Gradients | None = None  # the paper's ZeRO-2 (its optimizer learns the partition)
+    context: ContextParallelAttention | None = None  # under cp: a method's own step function needs wrap_step
+
+    def wrap_step(self, step_fn: StepFunction) -> StepFunction:
+        """A method's step function made to run on this layout (context parallelism slices its batches)."""
+        return ContextParallelStep(step_fn, self.context) if self.context is not None else step_fn
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
@@ -101,6 +111,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     tp_on, lp = dims.tp > 1, dims.tp > 1 and cfg.loss_parallel
     sp = tp_on and cfg.sequence_parallel
     stages = _split(model, dims, cfg, mesh) if dims.pp > 1 else {0: model}
+    context = apply_context_parallel(model, mesh["cp"].get_group()) if dims.cp > 1 else None
     n_stages = dims.pp * cfg.pp_virtual_stages if dims.pp > 1 else 1
     for stage, part in stages.items():
         if tp_on:
@@ -114,15 +125,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype, replicas_equal)
     zero2 = Zero2Gradients(stages[0], dp_mesh(mesh)) if paper_zero2(dims, cfg) else None
     step_context = loss_parallel_context if lp else contextlib.nullcontext
-    collectives = build_collectives(mesh, dims.dp, dims.pp, step_context, zero2)
+    collectives = build_collectives(mesh, dims.dp_cp, dims.pp, step_context, zero2)
     if fused_loss:
         step_fn = LanguageModelStep(fused_loss=True, vocab_parallel=lp)
     else:
         step_fn = LossParallelStep() if lp else LanguageModelStep()
+    if context is not None:
+        step_fn = ContextParallelStep(step_fn, context)
     if float8_gather:
         _precompute_scales_before_forward(stages[0])
     if dims.pp == 1:
-        return Parallelized(stages[0], [stages[0]], step_fn, collectives, None, zero2)
+        return Parallelized(stages[0], [stages[0]], step_fn, collectives, None, zero2, context)
     strategy = _pipeline_strategy(stages, n_stages, dims, mesh, cfg, lp, sp, model.config.dim)
     return Parallelized(nn.ModuleList(stages.values()), list(stages.values()), step_fn, collectives, strategy)
 
@@ -169,14 +182,14 @@ def paper_zero2(dims: ParallelDims, cfg: ParallelSection) -> bool:
     """zero2 as in the ZeRO paper (replicated parameters, partitioned gradients and optimizer state) for
     pure data parallelism; composed with tp, pp, ep, HSDP or CPU offload, zero2 is FSDP2 without resharding."""
     return (dims.data_parallel == "zero2" and dims.dp > 1 and dims.tp == 1 and dims.pp == 1
-            and dims.dp_replicate == 1 and dims.ep == 1 and not cfg.cpu_offload)
+            and dims.dp_replicate == 1 and dims.ep == 1 and dims.cp == 1 and not cfg.cpu_offload)
 
 
 def shards_parameters(dims: ParallelDims, cfg: ParallelSection) -> bool:
     """Whether a multi-process layout's data parallelism is FSDP2 (zero3, HSDP, zero2 in its composed form):
     the weights are split over ranks and every forward gathers them, a collective all ranks must join."""
     return (not paper_zero2(dims, cfg) and dims.data_parallel in ("zero2", "zero3")
-            and (dims.dp > 1 or cfg.cpu_offload))
+            and (dims.dp_cp > 1 or cfg.cpu_offload))
 
 
 def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
@@ -197,7 +210,9 @@ def shard_frozen(module: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
 def _shard_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
     # (Under HSDP with expert parallelism "dp_shard" is a flattened dim: torch warns that slicing it from the
     # root mesh will be deprecated, but it is the only 2-D mesh FSDP2's HSDP takes.)
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dp_shard_mesh(mesh)
+    # Under context parallelism the cp ranks shard the parameters too (torchtitan's dp_shard_cp).
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else dp_shard_cp_mesh(mesh)
 
 
 def _experts_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh | None:
@@ -215,8 +230,8 @@ def _apply_data_parallel(part: nn.Module, dims: ParallelDims, mesh: DeviceMesh, 
         return apply_fsdp(part, _shard_mesh(dims, mesh), reshard_after_forward=dims.data_parallel == "zero3",
                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype,
                           experts_mesh=_experts_mesh(dims, mesh))
-    if dims.data_parallel in ("ddp", "zero1") and dims.dp > 1:
-        return apply_ddp(part, dp_mesh(mesh), init_sync=not replicas_equal)
+    if dims.data_parallel in ("ddp", "zero1") and dims.dp_cp > 1:
+        return apply_ddp(part, dp_cp_mesh(mesh), init_sync=not replicas_equal)
     return part
 
 
@@ -259,8 +274,8 @@ def _pipeline_strategy(stages: dict[int, nn.Module], n_stages: int, dims: Parall
 def build_parallel_optimizer(par: Parallelized, dims: ParallelDims, mesh: DeviceMesh, t: TrainSection):
     """AdamW for the layout: ZeRO-1/2's partitioned optimizer, one per pipeline stage, or a plain one."""
     betas = (t.beta1, t.beta2)
-    if dims.data_parallel == "zero1" and dims.dp > 1:
-        return build_zero1_optimizer(par.model.module, dp_mesh(mesh), t.lr, t.weight_decay, betas, t.eps)
+    if dims.data_parallel == "zero1" and dims.dp_cp > 1:
+        return build_zero1_optimizer(par.model.module, dp_cp_mesh(mesh), t.lr, t.weight_decay, betas, t.eps)
     if par.zero2 is not None:
         return build_zero2_optimizer(par.model, par.zero2, dp_mesh(mesh), t.lr, t.weight_decay, betas, t.eps)
     optimizers = [(part, _adamw(part, t)) for part in par.parts]

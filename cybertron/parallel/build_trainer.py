@@ -39,6 +39,8 @@ def build_trainer(model: nn.Module, world: World, p: ParallelSection, t: TrainSe
     if step_fn is None:
         step_fn = par.step_fn if world.is_distributed else LanguageModelStep(
             compile=t.compile, fused_loss=t.fused_loss, compile_options=float8_compile_options(t.fp8))
+    else:
+        step_fn = par.wrap_step(step_fn)
     optimizer = build_parallel_optimizer(par, world.dims, world.mesh, t)
     trainer = Trainer(par.model, optimizer, step_fn, lr_at, t.grad_clip,
                       autocast=lambda: autocast(dtype_name, world.device), collectives=par.collectives,

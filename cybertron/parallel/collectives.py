@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.parallel import DistributedDataParallel
 
 from cybertron.parallel.data_parallel import Zero2Gradients
-from cybertron.parallel.dims import dp_mesh
+from cybertron.parallel.dims import dp_cp_mesh
 from cybertron.train.trainer import Collectives
 
 
@@ -92,9 +92,10 @@ def _ddp_no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextMana
 def build_collectives(mesh: DeviceMesh, dp_size: int, pp: int,
                       step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                       zero2: Zero2Gradients | None = None) -> Collectives:
-    """zero2: the paper's ZeRO-2 gradient partitioning, whose no_sync and owned-gradient norm are used."""
+    """dp_size: the ranks holding different tokens (dp x cp), over which losses and units are summed.
+    zero2: the paper's ZeRO-2 gradient partitioning, whose no_sync and owned-gradient norm are used."""
     pp_group = mesh["pp"].get_group() if pp > 1 else None
-    dp_group = dp_mesh(mesh).get_group()
+    dp_group = dp_cp_mesh(mesh).get_group()
     plain_group = dp_group if zero2 is not None else None
 
     def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -2,8 +2,14 @@
 
 Validation needs only the world size and the model's shape, so a bad layout fails before any process group
 or model exists, with a message that names the constraint. The mesh always has the dims
-("pp", "dp_replicate", "dp_shard", "tp") (size-1 dims included, which keeps slicing uniform) plus a
+("pp", "dp_replicate", "dp_shard", "cp", "tp") (size-1 dims included, which keeps slicing uniform) plus a
 flattened "dp" = dp_replicate x dp_shard for sums over data-parallel ranks.
+
+Context parallelism (cp > 1) follows torchtitan: cp ranks see the same rows, each a 1/cp share of every
+sequence (parallel/context_parallel.py), so world = pp x dp_replicate x dp_shard x cp x tp. The parameters
+are FSDP-sharded over "dp_shard_cp" = dp_shard x cp (a cp rank computes gradients from other tokens, so its
+gradients are reduced like a data-parallel rank's), and losses and token counts are summed over "dp_cp" =
+dp_replicate x dp_shard x cp. The data-parallel degree ("dp", which rows a rank sees) is unchanged.
 
 Expert parallelism (ep > 1) follows torchtitan: it adds no ranks to the world, it borrows them from the FSDP
 shard ranks. world = pp x dp_replicate x dp_shard x tp as without it, ep must divide dp_shard, and dp_shard
@@ -23,8 +29,8 @@ from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
 
 DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3")
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-EP_MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "tp")  # when ep > 1: dp_shard split into efsdp x ep
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EP_MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")  # when ep > 1: dp_shard split into efsdp x ep
 
 
 @dataclass(frozen=True)
@@ -51,23 +57,25 @@ class ParallelDims:
         for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
             if value < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
-        if cp != 1:
-            raise ConfigError(f"context parallelism is not implemented yet (parallel.cp={cp}); use 1")
+        if cp > 1 and pp > 1:
+            raise ConfigError(f"parallel.cp={cp} does not compose with parallel.pp={pp} yet; use one of them")
+        if cp > 1 and ep > 1:
+            raise ConfigError(f"parallel.cp={cp} does not compose with parallel.ep={ep} yet; use one of them")
         if ep > 1 and data_parallel in ("ddp", "zero1"):
             raise ConfigError(f"parallel.ep={ep} needs parallel.data_parallel zero2 or zero3: each expert-parallel "
                               f"rank holds other experts, which {data_parallel} would average as replicas")
         if dp_shard == -1:
-            others = dp_replicate * tp * pp
+            others = dp_replicate * tp * pp * cp
             if world_size % others:
                 raise ConfigError(f"world size {world_size} is not divisible by parallel.dp_replicate x tp x pp "
-                                  f"= {others}, so parallel.dp_shard=-1 cannot take the rest")
+                                  f"x cp = {others}, so parallel.dp_shard=-1 cannot take the rest")
             dp_shard = world_size // others
         elif dp_shard < 1:
             raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest), got {dp_shard}")
         product = dp_replicate * dp_shard * tp * pp * cp
         if product != world_size:
             raise ConfigError(f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} x "
-                              f"pp={pp} = {product} must equal the world size {world_size}")
+                              f"pp={pp} x cp={cp} = {product} must equal the world size {world_size}")
         if dp_shard % ep:
             raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard}: expert parallelism "
                               f"borrows its ranks from the FSDP shard ranks (world {world_size} = pp {pp} x "
@@ -94,6 +102,11 @@ class ParallelDims:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold different tokens of the step's batch: losses and gradients are summed over them."""
+        return self.dp * self.cp
+
     def describe(self) -> str:
         names = (*MESH_DIMS, "ep")
         parts = [f"{name}={getattr(self, name)}" for name in names if getattr(self, name) > 1]
@@ -119,9 +132,23 @@ class ParallelDims:
             raise ConfigError(f"parallel.pp={self.pp} x parallel.pp_virtual_stages={virtual_stages} = {stages} "
                               f"pipeline stages is larger than the number of layers model.n_layers="
                               f"{cfg.n_layers}; every stage needs at least one layer")
+        window = getattr(cfg, "sliding_window", None)
+        if self.cp > 1 and window:
+            raise ConfigError(f"parallel.cp={self.cp} does not support sliding-window attention yet "
+                              f"(model.sliding_window={window}); use parallel.cp=1")
         if self.pp > 1 and cfg.tie_embeddings:
             raise ConfigError("pipeline parallelism (parallel.pp > 1) needs model.tie_embeddings=false: the "
                               "embedding and the output head live on different stages")
+
+    def validate_seq_len(self, seq_len: int, sequence_parallel: bool = False) -> None:
+        """Context parallelism cuts every sequence into 2 x cp equal chunks (the zigzag layout)."""
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            raise ConfigError(f"data.seq_len={seq_len} must be a multiple of 2 x parallel.cp = {2 * self.cp} "
+                              "(context parallelism splits each sequence into 2 x cp equal chunks)")
+        local = seq_len // self.cp
+        if self.cp > 1 and self.tp > 1 and sequence_parallel and local % self.tp:
+            raise ConfigError(f"data.seq_len={seq_len} / parallel.cp={self.cp} = {local} must be a multiple of "
+                              f"parallel.tp={self.tp} with parallel.sequence_parallel=true")
 
     def validate_batch(self, global_batch: int, micro_batch: int, pp_microbatches: int,
                        virtual_stages: int = 1) -> None:
@@ -155,6 +182,9 @@ def build_mesh(dims: ParallelDims, device_type: str):
     if dims.ep > 1:
         mesh["efsdp", "ep"]._flatten("dp_shard")
     dp_mesh(mesh)
+    if dims.cp > 1:
+        dp_shard_cp_mesh(mesh)
+        dp_cp_mesh(mesh)
     return mesh
 
 
@@ -179,3 +209,22 @@ def dp_mesh(mesh):
     `_flatten` is private but stable since torch 2.4 (torchtitan relies on it); a second call returns the
     same mesh. Slicing "dp" from the root mesh instead is deprecated."""
     return mesh["dp_replicate", *shard_dims(mesh)]._flatten("dp")
+
+
+def has_cp(mesh) -> bool:
+    return mesh.size(mesh.mesh_dim_names.index("cp")) > 1
+
+
+def dp_shard_cp_mesh(mesh):
+    """The 1-D mesh FSDP shards over: dp_shard, or dp_shard x cp flattened under context parallelism."""
+    if not has_cp(mesh):
+        return dp_shard_mesh(mesh)
+    return mesh[(*shard_dims(mesh), "cp")]._flatten("dp_shard_cp")
+
+
+def dp_cp_mesh(mesh):
+    """The 1-D mesh of every rank holding different tokens (dp_replicate x dp_shard x cp flattened): losses,
+    token counts and replicated gradients are summed over it. The "dp" mesh without context parallelism."""
+    if not has_cp(mesh):
+        return dp_mesh(mesh)
+    return mesh[("dp_replicate", *shard_dims(mesh), "cp")]._flatten("dp_cp")

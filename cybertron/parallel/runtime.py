@@ -52,7 +52,8 @@ def layout_dims(cfg, world_size: int, model_cfg: ModelConfig | None = None) -> P
     """Validate the [parallel] section against the world size, the batch sizes and (if given) the model
     shape; ConfigError names the constraint. Runs before any process group or model exists."""
     p, t = cfg.parallel, cfg.train
-    dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.tp, p.pp, p.data_parallel, ep=p.ep)
+    dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.tp, p.pp, p.data_parallel, cp=p.cp,
+                                ep=p.ep)
     if p.activation_checkpoint not in MODES:
         raise ConfigError(f"parallel.activation_checkpoint must be one of {', '.join(MODES)}, "
                           f"got {p.activation_checkpoint!r}")
@@ -69,6 +70,8 @@ def layout_dims(cfg, world_size: int, model_cfg: ModelConfig | None = None) -> P
     if dims.tp > 1 and p.sequence_parallel and cfg.data.seq_len and cfg.data.seq_len % dims.tp:
         raise ConfigError(f"parallel.tp={dims.tp} must divide data.seq_len={cfg.data.seq_len} with "
                           "parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)")
+    if cfg.data.seq_len:
+        dims.validate_seq_len(cfg.data.seq_len, p.sequence_parallel)
     virtual = p.pp_virtual_stages if dims.pp > 1 else 1
     if dims.pp > 1:
         validate_schedule(p.pp_schedule, dims.pp, virtual, p.pp_microbatches or dims.pp * virtual, dims.tp,

@@ -53,9 +53,14 @@ class World:
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel ranks: the mesh is laid out row-major over (pp,
-        dp_replicate, dp_shard, tp), so the global rank skips tp ranks and wraps around every replica's
-        pipeline (the same as the flattened "dp" mesh's local rank)."""
-        return (self.rank // self.dims.tp) % self.dims.dp
+        dp_replicate, dp_shard, cp, tp), so the global rank skips tp and cp ranks (they see the same rows) and
+        wraps around every replica's pipeline (the same as the flattened "dp" mesh's local rank)."""
+        return (self.rank // (self.dims.tp * self.dims.cp)) % self.dims.dp
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's index among the context-parallel ranks sharing its rows (which sequence chunks it holds)."""
+        return (self.rank // self.dims.tp) % self.dims.cp
 
     def describe(self) -> str:
         return f"{self.size} ranks ({self.dims.describe()})" if self.is_distributed else str(self.device)

@@ -51,6 +51,7 @@ class Layout:
     fused_loss: bool = False
     steps: int = STEPS  # train the first `steps` of the STEPS-step schedule
     moe: bool = False  # train MOE_MODEL instead of MODEL
+    documents: bool = False  # rows are packed documents (positions restart at each document's first token)
 
     @property
     def model(self) -> ModelConfig:
@@ -66,10 +67,24 @@ def tokens() -> np.ndarray:
     return np.random.default_rng(1234).integers(0, MODEL.vocab_size, 40_000).astype(np.int32)
 
 
-def _micro_batches(loader: PackedLoader, micro: int) -> list[dict]:
+def document_positions(inputs: torch.Tensor) -> torch.Tensor:
+    """Positions of rows packed with documents: a document starts at column 0 and at every token divisible
+    by 13 (a deterministic function of the data, so every layout packs the same way), positions count from
+    there."""
+    starts = inputs % 13 == 0
+    starts[:, 0] = True
+    cols = torch.arange(inputs.shape[1]).expand_as(inputs)
+    last_start = torch.where(starts, cols, torch.zeros_like(cols)).cummax(dim=1).values
+    return cols - last_start
+
+
+def _micro_batches(loader: PackedLoader, micro: int, documents: bool = False) -> list[dict]:
     inputs, labels = loader.next_batch()
     micro = micro or inputs.shape[0]
-    return [{"inputs": i, "labels": t} for i, t in zip(inputs.split(micro), labels.split(micro))]
+    batches = [{"inputs": i, "labels": t} for i, t in zip(inputs.split(micro), labels.split(micro))]
+    if documents:
+        batches = [{**b, "positions": document_positions(b["inputs"])} for b in batches]
+    return batches
 
 
 def reference_run(layout: Layout, steps: int | None = None, out_dir: Path | None = None, name: str = "") -> dict:
@@ -102,13 +117,13 @@ def _train(trainer, loader, parts, layout: Layout, t: TrainSection, steps: int, 
     for step in range(start, steps):
         if layout.record_batch:
             result.setdefault("batches", []).append(_peek_global_batch(loader))
-        res = trainer.train_step(step, _micro_batches(loader, layout.micro_batch))
+        res = trainer.train_step(step, _micro_batches(loader, layout.micro_batch, layout.documents))
         result["losses"].append(res.loss.item())
         result["grad_norms"].append(res.grad_norm.item())
         if layout.save_at and step + 1 == layout.save_at:
             ckpt_io.save_checkpoint(out_dir / name, step + 1, parts, trainer.optimizer,
                                     {"loader": loader.state_dict()}, layout.model, is_main=is_main, barrier=barrier)
-    result["val_loss"] = trainer.evaluate([_micro_batches(loader, 0)[0]])
+    result["val_loss"] = trainer.evaluate([_micro_batches(loader, 0, layout.documents)[0]])
     return result
 
 
@@ -124,7 +139,7 @@ def parallel_run(layout: Layout, world_size: int, out_dir: Path, name: str) -> d
     t = train_section(layout)
     pcfg = replace(ParallelSection(), **layout.parallel)
     dims = ParallelDims.resolve(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.tp, pcfg.pp,
-                                pcfg.data_parallel, ep=pcfg.ep)
+                                pcfg.data_parallel, cp=pcfg.cp, ep=pcfg.ep)
     dims.validate_model(layout.model)
     mesh = build_mesh(dims, "cpu")
     model = build_model(layout.model, seed=0)  # the full model on every rank, then sharded: identical weights

@@ -62,3 +62,15 @@ WORLD_8 = {
     "pp_tp_fsdp_interleaved_1f1b": Layout({**PP, "tp": 2, "pp_schedule": "interleaved_1f1b", **INTERLEAVED},
                                           micro_batch=4),
 }
+
+# Context parallelism, compared with one process on plain rows and on rows packed with documents (the
+# mask must cross the chunks each rank holds). By default one cp layout at world size 2; the rest with -m slow.
+CP_WORLD_2 = {"cp2_documents": Layout({"cp": 2}, documents=True)}
+CP_WORLD_2_SLOW = {"cp2": Layout({"cp": 2}), "cp2_ddp": Layout({"cp": 2, "data_parallel": "ddp"})}
+CP_WORLD_4 = {
+    "cp4": Layout({"cp": 4}),
+    "cp4_documents": Layout({"cp": 4}, documents=True),
+    "fsdp_cp": Layout({"dp_shard": 2, "cp": 2}),
+    "fsdp_cp_documents": Layout({"dp_shard": 2, "cp": 2}, documents=True),
+    "tp_cp": Layout({"tp": 2, "cp": 2}),
+}

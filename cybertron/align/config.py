@@ -129,6 +129,8 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (t.fp8 == "none", "train.fp8 is not supported by `cybertron align` yet"),
+        (cfg.parallel.cp == 1, f"parallel.cp={cfg.parallel.cp} is not supported by `cybertron align` yet (its "
+                               "losses need whole-sequence log-probabilities); use parallel.cp=1"),
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])

@@ -108,6 +108,7 @@ def check_layout(dims: ParallelDims, p: ParallelSection, model_cfg: ModelConfig,
     """The layout against the base model's shape and the resolved sequence length (known only once the base
     is open), before any weight is loaded."""
     dims.validate_model(model_cfg, p.pp_virtual_stages if dims.pp > 1 else 1)
+    dims.validate_seq_len(seq_len, p.sequence_parallel)
     if dims.tp > 1 and p.sequence_parallel and seq_len % dims.tp:
         raise ConfigError(f"parallel.tp={dims.tp} must divide data.seq_len={seq_len} with "
                           "parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)")

@@ -81,6 +81,7 @@ class ContextParallelAttention:
         self.cp = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.mask: torch.Tensor | None = None
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
 
     def local_indices(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
         return zigzag_indices(seq_len, self.cp, self.rank, device)
@@ -95,6 +96,16 @@ class ContextParallelAttention:
             doc = document_ids(positions)  # (B, T)
             mask = mask & (doc[:, mine, None] == doc[:, None, keys])  # (B, t, T)
         self.mask = mask[None, None] if mask.dim() == 2 else mask[:, None]  # (B or 1, 1, t, T)
+        self._additive = {}
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as 0 / -inf in the queries' dtype, made once per micro-batch: SDPA's CPU kernel converts
+        a bool mask to this form in every call and saves the copy for backward, so one shared copy keeps
+        every layer from holding its own (t x T) mask."""
+        if dtype not in self._additive:
+            additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._additive[dtype] = additive.masked_fill_(~self.mask, float("-inf"))
+        return self._additive[dtype]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object = None) -> torch.Tensor:
         """q, k, v: (B, t, heads, hd) of this rank's tokens; the model's own `mask` (built from the local
@@ -107,7 +118,8 @@ class ContextParallelAttention:
         v_all = v_all.permute(1, 3, 0, 2, 4).reshape(b, v.shape[2], -1, v.shape[3])
         q = q.transpose(1, 2)  # (B, nh, t, hd)
         gqa = q.shape[1] != k_all.shape[1]
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self.mask, enable_gqa=gqa)
+        mask = self.additive_mask(q.dtype)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         return out.transpose(1, 2)
 
 

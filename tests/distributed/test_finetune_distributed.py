@@ -70,8 +70,8 @@ SLOW_LAYOUTS = {
     "lora-zero3-tp2x2": ("lora", [DP, "zero3", "--parallel.tp", "2"], 4, "zero3 dp_shard=2 x tp=2"),
     "dora-pp2": ("dora", ["--parallel.pp", "2", "--train.micro_batch_size", "2"], 2, "ddp pp=2"),
     # context parallelism: each rank holds half of every (packed) chat sequence
-    "full-cp2": ("full", ["--parallel.cp", "2"], 2, "zero3 cp=2"),
-    "lora-cp2": ("lora", ["--parallel.cp", "2"], 2, "zero3 cp=2"),
+    "full-cp2": ("full", ["--parallel.cp", "2"], 2, "ddp cp=2"),
+    "lora-cp2": ("lora", ["--parallel.cp", "2"], 2, "ddp cp=2"),
 }
 
 

@@ -125,7 +125,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         stages[stage] = _apply_data_parallel(part, dims, mesh, cfg, param_dtype, replicas_equal)
     zero2 = Zero2Gradients(stages[0], dp_mesh(mesh)) if paper_zero2(dims, cfg) else None
     step_context = loss_parallel_context if lp else contextlib.nullcontext
-    collectives = build_collectives(mesh, dims.dp_cp, dims.pp, step_context, zero2)
+    collectives = build_collectives(mesh, dims.dp_cp, dims.pp, step_context, zero2, cp=dims.cp)
     if fused_loss:
         step_fn = LanguageModelStep(fused_loss=True, vocab_parallel=lp)
     else:

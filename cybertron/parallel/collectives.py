@@ -91,7 +91,7 @@ def _ddp_no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextMana
 
 def build_collectives(mesh: DeviceMesh, dp_size: int, pp: int,
                       step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                      zero2: Zero2Gradients | None = None) -> Collectives:
+                      zero2: Zero2Gradients | None = None, cp: int = 1) -> Collectives:
     """dp_size: the ranks holding different tokens (dp x cp), over which losses and units are summed.
     zero2: the paper's ZeRO-2 gradient partitioning, whose no_sync and owned-gradient norm are used."""
     pp_group = mesh["pp"].get_group() if pp > 1 else None
@@ -105,5 +105,5 @@ def build_collectives(mesh: DeviceMesh, dp_size: int, pp: int,
         return norm
 
     no_sync = zero2.no_sync if zero2 is not None else _ddp_no_sync
-    return Collectives(dp_size=dp_size, sum_over_dp=sum_over(dp_group), clip_grad_norm=clip,
+    return Collectives(dp_size=dp_size, row_share=cp, sum_over_dp=sum_over(dp_group), clip_grad_norm=clip,
                        no_sync=no_sync, step_context=step_context)

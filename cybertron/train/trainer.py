@@ -92,6 +92,9 @@ class Collectives:
     (sums over data-parallel ranks, the global gradient norm over all shards, DDP's no_sync)."""
 
     dp_size: int = 1
+    # Ranks that each hold a share of every row's tokens (context parallelism): dp_size counts them, but
+    # they see the same rows, so throughput counts each row once.
+    row_share: int = 1
     sum_over_dp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] = _default_clip
     no_sync: Callable[[nn.Module, bool], contextlib.AbstractContextManager] = (
@@ -257,7 +260,7 @@ def fit(trainer: Trainer, start_step: int, total_steps: int, hooks: LoopHooks) -
         step += 1
         micro_batches = hooks.next_micro_batches(step - 1)
         result = trainer.train_step(step - 1, micro_batches, hooks.veto)
-        tokens_since_log += hooks.tokens_in(micro_batches) * trainer.comm.dp_size
+        tokens_since_log += hooks.tokens_in(micro_batches) * trainer.comm.dp_size // trainer.comm.row_share
         started = time.perf_counter()
         if result.skipped is not None:
             went_on_from = hooks.on_skip(step, result)

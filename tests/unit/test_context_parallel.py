@@ -72,3 +72,14 @@ def test_seq_len_must_split_into_2cp_chunks():
     with pytest.raises(ConfigError, match=r"data\.seq_len=20 / parallel\.cp=2 = 10 must be a multiple of "
                                           r"parallel\.tp=4"):
         validate(cfg, world_size=8)
+
+
+def test_cli_refuses_a_seq_len_cp_cannot_split_in_one_line(tmp_path, capsys):
+    from cybertron.cli import main as cli_main
+
+    assert cli_main(["train", "--nproc", "2", "--parallel.cp", "2", "--data.seq_len", "30",
+                     "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["error: data.seq_len=30 must be a multiple of 2 x parallel.cp = 4 (context "
+                                "parallelism splits each sequence into 2 x cp equal chunks)"]
+    assert not (tmp_path / "x").exists()

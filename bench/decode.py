@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
                         help="CPU intra-op threads for both engines (default 1: on a shared 2-core machine, "
                              "OpenMP threads that wait for each other make 2-thread timings 10x noisier)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json-out", default="", help="append one JSON line per system and batch size here")
     return parser.parse_args()
 
 
@@ -141,6 +142,27 @@ def main() -> None:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best, outputs = time_round_robin(runs, args.repeats, sync)
     report(best, outputs, args, model, device)
+    if args.json_out:
+        write_json(best, args, device)
+
+
+# --json-out (bench/gpu_suite.py): kept apart from the timing code above.
+def write_json(best: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """One line per run name "SYSTEM/1" or "SYSTEM/n": end-to-end new tokens/s (best of --repeats). Peak memory
+    is the process's (every system's model and cache resident together), an upper bound for each."""
+    from results_jsonl import append_rows, process_peak_gib
+
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else process_peak_gib()
+    rows = []
+    for name, timing in best.items():
+        system, size = name.split("/")
+        batch = 1 if size == "1" else args.concurrency
+        seconds = getattr(timing, "total_s", timing)  # a plain number of seconds, or a record with the total
+        rows.append({"runner": system, "shape": args.shape, "batch": batch, "prompt_len": args.prompt_len,
+                     "new_tokens": args.new_tokens, "tokens_per_s": batch * args.new_tokens / seconds,
+                     "peak_mem_gib": peak, "peak_mem_kind": "process max allocated" if device.type == "cuda"
+                     else "process peak RSS", "noise": f"best of {args.repeats} rounds after 1 warm-up round"})
+    append_rows(args.json_out, "decode", device, rows)
 
 
 if __name__ == "__main__":

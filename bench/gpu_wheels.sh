@@ -19,6 +19,7 @@ wheels=(
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.0
   tomli==2.5.0
+  trl==1.16.0                # bench/dpo.py's peer (its dependencies are in the image but datasets, above)
 )
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \

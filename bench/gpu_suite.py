@@ -83,7 +83,8 @@ class Outcome:
 
 
 def python(script: str, *flags: str) -> list[str]:
-    return [sys.executable, str(BENCH / script), *flags]
+    """A bench run from the repository root, so the command its JSON lines record can be typed again there."""
+    return [sys.executable, f"bench/{script}", *flags]
 
 
 def has(module: str) -> bool:
@@ -223,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(f'{s} {args.budgets[s]:.0f} s' for s in args.only)}; writing {jsonl}", flush=True)
     outcomes: list[Outcome] = []
     for step in args.only:
-        outcomes += run_step(step, plan(step, args.dry_run, jsonl), args.budgets[step], log, env)
+        commands = plan(step, args.dry_run, jsonl)
+        if args.dry_run:  # the caps are sized for a GPU; a busy CPU gets the step's whole budget per command
+            for cmd in commands:
+                cmd.cap_s = args.budgets[step]
+        outcomes += run_step(step, commands, args.budgets[step], log, env)
     summary.write_text(json.dumps([asdict(o) for o in outcomes], indent=1) + "\n")
     print(f"\n{'step':<9} {'command':<34} {'status':<26} seconds")
     for o in outcomes:

@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     print(f"{'dry run (CPU, tiny shapes)' if args.dry_run else torch.cuda.get_device_name()}: steps "
           f"{', '.join(f'{s} {args.budgets[s]:.0f} s' for s in args.only)}; writing {jsonl}", flush=True)
+    for peer, effect in (("torchtitan", "train runs without it"), ("trl", "dpo runs cybertron alone"),
+                         ("torchao", "the fp8 training runner will fail")):
+        if not has(peer):
+            print(f"{peer} is not importable: {effect} (bench/gpu_wheels.sh fetches it)", flush=True)
     outcomes: list[Outcome] = []
     for step in args.only:
         commands = plan(step, args.dry_run, jsonl)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU benchmark needs beyond what the GPU machine's image holds (it has no network):
-# torchao for train.fp8, and torchtitan 0.2.2 with the dependencies that image lacks.
+# torchao for train.fp8, torchtitan 0.2.2 with the dependencies that image lacks, and TRL (bench/dpo.py's peer).
 #
 #   bash bench/gpu_wheels.sh [DIR]        # default DIR: .whl (add it to .git/info/exclude to carry it)
 #

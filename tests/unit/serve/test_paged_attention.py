@@ -43,31 +43,36 @@ def _scattered_batch(n_kv, heads, hd, block_size, starts, new, dtype=torch.float
     return q, k_pool, v_pool, table, positions, rows
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
 @pytest.mark.parametrize("n_kv", [1, 2, 6])
 @pytest.mark.parametrize("chunk_blocks", [1, 3, None])
-def test_ragged_batch_with_cached_prefixes_equals_dense_softmax(n_kv, chunk_blocks):
+def test_ragged_batch_with_cached_prefixes_equals_dense_softmax(n_kv, chunk_blocks, fused):
     """Rows with cached context (starts > 0) and different numbers of new tokens, including a fresh row and
-    single-token decodes, over scattered blocks; several chunk sizes so the online softmax is exercised."""
+    single-token decodes, over scattered blocks; several chunk sizes so the merge across chunks is exercised
+    (a short row sees none of the later chunks)."""
     starts, new = [0, 7, 21, 40, 3], [9, 5, 1, 1, 12]
     q, k_pool, v_pool, table, positions, rows = _scattered_batch(n_kv, 6, 16, 4, starts, new)
-    out = paged_attention(q, k_pool, v_pool, table, positions, visible=min(starts), chunk_blocks=chunk_blocks)
+    out = paged_attention(q, k_pool, v_pool, table, positions, visible=min(starts), chunk_blocks=chunk_blocks,
+                          fused=fused)
     for i, ((k, v), s, n) in enumerate(zip(rows, starts, new)):
         expected = _reference(q[i, :n], k, v, s).float()
         torch.testing.assert_close(out[i, :n], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_visible_prefix_skips_the_mask_without_changing_the_result():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_visible_prefix_skips_the_mask_without_changing_the_result(fused):
     starts, new = [33, 40], [4, 2]
     q, k_pool, v_pool, table, positions, rows = _scattered_batch(2, 4, 8, 4, starts, new)
-    masked = paged_attention(q, k_pool, v_pool, table, positions, visible=0, chunk_blocks=2)
-    skipped = paged_attention(q, k_pool, v_pool, table, positions, visible=33, chunk_blocks=2)
-    torch.testing.assert_close(skipped, masked, atol=0, rtol=0)
+    masked = paged_attention(q, k_pool, v_pool, table, positions, visible=0, chunk_blocks=2, fused=fused)
+    skipped = paged_attention(q, k_pool, v_pool, table, positions, visible=33, chunk_blocks=2, fused=fused)
+    torch.testing.assert_close(skipped, masked, atol=1e-6, rtol=1e-6)
 
 
-def test_bf16_pool_accumulates_in_fp32():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_bf16_pool_accumulates_in_fp32(fused):
     starts, new = [30, 5], [1, 3]
     q, k_pool, v_pool, table, positions, rows = _scattered_batch(2, 4, 16, 4, starts, new, dtype=torch.bfloat16)
-    out = paged_attention(q, k_pool, v_pool, table, positions, chunk_blocks=2)
+    out = paged_attention(q, k_pool, v_pool, table, positions, chunk_blocks=2, fused=fused)
     assert out.dtype == torch.bfloat16
     for i, ((k, v), s, n) in enumerate(zip(rows, starts, new)):
         expected = _reference(q[i, :n], k, v, s)  # the same bf16 inputs, exact arithmetic

@@ -9,7 +9,8 @@ attention call makes. Two ways to attend one chunk and merge:
   chunk outputs are merged by their log-sum-exps;
 - matmul (other devices): the online softmax of flash attention with plain matmuls (a running max, sum of
   exponentials and weighted sum of values, rescaled whenever the max grows).
-A context that fits in one chunk is looked up at once and attended by one SDPA call.
+A context that fits in one chunk is looked up at once and attended by one SDPA call (on an accelerator,
+where chunks are large, that is most batches: a paged GPU kernel is not part of this module).
 
 Grouped-query attention is folded into the query rows: the query heads that share a KV head are stacked
 as extra queries of that head, so each key and value is read once per KV head, not once per query head.
@@ -24,11 +25,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Chunk sizing: the looked-up keys (and values) of one chunk, over all rows, and its fp32 score matrix stay
-# within these bytes, so a chunk is read while it is still in cache and a long prefill chunk does not
+# Chunk sizing on CPU: the looked-up keys (and values) of one chunk, over all rows, and its fp32 score matrix
+# stay within these bytes, so a chunk is read while it is still in cache and a long prefill chunk does not
 # allocate a (queries x context) score matrix.
 CHUNK_KV_BYTES = 1 << 20
 CHUNK_SCORE_BYTES = 4 << 20
+# On an accelerator each chunk costs a dozen kernel launches and its memory is not a CPU cache: chunks are
+# large, so most batches take the one-chunk path (one lookup, one fused SDPA kernel).
+ACCELERATOR_CHUNK_BYTES = 256 << 20
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
@@ -50,10 +54,13 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     num_blocks, block_size, n_kv, _ = k_pool.shape
     group = n_heads // n_kv
     rows = group * t  # query rows per KV head: row g * t + i is query i of the g-th head sharing this KV head
+    on_cpu = q.device.type == "cpu"
+    kv_bytes = CHUNK_KV_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
+    score_bytes = CHUNK_SCORE_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
     per_block = b * block_size * n_kv * hd * k_pool.element_size()
-    per_key = b * n_heads * t * 4
-    chunk = chunk_blocks or max(1, min(CHUNK_KV_BYTES // per_block, CHUNK_SCORE_BYTES // (per_key * block_size)))
-    fused = q.device.type == "cpu" if fused is None else fused
+    per_block_scores = b * n_heads * t * block_size * 4
+    chunk = chunk_blocks or max(1, min(kv_bytes // per_block, score_bytes // per_block_scores))
+    fused = on_cpu if fused is None else fused
     if chunk >= block_table.shape[1]:
         return _one_chunk(q, k_pool, v_pool, block_table, positions)
 

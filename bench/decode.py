@@ -17,9 +17,10 @@ cybertron runs once per --attention method: "paged" (attention over the block ta
 earlier dense gather, for comparison). transformers runs in each --hf configuration: the default dynamic
 cache, cache_implementation="static", and "static-compiled", the static cache with generate's own
 torch.compile of the decoding forward (its fastest documented configuration). --shared-prefix N makes the
-first N prompt tokens of every request the same (a long shared system prompt); the engine's prefix-cache
-counters are printed when it keeps any. The variants are timed in turns (round robin, best of --repeats for
-each figure), so a co-tenant's load on a shared machine hits all of them alike.
+first N prompt tokens of every request the same (a long shared system prompt); the engine's prefix cache
+is reset before each run, and its counters are printed when it keeps any. The variants are timed in turns
+(round robin, best of --repeats for each figure), so a co-tenant's load on a shared machine hits all of them
+alike.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def cybertron_runs(model: Transformer, prompts: list[list[int]], args) -> tuple[
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     runs, engines = {}, {}
     for method in args.attention.split(","):
-        # A prefill budget that admits every prompt in the first step, so the steps after it only decode.
+        # A step budget that admits every prompt at once, so the steps after the prefill only decode.
         engine = Engine(model, None, max_batch_size=len(prompts), block_size=16,
                         num_blocks=len(prompts) * -(-(args.prompt_len + args.new_tokens) // 16),
                         max_prefill_tokens=len(prompts) * args.prompt_len)
@@ -101,13 +102,17 @@ def cybertron_runs(model: Transformer, prompts: list[list[int]], args) -> tuple[
 
 
 def _engine_run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> Timing:
+    # Each run starts cold: prefixes shared within the run may hit the prefix cache, the previous run's not.
+    reset = getattr(engine, "reset_prefix_cache", None)
+    if reset is not None:
+        reset()
     sinks: list[list] = [[] for _ in prompts]
     start = time.perf_counter()
     for prompt, sink in zip(prompts, sinks):
         engine.add_request(prompt, params, on_output=sink.append)
-    engine.step()
+    while not all(sinks):
+        engine.step()
     prefill = time.perf_counter() - start
-    assert all(sinks), "the first step did not admit every request"
     while not all(sink[-1].finished for sink in sinks):
         engine.step()
     return Timing([t for o in sinks[0] for t in o.token_ids], prefill, time.perf_counter() - start)
@@ -248,14 +253,16 @@ def report(best: dict[str, Timing], args, model: Transformer, device: torch.devi
               f"{ours[0]} decodes at {figures['decode tok/s'][ours[0], '1'] / roofline:.1%} of it")
 
 
-def print_prefix_stats(engines: dict[str, Engine]) -> None:
-    """The engine's prefix-cache counters, when it keeps any (fields of engine.stats named for them)."""
+def print_prefix_stats(engines: dict[str, Engine], runs: int) -> None:
+    """The engine's prefix-cache counters, when it keeps any (fields of engine.stats named for them), per
+    run of the concurrent batch (the counters add up every run: warm-up, repeats, both batch sizes)."""
     for method, engine in engines.items():
         stats = getattr(engine, "stats", None)
         fields = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else vars(stats or object())
         shown = {k: v for k, v in fields.items() if any(w in k for w in ("prefix", "hit", "cached"))}
         if shown:
-            print(f"  cybertron-{method} prefix cache, all runs: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+            print(f"  cybertron-{method} prefix cache, {runs} runs in all: "
+                  + ", ".join(f"{k} {v} ({v / runs:.0f} per run)" for k, v in shown.items()))
         else:
             print(f"  cybertron-{method}: the engine keeps no prefix-cache statistics")
 
@@ -283,7 +290,7 @@ def main() -> None:
         runs.update(transformers_runs(transformers_model(model), prompts.tolist(), args, sync))
     best = time_round_robin(runs, args.repeats, sync)
     report(best, args, model, device)
-    print_prefix_stats(engines)
+    print_prefix_stats(engines, (args.repeats + 1) * len(batch_sizes(args)))
 
 
 if __name__ == "__main__":

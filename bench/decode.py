@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 
@@ -46,7 +47,8 @@ HF_CONFIGS = ("dynamic", "static", "static-compiled")
 class Timing:
     tokens: list[int]  # the first request's new tokens
     prefill_s: float  # until every request has its first new token
-    total_s: float  # until every request has all of them
+    decode_s: float  # from then until every request has all of them
+    total_s: float  # the whole run
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,6 +70,8 @@ def parse_args() -> argparse.Namespace:
                         help=f"comma-separated transformers configurations ({', '.join(HF_CONFIGS)})")
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="the first N tokens of every prompt are the same (a shared system prompt)")
+    parser.add_argument("--step-pairs", type=int, default=0,
+                        help="then time this many decode steps of each attention method, alternated")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="model context (default: the preset's, raised to fit prompt + new tokens)")
     args = parser.parse_args()
@@ -115,7 +119,8 @@ def _engine_run(engine: Engine, prompts: list[list[int]], params: SamplingParams
     prefill = time.perf_counter() - start
     while not all(sink[-1].finished for sink in sinks):
         engine.step()
-    return Timing([t for o in sinks[0] for t in o.token_ids], prefill, time.perf_counter() - start)
+    total = time.perf_counter() - start
+    return Timing([t for o in sinks[0] for t in o.token_ids], prefill, total - prefill, total)
 
 
 def transformers_model(model: Transformer):
@@ -170,25 +175,60 @@ def transformers_runs(hf, prompts: list[list[int]], args, sync: Callable) -> dic
                 with torch.inference_mode():
                     out = hf.generate(batch, logits_processor=LogitsProcessorList([clock]), **kwargs)
                     tokens = out[0, batch.shape[1]:].tolist()
-                return Timing(tokens, clock.times[0] - start, time.perf_counter() - start)
+                total = time.perf_counter() - start
+                return Timing(tokens, clock.times[0] - start, clock.times[-1] - clock.times[0], total)
             runs[f"transformers-{config}/{size}"] = run
     return runs
 
 
 def time_round_robin(runs: dict[str, Callable[[], Timing]], repeats: int,
                      sync: Callable) -> dict[str, Timing]:
-    """Each run's best prefill and best total time over `repeats` rounds, each round timing every run once
-    (after one untimed warm-up round: allocation, kernel choice, compilation)."""
+    """Each run's best prefill, decode and total time (each the best of its own) over `repeats` rounds, each
+    round timing every run once (after one untimed warm-up round: allocation, kernel choice, compilation)."""
     best = {name: run() for name, run in runs.items()}
-    best = {name: Timing(t.tokens, float("inf"), float("inf")) for name, t in best.items()}
+    best = {name: Timing(t.tokens, float("inf"), float("inf"), float("inf")) for name, t in best.items()}
     for _ in range(repeats):
         for name, run in runs.items():
             sync()
             t = run()
             sync()
-            best[name].prefill_s = min(best[name].prefill_s, t.prefill_s)
-            best[name].total_s = min(best[name].total_s, t.total_s)
+            for field in ("prefill_s", "decode_s", "total_s"):
+                setattr(best[name], field, min(getattr(best[name], field), getattr(t, field)))
     return best
+
+
+def interleaved_steps(engines: dict[str, Engine], prompts: list[list[int]], args, sync: Callable) -> None:
+    """Decode steps of the attention methods alternated one by one on the concurrent batch, after every
+    prompt is prefilled: load that drifts over seconds hits each method alike, unlike whole runs in turns."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.step_pairs + 2, ignore_eos=True)
+    for engine in engines.values():
+        reset = getattr(engine, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
+        sinks: list[list] = [[] for _ in prompts]
+        for prompt, sink in zip(prompts, sinks):
+            engine.add_request(prompt, params, on_output=sink.append)
+        while not all(sinks):
+            engine.step()
+    times: dict[str, list[float]] = {method: [] for method in engines}
+    for _ in range(args.step_pairs):
+        for method, engine in engines.items():
+            sync()
+            start = time.perf_counter()
+            engine.step()
+            sync()
+            times[method].append(time.perf_counter() - start)
+    for engine in engines.values():
+        while engine.has_unfinished():
+            engine.step()
+    med = {m: statistics.median(t) for m, t in times.items()}
+    print(f"  interleaved decode steps of {len(prompts)} rows at context {args.prompt_len}+ ({args.step_pairs} each): "
+          + ", ".join(f"{m} {min(times[m]) * 1e3:.1f} ms best / {med[m] * 1e3:.1f} ms median "
+                      f"({len(prompts) / med[m]:.1f} tok/s)" for m in engines))
+    methods = list(engines)
+    for a, b in zip(methods, methods[1:]):
+        print(f"  {a} / {b} decode step rate: x{med[b] / med[a]:.2f} by median, "
+              f"x{min(times[b]) / min(times[a]):.2f} by best")
 
 
 def time_once(fn: Callable, repeats: int, sync: Callable) -> float:
@@ -220,7 +260,7 @@ def report(best: dict[str, Timing], args, model: Transformer, device: torch.devi
         system, size = name.split("/")
         k = sizes[size]
         figures["end to end tok/s"][system, size] = k * args.new_tokens / t.total_s
-        figures["decode tok/s"][system, size] = k * (args.new_tokens - 1) / (t.total_s - t.prefill_s)
+        figures["decode tok/s"][system, size] = k * (args.new_tokens - 1) / t.decode_s
         figures["prefill (1/s)"][system, size] = 1 / t.prefill_s
     systems = list(dict.fromkeys(name.split("/")[0] for name in best))
     for system in systems:
@@ -291,6 +331,8 @@ def main() -> None:
     best = time_round_robin(runs, args.repeats, sync)
     report(best, args, model, device)
     print_prefix_stats(engines, (args.repeats + 1) * len(batch_sizes(args)))
+    if args.step_pairs:
+        interleaved_steps(engines, prompts.tolist(), args, sync)
 
 
 if __name__ == "__main__":

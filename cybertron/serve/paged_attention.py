@@ -30,6 +30,9 @@ import torch.nn.functional as F
 # allocate a (queries x context) score matrix.
 CHUNK_KV_BYTES = 1 << 20
 CHUNK_SCORE_BYTES = 4 << 20
+# The fused kernel never holds a score matrix, and with many queries (a prefill chunk over cached context) each
+# chunk's merge rewrites an output as large as the queries: chunks then span at least this many keys.
+FUSED_MIN_CHUNK_KEYS = 2048
 # On an accelerator each chunk costs a dozen kernel launches and its memory is not a CPU cache: chunks are
 # large, so most batches take the one-chunk path (one lookup, one fused SDPA kernel).
 ACCELERATOR_CHUNK_BYTES = 256 << 20
@@ -46,7 +49,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     iff j <= p, so a row never reads past its context and padded table entries are never seen.
     visible: keys at positions below it are visible to every query (the smallest cached length in the
     batch, known on the host), so chunks entirely below it skip the mask.
-    chunk_blocks: block-table columns per chunk (default: sized by CHUNK_KV_BYTES and CHUNK_SCORE_BYTES).
+    chunk_blocks: block-table columns per chunk (default: sized by the budgets above).
     fused: each chunk through PyTorch's fused CPU attention kernel (default on CPU), else through matmuls.
     Returns (B, T, heads, hd) in q's dtype; scores and sums are accumulated in fp32.
     """
@@ -59,8 +62,12 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     score_bytes = CHUNK_SCORE_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
     per_block = b * block_size * n_kv * hd * k_pool.element_size()
     per_block_scores = b * n_heads * t * block_size * 4
-    chunk = chunk_blocks or max(1, min(kv_bytes // per_block, score_bytes // per_block_scores))
     fused = on_cpu if fused is None else fused
+    if fused:
+        chunk = max(1, kv_bytes // per_block, FUSED_MIN_CHUNK_KEYS // block_size if t > 1 else 1)
+    else:
+        chunk = max(1, min(kv_bytes // per_block, score_bytes // per_block_scores))
+    chunk = chunk_blocks or chunk
     if chunk >= block_table.shape[1]:
         return _one_chunk(q, k_pool, v_pool, block_table, positions)
 
@@ -124,7 +131,7 @@ def _fused_chunks(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, sh
             continue
         if mask is not None:
             # A query that sees none of this chunk gets output 0 and log-sum-exp 0 from the kernel: weight 0.
-            lse_c = lse_c.masked_fill(query_pos[:, :, :, :1] < first, float("-inf"))
+            lse_c = lse_c.masked_fill(query_pos < first, float("-inf"))
         new_lse = torch.logaddexp(lse, lse_c)
         out = out * torch.exp(lse - new_lse) + out_c.float() * torch.exp(lse_c - new_lse)
         lse = new_lse

@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"comma-separated transformers configurations ({', '.join(HF_CONFIGS)})")
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="the first N tokens of every prompt are the same (a shared system prompt)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None,
+                        help="the engine's step token budget (default: every prompt at once; smaller budgets "
+                             "prefill long prompts in chunks over the context already cached)")
     parser.add_argument("--step-pairs", type=int, default=0,
                         help="then time this many decode steps of each attention method, alternated")
     parser.add_argument("--max-seq-len", type=int, default=None,
@@ -94,10 +97,10 @@ def cybertron_runs(model: Transformer, prompts: list[list[int]], args) -> tuple[
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     runs, engines = {}, {}
     for method in args.attention.split(","):
-        # A step budget that admits every prompt at once, so the steps after the prefill only decode.
+        # By default a step budget that admits every prompt at once, so the steps after the prefill only decode.
         engine = Engine(model, None, max_batch_size=len(prompts), block_size=16,
                         num_blocks=len(prompts) * -(-(args.prompt_len + args.new_tokens) // 16),
-                        max_prefill_tokens=len(prompts) * args.prompt_len)
+                        max_prefill_tokens=args.max_prefill_tokens or len(prompts) * args.prompt_len)
         engine.cache.attention = method
         engines[method] = engine
         for size, k in batch_sizes(args).items():

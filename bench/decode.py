@@ -86,6 +86,7 @@ def parse_args() -> argparse.Namespace:
         parser.error("--shared-prefix must be between 0 and --prompt-len")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill token and at least one decoded)")
+    args.room = max(args.new_tokens, args.step_pairs + 2)  # new tokens a request may need (context, KV)
     return args
 
 
@@ -99,7 +100,7 @@ def cybertron_runs(model: Transformer, prompts: list[list[int]], args) -> tuple[
     for method in args.attention.split(","):
         # By default a step budget that admits every prompt at once, so the steps after the prefill only decode.
         engine = Engine(model, None, max_batch_size=len(prompts), block_size=16,
-                        num_blocks=len(prompts) * -(-(args.prompt_len + args.new_tokens) // 16),
+                        num_blocks=len(prompts) * -(-(args.prompt_len + args.room) // 16),
                         max_prefill_tokens=args.max_prefill_tokens or len(prompts) * args.prompt_len)
         engine.cache.attention = method
         engines[method] = engine
@@ -318,7 +319,7 @@ def main() -> None:
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = preset_config(args.shape)
-    need = args.prompt_len + args.new_tokens
+    need = args.prompt_len + args.room
     cfg = preset_config(args.shape, max_seq_len=args.max_seq_len or max(cfg.max_seq_len, need))
     model = build_model(cfg, device=device, seed=0).to(dtype).eval()
     gen = torch.Generator().manual_seed(0)

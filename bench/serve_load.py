@@ -209,7 +209,7 @@ def main() -> int:
     prompt_tokens = m["cybertron_prompt_tokens_total"] - before["cybertron_prompt_tokens_total"]
     print(f"workload {args.workload}: {int(prompt_tokens)} prompt tokens taken in ({prompt_tokens / elapsed:.0f}/s)")
     prefix = {k: v for k, v in m.items() if "prefix" in k}
-    print("prefix cache: " + (", ".join(f"{k} {v - before.get(k, 0):g}" for k, v in prefix.items())
+    print("prefix cache: " + (", ".join(f"{k} {v - before.get(k, 0):.0f}" for k, v in prefix.items())
                               if prefix else "the server exports no prefix-cache counters"))
     print(f"time to first token: p50 {statistics.median(ttft) * 1000:.0f} ms, "
           f"p95 {ttft[int(0.95 * (len(ttft) - 1))] * 1000:.0f} ms")

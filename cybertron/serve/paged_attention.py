@@ -17,7 +17,7 @@ as extra queries of that head, so each key and value is read once per KV head, n
 
 Only tensor shapes and host integers steer the loop, so it runs inside a CUDA graph as it is (the chunk
 count is fixed by the batch shape) and needs no compilation. FlexAttention with a paged block mask was
-measured as the alternative on CPU and was no faster (bench/RESULTS.md).
+measured as the alternative on CPU: no faster at its best, and compiled per step shape (bench/RESULTS.md).
 """
 
 from __future__ import annotations

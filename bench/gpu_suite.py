@@ -12,9 +12,9 @@ smaller of its own cap and what is left of its step's budget, so a hang or a cra
    process per runner: cybertron eager, +compile, transformers+compile, cybertron+compile+fusedloss,
    +compile+fp8-tensorwise, then torchtitan 0.2.2 +compile when it is importable. Noise: the median of 3
    rounds of 3 steps after 2 warm-up steps (compilation happens in the warm-up).
-3. decode, 110 s: bench/decode.py at batch 1 and 32 concurrent, prompt 128, 128 new tokens, vs transformers
-   generate with the dynamic and the static cache (on CUDA transformers compiles the static-cache decoding
-   step itself). Noise: the best of 3 rounds after 1 warm-up round.
+3. decode, 110 s: bench/decode.py at batch 1 and 32 concurrent, prompt 128, 128 new tokens, cybertron's
+   engine (attention over the block table) vs transformers generate with the static cache and its own
+   torch.compile of the decoding step (CUDA graphs). Noise: the best of 3 rounds after 1 warm-up round.
 4. finetune, 45 s: bench/finetune.py, LoRA rank 16 on all seven projections, batch 4 x seq 2048, vs
    transformers + peft. Noise: 5 steps after 2 warm-up steps, one run of each (no repeat fits).
 5. dpo, 55 s: bench/dpo.py, full-weight DPO, 8 pairs of 2 x 513 tokens per step, vs TRL's DPOTrainer when
@@ -121,10 +121,11 @@ def train_commands(dry_run: bool, jsonl: Path) -> list[Command]:
 
 
 def decode_commands(dry_run: bool, jsonl: Path) -> list[Command]:
+    # The dry run's peer skips compilation (inductor on CPU would take minutes), as the training step's does.
     sizes = (["--shape", "tiny", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "4", "--concurrency", "2",
-              "--repeats", "1"] if dry_run else
+              "--repeats", "1", "--hf", "static"] if dry_run else
              ["--shape", "llama3-1b", "--prompt-len", "128", "--new-tokens", "128", "--concurrency", "32",
-              "--repeats", "3"])
+              "--repeats", "3", "--hf", "static-compiled"])
     return [Command("decode", python("decode.py", *sizes, "--json-out", str(jsonl)), 110)]
 
 

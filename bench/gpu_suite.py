@@ -20,7 +20,8 @@ smaller of its own cap and what is left of its step's budget, so a hang or a cra
 5. dpo, 55 s: bench/dpo.py, full-weight DPO, 8 pairs of 2 x 513 tokens per step, vs TRL's DPOTrainer when
    it is importable. Noise: 4 timed steps after 2, one run of each.
 
-The budgets add up to 480 s; they are estimates made without a GPU (compilation dominates the training step):
+The budgets add up to 480 s; seconds a step leaves unused go to the next. They are estimates made without a
+GPU (compilation dominates the training step):
 the summary prints each command's seconds, so the first session on a GPU can move them with --budget.
 A command that outruns its limit is killed with its children and reported as `timeout` in the summary.
 
@@ -187,6 +188,21 @@ def run_step(step: str, commands: list[Command], budget_s: float, log: Path, env
     return outcomes
 
 
+def run_steps(steps: list[tuple[str, list[Command], float]], log: Path, env: dict[str, str]) -> list[Outcome]:
+    """Each step with its budget plus what the steps before it left unused: the total stays the sum of the
+    budgets, and a quick step (the tests, say) leaves time to the training runners after it."""
+    outcomes: list[Outcome] = []
+    spare = 0.0
+    for step, commands, budget in steps:
+        if spare >= 1:
+            print(f"[{step}] budget {budget:.0f} s + {spare:.0f} s left by the steps before", flush=True)
+        budget += spare
+        start = time.perf_counter()
+        outcomes += run_step(step, commands, budget, log, env)
+        spare = max(0.0, budget - (time.perf_counter() - start))
+    return outcomes
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(BENCH / "results"), help="folder for the .jsonl, .log and .summary.json")
@@ -227,13 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                          ("torchao", "the fp8 training runner will fail")):
         if not has(peer):
             print(f"{peer} is not importable: {effect} (bench/gpu_wheels.sh fetches it)", flush=True)
-    outcomes: list[Outcome] = []
-    for step in args.only:
-        commands = plan(step, args.dry_run, jsonl)
-        if args.dry_run:  # the caps are sized for a GPU; a busy CPU gets the step's whole budget per command
+    steps = [(step, plan(step, args.dry_run, jsonl), args.budgets[step]) for step in args.only]
+    if args.dry_run:  # the caps are sized for a GPU; a busy CPU gets the step's whole budget per command
+        for _, commands, budget in steps:
             for cmd in commands:
-                cmd.cap_s = args.budgets[step]
-        outcomes += run_step(step, commands, args.budgets[step], log, env)
+                cmd.cap_s = budget
+    outcomes = run_steps(steps, log, env)
     summary.write_text(json.dumps([asdict(o) for o in outcomes], indent=1) + "\n")
     print(f"\n{'step':<9} {'command':<34} {'status':<26} seconds")
     for o in outcomes:

@@ -129,3 +129,12 @@ def test_a_step_starts_nothing_once_its_budget_is_spent(tmp_path):
     outcomes = suite.run_step("demo", commands, 1.5, tmp_path / "suite.log", dict(os.environ), min_s=1.0)
     assert [o.status for o in outcomes] == ["timeout", "skipped (no budget left)"]
     assert "should not run" not in (tmp_path / "suite.log").read_text()
+
+
+def test_seconds_a_step_leaves_unused_go_to_the_next(tmp_path):
+    quick = suite.Command("quick", [sys.executable, "-c", "pass"], 30.0)
+    sleep = suite.Command("sleep", [sys.executable, "-c", "import time; time.sleep(2)"], 30.0)
+    # The second step's own 1 s would time the sleep out; the 20 s the first step did not use let it finish.
+    outcomes = suite.run_steps([("a", [quick], 21.0), ("b", [sleep], 1.0)], tmp_path / "suite.log",
+                               dict(os.environ))
+    assert [o.status for o in outcomes] == ["ok", "ok"]

@@ -41,6 +41,8 @@ from cybertron.serve.sampling import (
     make_generator,
     sample,
 )
+from cybertron.serve.speculative import SpeculativeConfig
+from cybertron.serve.verify import Speculator
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
@@ -130,7 +132,7 @@ class Engine:
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
-                 kv_heads: int | None = None):
+                 kv_heads: int | None = None, speculative: SpeculativeConfig | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -153,6 +155,11 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stats = EngineStats()
+        # ---- speculative decoding hook (serve/verify.py): built last, it reads the cache and model above ----
+        if speculative is not None and lockstep is not None:
+            raise ValueError("a lockstep engine cannot speculate: ranks would call the model different numbers "
+                             "of times")
+        self.speculator = Speculator(speculative, self) if speculative is not None else None
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -231,11 +238,13 @@ class Engine:
         with torch.inference_mode() if self.lockstep is None else torch.no_grad():
             decoding = self._reserve_decode_slots()
             admitted = self._admit()
+            produced = []
+            if self.speculator is not None:  # speculative decoding hook: returns the requests it did not take
+                decoding, produced = self.speculator.decode(self, decoding)
             groups = self._decode_groups(decoding)
             calls = len(groups) + bool(admitted)
             agreed = calls if self.lockstep is None else self.lockstep.agree(calls)
             self._peers_busy = agreed > 0
-            produced = []
             for group in groups:
                 produced += self._forward(group, prefill=False)
             if admitted:

@@ -2,6 +2,7 @@
 
     cybertron generate --model RUN_OR_HF_DIR --prompt "def fib(n):" [--max-new-tokens N] [--temperature T]
     cybertron generate --run RUN_DIR --prompt "..." [--greedy] [--stop "\\n"] [--config generate.toml]
+    cybertron generate --model DIR --prompt "..." --speculative ngram|draft [--spec-k K] [--draft-model DIR]
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from cybertron.serve.generate import generate_stream, prompt_ids, single_request
 from cybertron.serve.options import (
     MODEL_SHORTCUTS,
     OUT_IS_NOT_AN_INPUT,
+    SPECULATIVE_SHORTCUTS,
     ModelSourceSection,
     SamplingSection,
+    SpeculativeSection,
     validate_source,
 )
 
@@ -32,12 +35,14 @@ class GenerateConfig:
     model: ModelSourceSection = field(default_factory=ModelSourceSection)
     generate: PromptSection = field(default_factory=PromptSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
 
 
 SHORTCUTS = {**MODEL_SHORTCUTS, "--prompt": "generate.prompt", "--max-new-tokens": "sampling.max_new_tokens",
              "--temperature": "sampling.temperature", "--top-k": "sampling.top_k", "--top-p": "sampling.top_p",
              "--seed": "sampling.seed", "--stop": "sampling.stop", "--greedy": "sampling.greedy",
-             "--presence-penalty": "sampling.presence_penalty", "--frequency-penalty": "sampling.frequency_penalty"}
+             "--presence-penalty": "sampling.presence_penalty", "--frequency-penalty": "sampling.frequency_penalty",
+             **SPECULATIVE_SHORTCUTS}
 
 
 def main(argv: list[str]) -> int:
@@ -48,9 +53,10 @@ def main(argv: list[str]) -> int:
     raise_first_failure([(cfg.generate.prompt is not None, "generate.prompt (--prompt TEXT) is required; "
                                                            "--prompt '' samples unconditionally")])
     params = cfg.sampling.params()  # bad values fail before a model is loaded
+    cfg.speculative.validate()
     device = validate_source(cfg.model)
     model, tokenizer, _ = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
-    engine = single_request_engine(model, tokenizer)
+    engine = single_request_engine(model, tokenizer, cfg.speculative.build(device, cfg.model.dtype))
     prompt = cfg.generate.prompt
     n = len(prompt_ids(tokenizer, prompt))
     if n + params.max_tokens > model.config.max_seq_len:

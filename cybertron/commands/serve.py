@@ -1,6 +1,7 @@
 """`cybertron serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
     cybertron serve --model RUN_OR_HF_DIR [--host H] [--port P] [--api-key KEY] [--config serve.toml]
+    cybertron serve --model DIR --speculative ngram|draft [--spec-k K] [--draft-model DIR]
 
 Endpoints: /v1/completions and /v1/chat/completions (streaming or not), /v1/models, /health and /metrics
 (the app is cybertron/serve/server.py).
@@ -16,7 +17,14 @@ from cybertron.config import help_text, opt, parse_args, raise_first_failure
 from cybertron.errors import UserError
 from cybertron.runs import load_for_inference
 from cybertron.serve.engine import Engine
-from cybertron.serve.options import MODEL_SHORTCUTS, OUT_IS_NOT_AN_INPUT, ModelSourceSection, validate_source
+from cybertron.serve.options import (
+    MODEL_SHORTCUTS,
+    OUT_IS_NOT_AN_INPUT,
+    SPECULATIVE_SHORTCUTS,
+    ModelSourceSection,
+    SpeculativeSection,
+    validate_source,
+)
 from cybertron.serve.server import MAX_BODY_BYTES, create_app
 
 
@@ -36,12 +44,13 @@ class ServerSection:
 class ServeConfig:
     model: ModelSourceSection = field(default_factory=ModelSourceSection)
     server: ServerSection = field(default_factory=ServerSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
 
 
 SHORTCUTS = {**MODEL_SHORTCUTS, "--host": "server.host", "--port": "server.port", "--api-key": "server.api_key",
              "--max-batch-size": "server.max_batch_size", "--num-blocks": "server.num_blocks",
              "--block-size": "server.block_size", "--model-name": "server.model_name",
-             "--max-body-bytes": "server.max_body_bytes"}
+             "--max-body-bytes": "server.max_body_bytes", **SPECULATIVE_SHORTCUTS}
 
 
 def validate_server(s: ServerSection) -> None:
@@ -75,11 +84,12 @@ def main(argv: list[str]) -> int:
     cfg = parse_args(argv, ServeConfig(), SHORTCUTS, OUT_IS_NOT_AN_INPUT)
     s = cfg.server
     validate_server(s)
+    cfg.speculative.validate()
     device = validate_source(cfg.model)
     check_listen_address(s.host, s.port)  # before minutes of model loading, not after
     model, tokenizer, name = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
-                    block_size=s.block_size)
+                    block_size=s.block_size, speculative=cfg.speculative.build(device, cfg.model.dtype))
     name = s.model_name or name
     app = create_app(engine, tokenizer, name, api_key=s.api_key or None, max_body_bytes=s.max_body_bytes)
     print(f"serving {name} on http://{s.host}:{s.port} ({device}, "

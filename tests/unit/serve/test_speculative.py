@@ -55,8 +55,10 @@ def _speculative(method, debug_model, small_draft):
             "draft-small": SpeculativeConfig("draft", k=5, draft=small_draft)}[method]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft-self", "draft-small"])
-def test_greedy_speculation_is_identical_to_plain_decoding(debug_model, small_draft, method):
+@pytest.mark.parametrize("method, static_decode", [("ngram", False), ("draft-self", False), ("draft-small", False),
+                                                   ("draft-small", True)])
+def test_greedy_speculation_is_identical_to_plain_decoding(debug_model, small_draft, method, static_decode):
+    """static_decode: the requests not speculated for this step take the padded, CUDA-graph-shaped path."""
     prompts, params = _prompts(), _params()
     plain = Engine(debug_model, max_batch_size=8, num_blocks=64, block_size=4).generate(prompts, params)
     # A stop token in the middle of the longest output: speculation must end the request right there.
@@ -65,7 +67,7 @@ def test_greedy_speculation_is_identical_to_plain_decoding(debug_model, small_dr
     plain[4] = Engine(debug_model, num_blocks=64, block_size=4).generate([prompts[4]], params[4])[0]
     assert plain[4].finish_reason == "stop" and len(plain[4].token_ids) <= 10
 
-    engine = Engine(debug_model, max_batch_size=8, num_blocks=64, block_size=4,
+    engine = Engine(debug_model, max_batch_size=8, num_blocks=64, block_size=4, decode_graphs=static_decode,
                     speculative=_speculative(method, debug_model, small_draft))
     results = engine.generate(prompts, params)
     for expected, result in zip(plain, results):

@@ -52,6 +52,9 @@ def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: i
             params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                          seed=request_seed(seed, step, p * group_size + g), logprobs=True,
                                          stop=stop))
+    # The policy's weights changed since the last rollout: KV cached then is stale. Within this call the
+    # group's copies of a prompt share its cached blocks (prefilled once).
+    engine.reset_prefix_cache()
     return engine.generate(requests, params)
 
 

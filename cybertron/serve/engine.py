@@ -1,12 +1,15 @@
-"""Continuous batching over a paged KV cache.
+"""Continuous batching over a paged KV cache: the engine composes the scheduler (scheduler.py: queues,
+admission, preemption, the per-step token budget and chunked prefill), the block manager (block_manager.py:
+ref-counted blocks and the prefix cache) and the model runner (runner.py: batches and model calls).
 
-Each `step()` is one scheduling iteration: running requests get room for their next token (the newest
-ones are preempted if the pool is full), waiting requests are admitted while blocks and batch slots last
-and are prefilled, and every running request decodes one token. Requests join and leave between steps,
-so a short request never waits for a long one to finish.
+Each `step()` is schedule -> run -> postprocess: running requests get room for their next token (the newest
+are preempted if the pool is full), prompts are prefilled (in chunks when long, starting after any prefix
+found in the cache), every other running request decodes one token, and each sampled token is appended.
+Requests join and leave between steps, so a short request never waits for a long one to finish.
 
 A preempted request gives back all its blocks and later re-enters with prompt + output so far as its new
-prompt (recomputation); its generator keeps its state, so what it samples is unchanged.
+prompt (recomputation, mostly from its own cached blocks); its generator keeps its state, so what it samples
+is unchanged.
 
 The engine is single-threaded: one thread calls add_request/cancel/step (see async_engine.py for the
 server's background loop).
@@ -14,7 +17,7 @@ server's background loop).
 Serving runs one engine alone. A trainer that generates from weights sharded over ranks (GRPO under ZeRO-3)
 hands each rank's engine a `Lockstep`: every rank then calls the model the same number of times per step,
 so the collectives that gather each block's weights inside its forward are joined by every rank, whatever
-work each one has.
+work each one has. A trainer also changes the weights between generations: it calls reset_prefix_cache().
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
+from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
-from cybertron.serve.decode_graphs import DecodeGraphs
 from cybertron.serve.detokenize import OutputText
+from cybertron.serve.runner import ModelRunner, build_decode_graphs
 from cybertron.serve.sampling import (
     NON_FINITE_LOGITS,
     InvalidParameter,
@@ -41,6 +45,7 @@ from cybertron.serve.sampling import (
     make_generator,
     sample,
 )
+from cybertron.serve.scheduler import PrefillChunk, Scheduler
 from cybertron.serve.speculative import SpeculativeConfig
 from cybertron.serve.verify import Speculator
 
@@ -101,6 +106,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache: never prefilled
+    prefill_tokens: int = 0  # prompt tokens computed by prefill (recomputation after preemption included)
 
 
 @dataclass(eq=False)
@@ -118,6 +125,8 @@ class _Request:
     # How often each token occurs in `output`, kept up to date as tokens come (only when a penalty needs it):
     # each step then reads it as it is, instead of counting the whole output again.
     counts: dict[int, int] | None = None
+    num_computed: int = 0  # tokens whose KV is in the cache (the scheduler's count)
+    adapter: str | None = None  # part of the prefix-cache key (KV computed under another adapter differs)
 
     @property
     def tokens(self) -> list[int]:
@@ -125,14 +134,20 @@ class _Request:
 
 
 class Engine:
-    """`Engine(model, tokenizer)`; `add_request(prompt_ids, params)` -> id; `step()` -> outputs."""
+    """`Engine(model, tokenizer)`; `add_request(prompt_ids, params)` -> id; `step()` -> outputs.
+
+    max_prefill_tokens: the token budget of one step, shared by decode rows and prefill chunks (scheduler.py).
+    chunked_prefill: a prompt longer than what the budget leaves is prefilled over several steps (False:
+    whole prompts only, one larger than the budget alone). prefix_caching: prompts reuse the KV of cached
+    full blocks (block_manager.py); call reset_prefix_cache() after the model's weights change."""
 
     def __init__(self, model: Transformer, tokenizer: TextTokenizer | None = None,
                  max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16,
                  device: torch.device | str | None = None, kv_memory_bytes: int | None = None,
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
-                 kv_heads: int | None = None, speculative: SpeculativeConfig | None = None):
+                 kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
+                 speculative: SpeculativeConfig | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -143,17 +158,18 @@ class Engine:
         # kv_heads: the KV heads this rank's attention holds (the model's, unless tensor parallelism splits them)
         self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size,
                                  kv_heads)
+        self.blocks = BlockManager(self.cache, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, chunked_prefill)
         self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
         if lockstep is not None and self.decode_graphs is not None:
             raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
                              "weights")
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.decode_graphs, max_attention_keys)
         self.lockstep = lockstep
         self._peers_busy = False  # under lockstep: some rank called the model in the last step
         self._eos = {tokenizer.eos_id} if tokenizer is not None else set()
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
-        self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []
         self.stats = EngineStats()
         # ---- speculative decoding hook (serve/verify.py): built last, it reads the cache and model above ----
         if speculative is not None and lockstep is not None:
@@ -162,7 +178,6 @@ class Engine:
         self.speculator = Speculator(speculative, self) if speculative is not None else None
 
     # ---- requests -------------------------------------------------------------------------------------
-
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """InvalidParameter (a UserError) if the request can never run. Reads only fixed settings, so any
         thread may call it."""
@@ -198,7 +213,7 @@ class Engine:
         request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output,
                            counts={} if params.penalized else None)
         self._requests[request.id] = request
-        self.waiting.append(request)
+        self.scheduler.add(request)
         self.stats.requests_added += 1
         self.stats.prompt_tokens += len(request.prompt)
         return request.id
@@ -209,8 +224,6 @@ class Engine:
         request = self._requests.get(request_id)
         if request is None:
             return False
-        if request in self.waiting:
-            self.waiting.remove(request)
         self._finish(request, "cancelled")
         self.stats.requests_cancelled += 1
         if request.on_output is not None:
@@ -218,7 +231,15 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
+
+    @property
+    def waiting(self) -> deque[_Request]:
+        return self.scheduler.waiting  # type: ignore[return-value]
+
+    @property
+    def running(self) -> list[_Request]:
+        return self.scheduler.running  # type: ignore[return-value]
 
     @property
     def num_running(self) -> int:
@@ -228,27 +249,32 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    # ---- scheduling -----------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: what was cached was computed with the weights of before."""
+        self.blocks.reset()
+
+    # ---- one step: schedule -> run -> postprocess ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: make room, admit and prefill, decode one token for the others. Returns the
-        outputs of this step (also handed to each request's on_output)."""
+        """One iteration: make room, admit, prefill a chunk of the prompts being prefilled and decode one
+        token for the others. Returns the outputs of this step (also handed to each request's on_output)."""
         # Under lockstep the weights are gathered into buffers that the trainer reuses after generation, and
         # tensors made in inference mode could not be written outside it: no_grad instead.
         with torch.inference_mode() if self.lockstep is None else torch.no_grad():
-            decoding = self._reserve_decode_slots()
-            admitted = self._admit()
-            produced = []
+            plan = self.scheduler.schedule()
+            self.stats.preemptions += len(plan.preempted)
+            self.stats.prefix_hit_tokens += plan.hit_tokens
+            decoding, produced = plan.decode, []
             if self.speculator is not None:  # speculative decoding hook: returns the requests it did not take
                 decoding, produced = self.speculator.decode(self, decoding)
             groups = self._decode_groups(decoding)
-            calls = len(groups) + bool(admitted)
+            calls = len(groups) + bool(plan.prefill)
             agreed = calls if self.lockstep is None else self.lockstep.agree(calls)
             self._peers_busy = agreed > 0
             for group in groups:
-                produced += self._forward(group, prefill=False)
-            if admitted:
-                produced += self._forward(admitted, prefill=True)
+                produced += self._decode(group)
+            if plan.prefill:
+                produced += self._prefill(plan.prefill)
             for _ in range(agreed - calls):
                 self.lockstep.idle_forward()
         for request, output in produced:
@@ -256,94 +282,55 @@ class Engine:
                 request.on_output(output)
         return [output for _, output in produced]
 
-    def _reserve_decode_slots(self) -> list[_Request]:
-        """Room for each running request's next token, oldest first; the newest are preempted if needed."""
-        ready: list[_Request] = []
-        for request in list(self.running):
-            if request not in self.running:
-                continue  # preempted below to make room for an older one
-            need = len(request.tokens)
-            while self.cache.extra_blocks_needed(request.id, need) > self.cache.num_free_blocks:
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is request:
-                    break
-            else:
-                self.cache.reserve(request.id, need)
-                ready.append(request)
-        return [r for r in ready if r in self.running]
-
     def _decode_groups(self, requests: list[_Request]) -> list[list[_Request]]:
-        """Decode batches of similar context lengths whose gathered keys (rows x longest context) stay
-        within max_attention_keys: a few long sequences neither pad every short one nor exhaust memory."""
-        groups: list[list[_Request]] = []
-        longest = 0
-        for request in sorted(requests, key=lambda r: len(r.tokens)):
-            longest = max(longest, len(request.tokens))
-            if groups and (len(groups[-1]) + 1) * longest <= self.max_attention_keys:
-                groups[-1].append(request)
-            else:
-                groups.append([request])
-                longest = len(request.tokens)
-        return groups
+        groups = self.runner.decode_groups([len(r.tokens) for r in requests])
+        return [[requests[i] for i in group] for group in groups]
 
-    def _preempt(self, request: _Request) -> None:
-        self.cache.release(request.id)
-        self.running.remove(request)
-        self.waiting.appendleft(request)
-        self.stats.preemptions += 1
+    def _decode(self, requests: list[_Request]) -> list[tuple[_Request, RequestOutput]]:
+        """One new token per request: the KV of each one's last token, then a sampled token."""
+        sampling = self._sampling(requests)
+        logits = self.runner.decode([r.id for r in requests], [r.tokens[-1] for r in requests],
+                                    [len(r.tokens) - 1 for r in requests])
+        return self._postprocess(requests, [1] * len(requests), logits, sampling)
 
-    def _admit(self) -> list[_Request]:
-        """Waiting requests, first come first served, while batch slots, blocks and the prefill budget last
-        (a single prompt larger than the budget is still admitted alone)."""
-        admitted: list[_Request] = []
-        longest = 0
-        while self.waiting and len(self.running) < self.max_batch_size:
-            request = self.waiting[0]
-            n = len(request.tokens)
-            if admitted and max(longest, n) * (len(admitted) + 1) > self.max_prefill_tokens:
-                break
-            if self.cache.blocks_for(n) > self.cache.num_free_blocks:
-                break
-            self.cache.reserve(request.id, n)
-            self.waiting.popleft()
-            self.running.append(request)
-            admitted.append(request)
-            longest = max(longest, n)
-        return admitted
+    def _prefill(self, chunks: list[PrefillChunk]) -> list[tuple[_Request, RequestOutput]]:
+        """One model call over every prefill chunk; the rows that reach the end of their prompt sample."""
+        requests: list[_Request] = [c.seq for c in chunks]  # type: ignore[misc]
+        done = [i for i, c in enumerate(chunks) if c.completes]
+        sampling = self._sampling([requests[i] for i in done]) if done else None
+        logits = self.runner.prefill([r.id for r in requests], [c.start for c in chunks],
+                                     [r.tokens[c.start:c.start + c.length] for r, c in zip(requests, chunks)])
+        self.stats.prefill_tokens += sum(c.length for c in chunks)
+        for request, chunk in zip(requests, chunks):
+            # A chunk mid-prompt: nothing to sample yet. Its blocks are registered only once the prompt's
+            # logits prove finite, so a prompt that turns out to produce NaN never had a block cached.
+            if not chunk.completes:
+                request.num_computed += chunk.length
+        if not done:
+            return []
+        return self._postprocess([requests[i] for i in done], [chunks[i].length for i in done], logits[done],
+                                 sampling)
 
-    def _forward(self, requests: list[_Request], prefill: bool) -> list[tuple[_Request, RequestOutput]]:
-        """One model call for `requests` (whole prompts when prefilling, else one new token each), then
-        one sampled token per request. Every host -> device input, sampling's included, is sent before
-        the forward is launched, and all results come back in one transfer at the end."""
-        sampling = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device,
-                                       [r.counts for r in requests])
-        logits = self._prefill_logits(requests) if prefill else self._decode_logits(requests)
+    def _sampling(self, requests: list[_Request]) -> SamplingBatch:
+        # Every host -> device input, sampling's included, is sent before the forward is launched, and all
+        # results come back in one transfer at the end.
+        return SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device,
+                                   [r.counts for r in requests])
+
+    def _postprocess(self, requests: list[_Request], computed: list[int], logits: torch.Tensor,
+                     sampling: SamplingBatch) -> list[tuple[_Request, RequestOutput]]:
+        """Sample one token per row; a row with finite logits has its new KV registered for the prefix
+        cache, then its token appended; a non-finite one fails alone."""
         drawn = sample(logits, sampling)
-        return [(r, self._append(r, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])
-                 if drawn.finite[i] else self._fail(r, NON_FINITE_LOGITS))
-                for i, r in enumerate(requests)]
-
-    def _prefill_logits(self, requests: list[_Request]) -> torch.Tensor:
-        """(B, vocab) logits at each prompt's last token; prompts right-padded into one batch."""
-        lengths = [len(r.tokens) for r in requests]
-        width = max(lengths)
-        tokens = torch.tensor([r.tokens + [0] * (width - n) for r, n in zip(requests, lengths)])
-        last = torch.tensor(lengths).to(self.device, non_blocking=True) - 1
-        batch = self.cache.batch([r.id for r in requests], [0] * len(requests), lengths)
-        # The output head on each prompt's last position only (logits_at), through the model's own call.
-        return self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch,
-                          logits_at=last)
-
-    def _decode_logits(self, requests: list[_Request]) -> torch.Tensor:
-        """(B, vocab) logits of one new token per request, through the captured graphs when enabled."""
-        ids, positions = [r.id for r in requests], [len(r.tokens) - 1 for r in requests]
-        tokens = [r.output[-1] for r in requests]
-        if self.decode_graphs is not None:
-            return self.decode_graphs(ids, tokens, positions)
-        batch = self.cache.batch(ids, positions, [1] * len(requests))
-        inputs = torch.tensor(tokens)[:, None].to(self.device, non_blocking=True)
-        return self.model(inputs, positions=batch.positions, cache=batch)[:, 0]
+        out = []
+        for i, (request, n) in enumerate(zip(requests, computed)):
+            if not drawn.finite[i]:
+                out.append((request, self._fail(request, NON_FINITE_LOGITS)))
+                continue
+            request.num_computed += n
+            self.blocks.commit(request.id, request.tokens, request.num_computed, request.adapter)
+            out.append((request, self._append(request, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])))
+        return out
 
     def _append(self, request: _Request, token: int, logprob: float,
                 top: list[tuple[int, float]]) -> RequestOutput:
@@ -374,16 +361,14 @@ class Engine:
 
     def _fail(self, request: _Request, message: str) -> RequestOutput:
         """End one request with an error. Its KV blocks may hold NaN, and a masked-out NaN key still turns
-        attention into NaN (0 * NaN), so they are zeroed before another request can reuse them."""
-        self.cache.clear(request.id)
+        attention into NaN (0 * NaN): the block manager zeroes them and never caches them."""
+        self.blocks.fail(request.id)
         self._finish(request, "error")
         return RequestOutput(request.id, [], [], [], "", True, "error", error=message)
 
     def _finish(self, request: _Request, reason: str) -> None:
         request.finish_reason = reason
-        self.cache.release(request.id)
-        if request in self.running:
-            self.running.remove(request)
+        self.scheduler.finish(request)
         del self._requests[request.id]
         if reason != "cancelled":
             self.stats.requests_finished += 1
@@ -447,16 +432,6 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
     return PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
                         device)
-
-
-def build_decode_graphs(model: Transformer, cache: PagedKVCache, max_batch_size: int,
-                        enabled: bool | None) -> DecodeGraphs | None:
-    """CUDA graphs for decode by default on CUDA. enabled=True elsewhere runs the same static, padded
-    path eagerly (how CPU tests cover it); False always decodes eagerly."""
-    on_cuda = cache.device.type == "cuda"
-    if not (on_cuda if enabled is None else enabled):
-        return None
-    return DecodeGraphs(model, cache, max_batch_size, capture=on_cuda)
 
 
 def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, device: torch.device,

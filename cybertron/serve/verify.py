@@ -86,8 +86,9 @@ class Speculator:
             else:
                 rest.append(r)
         produced = []
-        for group in _groups(speculated, engine.max_attention_keys):
-            produced += self._verify(engine, group)
+        # Batches of similar lengths within the engine's attention-key budget, as plain decode rows are.
+        for group in engine.runner.decode_groups([len(r.tokens) + len(p.tokens) for r, p in speculated]):
+            produced += self._verify(engine, [speculated[i] for i in group])
         return rest, produced
 
     def _budget(self, engine: Engine, request: Any) -> int:
@@ -105,7 +106,8 @@ class Speculator:
         inputs = inputs.to(engine.device, non_blocking=True)
         # The k/v of every draft is written at its position. Where a draft is rejected, the token that really
         # comes there is fed at the same position later and overwrites it before any query can see it (each
-        # query sees keys up to its own position only), so rejected k/v need no clean-up.
+        # query sees keys up to its own position only), so rejected k/v need no clean-up. Nor can it reach the
+        # prefix cache: only blocks below num_computed, which counts accepted tokens alone, are registered.
         batch = engine.cache.batch([r.id for r in requests], [len(r.tokens) - 1 for r in requests], num_new)
         logits = engine.model(inputs, positions=batch.positions, cache=batch).float()  # (B, W, vocab)
         broken = logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1)
@@ -180,15 +182,19 @@ class Speculator:
         self.stats.steps += 1
         self.stats.proposed += len(c.proposal.tokens)
         self.stats.accepted += c.accepted
-        outputs = []
+        outputs, request = [], c.request
         for token, logprob in zip(tokens, logprobs):
-            outputs.append(engine._append(c.request, token, logprob, []))
+            # As after a plain decode step: the KV of the token before this one is in the cache now (its
+            # row of the verification forward), so its full blocks may join the prefix cache.
+            request.num_computed += 1
+            engine.blocks.commit(request.id, request.tokens, request.num_computed, request.adapter)
+            outputs.append(engine._append(request, token, logprob, []))
             self.stats.emitted += 1
             if outputs[-1].finished:
                 break
         else:
             if c.broken:
-                outputs.append(engine._fail(c.request, NON_FINITE_LOGITS))
+                outputs.append(engine._fail(request, NON_FINITE_LOGITS))
         return _merge(outputs)
 
 
@@ -213,19 +219,3 @@ def _fit(engine: Engine, request: Any, proposal: Proposal) -> Proposal:
     if want:
         cache.reserve(request.id, n + want)
     return proposal
-
-
-def _groups(speculated: list[tuple[Any, Proposal]], max_keys: int) -> list[list[tuple[Any, Proposal]]]:
-    """Verification batches of similar lengths whose gathered keys stay within max_keys (as the engine
-    groups its decode batches)."""
-    groups: list[list[tuple[Any, Proposal]]] = []
-    longest = 0
-    for item in sorted(speculated, key=lambda rp: len(rp[0].tokens) + len(rp[1].tokens)):
-        n = len(item[0].tokens) + len(item[1].tokens)
-        longest = max(longest, n)
-        if groups and (len(groups[-1]) + 1) * longest <= max_keys:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-            longest = n
-    return groups

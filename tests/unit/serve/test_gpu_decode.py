@@ -51,12 +51,13 @@ def test_decode_step_does_not_synchronise_before_the_read_back(cuda_model):
     for _ in range(3):  # prefill, then decode steps that capture the graph of this bucket
         engine.step()
     requests = list(engine.running)
-    engine._reserve_decode_slots()
+    assert engine.scheduler.schedule().decode == requests  # reserves each one's room for its next token
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.inference_mode():
             SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], engine.device)
-            engine._decode_logits(requests)
+            engine.runner.decode([r.id for r in requests], [r.tokens[-1] for r in requests],
+                                 [len(r.tokens) - 1 for r in requests])
     finally:
         torch.cuda.set_sync_debug_mode("default")

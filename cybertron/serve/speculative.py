@@ -14,6 +14,7 @@ A step thus yields between 1 and k + 1 tokens for about the cost of one, when th
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,32 +89,51 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
-    """Prompt lookup: match the last n tokens (n from ngram_max down to ngram_min) against earlier context."""
+    """Prompt lookup: match the last n tokens (n from ngram_max down to ngram_min) against earlier context.
+    Each request's ids are kept encoded for the search and extended by its new tokens only."""
 
     def __init__(self, ngram_min: int, ngram_max: int):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self._encoded: dict[int, bytearray] = {}
 
     def propose(self, requests: Sequence[Draftable], ks: Sequence[int]) -> list[Proposal]:
-        return [Proposal(ngram_lookup(r.tokens, k, self.ngram_min, self.ngram_max)) for r, k in zip(requests, ks)]
+        proposals = []
+        for r, k in zip(requests, ks):
+            tokens = r.tokens
+            data = self._encoded.setdefault(r.id, bytearray())
+            data += array("i", tokens[len(data) // 4:]).tobytes()  # a request's tokens only ever grow
+            proposals.append(Proposal(ngram_lookup(tokens, k, self.ngram_min, self.ngram_max, data)))
+        return proposals
 
     def forget(self, live: set[int]) -> None:
-        pass
+        for seq_id in [s for s in self._encoded if s not in live]:
+            del self._encoded[seq_id]
 
 
-def ngram_lookup(tokens: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:
+def ngram_lookup(tokens: Sequence[int], k: int, n_min: int, n_max: int,
+                 data: bytes | bytearray | None = None) -> list[int]:
     """The k tokens that followed the most recent earlier occurrence of the longest matching suffix (n in
     [n_min, n_max]); [] if none occurs. A match close to the end has fewer than k tokens after it: the text
-    is then taken to repeat with that period, so "a b a b" proposes "a b a b ..." rather than one token."""
+    is then taken to repeat with that period, so "a b a b" proposes "a b a b ..." rather than one token.
+
+    The search runs in C: bytes.rfind over the ids as 4-byte integers (`data`, if the caller keeps them
+    encoded), keeping matches on token boundaries. It scans the whole context of every request at every
+    step, which a Python loop would make slow."""
     length = len(tokens)
+    if data is None:
+        data = array("i", tokens).tobytes()
     for n in range(min(n_max, length - 1), n_min - 1, -1):
-        suffix, last = list(tokens[length - n:]), tokens[-1]
-        for end in range(length - 2, n - 2, -1):  # end: last index of an earlier occurrence
-            if tokens[end] == last and list(tokens[end - n + 1:end + 1]) == suffix:
-                period = length - 1 - end
-                out: list[int] = []
-                for i in range(k):
-                    out.append(tokens[end + 1 + i] if i < period else out[i - period])
-                return out
+        suffix = bytes(data[(length - n) * 4:])
+        end = (length - 1) * 4  # an earlier occurrence ends before the last token
+        while (at := data.rfind(suffix, 0, end)) >= 0 and at % 4:
+            end = at + len(suffix) - 1  # straddles two ids: look further back
+        if at >= 0:
+            follow = at // 4 + n  # index of the token after the match
+            period = length - follow
+            out: list[int] = []
+            for i in range(k):
+                out.append(tokens[follow + i] if i < period else out[i - period])
+            return out
     return []
 
 

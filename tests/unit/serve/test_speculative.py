@@ -24,6 +24,30 @@ def test_ngram_lookup_proposes_what_followed_the_longest_most_recent_match():
     assert ngram_lookup([1, 2, 9, 1, 2], 2, 3, 3) == []  # only n = 3 allowed, and "9 1 2" is new
 
 
+def _lookup_by_scanning(tokens, k, n_min, n_max):
+    """The definition, token by token: the longest n first, then the latest earlier occurrence."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[-n:]:
+                context = list(tokens)
+                while len(context) < len(tokens) + k:  # the continuation, repeating with its period
+                    context.append(context[len(context) - (len(tokens) - start - n)])
+                return context[len(tokens):]
+    return []
+
+
+def test_ngram_lookup_equals_a_plain_scan_on_random_token_streams():
+    """Ids above 255 and small vocabularies: a byte-level match that straddles two ids must not count."""
+    gen = torch.Generator().manual_seed(0)
+    for case in range(3000):
+        vocab = [2, 3, 7, 300, 70000][case % 5]
+        tokens = torch.randint(0, vocab, (int(torch.randint(1, 30, ())),), generator=gen).tolist()
+        n_min = 1 + case % 3
+        n_max = n_min + case % 2
+        assert ngram_lookup(tokens, 1 + case % 5, n_min, n_max) == \
+            _lookup_by_scanning(tokens, 1 + case % 5, n_min, n_max), tokens
+
+
 def truncated(model, n_layers):
     """The model's first n_layers blocks with its embedding and head: a smaller draft that agrees with it
     often but not always."""
@@ -128,6 +152,22 @@ def test_preempted_requests_keep_their_tokens_under_speculation(debug_model):
     draft_cache = engine.speculator.proposer.cache
     engine.step()  # the draft pool lets go of finished requests at its next step
     assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
+
+
+def test_blocks_computed_under_speculation_are_reused_correctly_from_the_prefix_cache(debug_model, small_draft):
+    """A later prompt that extends an earlier request's output reuses the blocks its speculative steps
+    filled: only accepted positions may have been registered, or the continuation would differ."""
+    first = random_prompts([9], seed=8)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    engine = Engine(debug_model, num_blocks=64, block_size=4,
+                    speculative=SpeculativeConfig("draft", k=4, draft=small_draft))
+    output = engine.generate([first], params)[0].token_ids
+    assert engine.speculator.stats.proposed > engine.speculator.stats.accepted > 0
+    follow = first + output[:25]
+    result = engine.generate([follow], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert engine.stats.prefix_hit_tokens >= 28  # 7 of the follow-up's blocks came from the cache
+    plain = Engine(debug_model, num_blocks=64, block_size=4, prefix_caching=False)
+    assert result.token_ids == plain.generate([follow], SamplingParams(temperature=0.0, max_tokens=12))[0].token_ids
 
 
 def test_requests_speculation_does_not_support_decode_normally(debug_model):

@@ -22,6 +22,9 @@ def test_ngram_lookup_proposes_what_followed_the_longest_most_recent_match():
     assert ngram_lookup([7, 8, 7, 8], 5, 2, 2) == [7, 8, 7, 8, 7]  # short period: the repetition goes on
     assert ngram_lookup([4, 4, 4], 3, 1, 1) == [4, 4, 4]
     assert ngram_lookup([1, 2, 9, 1, 2], 2, 3, 3) == []  # only n = 3 allowed, and "9 1 2" is new
+    # ids as bytes: 256, 0 holds the bytes of 1 across its boundary, which is no occurrence of 1
+    assert ngram_lookup([256, 0, 5, 1], 2, 1, 1) == []
+    assert ngram_lookup([1, 7, 256, 0, 5, 1], 2, 1, 1) == [7, 256]
 
 
 def _lookup_by_scanning(tokens, k, n_min, n_max):

@@ -6,7 +6,8 @@
 Runs the real `cybertron align --method grpo` (an AlignConfig -> validate -> run_align) on a random-weight
 Hugging Face directory written here (default: dim 256, 4 layers, 4 heads / 2 kv heads, FFN 512, vocab 384;
 `--shape PRESET` uses a cybertron preset instead), prompts of 4-12 random words, and a deterministic reward
-in a temporary file (the share of the completion's characters that are letters of `--word`). Each step samples
+in a temporary file (the share of the completion's characters that are letters of `--word`); `--prompt-words`
+sets the prompt lengths (e.g. 48-64 for prompts that fill a few KV blocks). Each step samples
 `--group-size` completions for each of `--prompts` prompts with cybertron's engine on the policy itself
 (end-of-text still ends a completion), computes the KL reference's log-probabilities, then takes one
 optimizer step.
@@ -18,6 +19,10 @@ Measured over the steps after the first `--warmup` (totals over those steps):
   train share       seconds in `Trainer.train_step` (forward, backward, clip, AdamW) / step seconds
   other share       the rest: reward function, padding rows, moving them to the device
   step time, steps/s
+  prefix hit rate   prompt tokens found in the engine's prefix cache / prompt tokens the rollouts processed
+                    (hits + prefilled): the group's copies of a prompt share its full KV blocks
+  prefill saved     prompt tokens per step that were not prefilled thanks to the cache
+`--prefix-caching off` builds the engine with prefix_caching=False (the "before" of the same run).
 The reference and train times come from timing wrappers around those two functions for the duration of the
 run (they synchronise CUDA before reading the clock); everything else is run_align's own logging.
 """
@@ -68,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kl-coef", type=float, default=0.04, help="0 = no reference forward")
     p.add_argument("--word", default="the", help="the reward counts the letters of this word")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadier on a shared machine)")
+    p.add_argument("--prompt-words", default="4-12", help="words per prompt, LOW-HIGH (uniform)")
+    p.add_argument("--prefix-caching", default="on", choices=["on", "off"], help="the engine's prefix cache")
     p.add_argument("--keep", default="", help="write the model and run directories here instead of a temp dir")
     return p.parse_args()
 
@@ -110,11 +117,11 @@ def make_model_dir(out: Path, shape: str, seed: int = 0) -> Path:
     return out
 
 
-def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+def write_prompts(path: Path, n: int, words: tuple[int, int] = (4, 12), seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))}) + "\n")
+            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))}) + "\n")
     return path
 
 
@@ -130,6 +137,7 @@ class StepClock:
         self.device = device
         self.pending_reference = 0.0
         self.steps: list[dict[str, float]] = []
+        self.generations: list[dict[str, int]] = []  # per rollout: the engine's prefill counters
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -153,24 +161,45 @@ class StepClock:
             return out
         return timed
 
+    def wrap_generate(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Engine.generate, recording how many prompt tokens each call prefilled and found cached (an engine
+        without those counters, such as an older checkout's, records None)."""
+        def counted(engine: Any, *args: Any, **kwargs: Any) -> Any:
+            names = ("prefix_hit_tokens", "prefill_tokens")
+            before = [getattr(engine.stats, n, None) for n in names]
+            out = fn(engine, *args, **kwargs)
+            self.generations.append({n: None if b is None else getattr(engine.stats, n) - b
+                                     for n, b in zip(names, before)})
+            return out
+        return counted
+
 
 @contextlib.contextmanager
-def instrumented(clock: StepClock) -> Iterator[None]:
-    """Time the reference forward and the train step inside run_align; restore both afterwards."""
+def instrumented(clock: StepClock, prefix_caching: bool) -> Iterator[None]:
+    """Time the reference forward and the train step inside run_align, count the engine's prefill work, and
+    build the engine with or without its prefix cache; restore everything afterwards."""
+    import functools
+
     import cybertron.align.grpo_task as grpo_task
+    from cybertron.serve.engine import Engine
     from cybertron.train.trainer import Trainer
 
     original_logprobs, original_step = grpo_task.token_logprobs, Trainer.train_step
+    original_generate, original_engine = Engine.generate, grpo_task.Engine
     grpo_task.token_logprobs = clock.wrap_reference(original_logprobs)
     Trainer.train_step = clock.wrap_train_step(original_step)
+    Engine.generate = clock.wrap_generate(original_generate)
+    if not prefix_caching:
+        grpo_task.Engine = functools.partial(Engine, prefix_caching=False)
     try:
         yield
     finally:
         grpo_task.token_logprobs, Trainer.train_step = original_logprobs, original_step
+        Engine.generate, grpo_task.Engine = original_generate, original_engine
 
 
-def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
-    """Run `cybertron align --method grpo` through run_align; (its per-step metrics records, the clock's)."""
+def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], StepClock]:
+    """Run `cybertron align --method grpo` through run_align; (its per-step metrics records, the clock)."""
     from cybertron.align.config import AlignConfig, validate
     from cybertron.commands.align import run as run_align
     from cybertron.train.precision import resolve_device
@@ -179,8 +208,9 @@ def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]]
     prompt_count = args.prompts * (args.steps + 1)
     cfg = AlignConfig()
     cfg.model.path = str(model_dir)
-    cfg.data.path = str(write_prompts(work / "prompts.jsonl", prompt_count))
-    cfg.data.seq_len = 64 + args.max_new_tokens  # prompts are at most ~40 tokens
+    words = tuple(int(w) for w in args.prompt_words.split("-"))
+    cfg.data.path = str(write_prompts(work / "prompts.jsonl", prompt_count, words))
+    cfg.data.seq_len = 2 * words[1] + 40 + args.max_new_tokens  # a prompt is ~1-2 tokens a word + the template
     cfg.data.val_fraction = 0.0
     cfg.align.method = "grpo"
     cfg.align.reward = write_reward(work / "reward.py", args.word)
@@ -197,10 +227,21 @@ def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]]
     cfg.run.out = str(work / "run")
     validate(cfg)
     clock = StepClock(resolve_device(args.device))
-    with instrumented(clock):
+    with instrumented(clock, args.prefix_caching == "on"):
         run = run_align(cfg)
     records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "rollout_tokens_per_s" in r], clock.steps
+    return [r for r in records if "rollout_tokens_per_s" in r], clock
+
+
+def summarize_prefill(generations: list[dict[str, int | None]], warmup: int) -> dict[str, float | None]:
+    """Prefix hit rate and prompt tokens saved per rollout, over the rollouts after `warmup`."""
+    measured = generations[warmup:]
+    if not measured or measured[0]["prefix_hit_tokens"] is None:
+        return {"prefix_hit_rate": None, "prefill_saved": None, "prefill_tokens": None}
+    hits = sum(g["prefix_hit_tokens"] for g in measured)
+    prefilled = sum(g["prefill_tokens"] for g in measured)
+    return {"prefix_hit_rate": hits / max(hits + prefilled, 1), "prefill_saved": hits / len(measured),
+            "prefill_tokens": prefilled / len(measured)}
 
 
 def summarize(records: list[dict[str, Any]], clock: list[dict[str, float]], rollouts: int,
@@ -228,7 +269,8 @@ def summarize(records: list[dict[str, Any]], clock: list[dict[str, float]], roll
 def print_table(args: argparse.Namespace, summary: dict[str, float], measured: int) -> None:
     shape = args.shape or "small (dim 256, 4 layers, vocab 384)"
     print(f"\nGRPO, {shape}, {args.weights} weights, {args.prompts} prompts x {args.group_size} completions, "
-          f"max_new_tokens {args.max_new_tokens}, kl_coef {args.kl_coef}; {measured} steps after "
+          f"max_new_tokens {args.max_new_tokens}, kl_coef {args.kl_coef}, prefix caching {args.prefix_caching}; "
+          f"{measured} steps after "
           f"{args.warmup} warmup, {torch.get_num_threads()} threads")
     print("| figure | value |\n| --- | --- |")
     s = summary
@@ -240,8 +282,17 @@ def print_table(args: argparse.Namespace, summary: dict[str, float], measured: i
                         ("other (reward, rows, transfer)", f"{s['other_share']:.1%}"),
                         ("step time", f"{s['step_s'] * 1e3:,.0f} ms"),
                         ("steps/s", f"{1 / s['step_s']:.3f}"),
-                        ("reward (mean) / groups with no signal", f"{s['reward']:.3f} / {s['zero_adv_groups']:.0%}")]:
+                        ("reward (mean) / groups with no signal", f"{s['reward']:.3f} / {s['zero_adv_groups']:.0%}"),
+                        *_prefill_rows(s)]:
         print(f"| {name} | {value} |")
+
+
+def _prefill_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    if s["prefix_hit_rate"] is None:
+        return [("prefix hit rate", "n/a (this engine has no prefix cache counters)")]
+    return [("prefix hit rate (prompt tokens)", f"{s['prefix_hit_rate']:.1%}"),
+            ("prompt tokens prefilled / saved per rollout",
+             f"{s['prefill_tokens']:,.0f} / {s['prefill_saved']:,.0f}")]
 
 
 def main() -> None:
@@ -251,7 +302,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         work = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         records, clock = run_grpo(args, work)
-    summary = summarize(records, clock, args.prompts * args.group_size, args.warmup)
+    summary = {**summarize(records, clock.steps, args.prompts * args.group_size, args.warmup),
+               **summarize_prefill(clock.generations, args.warmup)}
     print_table(args, summary, len(records) - args.warmup)
 
 

@@ -159,7 +159,10 @@ class Engine:
         self.cache = build_cache(model, self.device, block_size, num_blocks, kv_memory_bytes, max_batch_size,
                                  kv_heads)
         self.blocks = BlockManager(self.cache, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, chunked_prefill)
+        # A step of max_batch_size decode rows still leaves a block's worth of prefill, so a prompt always
+        # progresses (a server may allow more rows than the default budget has tokens).
+        budget = max(max_prefill_tokens, max_batch_size + block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, budget, chunked_prefill)
         self.decode_graphs = build_decode_graphs(self.model, self.cache, max_batch_size, decode_graphs)
         if lockstep is not None and self.decode_graphs is not None:
             raise ValueError("a lockstep engine decodes eagerly: graphs cannot replay the gathers of sharded "
@@ -308,8 +311,8 @@ class Engine:
                 request.num_computed += chunk.length
         if not done:
             return []
-        return self._postprocess([requests[i] for i in done], [chunks[i].length for i in done], logits[done],
-                                 sampling)
+        rows = logits if len(done) == len(chunks) else logits[done]
+        return self._postprocess([requests[i] for i in done], [chunks[i].length for i in done], rows, sampling)
 
     def _sampling(self, requests: list[_Request]) -> SamplingBatch:
         # Every host -> device input, sampling's included, is sent before the forward is launched, and all

@@ -20,6 +20,10 @@ def render_metrics(runner: AsyncEngine, http: dict[str, int]) -> str:
         ("cybertron_prompt_tokens_total", "counter", "prompt tokens received", stats.prompt_tokens),
         ("cybertron_generated_tokens_total", "counter", "tokens generated", stats.generated_tokens),
         ("cybertron_preemptions_total", "counter", "requests preempted for KV space", stats.preemptions),
+        ("cybertron_prefix_cache_hit_tokens_total", "counter", "prompt tokens found in the prefix cache (not "
+         "prefilled)", stats.prefix_hit_tokens),
+        ("cybertron_prefill_tokens_total", "counter", "prompt tokens prefilled (recomputation included)",
+         stats.prefill_tokens),
         ("cybertron_engine_failures_total", "counter", "engine steps that raised", runner.failures),
         ("cybertron_requests_running", "gauge", "requests being decoded", engine.num_running),
         ("cybertron_requests_waiting", "gauge", "requests waiting for admission", engine.num_waiting),
@@ -27,6 +31,8 @@ def render_metrics(runner: AsyncEngine, http: dict[str, int]) -> str:
         ("cybertron_kv_blocks_free", "gauge", "KV cache blocks free", cache.num_free_blocks),
         ("cybertron_kv_blocks_used", "gauge", "KV cache blocks held by requests",
          cache.num_total_blocks - cache.num_free_blocks),
+        ("cybertron_kv_blocks_cached", "gauge", "KV cache blocks holding a cached prefix (in use or free)",
+         engine.blocks.num_cached),
     ]
     lines = []
     for name, kind, help_, value in rows:

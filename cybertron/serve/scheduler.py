@@ -67,9 +67,9 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
                  chunked_prefill: bool = True):
-        if max_batch_size <= 0 or max_num_batched_tokens <= 0:
-            raise ValueError(f"max_batch_size ({max_batch_size}) and max_num_batched_tokens "
-                             f"({max_num_batched_tokens}) must be positive")
+        if not 0 < max_batch_size < max_num_batched_tokens:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed max_batch_size "
+                             f"({max_batch_size}) > 0: a step of full decode rows must leave room to prefill")
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens

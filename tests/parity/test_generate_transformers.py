@@ -1,5 +1,6 @@
 """Greedy generation through the paged engine equals `transformers` generate(do_sample=False), token for
-token, on the same weights (a tiny random HF model saved to disk and loaded by load_hf_model)."""
+token, on the same weights (a tiny random HF model saved to disk and loaded by load_hf_model), with prompts
+prefilled in chunks and, the second time, mostly from the prefix cache."""
 
 import pytest
 import torch
@@ -38,12 +39,16 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     ours = load_hf_model(tmp_path / "hf")
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, COMMON["vocab_size"], (n,), generator=gen).tolist() for n in (1, 9, 23)]
+    prompts.append(prompts[2][:17] + prompts[1][:3])  # shares two full blocks with the third prompt
     expected = []
     for prompt in prompts:  # one at a time: no padding on the transformers side
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
                               pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
-    engine = Engine(ours, max_batch_size=3, num_blocks=16, block_size=8)
-    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
-    assert [r.token_ids for r in results] == expected
+    # A budget of 12 tokens a step: the longer prompts are prefilled in chunks.
+    engine = Engine(ours, max_batch_size=3, num_blocks=24, block_size=8, max_prefill_tokens=12)
+    for _ in range(2):
+        results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == expected
+    assert engine.stats.prefix_hit_tokens >= 16 + 8 + 16 + 16

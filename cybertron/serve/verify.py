@@ -60,6 +60,8 @@ class _Checked:
 
 
 class Speculator:
+    """The engine's speculative decoding: a proposer (speculative.py), verification, and its counters."""
+
     def __init__(self, config: SpeculativeConfig, engine: Engine):
         config.validate(engine.config.vocab_size)
         self.config = config

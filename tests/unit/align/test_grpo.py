@@ -149,6 +149,21 @@ def test_rollouts_repeat_exactly_for_a_seed_and_step(model):
     assert len({tuple(r.token_ids) for r in first[:3]}) > 1  # a group samples different completions
 
 
+
+def test_rollouts_after_a_weight_update_use_no_stale_prefix_cache(model):
+    """The engine lives across optimizer steps: KV cached under the old weights must not be reused."""
+    records = [PromptRecord(list(range(1, 12)), "p", {}, "x:1")]  # two full blocks of 4, then a partial one
+    engine = Engine(model, None, max_batch_size=16, num_blocks=64, block_size=4, decode_graphs=False)
+    generate_rollouts(engine, records, 3, 5, 1.0, 1.0, seed=1, step=0)
+    assert engine.stats.prefix_hit_tokens == 2 * 8  # the group's other two copies shared the prompt's blocks
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    after = generate_rollouts(engine, records, 3, 5, 1.0, 1.0, seed=1, step=1)
+    fresh = Engine(model, None, max_batch_size=16, num_blocks=64, block_size=4, decode_graphs=False)
+    expected = generate_rollouts(fresh, records, 3, 5, 1.0, 1.0, seed=1, step=1)
+    assert [r.logprobs for r in after] == [r.logprobs for r in expected]
+
 # ---- reward sources -------------------------------------------------------------------------------------
 
 def _call(fn, completions=("1", "2", "3")):

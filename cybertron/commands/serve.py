@@ -92,7 +92,10 @@ def main(argv: list[str]) -> int:
                     block_size=s.block_size, speculative=cfg.speculative.build(device, cfg.model.dtype))
     name = s.model_name or name
     app = create_app(engine, tokenizer, name, api_key=s.api_key or None, max_body_bytes=s.max_body_bytes)
+    spec = cfg.speculative
+    speculating = f", speculative {spec.method} k={spec.k}" if spec.method != "off" else ""
     print(f"serving {name} on http://{s.host}:{s.port} ({device}, "
-          f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens)", file=sys.stderr, flush=True)
+          f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens{speculating})", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
     return 0

@@ -30,8 +30,13 @@ def test_completions_through_a_speculating_engine_equal_plain_ones(text_model, t
                 data = client.post("/v1/completions", json=body).json()
                 replies[name] = (data["choices"][0]["text"], data["choices"][0]["logprobs"]["token_logprobs"],
                                  data["usage"])
+            metrics = client.get("/metrics").text
         if spec is not None:
-            assert engine.speculator.stats.emitted > engine.speculator.stats.steps  # several tokens per step
+            stats = engine.speculator.stats
+            assert stats.emitted > stats.steps  # several tokens per step
+            assert f"cybertron_spec_accepted_tokens_total {stats.accepted}\n" in metrics and stats.accepted > 0
+        else:
+            assert "cybertron_spec_" not in metrics
     assert replies["draft"][0] == replies["plain"][0] and len(replies["plain"][0]) > 5
     assert replies["draft"][1] == pytest.approx(replies["plain"][1], abs=1e-5)
     assert len(replies["draft"][1]) == 14

@@ -9,7 +9,12 @@ the target's. A sampled request draws different random numbers than without spec
 the same text run after run, but not the same text as with speculation off.
 
 The engine calls `Speculator.decode` once per step with the requests about to decode; requests it cannot
-speculate for (unsupported parameters, no proposal, no room) come back and decode normally.
+speculate for (unsupported parameters, no proposal, no room, backing off) come back and decode normally.
+
+A verification that keeps no draft costs more than a plain decode step (a (k+1)-token forward, the acceptance
+arithmetic, the draft's own work), so a request whose drafts keep failing backs off: after each such step it
+decodes plainly for 1, 2, 4 ... MAX_BACKOFF steps before it is tried again, and any accepted draft resets
+that. Which steps speculate changes speed only: every step's output is exact either way.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from cybertron.serve.speculative import Proposal, SpeculativeConfig, build_propo
 
 if TYPE_CHECKING:
     from cybertron.serve.engine import Engine, RequestOutput
+
+MAX_BACKOFF = 16  # plain decode steps at most between two tries of a request whose drafts keep failing
 
 
 @dataclass
@@ -68,12 +75,22 @@ class Speculator:
         self.proposer = build_proposer(config, engine.device, engine.cache.block_size,
                                        engine.cache.num_total_blocks)
         self.stats = SpeculativeStats()
+        self._backoff: dict[int, int] = {}  # request id -> plain steps after its last failed verification
+        self._skip: dict[int, int] = {}  # request id -> plain steps left before it is tried again
 
     def decode(self, engine: Engine, requests: list) -> tuple[list, list[tuple[Any, RequestOutput]]]:
         """Speculative steps for the requests it can take; returns (the others, the outputs produced)."""
-        self.proposer.forget({r.id for r in engine.running})
+        live = {r.id for r in engine.running}
+        self.proposer.forget(live)
+        for table in (self._backoff, self._skip):
+            for seq_id in [s for s in table if s not in live]:
+                del table[seq_id]
         chosen, ks, rest = [], [], []
         for r in requests:
+            if self._skip.get(r.id, 0) > 0:
+                self._skip[r.id] -= 1
+                rest.append(r)
+                continue
             k = self._budget(engine, r) if speculation_supported(r.params) else 0
             if k >= 1:
                 chosen.append(r)
@@ -184,6 +201,11 @@ class Speculator:
         self.stats.steps += 1
         self.stats.proposed += len(c.proposal.tokens)
         self.stats.accepted += c.accepted
+        if c.accepted:
+            self._backoff.pop(c.request.id, None)
+        else:
+            wait = min(2 * self._backoff.get(c.request.id, 0) or 1, MAX_BACKOFF)
+            self._backoff[c.request.id] = self._skip[c.request.id] = wait
         outputs, request = [], c.request
         for token, logprob in zip(tokens, logprobs):
             # As after a plain decode step: the KV of the token before this one is in the cache now (its

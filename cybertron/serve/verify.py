@@ -104,6 +104,11 @@ class Speculator:
                 speculated.append((r, proposal))
             else:
                 rest.append(r)
+        if speculated:
+            # The others this step can take decode as rows without drafts of the same forward: one model call
+            # instead of a verification plus a plain decode batch.
+            speculated += [(r, Proposal([])) for r in rest if speculation_supported(r.params)]
+            rest = [r for r in rest if not speculation_supported(r.params)]
         produced = []
         # Batches of similar lengths within the engine's attention-key budget, as plain decode rows are.
         for group in engine.runner.decode_groups([len(r.tokens) + len(p.tokens) for r, p in speculated]):
@@ -198,14 +203,16 @@ class Speculator:
         logprobs = row[3 * width:3 * width + c.accepted]
         if c.final is not None:
             tokens, logprobs = [*tokens, c.final], [*logprobs, c.final_logprob]
-        self.stats.steps += 1
-        self.stats.proposed += len(c.proposal.tokens)
-        self.stats.accepted += c.accepted
-        if c.accepted:
-            self._backoff.pop(c.request.id, None)
-        else:
-            wait = min(2 * self._backoff.get(c.request.id, 0) or 1, MAX_BACKOFF)
-            self._backoff[c.request.id] = self._skip[c.request.id] = wait
+        drafted = bool(c.proposal.tokens)  # else a plain decode row riding along
+        if drafted:
+            self.stats.steps += 1
+            self.stats.proposed += len(c.proposal.tokens)
+            self.stats.accepted += c.accepted
+            if c.accepted:
+                self._backoff.pop(c.request.id, None)
+            else:
+                wait = min(2 * self._backoff.get(c.request.id, 0) or 1, MAX_BACKOFF)
+                self._backoff[c.request.id] = self._skip[c.request.id] = wait
         outputs, request = [], c.request
         for token, logprob in zip(tokens, logprobs):
             # As after a plain decode step: the KV of the token before this one is in the cache now (its
@@ -213,7 +220,7 @@ class Speculator:
             request.num_computed += 1
             engine.blocks.commit(request.id, request.tokens, request.num_computed, request.adapter)
             outputs.append(engine._append(request, token, logprob, []))
-            self.stats.emitted += 1
+            self.stats.emitted += drafted
             if outputs[-1].finished:
                 break
         else:

@@ -8,8 +8,9 @@ exactly what (greedy) or distributed as (sampled) decoding without speculation w
 the target's. A sampled request draws different random numbers than without speculation, so a seed gives
 the same text run after run, but not the same text as with speculation off.
 
-The engine calls `Speculator.decode` once per step with the requests about to decode; requests it cannot
-speculate for (unsupported parameters, no proposal, no room, backing off) come back and decode normally.
+The engine calls `Speculator.decode` once per step with the requests about to decode. When some request
+speculates, the others it can take (no proposal, no room, backing off) decode in the same forward as rows
+without drafts; requests with unsupported parameters come back and decode normally.
 
 A verification that keeps no draft costs more than a plain decode step (a (k+1)-token forward, the acceptance
 arithmetic, the draft's own work), so a request whose drafts keep failing backs off: after each such step it

@@ -5,8 +5,9 @@ positions n-1..n+k-1 (n: tokens so far) gives the target's logits after each pre
 the longest prefix of drafts equal to the target's argmax, then the target's own argmax after it; sampled
 requests apply the rejection rule of serve/rejection.py. Either way a step appends 1..k+1 tokens, each
 exactly what (greedy) or distributed as (sampled) decoding without speculation would give. Log-probs are
-the target's. A sampled request draws different random numbers than without speculation, so a seed gives
-the same text run after run, but not the same text as with speculation off.
+the target's. A speculating sampled request draws different random numbers than without speculation, so a
+seed gives the same text run after run (whatever else is in the batch, given room in the KV pool for the
+drafts), but not the same text as with speculation off.
 
 The engine calls `Speculator.decode` once per step with the requests about to decode. When some request
 speculates, the others it can take (no proposal, no room, backing off) decode in the same forward as rows
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cybertron.serve.rejection import accepted_count, filtered_probs, residual, sample_from
-from cybertron.serve.sampling import NON_FINITE_LOGITS, SamplingParams
+from cybertron.serve.sampling import NON_FINITE_LOGITS, SamplingBatch, SamplingParams, sample
 from cybertron.serve.speculative import Proposal, SpeculativeConfig, build_proposer
 
 if TYPE_CHECKING:
@@ -129,19 +130,25 @@ class Speculator:
         width = max(num_new)
         inputs = torch.tensor([[r.tokens[-1], *d] + [0] * (width - len(d) - 1) for r, d in zip(requests, drafts)])
         inputs = inputs.to(engine.device, non_blocking=True)
+        # Rows without drafts are plain decode rows: the engine's own sampler picks their token, drawing what
+        # it would draw in a plain step, so what they sample never depends on the other requests.
+        plain = [i for i, d in enumerate(drafts) if not d]
+        plain_sampling = SamplingBatch.build([requests[i].params for i in plain],
+                                             [requests[i].generator for i in plain], engine.device) if plain else None
         # The k/v of every draft is written at its position. Where a draft is rejected, the token that really
         # comes there is fed at the same position later and overwrites it before any query can see it (each
         # query sees keys up to its own position only), so rejected k/v need no clean-up. Nor can it reach the
         # prefix cache: only blocks below num_computed, which counts accepted tokens alone, are registered.
         batch = engine.cache.batch([r.id for r in requests], [len(r.tokens) - 1 for r in requests], num_new)
         logits = engine.model(inputs, positions=batch.positions, cache=batch).float()  # (B, W, vocab)
+        drawn = sample(logits[plain, 0], plain_sampling) if plain else None
         broken = logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1)
         logits = logits.masked_fill(broken[..., None], 0.0)
         logprobs = torch.log_softmax(logits, dim=-1)  # the model's, as the sampler reports them
         best = logits.argmax(dim=-1)
         best_lp = logprobs.gather(-1, best[..., None])[..., 0]
         draft_lp = logprobs[:, :-1].gather(-1, inputs[:, 1:, None])[..., 0]  # log p(d_i) (pads: ignored)
-        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+        sampled = [i for i, r in enumerate(requests) if not r.params.greedy and drafts[i]]
         p_at = torch.zeros_like(draft_lp)
         probs = None
         if sampled:
@@ -153,6 +160,10 @@ class Speculator:
         host = torch.cat([best.double(), best_lp.double(), broken.double(), draft_lp.double(), p_at.double()],
                          dim=1).tolist()
         checked = [self._check(r, p, row, width) for r, p, row in zip(requests, (p for _, p in group), host)]
+        for slot, i in enumerate(plain):
+            finite = drawn.finite[slot]
+            checked[i] = _Checked(requests[i], group[i][1], 0, drawn.tokens[slot] if finite else None,
+                                  drawn.logprobs[slot], broken=not finite)
         self._sample_finals(engine, checked, sampled, probs, logprobs)
         return [(c.request, self._append(engine, c, row, width)) for c, row in zip(checked, host)]
 

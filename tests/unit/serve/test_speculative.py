@@ -185,6 +185,22 @@ def test_a_request_whose_drafts_keep_failing_backs_off(debug_model):
     assert 3 <= stats.steps <= 7  # tried at decode steps 1, 3, 6, 11, 20, 37, 54 at most
 
 
+def test_a_seeded_request_samples_the_same_text_whatever_else_is_in_the_batch(debug_model):
+    """A request without drafts rides along in another one's verification forward and samples with the
+    engine's own sampler there: its seed alone still decides its text, as without speculation."""
+    mine = random_prompts([6], seed=13)[0]
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=21)
+    plain = Engine(debug_model, num_blocks=64, block_size=4).generate([mine], params)[0].token_ids
+    spec = SpeculativeConfig("ngram", k=4, ngram_min=3)
+    alone = Engine(debug_model, num_blocks=64, block_size=4, speculative=spec)
+    assert alone.generate([mine], params)[0].token_ids == plain
+    assert alone.speculator.stats.proposed == 0  # its text never repeats 3 tokens: it never speculates
+    together = Engine(debug_model, num_blocks=64, block_size=4, speculative=spec)
+    repetitive = random_prompts([5], seed=14)[0] * 4
+    results = together.generate([repetitive, mine], [SamplingParams(temperature=0.0, max_tokens=24), params])
+    assert together.speculator.stats.proposed > 0 and results[1].token_ids == plain
+
+
 def test_requests_speculation_does_not_support_decode_normally(debug_model):
     prompt = random_prompts([5], seed=6)[0] * 4
     params = [SamplingParams(temperature=0.0, max_tokens=12, logit_bias=((3, 5.0),)),

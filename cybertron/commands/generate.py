@@ -90,7 +90,8 @@ def main(argv: list[str]) -> int:
         return 0
     model, tokenizer, _ = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
     check_length(model.config, tokenizer, cfg.generate.prompt, params)
-    engine = single_request_engine(model, tokenizer, cfg.speculative.build(device, cfg.model.dtype))
+    engine = single_request_engine(model, tokenizer, cfg.speculative.build(
+        lambda path: load_for_inference(path, False, device=device, dtype=cfg.model.dtype)[0]))
     write_stream(generate_stream(engine, tokenizer, cfg.generate.prompt, params))
     return 0
 

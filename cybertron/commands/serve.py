@@ -154,7 +154,8 @@ def main(argv: list[str]) -> int:
     model, tokenizer, _ = load_for_inference(*source, device=device, dtype=cfg.model.dtype)
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
                     block_size=s.block_size, adapters=adapters,
-                    speculative=cfg.speculative.build(device, cfg.model.dtype))
+                    speculative=cfg.speculative.build(
+                        lambda path: load_for_inference(path, False, device=device, dtype=cfg.model.dtype)[0]))
     for adapter in adapters:
         if adapter.trained_on and Path(adapter.trained_on).resolve() != source[0].resolve():
             print(f"note: adapter {adapter.name!r} was trained over {adapter.trained_on}, not over the served "

@@ -37,6 +37,7 @@ from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
 from cybertron.serve.multi_lora import LoraAdapter, MultiLoRA, attach_adapters
+from cybertron.serve.outputs import RequestOutput
 from cybertron.serve.runner import ModelRunner, build_decode_graphs
 from cybertron.serve.sampling import (
     NON_FINITE_LOGITS,
@@ -66,20 +67,6 @@ class Lockstep(Protocol):
     def idle_forward(self) -> None:
         """A model call without a request that joins the other ranks' collectives."""
         ...
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (streamed to its consumer)."""
-
-    request_id: int
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[list[tuple[int, float]]]
-    text: str  # new text that is safe to show (stop strings already cut)
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None  # why the request failed (finish_reason "error"); the others are unaffected
 
 
 class GenerationError(UserError):

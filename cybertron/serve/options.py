@@ -3,6 +3,7 @@ dtype, the sampling settings and speculative decoding — each with its validato
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from cybertron.config import DTYPE_NAMES, check_dtype, opt, raise_first_failure
 from cybertron.data.escapes import decode_escapes
 from cybertron.errors import ConfigError, UserError
 from cybertron.models.llama import Transformer
-from cybertron.runs import load_for_inference
 from cybertron.serve.sampling import SamplingParams
 from cybertron.serve.speculative import METHODS, SpeculativeConfig
 
@@ -99,13 +99,12 @@ class SpeculativeSection:
              "cybertron run directory"),
         ])
 
-    def build(self, device: torch.device, dtype: str) -> SpeculativeConfig | None:
-        """The engine's config (None when off), loading the draft model if there is one."""
+    def build(self, load_draft: Callable[[Path], Transformer]) -> SpeculativeConfig | None:
+        """The engine's config (None when off), with the draft model from `load_draft(path)` if there is one
+        (the command loads it: reading a run directory is above this layer)."""
         if self.method == "off":
             return None
-        draft: Transformer | None = None
-        if self.method == "draft":
-            draft, _, _ = load_for_inference(Path(self.draft_model), False, device=device, dtype=dtype)
+        draft = load_draft(Path(self.draft_model)) if self.method == "draft" else None
         return SpeculativeConfig(self.method, k=self.k, ngram_min=self.ngram_min, ngram_max=self.ngram_max,
                                  draft=draft)
 

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from cybertron.serve.outputs import RequestOutput
 from cybertron.serve.rejection import accepted_count, filtered_probs, residual, sample_from
 from cybertron.serve.sampling import NON_FINITE_LOGITS, SamplingBatch, SamplingParams, sample
 from cybertron.serve.speculative import Proposal, SpeculativeConfig, build_proposer
 
-if TYPE_CHECKING:
-    from cybertron.serve.engine import Engine, RequestOutput
+# The Engine (serve/engine.py) calls this module and is handed back in; importing it here would be a cycle.
+Engine = Any
 
 MAX_BACKOFF = 16  # plain decode steps at most between two tries of a request whose drafts keep failing
 

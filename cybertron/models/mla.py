@@ -87,6 +87,9 @@ class LatentAttention(nn.Module):
         if attend is None:
             raise TypeError(f"{type(cache).__name__} stores per-head keys and values; multi-head latent attention "
                             f"needs a latent cache (serve/latent_cache.py)")
+        if type(self.kv_b_proj) is not nn.Linear:  # an adapter or quantized base: its weight is not the product
+            raise TypeError("attention in latent space reads kv_b_proj's weight; a wrapped kv_b_proj (adapter, "
+                            "quantization) is not supported there")
         w = self.kv_b_proj.weight.view(-1, self.nope + self.v_dim, self.rank)  # (heads, nope + v, rank)
         w_k, w_v = w.split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("bthn,hnr->bthr", q_nope, w_k)

@@ -188,13 +188,21 @@ def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
         state.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
-    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq") and not _beyond_layers(k, cfg)}
     if missing or unexpected:
         raise UserError(f"weights in {model_dir} do not match config.json: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     model.tie_weights()
     return model.to(device)
+
+
+def _beyond_layers(key: str, cfg: ModelConfig) -> bool:
+    """DeepSeek-V3 checkpoints append their multi-token-prediction modules as extra layers (model.layers.61 of
+    61); transformers skips them and so do we."""
+    parts = key.split(".")
+    return (cfg.is_mla and len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit()
+            and int(parts[1]) >= cfg.n_layers)
 
 
 @dataclass(frozen=True)

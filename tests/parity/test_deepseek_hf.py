@@ -63,3 +63,16 @@ def test_yarn_rope_is_refused_in_one_line():
     hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     with pytest.raises(UserError, match="rope_scaling 'yarn'"):
         config_from_hf(hf)
+
+
+def test_multi_token_prediction_layers_are_skipped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_deepseek("plain-q-half-rope-no-groups")
+    hf.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(file))
+    state["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)  # as DeepSeek-V3's layer 61 of 61
+    save_file(state, str(file), metadata={"format": "pt"})
+    ours = load_hf_model(tmp_path / "hf").eval()
+    assert _max_diff(hf, ours, torch.arange(12)[None]) <= 1e-5

@@ -30,6 +30,8 @@ def latent_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype
 
 
 class LatentKVCache(PagedKVCache):
+    batch_class: type[CacheBatch]  # set below: what decode graphs build their static batch as
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         super().__init__(cfg.n_layers, 1, 0, num_blocks, block_size, dtype, device)  # empty k and v pools
@@ -41,6 +43,9 @@ class LatentKVCache(PagedKVCache):
 
 
 class LatentCacheBatch(CacheBatch):
+    """CacheBatch's indices (built as it builds them; decode graphs fill them from device buffers), plus
+    attention over the latent pool."""
+
     def attend_latent(self, layer_idx: int, q: torch.Tensor, entry: torch.Tensor, value_dim: int,
                       scale: float) -> torch.Tensor:
         """Write this step's entries (B, T, 1, width) into the pool, then attend q (B, T, heads, width) over each
@@ -64,3 +69,6 @@ def _latent_sdpa(q: torch.Tensor, keys: torch.Tensor, value_dim: int, scale: flo
     out = F.scaled_dot_product_attention(q, keys, keys[..., :value_dim], attn_mask=mask, is_causal=causal,
                                          scale=scale)
     return out.transpose(1, 2)
+
+
+LatentKVCache.batch_class = LatentCacheBatch

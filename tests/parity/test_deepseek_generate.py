@@ -46,7 +46,7 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
 
 
 def test_single_sequence_decode_matches_transformers(tmp_path):
-    """Batch-1 decode over consecutive blocks (the cache's view path, no gather)."""
+    """Batch-1 decode over consecutive blocks (the cache's view path, no gather), and through decode graphs."""
     hf = hf_deepseek("q-lora-interleaved-groups", seed=3)
     hf.save_pretrained(tmp_path / "hf")
     hf.generation_config.eos_token_id = None
@@ -54,6 +54,7 @@ def test_single_sequence_decode_matches_transformers(tmp_path):
     prompt = list(range(5, 18))
     with torch.no_grad():
         want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=0)
-    engine = Engine(ours, max_batch_size=1, num_blocks=8, block_size=4)
-    got = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0].token_ids
-    assert got == want[0, len(prompt):].tolist()
+    for graphs in (False, True):  # True: the decode-graph path (static padded batches), run eagerly on CPU
+        engine = Engine(ours, max_batch_size=1, num_blocks=8, block_size=4, decode_graphs=graphs)
+        got = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0].token_ids
+        assert got == want[0, len(prompt):].tolist()

@@ -1,6 +1,6 @@
 """A DeepSeek-V3-shaped model as a user runs it: `cybertron train --model deepseek-moe` on CPU, `export` to a
-directory transformers loads as DeepseekV3ForCausalLM with our logits, and `cybertron serve` over that
-directory answering greedily with what transformers generate produces."""
+directory transformers loads as DeepseekV3ForCausalLM with our logits (and `convert` brings back), and
+`cybertron serve` over that directory answering greedily with what transformers generate produces."""
 
 import subprocess
 import sys
@@ -32,8 +32,12 @@ def test_deepseek_preset_trains_exports_and_serves(tmp_path, fast_run_args):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    converted = _cli(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    assert converted.returncode == 0, converted.stderr
+    back = load_run(tmp_path / "back").model.eval()
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() <= 1e-5
+        assert (back(tokens) - ours(tokens)).abs().max() <= 1e-6
         prompt = tokens[0, :9]
         want = hf.generate(prompt[None], do_sample=False, max_new_tokens=10)[0, 9:].tolist()
     with running_server(tmp_path / "hf") as (url, _):

@@ -51,3 +51,16 @@ def test_pool_holds_one_latent_per_token_and_counts_parameters():
 def test_impossible_shapes_are_named(overrides, field):
     with pytest.raises(ValueError, match=field):
         _tiny(**overrides).validate()
+
+
+def test_tensor_parallelism_is_refused_for_mla_in_one_line():
+    from cybertron.errors import ConfigError, UserError
+    from cybertron.parallel.dims import ParallelDims
+    from cybertron.serve.tensor_parallel import check_tp_degree
+
+    cfg = _tiny()
+    ParallelDims.resolve(4, ep=2).validate_model(cfg)  # expert parallelism composes
+    with pytest.raises(ConfigError, match="model.kv_lora_rank"):
+        ParallelDims.resolve(2, tp=2).validate_model(cfg)
+    with pytest.raises(UserError, match="--tp 2"):
+        check_tp_degree(cfg, 2)

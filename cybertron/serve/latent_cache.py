@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cybertron.models.config import ModelConfig
-from cybertron.serve.cache import CacheBatch, PagedKVCache, _gather
+from cybertron.serve.cache import CacheBatch, PagedKVCache, _gather, visible_keys
 
 
 def latent_width(cfg: ModelConfig) -> int:
@@ -58,8 +58,11 @@ class LatentCacheBatch(CacheBatch):
         if self.span is not None:  # one sequence in consecutive blocks: a view, no gather, no mask
             first, length = self.span
             return _latent_sdpa(q, pool[first:first + length][None], value_dim, scale, None, causal=False)
+        # Always the gather path (each row's blocks copied into one tensor), whatever cache.attention says:
+        # values are a slice of the keys here, which the paged kernel's separate k/v pools do not express.
         keys = _gather(self.cache.k[layer_idx], self.block_table)  # (B, S, 1, width)
-        return _latent_sdpa(q, keys, value_dim, scale, self.mask, causal=False)
+        mask = self.mask if self.mask is not None else visible_keys(self.positions, keys.shape[1])
+        return _latent_sdpa(q, keys, value_dim, scale, mask, causal=False)
 
 
 def _latent_sdpa(q: torch.Tensor, keys: torch.Tensor, value_dim: int, scale: float, mask: torch.Tensor | None,

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from cybertron.errors import UserError
 from cybertron.models.config import ModelConfig
+from cybertron.models.hf_mla import mla_config_from_hf, mla_config_to_hf
 from cybertron.models.hf_moe import (
     guess_style,
     moe_config_from_hf,
@@ -38,6 +39,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "MixtralForCausalLM": {"model_type": "mixtral", "moe": "mixtral"},
     "Qwen2MoeForCausalLM": {"model_type": "qwen2_moe", "qkv_bias": True, "moe": "qwen2_moe"},
     "Qwen3MoeForCausalLM": {"model_type": "qwen3_moe", "qk_norm": True, "moe": "qwen3_moe"},
+    # Multi-head latent attention (models/hf_mla.py) with DeepSeek routing.
+    "DeepseekV3ForCausalLM": {"model_type": "deepseek_v3", "moe": "deepseek_v3", "mla": True},
 }
 _MOE_ARCH = {family["moe"]: arch for arch, family in ARCHITECTURES.items() if "moe" in family}
 
@@ -86,6 +89,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     values["qkv_bias"] = bool(hf.get("qkv_bias", family.get("qkv_bias", hf.get("attention_bias", False))))
     values["qk_norm"] = bool(family.get("qk_norm", False))
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
+    if family.get("mla"):
+        values.update(mla_config_from_hf(hf))
     if "moe" in family:
         values.update(moe_config_from_hf(hf, family["moe"]))
         if "router_aux_loss_coef" in hf:  # kept for export when the loss is off (output_router_logits false)
@@ -114,12 +119,17 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     hf.update({k: v for k, v in cfg.extra.items() if k not in ("architecture", "router_aux_loss_coef")})
     if cfg.n_experts:
         hf.update(moe_config_to_hf(cfg, ARCHITECTURES[arch]["moe"]))
+    if cfg.is_mla:
+        hf.update(mla_config_to_hf(cfg))
     return hf
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """The HF architecture an export writes: the imported one, else the family our fields describe."""
     arch = cfg.extra.get("architecture")
+    if cfg.is_mla and not cfg.n_experts:
+        raise UserError("cannot export multi-head latent attention without experts (model.n_experts=0): its "
+                        "only Hugging Face family, DeepseekV3, is a mixture of experts")
     if arch in ARCHITECTURES and bool(cfg.n_experts) == ("moe" in ARCHITECTURES[arch]):
         return arch
     if cfg.n_experts:
@@ -178,13 +188,21 @@ def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
         state.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
-    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq") and not _beyond_layers(k, cfg)}
     if missing or unexpected:
         raise UserError(f"weights in {model_dir} do not match config.json: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     model.tie_weights()
     return model.to(device)
+
+
+def _beyond_layers(key: str, cfg: ModelConfig) -> bool:
+    """DeepSeek-V3 checkpoints append their multi-token-prediction modules as extra layers (model.layers.61 of
+    61); transformers skips them and so do we."""
+    parts = key.split(".")
+    return (cfg.is_mla and len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit()
+            and int(parts[1]) >= cfg.n_layers)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cybertron.models.config import ModelConfig
+from cybertron.models.mla import LatentAttention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -119,7 +120,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        if cfg.is_mla:  # multi-head latent attention (DeepSeek)
+            self.self_attn = LatentAttention(cfg, layer_idx, RMSNorm, causal_attention)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         # A mixture of experts or a dense MLP, per layer, as the config says (the same name either way, as HF).
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
@@ -196,7 +200,7 @@ class Transformer(nn.Module):
         cached = self.__dict__.get("_inv_freq_cache")
         if cached is None or cached.device != device:
             cfg = self.config
-            cached = inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, device=device)
+            cached = inverse_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
             self.__dict__["_inv_freq_cache"] = cached
         return cached
 

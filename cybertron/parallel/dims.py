@@ -108,6 +108,9 @@ class ParallelDims:
         if self.ep > 1 and n_experts % self.ep:
             raise ConfigError(f"parallel.ep={self.ep} must divide model.n_experts={n_experts} (each expert-"
                               "parallel rank holds the same number of whole experts)")
+        if self.tp > 1 and getattr(cfg, "kv_lora_rank", 0):
+            raise ConfigError(f"parallel.tp={self.tp} is not implemented for multi-head latent attention "
+                              f"(model.kv_lora_rank > 0); use fsdp and ep")
         if self.tp > 1:
             for name in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
                 value = getattr(cfg, name)

@@ -36,6 +36,7 @@ from cybertron.models.llama import Transformer
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
+from cybertron.serve.latent_cache import LatentKVCache, latent_bytes_per_block
 from cybertron.serve.multi_lora import LoraAdapter, MultiLoRA, attach_adapters
 from cybertron.serve.outputs import RequestOutput
 from cybertron.serve.runner import ModelRunner, build_decode_graphs
@@ -467,6 +468,8 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
     cfg, dtype = model.config, next(model.parameters()).dtype
     if num_blocks is None:
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
+    if cfg.is_mla:  # multi-head latent attention caches one compressed latent per token (serve/latent_cache.py)
+        return LatentKVCache(cfg, num_blocks, block_size, dtype, device)
     return PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
                         device)
 
@@ -477,6 +480,8 @@ def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, 
     budget (1 GiB on CPU; half the free memory on CUDA)."""
     cfg = model.config
     per_block = PagedKVCache.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, block_size, dtype)
+    if cfg.is_mla:
+        per_block = latent_bytes_per_block(cfg, block_size, dtype)
     if kv_memory_bytes is None:
         want = max_batch_size * -(-cfg.max_seq_len // block_size)
         if device.type == "cuda":

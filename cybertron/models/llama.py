@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cybertron.models.config import ModelConfig
+from cybertron.models.masks import AttentionMask, masked_attention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: AttentionMask | torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -92,9 +93,12 @@ class Attention(nn.Module):
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """SDPA over (B, T, heads, hd) tensors; `mask` (B, 1, T, T) bool replaces the plain causal mask."""
+    """SDPA over (B, T, heads, hd) tensors. `mask`: an AttentionMask (packed documents and/or a sliding
+    window, no dense tensor), or a (B, 1, T, T) bool tensor that replaces the plain causal mask."""
+    if isinstance(mask, AttentionMask):
+        return masked_attention(q, k, v, mask)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
@@ -124,7 +128,7 @@ class TransformerBlock(nn.Module):
         # A mixture of experts or a dense MLP, per layer, as the config says (the same name either way, as HF).
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask: AttentionMask | torch.Tensor | None = None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -182,13 +186,22 @@ class Transformer(nn.Module):
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
             if cache is None:
-                mask = document_causal_mask(positions)
+                mask = AttentionMask.from_positions(positions)
         cos, sin = rope_cos_sin(positions, self._inv_freq(h.device), h.dtype)
-        for block in self.layers.values():
-            h = block(h, cos, sin, mask, cache)
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, self._layer_mask(mask, int(name), cache), cache)
         if self.norm is not None:
             h = self.norm(h)
         return h
+
+    def _layer_mask(self, mask: AttentionMask | None, layer_idx: int,
+                    cache: KVCache | None) -> AttentionMask | None:
+        # A cache owns its attention (and the window: serve/cache.py); without one a sliding layer gets the
+        # row's mask with its window.
+        window = self.config.layer_window(layer_idx)
+        if cache is not None or window is None:
+            return mask
+        return (mask or AttentionMask()).with_window(window)
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         # Cached per device as a plain attribute, not a buffer: a buffer would be lost by meta-device
@@ -235,8 +248,10 @@ def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> N
 
 
 def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row. A document starts
-    wherever the position restarts at 0 (or drops), so packed examples never see each other."""
+    """The dense reference of AttentionMask.from_positions (the model no longer builds it; tests and
+    bench/packed_attention.py compare against it). (B, 1, T, T) bool: causal, and no attention across
+    documents packed into one row. A document starts wherever the position restarts at 0 (or drops), so
+    packed examples never see each other."""
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
     doc = starts.cumsum(dim=1)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
 from cybertron.models.masks import AttentionMask, masked_attention
 from cybertron.models.moe import GroupedExperts, MoE, Router
@@ -31,7 +32,9 @@ class KVCache(Protocol):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (batch, seq, kv_heads, head_dim) for this layer and return attention output
-        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally."""
+        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally (and, for a
+        model with sliding layers, within each layer's window: such a cache has `layer_windows`, a list
+        equal to the config's, and the model refuses a cache without it)."""
         ...
 
 
@@ -178,6 +181,8 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
+        if cache is not None and self.config.sliding_window is not None:
+            self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         b, t = h.shape[:2]
         mask = None
@@ -193,6 +198,13 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return h
+
+    def _check_cache_windows(self, cache: KVCache) -> None:
+        cfg = self.config
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        if any(w is not None for w in windows) and getattr(cache, "layer_windows", None) != windows:
+            raise ConfigError(f"model.sliding_window={cfg.sliding_window} needs a KV cache that masks keys "
+                              f"outside the window; {type(cache).__name__} was not set up for it")
 
     def _layer_mask(self, mask: AttentionMask | None, layer_idx: int,
                     cache: KVCache | None) -> AttentionMask | None:

@@ -104,3 +104,11 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | Non
         pieces.append(F.scaled_dot_product_attention(q[:, :, c:e], k[:, :, lo:e], v[:, :, lo:e],
                                                      attn_mask=band, enable_gqa=gqa))
     return torch.cat(pieces, dim=2)
+
+
+def window_visible_keys(positions: torch.Tensor, s: int, window: int) -> torch.Tensor:
+    """(B, 1, T, S) bool for a cache of S key slots in position order: key j is visible to a query at
+    position p iff p - window < j <= p (what a paged cache's sliding layer attends; serve/cache.py)."""
+    key_pos = torch.arange(s, device=positions.device)[None, None, :]
+    p = positions[:, :, None]
+    return ((key_pos <= p) & (key_pos > p - window))[:, None]

@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("dense-mask", "documents", "documents-window")
+# causal-row: the whole row as one causal sequence (no packing), the floor a mask-free kernel reaches.
+VARIANTS = ("dense-mask", "documents", "documents-window", "causal-row")
 
 
 def _positions(seq: int, gen: torch.Generator) -> torch.Tensor:
@@ -58,7 +59,9 @@ def measure(variant: str, args) -> dict:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def step() -> torch.Tensor:
-        if variant == "dense-mask":
+        if variant == "causal-row":
+            out = masked_attention(q, k, v, AttentionMask())
+        elif variant == "dense-mask":
             mask = document_causal_mask(positions)
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True).transpose(1, 2)
@@ -80,10 +83,12 @@ def measure(variant: str, args) -> dict:
     # The reference, computed after the peak was read: the dense path (windowed: the dense band mask).
     with torch.no_grad():
         mask = AttentionMask.from_positions(positions, args.window if variant == "documents-window" else None)
+        if variant == "causal-row":
+            mask = AttentionMask()
         qt, kt, vt = (x.detach().transpose(1, 2) for x in (q, k, v))
         dense = mask.dense(args.seq, 1, dev)
         ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense, enable_gqa=True).transpose(1, 2)
-    docs = sum(1 for a, b, singles in mask.segments[0] if not singles)
+    docs = sum(1 for a, b, singles in mask.segments[0] if not singles) if mask.segments else 1
     return {"variant": variant, "peak_mib": peak / 2**20, "seconds": min(times), "documents": docs,
             "max_abs_diff_vs_dense": (out.float() - ref.float()).abs().max().item()}
 
@@ -98,6 +103,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -105,7 +111,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {args.device}, T={args.seq}, heads {args.heads}/{args.kv_heads}, "
           f"hd {args.head_dim}, {args.dtype}, window {args.window}")
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(json.dumps(result))

@@ -21,7 +21,7 @@ from torch import nn
 
 from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
-from cybertron.models.masks import AttentionMask, masked_attention
+from cybertron.models.masks import AttentionMask, dense_attention_mask, masked_attention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -185,16 +185,23 @@ class Transformer(nn.Module):
             self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         b, t = h.shape[:2]
-        mask = None
+        packed = positions is not None and cache is None
         if positions is None:  # one row of angles, broadcast over the batch
             positions = torch.arange(t, device=h.device)[None]
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
-            if cache is None:
-                mask = AttentionMask.from_positions(positions)
         cos, sin = rope_cos_sin(positions, self._inv_freq(h.device), h.dtype)
+        masks: dict[tuple, AttentionMask | torch.Tensor | None] = {}  # by (window, dense), shared by layers
         for name, block in self.layers.items():
-            h = block(h, cos, sin, self._layer_mask(mask, int(name), cache), cache)
+            # A cache owns its attention (and the windows: serve/cache.py).
+            window = self.config.layer_window(int(name)) if cache is None else None
+            # Under torch.compile (the whole forward, or this block: Module.compile sets _compiled_call_impl)
+            # a dense mask: document boundaries are host-side ints, which dynamo would specialise on (a
+            # recompilation for every new packing).
+            dense = torch.compiler.is_compiling() or getattr(block, "_compiled_call_impl", None) is not None
+            if (window, dense) not in masks:
+                masks[window, dense] = _row_mask(positions if packed else None, window, t, h.device, dense)
+            h = block(h, cos, sin, masks[window, dense], cache)
         if self.norm is not None:
             h = self.norm(h)
         return h
@@ -205,15 +212,6 @@ class Transformer(nn.Module):
         if any(w is not None for w in windows) and getattr(cache, "layer_windows", None) != windows:
             raise ConfigError(f"model.sliding_window={cfg.sliding_window} needs a KV cache that masks keys "
                               f"outside the window; {type(cache).__name__} was not set up for it")
-
-    def _layer_mask(self, mask: AttentionMask | None, layer_idx: int,
-                    cache: KVCache | None) -> AttentionMask | None:
-        # A cache owns its attention (and the window: serve/cache.py); without one a sliding layer gets the
-        # row's mask with its window.
-        window = self.config.layer_window(layer_idx)
-        if cache is not None or window is None:
-            return mask
-        return (mask or AttentionMask()).with_window(window)
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         # Cached per device as a plain attribute, not a buffer: a buffer would be lost by meta-device
@@ -259,18 +257,23 @@ def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> N
     weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
 
 
+def _row_mask(positions: torch.Tensor | None, window: int | None, t: int, device: torch.device,
+              dense: bool) -> AttentionMask | torch.Tensor | None:
+    """The attention pattern of one forward: packed documents (positions given) and/or a window; None is
+    SDPA's plain causal kernel."""
+    if dense:
+        if positions is None and window is None:
+            return None
+        return dense_attention_mask(positions, window, t, device)
+    if positions is None:
+        return AttentionMask(window=window) if window is not None else None
+    return AttentionMask.from_positions(positions, window)
+
+
 def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
-    """The dense reference of AttentionMask.from_positions (the model no longer builds it; tests and
-    bench/packed_attention.py compare against it). (B, 1, T, T) bool: causal, and no attention across
-    documents packed into one row. A document starts wherever the position restarts at 0 (or drops), so
-    packed examples never see each other."""
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
-    doc = starts.cumsum(dim=1)
-    t = positions.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    return (same_doc & causal)[:, None]
+    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row (the model's former
+    dense mask; a compiled forward still uses it, see _row_mask)."""
+    return dense_attention_mask(positions, None, positions.shape[1], positions.device)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:

@@ -68,6 +68,22 @@ class AttentionMask:
         return (allowed & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
+def dense_attention_mask(positions: torch.Tensor | None, window: int | None, t: int,
+                         device: torch.device | str) -> torch.Tensor:
+    """(B or 1, 1, T, T) bool from tensor ops alone (no host sync): what a compiled forward uses. A document
+    starts wherever the position restarts at 0 (or drops), so packed examples never see each other."""
+    i = torch.arange(t, device=device)
+    allowed = i[:, None] >= i[None, :]
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < window)
+    if positions is None:
+        return allowed[None, None]
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
+    doc = starts.cumsum(dim=1)
+    return (allowed & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Attention over (B, T, heads, hd) tensors under `mask`; returns (B, T, heads, hd)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cybertron.models.config import ModelConfig
 from cybertron.models.llama import build_model, document_causal_mask
-from cybertron.models.masks import AttentionMask, masked_attention
+from cybertron.models.masks import AttentionMask, dense_attention_mask, masked_attention
 from cybertron.models.rope import rope_cos_sin
 
 
@@ -116,3 +116,28 @@ def test_layer_types_choose_which_layers_slide():
     assert ModelConfig(n_layers=2, sliding_window=8).layer_window(1) == 8
     with pytest.raises(ValueError, match="layer_types"):
         ModelConfig(n_layers=2, sliding_window=8, layer_types=["full_attention"]).validate()
+
+
+def test_dense_attention_mask_equals_the_segment_mask():
+    positions = _packed_positions()
+    for window in (None, 4):
+        want = AttentionMask.from_positions(positions, window).dense(30, 2)
+        assert torch.equal(dense_attention_mask(positions, window, 30, "cpu"), want)
+
+
+@pytest.mark.slow  # dynamo tracing: ~9 s on 2 shared cores
+def test_a_compiled_block_gets_a_dense_mask_and_no_recompile_per_packing():
+    # Document boundaries are host ints: handed to a compiled block they would recompile it for each packing.
+    torch._dynamo.reset()
+    model = _tiny(sliding_window=6)
+    tokens = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(4))
+    other = torch.tensor([[*range(13), *range(17)], [*range(30)]])
+    expected = [model(tokens, positions=p) for p in (_packed_positions(), other)]
+    for block in model.layers.values():
+        block.compile(backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=False), torch.no_grad():
+        got = [model(tokens, positions=p) for p in (_packed_positions(), other)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] <= 1

@@ -27,6 +27,7 @@ from cybertron.models.hf_moe import (
     stack_experts,
     unstack_experts,
 )
+from cybertron.models.hf_window import window_config_from_hf, window_config_to_hf
 from cybertron.models.llama import Transformer
 
 # Architecture -> fixed features of the family (fields that HF configs imply rather than state).
@@ -91,6 +92,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
     if family.get("mla"):
         values.update(mla_config_from_hf(hf))
+
+    values.update(window_config_from_hf(hf, arch))  # sliding windows (h4)
     if "moe" in family:
         values.update(moe_config_from_hf(hf, family["moe"]))
         if "router_aux_loss_coef" in hf:  # kept for export when the loss is off (output_router_logits false)
@@ -121,6 +124,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
         hf.update(moe_config_to_hf(cfg, ARCHITECTURES[arch]["moe"]))
     if cfg.is_mla:
         hf.update(mla_config_to_hf(cfg))
+
+    hf.update(window_config_to_hf(cfg, arch))  # sliding windows (h4), over the passed-through fields
     return hf
 
 

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
+from cybertron.models.masks import AttentionMask, dense_attention_mask, masked_attention
 from cybertron.models.mla import LatentAttention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -31,7 +33,9 @@ class KVCache(Protocol):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (batch, seq, kv_heads, head_dim) for this layer and return attention output
-        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally."""
+        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally (and, for a
+        model with sliding layers, within each layer's window: such a cache has `layer_windows`, a list
+        equal to the config's, and the model refuses a cache without it)."""
         ...
 
 
@@ -74,7 +78,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: AttentionMask | torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -93,9 +97,12 @@ class Attention(nn.Module):
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """SDPA over (B, T, heads, hd) tensors; `mask` (B, 1, T, T) bool replaces the plain causal mask."""
+    """SDPA over (B, T, heads, hd) tensors. `mask`: an AttentionMask (packed documents and/or a sliding
+    window, no dense tensor), or a (B, 1, T, T) bool tensor that replaces the plain causal mask."""
+    if isinstance(mask, AttentionMask):
+        return masked_attention(q, k, v, mask)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
@@ -128,7 +135,7 @@ class TransformerBlock(nn.Module):
         # A mixture of experts or a dense MLP, per layer, as the config says (the same name either way, as HF).
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask: AttentionMask | torch.Tensor | None = None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -178,21 +185,37 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
+        if cache is not None and self.config.sliding_window is not None:
+            self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         b, t = h.shape[:2]
-        mask = None
+        packed = positions is not None and cache is None
         if positions is None:  # one row of angles, broadcast over the batch
             positions = torch.arange(t, device=h.device)[None]
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
-            if cache is None:
-                mask = document_causal_mask(positions)
         cos, sin = rope_cos_sin(positions, self._inv_freq(h.device), h.dtype)
-        for block in self.layers.values():
-            h = block(h, cos, sin, mask, cache)
+        masks: dict[tuple, AttentionMask | torch.Tensor | None] = {}  # by (window, dense), shared by layers
+        for name, block in self.layers.items():
+            # A cache owns its attention (and the windows: serve/cache.py).
+            window = self.config.layer_window(int(name)) if cache is None else None
+            # Under torch.compile (the whole forward, or this block: Module.compile sets _compiled_call_impl)
+            # a dense mask: document boundaries are host-side ints, which dynamo would specialise on (a
+            # recompilation for every new packing).
+            dense = torch.compiler.is_compiling() or getattr(block, "_compiled_call_impl", None) is not None
+            if (window, dense) not in masks:
+                masks[window, dense] = _row_mask(positions if packed else None, window, t, h.device, dense)
+            h = block(h, cos, sin, masks[window, dense], cache)
         if self.norm is not None:
             h = self.norm(h)
         return h
+
+    def _check_cache_windows(self, cache: KVCache) -> None:
+        cfg = self.config
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        if any(w is not None for w in windows) and getattr(cache, "layer_windows", None) != windows:
+            raise ConfigError(f"model.sliding_window={cfg.sliding_window} needs a KV cache that masks keys "
+                              f"outside the window; {type(cache).__name__} was not set up for it")
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         # Cached per device as a plain attribute, not a buffer: a buffer would be lost by meta-device
@@ -238,16 +261,23 @@ def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> N
     weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
 
 
+def _row_mask(positions: torch.Tensor | None, window: int | None, t: int, device: torch.device,
+              dense: bool) -> AttentionMask | torch.Tensor | None:
+    """The attention pattern of one forward: packed documents (positions given) and/or a window; None is
+    SDPA's plain causal kernel."""
+    if dense:
+        if positions is None and window is None:
+            return None
+        return dense_attention_mask(positions, window, t, device)
+    if positions is None:
+        return AttentionMask(window=window) if window is not None else None
+    return AttentionMask.from_positions(positions, window)
+
+
 def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row. A document starts
-    wherever the position restarts at 0 (or drops), so packed examples never see each other."""
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
-    doc = starts.cumsum(dim=1)
-    t = positions.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    return (same_doc & causal)[:, None]
+    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row (the model's former
+    dense mask; a compiled forward still uses it, see _row_mask)."""
+    return dense_attention_mask(positions, None, positions.shape[1], positions.device)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:

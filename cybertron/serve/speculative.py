@@ -148,8 +148,12 @@ class DraftProposer:
         self.model = model.to(device).eval()
         self.device = device
         cfg = model.config
+        if cfg.is_mla:
+            raise UserError("a draft model with latent attention (kv_lora_rank) is not supported yet; choose a "
+                            "draft with standard attention")
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, num_blocks, block_size,
                                   next(model.parameters()).dtype, device)
+        self.cache.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]  # a windowed draft
         # id -> (tokens cached for sure, drafts written after them)
         self._written: dict[int, tuple[int, list[int]]] = {}
 

@@ -28,7 +28,8 @@ from cybertron.serve.tensor_parallel import shard_model
 
 pytestmark = pytest.mark.distributed
 # dim 64, 4 heads / 2 kv heads; an odd vocabulary, as tokenizers often have, splits unevenly. The MoE preset
-# (experts computed whole on every rank, attention split) runs in the slow suite.
+# (experts computed whole on every rank, attention split) and a sliding-window model run in the slow suite.
+VARIANTS = {"debug": ("debug", {}), "moe": ("moe", {}), "window": ("debug", {"sliding_window": 6})}
 VOCAB = 257
 OPTIONS = dict(max_batch_size=2, num_blocks=24, block_size=8, decode_graphs=False)
 
@@ -85,8 +86,9 @@ def _scenario(engine: Engine) -> dict:
             "kept": [t for o in kept for t in o.token_ids], "after": [after.token_ids, after.logprobs]}
 
 
-def _rank_run(rank: int, preset: str) -> dict:
-    MODEL = preset_config(preset, vocab_size=VOCAB, n_layers=2)
+def _rank_run(rank: int, variant: str) -> dict:
+    preset, overrides = VARIANTS[variant]
+    MODEL = preset_config(preset, vocab_size=VOCAB, n_layers=2, **overrides)
     sharded = build_model(MODEL, seed=0)
     shard_model(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
     digests = _logit_digests(sharded)
@@ -115,7 +117,7 @@ def _worker(rank: int, port: int, out_dir: str, preset: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["debug", pytest.param("moe", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["debug", *(pytest.param(v, marks=pytest.mark.slow) for v in ("moe", "window"))])
 def ranks(request, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("serve_tp")
     with socket.socket() as s:

@@ -19,7 +19,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # Llama 3 style frequency scaling, e.g. {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
     # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}; None for plain RoPE.
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: dict[str, Any] | None = None  # also linear, dynamic (NTK), yarn, longrope: see models/rope.py
+    partial_rotary_factor: float = 1.0  # the leading fraction of each head that rotates (Phi-3 family)
     max_seq_len: int = 2048
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
@@ -63,6 +64,13 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"head size {self.head_size} must be even for rotary embeddings")
+        rotary_dim = int(self.head_size * self.partial_rotary_factor)
+        if not 0 < self.partial_rotary_factor <= 1 or rotary_dim % 2:
+            raise ValueError(f"model.partial_rotary_factor={self.partial_rotary_factor} must give an even rotary "
+                             f"dimension between 2 and the head size {self.head_size}")
+        from cybertron.models.rope import check_scaling  # late: rope.py imports torch, this module does not
+
+        check_scaling(self.rope_scaling, rotary_dim)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from cybertron.errors import UserError
 from cybertron.models.config import ModelConfig
+from cybertron.models.hf_fused import fuse, split_fused
 from cybertron.models.hf_moe import (
     guess_style,
     moe_config_from_hf,
@@ -27,6 +28,7 @@ from cybertron.models.hf_moe import (
     unstack_experts,
 )
 from cybertron.models.llama import Transformer
+from cybertron.models.rope import rope_type
 
 # Architecture -> fixed features of the family (fields that HF configs imply rather than state).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -34,6 +36,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {"model_type": "mistral"},
     "Qwen2ForCausalLM": {"model_type": "qwen2", "qkv_bias": True},
     "Qwen3ForCausalLM": {"model_type": "qwen3", "qk_norm": True},
+    # "fused": checkpoints hold qkv_proj and gate_up_proj, split on load and fused on export (models/hf_fused.py).
+    "Phi3ForCausalLM": {"model_type": "phi3", "fused": True},
     # Mixtures of experts: "moe" names the spelling of the expert block (models/hf_moe.py).
     "MixtralForCausalLM": {"model_type": "mixtral", "moe": "mixtral"},
     "Qwen2MoeForCausalLM": {"model_type": "qwen2_moe", "qkv_bias": True, "moe": "qwen2_moe"},
@@ -55,7 +59,7 @@ _CONFIG_KEYS = {
 }
 # HF fields we carry through untouched so an exported config is as complete as the imported one.
 _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "use_sliding_window",
-                "initializer_range", "hidden_act")
+                "initializer_range", "hidden_act", "original_max_position_embeddings")
 
 
 def hf_key_to_ours(key: str) -> str:
@@ -72,18 +76,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise UserError(f"unsupported architecture {arch!r} in config.json; supported: {', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json; only 'silu' (SwiGLU)")
+    _refuse_unimplemented(hf, family)
     values: dict[str, Any] = {ours: hf[key] for key, ours in _CONFIG_KEYS.items() if key in hf}
     values.setdefault("n_kv_heads", values.get("n_heads"))
     if hf.get("head_dim") and hf["head_dim"] != hf["hidden_size"] // hf["num_attention_heads"]:
         values["head_dim"] = hf["head_dim"]
-    # transformers >= 5 nests RoPE settings in `rope_parameters`; older files use rope_theta + rope_scaling.
-    rope = dict(hf.get("rope_parameters") or {})
-    values["rope_theta"] = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    values["rope_scaling"] = dict(scaling) if scaling else None
-    values["qkv_bias"] = bool(hf.get("qkv_bias", family.get("qkv_bias", hf.get("attention_bias", False))))
+    values.update(_rope_from_hf(hf))
+    values["qkv_bias"] = bool(family.get("qkv_bias", False))
     values["qk_norm"] = bool(family.get("qk_norm", False))
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
     if "moe" in family:
@@ -98,6 +97,43 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, rope_scaling and partial_rotary_factor from either spelling: transformers >= 5 nests them in
+    `rope_parameters`, older files use top-level rope_theta + rope_scaling (+ original_max_position_embeddings,
+    as Phi-3 states it beside a LongRoPE scaling)."""
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    scaling = dict(hf.get("rope_scaling") or (rope if rope_type(rope) != "default" else {}))
+    scaling.pop("rope_theta", None)
+    scaling.pop("partial_rotary_factor", None)
+    if scaling and "original_max_position_embeddings" in hf:
+        scaling.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+    kind = rope_type(scaling)
+    scaling.pop("type", None)  # one spelling of the type, transformers' current one ("su" is LongRoPE)
+    scaling = {**scaling, "rope_type": kind} if kind != "default" else {}
+    return {"rope_theta": theta, "rope_scaling": scaling or None, "partial_rotary_factor": partial}
+
+
+# HF fields that change the math and the values we implement; anything else is refused at load, naming the
+# field (rule 9). Dropout (attention_dropout, resid_pdrop, embd_pdrop) is accepted: it changes nothing at
+# eval, and fine-tuning here runs without it (every released checkpoint of these families sets 0.0).
+_IMPLEMENTED = {"hidden_act": ("silu",), "mlp_bias": (False, None), "pretraining_tp": (1, None),
+                "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,),
+                "logits_scaling": (1, 1.0, None), "embedding_multiplier": (1, 1.0, None),
+                "residual_multiplier": (1, 1.0, None), "attention_multiplier": (None,)}
+
+
+def _refuse_unimplemented(hf: dict[str, Any], family: dict[str, Any]) -> None:
+    for key, allowed in _IMPLEMENTED.items():
+        if key in hf and hf[key] not in allowed:
+            raise UserError(f"unsupported {key}={hf[key]!r} in config.json: only {allowed[0]!r} is implemented")
+    # Llama's attention_bias puts a bias on o_proj too; Qwen2's fixed q/k/v bias is the family's, not this field.
+    if hf.get("attention_bias") and not family.get("qkv_bias"):
+        raise UserError("unsupported attention_bias=true in config.json: biases on q/k/v/o_proj are not "
+                        "implemented for this architecture")
+
+
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """An HF config.json dict that `transformers.AutoModelForCausalLM` builds the same model from."""
     arch = hf_architecture(cfg)
@@ -109,6 +145,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     hf["rope_theta"] = cfg.rope_theta
     hf["rope_scaling"] = cfg.rope_scaling
     hf["rope_parameters"] = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
+    if cfg.partial_rotary_factor != 1.0:
+        hf["partial_rotary_factor"] = hf["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
     hf["torch_dtype"] = torch_dtype
     hf["dtype"] = torch_dtype
     hf.update({k: v for k, v in cfg.extra.items() if k not in ("architecture", "router_aux_loss_coef")})
@@ -171,7 +209,7 @@ def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> Transformer:
     """Build our Transformer from an HF directory with its weights (no random init is spent)."""
     cfg = read_hf_config(model_dir)
-    state = read_hf_state_dict(model_dir, dtype)
+    state = split_fused(read_hf_state_dict(model_dir, dtype), cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
     if cfg.tie_embeddings:
@@ -244,6 +282,10 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir
     if cfg.n_experts:  # checked before anything is written: an export it refuses leaves no directory
         hf_config = config_to_hf(cfg)
         state_dict = unstack_experts(state_dict, ARCHITECTURES[hf_config["architectures"][0]]["moe"])
+    if ARCHITECTURES[hf_architecture(cfg)].get("fused"):
+        if cfg.qkv_bias:
+            raise UserError(f"cannot export to {hf_architecture(cfg)}: its fused projections have no q/k/v bias")
+        state_dict = fuse(state_dict)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key, value in state_dict.items():

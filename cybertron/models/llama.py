@@ -21,7 +21,7 @@ from torch import nn
 
 from cybertron.models.config import ModelConfig
 from cybertron.models.moe import GroupedExperts, MoE, Router
-from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from cybertron.models.rope import Rotary, apply_rope
 
 
 class KVCache(Protocol):
@@ -183,22 +183,22 @@ class Transformer(nn.Module):
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
             if cache is None:
                 mask = document_causal_mask(positions)
-        cos, sin = rope_cos_sin(positions, self._inv_freq(h.device), h.dtype)
+        cos, sin = self._rotary()(positions, h.dtype)
         for block in self.layers.values():
             h = block(h, cos, sin, mask, cache)
         if self.norm is not None:
             h = self.norm(h)
         return h
 
-    def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        # Cached per device as a plain attribute, not a buffer: a buffer would be lost by meta-device
-        # construction + to_empty and would travel into checkpoints, and it is a pure function of config.
-        cached = self.__dict__.get("_inv_freq_cache")
-        if cached is None or cached.device != device:
+    def _rotary(self) -> Rotary:
+        # A plain attribute, not buffers: buffers would be lost by meta-device construction + to_empty and would
+        # travel into checkpoints, and the frequencies are a pure function of config (cached per device inside).
+        rotary = self.__dict__.get("_rotary_cache")
+        if rotary is None:
             cfg = self.config
-            cached = inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, device=device)
-            self.__dict__["_inv_freq_cache"] = cached
-        return cached
+            rotary = Rotary(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len, cfg.partial_rotary_factor)
+            self.__dict__["_rotary_cache"] = rotary
+        return rotary
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

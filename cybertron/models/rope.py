@@ -11,19 +11,106 @@ from typing import Any
 
 import torch
 
+# Scaling types whose frequencies depend on the length of the sequence being run (see Rotary).
+_LENGTH_DEPENDENT = ("dynamic", "longrope")
+_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None, device=None) -> torch.Tensor:
-    """Per-pair rotation frequencies, with Llama 3's long-context scaling when `scaling` asks for it."""
+
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The scaling type, in transformers' current spelling ("su", Phi-3's first name for LongRoPE, included)."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+    return "longrope" if kind == "su" else kind
+
+
+def check_scaling(scaling: dict[str, Any] | None, rotary_dim: int) -> None:
+    """ValueError naming what is wrong, so a bad config fails at load rather than at the first forward."""
+    kind = rope_type(scaling)
+    if kind not in _TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented; supported: {', '.join(_TYPES)}")
+    missing = [key for key in _REQUIRED.get(kind, ()) if (scaling or {}).get(key) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            if len(scaling[key]) != rotary_dim // 2:
+                raise ValueError(f"rope_scaling.{key} has {len(scaling[key])} entries, expected {rotary_dim // 2}")
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None, device=None,
+                        seq_len: int | None = None, max_position: int | None = None) -> torch.Tensor:
+    """Per-pair rotation frequencies of a rotary dimension `head_dim`, scaled as `scaling` asks. `seq_len` (the
+    longest position + 1 of the current forward) and `max_position` (HF max_position_embeddings) matter only to
+    the length-dependent types; each formula is transformers' own, operation for operation, for bitwise parity."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type in (None, "default"):
-        return inv_freq
-    if rope_type == "llama3":
-        return _llama3_scaled(inv_freq, scaling)
-    if rope_type == "linear":
-        return inv_freq / float(scaling["factor"])
-    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
+    kind = rope_type(scaling)
+    if kind == "default":
+        return 1.0 / (theta**exponents)
+    if kind == "llama3":
+        return _llama3_scaled(1.0 / (theta**exponents), scaling)
+    if kind == "linear":
+        return 1.0 / (theta**exponents) / float(scaling["factor"])
+    if kind == "dynamic":
+        # NTK-aware: past max_position the base grows with the sequence so the slowest pair still fits.
+        factor, max_position = float(scaling["factor"]), int(max_position)
+        seq_len = max(seq_len or max_position, max_position)
+        base = theta * ((factor * seq_len / max_position) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base**exponents)
+    if kind == "yarn":
+        return _yarn(head_dim, theta, scaling, device)
+    if kind == "longrope":
+        # Phi-3: one rescale per pair, the long set once the sequence outgrows the original context.
+        long = seq_len is not None and seq_len > int(scaling["original_max_position_embeddings"])
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (ext * theta**exponents)
+    raise ValueError(f"rope_scaling type {kind!r} is not implemented; supported: {', '.join(_TYPES)}")
+
+
+def attention_factor(scaling: dict[str, Any] | None, max_position: int) -> float:
+    """The factor HF multiplies cos and sin by (YaRN and LongRoPE temper attention at long range; 1 otherwise)."""
+    kind = rope_type(scaling)
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor")
+    if factor is None:  # Phi-3 and DeepSeek state the ratio of context lengths instead of a factor
+        factor = max_position / original
+    if kind == "longrope":
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(dim: int, base: float, scaling: dict[str, Any], device) -> torch.Tensor:
+    # Pairs that rotate many times within the original context keep their frequency (extrapolation), slow ones
+    # are divided by `factor` (interpolation), with a linear ramp between the two correction dimensions.
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as HF: avoid dividing by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    extrapolation = 1 - ramp.to(device=device, dtype=torch.float)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -40,8 +127,42 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+class Rotary:
+    """cos and signed sin for a model's positions: frequencies cached per device, and per sequence length for
+    the length-dependent types. Those follow HF's generate, stateless: each forward's frequencies come from
+    its largest position + 1 (dynamic NTK rescales the base, LongRoPE picks short or long factors), so cached
+    keys keep the rotation they were written with. Where HF differs is its own cache of the largest length seen
+    (a shorter forward after a longer one, both past max_position, reuses the longer one's dynamic base)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_position: int,
+                 partial_rotary_factor: float = 1.0):
+        self.dim = int(head_dim * partial_rotary_factor)  # pairs past it pass through unrotated (Phi-3 family)
+        self.theta, self.scaling, self.max_position = theta, scaling, max_position
+        self.length_dependent = rope_type(scaling) in _LENGTH_DEPENDENT
+        self.factor = attention_factor(scaling, max_position)
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
+        key_len = 0
+        if self.length_dependent and seq_len is not None:
+            threshold = self.max_position if rope_type(self.scaling) == "dynamic" else int(
+                self.scaling["original_max_position_embeddings"])
+            key_len = 0 if seq_len <= threshold else seq_len if rope_type(self.scaling) == "dynamic" else -1
+        key = (str(device), key_len)
+        if key not in self._cache:
+            if len(self._cache) > 8:  # dynamic NTK: one entry per decode length; keep the short-length one
+                self._cache = {k: v for k, v in self._cache.items() if k[1] == 0}
+            self._cache[key] = inverse_frequencies(self.dim, self.theta, self.scaling, device, seq_len,
+                                                   self.max_position)
+        return self._cache[key]
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = int(positions.max()) + 1 if self.length_dependent else None
+        return rope_cos_sin(positions, self.inv_freq(positions.device, seq_len), dtype, self.factor)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and *signed* sin, each (batch, seq, head_dim), for integer positions of shape (batch, seq).
 
     The sin's first half is negated so apply_rope can rotate with one flip instead of HF's slice + negate +
@@ -51,11 +172,18 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
     with torch.autocast(device_type=positions.device.type, enabled=False):
         freqs = positions[..., None].float() * inv_freq.float().to(positions.device)
         sin = freqs.sin()
-        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+        cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
+        if scale != 1.0:  # YaRN / LongRoPE attention factor, applied in fp32 as HF does
+            cos, sin = cos * scale, sin * scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by angles given as cos and signed sin (batch, seq, head_dim):
-    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as [x2, x1] * [-sin, sin]."""
+    """Rotate x (batch, seq, heads, head_dim) by angles given as cos and signed sin (batch, seq, rotary_dim):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as [x2, x1] * [-sin, sin].
+    With partial rotary (rotary_dim < head_dim) only the first rotary_dim features rotate, as in HF."""
+    if cos.shape[-1] < x.shape[-1]:
+        rot, rest = x.split((cos.shape[-1], x.shape[-1] - cos.shape[-1]), dim=-1)
+        return torch.cat((apply_rope(rot, cos, signed_sin), rest), dim=-1)
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
     return x * cos.unsqueeze(2) + swapped * signed_sin.unsqueeze(2)

@@ -40,10 +40,11 @@ def check_scaling(scaling: dict[str, Any] | None, rotary_dim: int) -> None:
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None, device=None,
-                        seq_len: int | None = None, max_position: int | None = None) -> torch.Tensor:
-    """Per-pair rotation frequencies of a rotary dimension `head_dim`, scaled as `scaling` asks. `seq_len` (the
-    longest position + 1 of the current forward) and `max_position` (HF max_position_embeddings) matter only to
-    the length-dependent types; each formula is transformers' own, operation for operation, for bitwise parity."""
+                        seq_len: torch.Tensor | None = None, max_position: int | None = None) -> torch.Tensor:
+    """Per-pair rotation frequencies (head_dim // 2,) of a rotary dimension `head_dim`, scaled as `scaling`
+    asks. The length-dependent types take `seq_len`, an int64 tensor (B, 1) of each row's largest position + 1,
+    and return (B, 1, head_dim // 2); `max_position` is HF's max_position_embeddings. Each formula is
+    transformers' own, operation for operation and dtype for dtype, for bitwise parity."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     kind = rope_type(scaling)
     if kind == "default":
@@ -53,19 +54,33 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
     if kind == "linear":
         return 1.0 / (theta**exponents) / float(scaling["factor"])
     if kind == "dynamic":
-        # NTK-aware: past max_position the base grows with the sequence so the slowest pair still fits.
+        # NTK-aware: past max_position the base grows with the sequence so the slowest pair still fits. HF
+        # computes the base in fp32 from the tensor length; so do we.
+        if seq_len is None:
+            return 1.0 / (theta**exponents)
         factor, max_position = float(scaling["factor"]), int(max_position)
-        seq_len = max(seq_len or max_position, max_position)
+        seq_len = torch.maximum(seq_len, torch.tensor(max_position, dtype=seq_len.dtype, device=seq_len.device))
         base = theta * ((factor * seq_len / max_position) - (factor - 1)) ** (head_dim / (head_dim - 2))
-        return 1.0 / (base**exponents)
+        return 1.0 / (base[..., None] ** exponents)
     if kind == "yarn":
         return _yarn(head_dim, theta, scaling, device)
     if kind == "longrope":
         # Phi-3: one rescale per pair, the long set once the sequence outgrows the original context.
-        long = seq_len is not None and seq_len > int(scaling["original_max_position_embeddings"])
-        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
-        return 1.0 / (ext * theta**exponents)
+        short, long = (1.0 / (torch.tensor(scaling[key], dtype=torch.float32, device=device) * theta**exponents)
+                       for key in ("short_factor", "long_factor"))
+        if seq_len is None:
+            return short
+        return torch.where(seq_len[..., None] > int(scaling["original_max_position_embeddings"]), long, short)
     raise ValueError(f"rope_scaling type {kind!r} is not implemented; supported: {', '.join(_TYPES)}")
+
+
+def cached_context(scaling: dict[str, Any] | None, max_position: int) -> int:
+    """The longest sequence a KV cache can hold with HF's angles. Past LongRoPE's original context, HF's
+    generate recomputes the whole cache with the long factors (Phi-3's prepare_inputs_for_generation); a paged
+    cache keeps the keys it wrote, so serving stops at the switch rather than diverge silently."""
+    if rope_type(scaling) == "longrope":
+        return min(max_position, int(scaling["original_max_position_embeddings"]))
+    return max_position
 
 
 def attention_factor(scaling: dict[str, Any] | None, max_position: int) -> float:
@@ -128,42 +143,38 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
 
 
 class Rotary:
-    """cos and signed sin for a model's positions: frequencies cached per device, and per sequence length for
-    the length-dependent types. Those follow HF's generate, stateless: each forward's frequencies come from
-    its largest position + 1 (dynamic NTK rescales the base, LongRoPE picks short or long factors), so cached
-    keys keep the rotation they were written with. Where HF differs is its own cache of the largest length seen
-    (a shorter forward after a longer one, both past max_position, reuses the longer one's dynamic base)."""
+    """cos and signed sin for a model's positions, frequencies cached per device. The length-dependent types
+    (dynamic NTK rescales the base, LongRoPE picks short or long factors) follow HF, where the frequencies of a
+    forward come from its largest position + 1, so cached keys keep the rotation they were written with. We
+    take that length per row, on the device (no host sync, so CUDA graphs can capture it): a sequence served
+    in a batch gets the angles HF's generate gives it alone. HF differs where its own state shows: it keeps the
+    largest dynamic length seen (a shorter forward after a longer one, both past max_position, reuses the
+    longer one's base), and its prefill sees the whole prompt where a chunked prefill sees chunks."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_position: int,
                  partial_rotary_factor: float = 1.0):
-        self.dim = int(head_dim * partial_rotary_factor)  # pairs past it pass through unrotated (Phi-3 family)
+        self.dim = int(head_dim * partial_rotary_factor)  # features past it pass through unrotated (Phi-3 family)
         self.theta, self.scaling, self.max_position = theta, scaling, max_position
         self.length_dependent = rope_type(scaling) in _LENGTH_DEPENDENT
         self.factor = attention_factor(scaling, max_position)
-        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cache: dict[str, torch.Tensor] = {}
 
-    def inv_freq(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
-        key_len = 0
-        if self.length_dependent and seq_len is not None:
-            threshold = self.max_position if rope_type(self.scaling) == "dynamic" else int(
-                self.scaling["original_max_position_embeddings"])
-            key_len = 0 if seq_len <= threshold else seq_len if rope_type(self.scaling) == "dynamic" else -1
-        key = (str(device), key_len)
-        if key not in self._cache:
-            if len(self._cache) > 8:  # dynamic NTK: one entry per decode length; keep the short-length one
-                self._cache = {k: v for k, v in self._cache.items() if k[1] == 0}
-            self._cache[key] = inverse_frequencies(self.dim, self.theta, self.scaling, device, seq_len,
-                                                   self.max_position)
-        return self._cache[key]
+    def inv_freq(self, device: torch.device, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        if seq_len is not None:
+            return inverse_frequencies(self.dim, self.theta, self.scaling, device, seq_len, self.max_position)
+        if str(device) not in self._cache:
+            self._cache[str(device)] = inverse_frequencies(self.dim, self.theta, self.scaling, device)
+        return self._cache[str(device)]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = int(positions.max()) + 1 if self.length_dependent else None
+        seq_len = positions.amax(dim=-1, keepdim=True) + 1 if self.length_dependent else None
         return rope_cos_sin(positions, self.inv_freq(positions.device, seq_len), dtype, self.factor)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and *signed* sin, each (batch, seq, head_dim), for integer positions of shape (batch, seq).
+    """cos and *signed* sin, each (batch, seq, head_dim), for integer positions of shape (batch, seq) and
+    frequencies (head_dim // 2,) or, per row, (batch, 1, head_dim // 2).
 
     The sin's first half is negated so apply_rope can rotate with one flip instead of HF's slice + negate +
     cat: the products are the same floating-point operations (negation is exact), so results are bitwise

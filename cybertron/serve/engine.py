@@ -33,6 +33,7 @@ import torch
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
+from cybertron.models.rope import cached_context
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
@@ -188,7 +189,7 @@ class Engine:
         """InvalidParameter (a UserError) if the request can never run. Reads only fixed settings, so any
         thread may call it."""
         params.validate()
-        n, context = len(prompt_ids), self.config.max_seq_len
+        n, context = len(prompt_ids), cached_context(self.config.rope_scaling, self.config.max_seq_len)
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
         if n >= context:  # before the scan of every id below: a prompt of a million ids is refused at once

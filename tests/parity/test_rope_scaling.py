@@ -56,7 +56,9 @@ def test_dynamic_and_longrope_really_depend_on_length(tmp_path):
         _save(tmp_path / name, transformers.LlamaConfig(**COMMON, rope_scaling=dict(SCALINGS[name])))
         ours = load_hf_model(tmp_path / name / "hf").eval()
         rotary = ours._rotary()
-        assert not torch.equal(rotary.inv_freq(torch.device("cpu"), 40), rotary.inv_freq(torch.device("cpu"), 12))
+        long, short = (rotary.inv_freq(torch.device("cpu"), torch.tensor([[n]])) for n in (40, 12))
+        assert not torch.equal(long, short)
+        assert torch.equal(short[0, 0], rotary.inv_freq(torch.device("cpu")))  # within the original context
 
 
 def test_export_keeps_scaling_and_partial_rotary(tmp_path):

@@ -42,6 +42,11 @@ class ModelConfig:
     first_k_dense: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # Sliding-window attention (models/masks.py): a sliding layer's query sees only the last `sliding_window`
+    # keys, itself included. layer_types names each layer "full_attention" or "sliding_attention" (HF's
+    # spelling, for alternating local/global layers); None with a window set: every layer slides (Mistral).
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # passthrough HF fields we keep for export
 
     @property
@@ -55,6 +60,14 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (self.n_experts > 0 and layer_idx >= self.first_k_dense and layer_idx not in self.mlp_only_layers
                 and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The attention window of this layer, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the shape cannot build a model."""
@@ -74,6 +87,15 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"model.sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"model.layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise ValueError(f"model.layer_types: unknown {sorted(unknown)}; use full_attention or "
+                                 "sliding_attention")
         if self.n_experts:
             self._validate_moe()
 

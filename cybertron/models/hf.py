@@ -27,6 +27,7 @@ from cybertron.models.hf_moe import (
     stack_experts,
     unstack_experts,
 )
+from cybertron.models.hf_window import window_config_from_hf, window_config_to_hf
 from cybertron.models.llama import Transformer
 from cybertron.models.rope import rope_type
 
@@ -85,6 +86,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     values["qkv_bias"] = bool(family.get("qkv_bias", False))
     values["qk_norm"] = bool(family.get("qk_norm", False))
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
+    values.update(window_config_from_hf(hf, arch))  # sliding windows (h4)
     if "moe" in family:
         values.update(moe_config_from_hf(hf, family["moe"]))
         if "router_aux_loss_coef" in hf:  # kept for export when the loss is off (output_router_logits false)
@@ -152,6 +154,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     hf.update({k: v for k, v in cfg.extra.items() if k not in ("architecture", "router_aux_loss_coef")})
     if cfg.n_experts:
         hf.update(moe_config_to_hf(cfg, ARCHITECTURES[arch]["moe"]))
+    hf.update(window_config_to_hf(cfg, arch))  # sliding windows (h4), over the passed-through fields
     return hf
 
 

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
+from cybertron.models.masks import AttentionMask, masked_attention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.rope import Rotary, apply_rope
 
@@ -30,7 +32,9 @@ class KVCache(Protocol):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (batch, seq, kv_heads, head_dim) for this layer and return attention output
-        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally."""
+        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally (and, for a
+        model with sliding layers, within each layer's window: such a cache has `layer_windows`, a list
+        equal to the config's, and the model refuses a cache without it)."""
         ...
 
 
@@ -73,7 +77,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: AttentionMask | torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -92,9 +96,12 @@ class Attention(nn.Module):
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """SDPA over (B, T, heads, hd) tensors; `mask` (B, 1, T, T) bool replaces the plain causal mask."""
+    """SDPA over (B, T, heads, hd) tensors. `mask`: an AttentionMask (packed documents and/or a sliding
+    window, no dense tensor), or a (B, 1, T, T) bool tensor that replaces the plain causal mask."""
+    if isinstance(mask, AttentionMask):
+        return masked_attention(q, k, v, mask)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
@@ -124,7 +131,7 @@ class TransformerBlock(nn.Module):
         # A mixture of experts or a dense MLP, per layer, as the config says (the same name either way, as HF).
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask: AttentionMask | torch.Tensor | None = None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -174,6 +181,8 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
+        if cache is not None and self.config.sliding_window is not None:
+            self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         b, t = h.shape[:2]
         mask = None
@@ -182,13 +191,29 @@ class Transformer(nn.Module):
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
             if cache is None:
-                mask = document_causal_mask(positions)
+                mask = AttentionMask.from_positions(positions)
         cos, sin = self._rotary()(positions, h.dtype)
-        for block in self.layers.values():
-            h = block(h, cos, sin, mask, cache)
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, self._layer_mask(mask, int(name), cache), cache)
         if self.norm is not None:
             h = self.norm(h)
         return h
+
+    def _check_cache_windows(self, cache: KVCache) -> None:
+        cfg = self.config
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        if any(w is not None for w in windows) and getattr(cache, "layer_windows", None) != windows:
+            raise ConfigError(f"model.sliding_window={cfg.sliding_window} needs a KV cache that masks keys "
+                              f"outside the window; {type(cache).__name__} was not set up for it")
+
+    def _layer_mask(self, mask: AttentionMask | None, layer_idx: int,
+                    cache: KVCache | None) -> AttentionMask | None:
+        # A cache owns its attention (and the window: serve/cache.py); without one a sliding layer gets the
+        # row's mask with its window.
+        window = self.config.layer_window(layer_idx)
+        if cache is not None or window is None:
+            return mask
+        return (mask or AttentionMask()).with_window(window)
 
     def _rotary(self) -> Rotary:
         # A plain attribute, not buffers: buffers would be lost by meta-device construction + to_empty and would
@@ -235,8 +260,10 @@ def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> N
 
 
 def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row. A document starts
-    wherever the position restarts at 0 (or drops), so packed examples never see each other."""
+    """The dense reference of AttentionMask.from_positions (the model no longer builds it; tests and
+    bench/packed_attention.py compare against it). (B, 1, T, T) bool: causal, and no attention across
+    documents packed into one row. A document starts wherever the position restarts at 0 (or drops), so
+    packed examples never see each other."""
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
     doc = starts.cumsum(dim=1)

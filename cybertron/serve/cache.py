@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cybertron.models.llama import causal_attention
+from cybertron.models.masks import window_visible_keys
 
 SCRATCH_BLOCK = 0
 
@@ -75,6 +76,8 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.allocator = BlockAllocator(num_blocks, first_id=SCRATCH_BLOCK + 1)
         self.tables: dict[int, list[int]] = {}
+        # Sliding window per layer (None: full); the engine sets it from the model config (h4).
+        self.layer_windows: list[int | None] = [None] * n_layers
 
     @property
     def num_total_blocks(self) -> int:
@@ -163,6 +166,10 @@ class CacheBatch:
             batch.mask = visible_keys(batch.positions, width * bs)
         return batch
 
+    @property
+    def layer_windows(self) -> list[int | None]:  # h4: what the model checks before trusting a windowed cache
+        return self.cache.layer_windows
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into the pool, then attend q over each row's whole cached context."""
         b, t, n_kv, hd = k.shape
@@ -170,6 +177,13 @@ class CacheBatch:
         v_pool = self.cache.v[layer_idx].view(-1, n_kv, hd)
         k_pool.index_copy_(0, self.slots, k.reshape(b * t, n_kv, hd))
         v_pool.index_copy_(0, self.slots, v.reshape(b * t, n_kv, hd))
+        # --- sliding window (h4): a sliding layer masks keys older than its window (models/masks.py) ---
+        window = self.cache.layer_windows[layer_idx]
+        if window is not None:
+            keys = _gather(self.cache.k[layer_idx], self.block_table)
+            values = _gather(self.cache.v[layer_idx], self.block_table)
+            return _sdpa(q, keys, values, window_visible_keys(self.positions, keys.shape[1], window))
+        # --- end sliding window ---
         if self.fresh:
             # Prefill from position 0: the context is exactly the new tokens. Right padding is harmless
             # under a causal mask, since a real token never sees a later (padded) one.

@@ -468,8 +468,10 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
     cfg, dtype = model.config, next(model.parameters()).dtype
     if num_blocks is None:
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
-    return PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
-                        device)
+    cache = PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
+                         device)
+    cache.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]  # sliding layers mask old keys
+    return cache
 
 
 def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, device: torch.device,

@@ -24,9 +24,9 @@ CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
                             "long_factor": [2.0 + i for i in range(PAIRS)]})
 
 
-def _phi3(path, scale=1.0):
+def _phi3(path, scale=1.0, **overrides):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(**CONFIG),
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(**{**CONFIG, **overrides}),
                                                           attn_implementation="sdpa").float().eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -43,8 +43,9 @@ def _diff(a, ours, length):
         return (a(tokens).logits - ours(tokens)).abs().max().item()
 
 
-def test_phi3_logits_and_export_match_transformers(tmp_path):
-    hf = _phi3(tmp_path / "hf")
+@pytest.mark.parametrize("window", [None, 7])
+def test_phi3_logits_and_export_match_transformers(tmp_path, window):
+    hf = _phi3(tmp_path / "hf", sliding_window=window)  # Phi-3-mini slides every layer (2047 in its config)
     ours = load_hf_model(tmp_path / "hf").eval()
     assert "layers.0.self_attn.q_proj.weight" in ours.state_dict()
     for length in (12, 40):  # short factors, then long ones (past original_max_position_embeddings)

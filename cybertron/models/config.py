@@ -25,6 +25,14 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_embeddings: bool = False
+    # Gemma 2/3 (each keyed on its own field, never on the family's name):
+    mlp_act: str = "silu"  # the gated MLP's activation, HF's name: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), weights stored around 0
+    sandwich_norms: bool = False  # norms after attention and after the MLP as well (4 per block)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
+    attn_scalar: float | None = None  # scores scaled by attn_scalar ** -0.5 (query_pre_attn_scalar); None: head size
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    local_rope_theta: float | None = None  # sliding-window layers rotate with this base, unscaled (Gemma 3)
     init_std: float = 0.02
     # Mixture of experts (models/moe.py); n_experts = 0 is a dense model. Which layers are MoE follows the HF
     # families: none of the first `first_k_dense` (DeepSeek), none in `mlp_only_layers`, and then every
@@ -84,6 +92,9 @@ class ModelConfig:
         from cybertron.models.rope import check_scaling  # late: rope.py imports torch, this module does not
 
         check_scaling(self.rope_scaling, rotary_dim)
+        if self.mlp_act not in ("silu", "gelu_pytorch_tanh") or (self.n_experts and self.mlp_act != "silu"):
+            raise ValueError(f"model.mlp_act={self.mlp_act!r} is not implemented; use 'silu' or "
+                             "'gelu_pytorch_tanh' (experts: 'silu')")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -127,7 +138,8 @@ class ModelConfig:
         moe += 3 * d * self.shared_ffn_dim
         moe += d if self.shared_expert_gate else 0
         n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
-        total = self.n_layers * (attn + 2 * d) + n_moe * moe + (self.n_layers - n_moe) * dense_mlp + d
+        norms = (4 if self.sandwich_norms else 2) * d
+        total = self.n_layers * (attn + norms) + n_moe * moe + (self.n_layers - n_moe) * dense_mlp + d
         if include_embedding:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         elif not self.tie_embeddings:

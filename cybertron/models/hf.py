@@ -39,11 +39,20 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Qwen3ForCausalLM": {"model_type": "qwen3", "qk_norm": True},
     # "fused": checkpoints hold qkv_proj and gate_up_proj, split on load and fused on export (models/hf_fused.py).
     "Phi3ForCausalLM": {"model_type": "phi3", "fused": True},
+    # Gemma: "gemma" turns on the ModelConfig fields of _GEMMA; "defaults" are transformers' class defaults,
+    # for a config.json that leaves them out.
+    "Gemma2ForCausalLM": {"model_type": "gemma2", "gemma": True, "defaults": {
+        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}},
+    "Gemma3ForCausalLM": {"model_type": "gemma3_text", "gemma": True, "qk_norm": True, "defaults": {
+        "rope_local_base_freq": 10000.0}},
     # Mixtures of experts: "moe" names the spelling of the expert block (models/hf_moe.py).
     "MixtralForCausalLM": {"model_type": "mixtral", "moe": "mixtral"},
     "Qwen2MoeForCausalLM": {"model_type": "qwen2_moe", "qkv_bias": True, "moe": "qwen2_moe"},
     "Qwen3MoeForCausalLM": {"model_type": "qwen3_moe", "qk_norm": True, "moe": "qwen3_moe"},
 }
+_GEMMA = {"norm_plus_one": True, "sandwich_norms": True, "embed_scale": True}
+_GEMMA_DEFAULTS = {"hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                   "query_pre_attn_scalar": 256, "head_dim": 256}
 _MOE_ARCH = {family["moe"]: arch for arch, family in ARCHITECTURES.items() if "moe" in family}
 
 # HF config key -> ModelConfig field, for the keys whose meaning is shared by every family above.
@@ -77,6 +86,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise UserError(f"unsupported architecture {arch!r} in config.json; supported: {', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
+    if family.get("gemma"):
+        hf = {**_GEMMA_DEFAULTS, **family["defaults"], **hf}
     _refuse_unimplemented(hf, family)
     values: dict[str, Any] = {ours: hf[key] for key, ours in _CONFIG_KEYS.items() if key in hf}
     values.setdefault("n_kv_heads", values.get("n_heads"))
@@ -85,6 +96,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     values.update(_rope_from_hf(hf))
     values["qkv_bias"] = bool(family.get("qkv_bias", False))
     values["qk_norm"] = bool(family.get("qk_norm", False))
+    values["mlp_act"] = hf.get("hidden_activation", hf.get("hidden_act", "silu"))
+    if family.get("gemma"):
+        values.update(_GEMMA, attn_scalar=float(hf["query_pre_attn_scalar"]),
+                      final_logit_softcap=hf.get("final_logit_softcapping"))
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
     values.update(window_config_from_hf(hf, arch))  # sliding windows (h4)
     if "moe" in family:
@@ -104,6 +119,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     `rope_parameters`, older files use top-level rope_theta + rope_scaling (+ original_max_position_embeddings,
     as Phi-3 states it beside a LongRoPE scaling)."""
     rope = dict(hf.get("rope_parameters") or {})
+    local = {}
+    if "full_attention" in rope:  # transformers 5 Gemma 3: one set per layer type
+        local, rope = dict(rope.get("sliding_attention") or {}), dict(rope["full_attention"])
+    elif "rope_local_base_freq" in hf:
+        local = {"rope_theta": hf["rope_local_base_freq"]}
+    if rope_type(local) != "default":
+        raise UserError(f"unsupported rope scaling {rope_type(local)!r} on sliding-window layers in config.json")
     theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     partial = float(rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     scaling = dict(hf.get("rope_scaling") or (rope if rope_type(rope) != "default" else {}))
@@ -114,14 +136,18 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     kind = rope_type(scaling)
     scaling.pop("type", None)  # one spelling of the type, transformers' current one ("su" is LongRoPE)
     scaling = {**scaling, "rope_type": kind} if kind != "default" else {}
-    return {"rope_theta": theta, "rope_scaling": scaling or None, "partial_rotary_factor": partial}
+    values = {"rope_theta": theta, "rope_scaling": scaling or None, "partial_rotary_factor": partial}
+    if local:
+        values["local_rope_theta"] = float(local.get("rope_theta", 10000.0))
+    return values
 
 
 # HF fields that change the math and the values we implement; anything else is refused at load, naming the
 # field (rule 9). Dropout (attention_dropout, resid_pdrop, embd_pdrop) is accepted: it changes nothing at
 # eval, and fine-tuning here runs without it (every released checkpoint of these families sets 0.0).
-_IMPLEMENTED = {"hidden_act": ("silu",), "mlp_bias": (False, None), "pretraining_tp": (1, None),
-                "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,),
+_IMPLEMENTED = {"hidden_act": ("silu", "gelu_pytorch_tanh"), "hidden_activation": ("gelu_pytorch_tanh", "silu", None),
+                "mlp_bias": (False, None), "pretraining_tp": (1, None), "attn_logit_softcapping": (None,),
+                "use_bidirectional_attention": (False, None),
                 "logits_scaling": (1, 1.0, None), "embedding_multiplier": (1, 1.0, None),
                 "residual_multiplier": (1, 1.0, None), "attention_multiplier": (None,)}
 
@@ -142,7 +168,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     hf: dict[str, Any] = {"architectures": [arch], "model_type": ARCHITECTURES[arch]["model_type"]}
     hf.update({key: getattr(cfg, ours) for key, ours in _CONFIG_KEYS.items()})
     hf["head_dim"] = cfg.head_size
-    hf["hidden_act"] = "silu"
+    hf["hidden_act"] = cfg.mlp_act
     hf["attention_bias"] = cfg.qkv_bias
     hf["rope_theta"] = cfg.rope_theta
     hf["rope_scaling"] = cfg.rope_scaling
@@ -154,7 +180,27 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     hf.update({k: v for k, v in cfg.extra.items() if k not in ("architecture", "router_aux_loss_coef")})
     if cfg.n_experts:
         hf.update(moe_config_to_hf(cfg, ARCHITECTURES[arch]["moe"]))
+    if ARCHITECTURES[arch].get("gemma"):
+        hf.update(_gemma_to_hf(cfg, arch))
     hf.update(window_config_to_hf(cfg, arch))  # sliding windows (h4), over the passed-through fields
+    return hf
+
+
+def _gemma_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    wrong = {k: getattr(cfg, k) for k, v in _GEMMA.items() if getattr(cfg, k) != v}
+    if wrong or cfg.qk_norm != bool(ARCHITECTURES[arch].get("qk_norm")) or cfg.qkv_bias:
+        raise UserError(f"cannot export as {arch}: the family fixes {', '.join(wrong) or 'qk_norm / qkv_bias'} "
+                        "differently from this model")
+    scalar = cfg.attn_scalar or cfg.head_size
+    hf = {"hidden_activation": cfg.mlp_act, "query_pre_attn_scalar": int(scalar) if scalar == int(scalar) else scalar,
+          "final_logit_softcapping": cfg.final_logit_softcap, "attn_logit_softcapping": None}
+    if ARCHITECTURES[arch].get("qk_norm"):  # Gemma 3: RoPE per layer type
+        full = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
+        local = cfg.local_rope_theta or cfg.rope_theta
+        hf.update(rope_local_base_freq=local, rope_parameters={
+            "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+    elif cfg.local_rope_theta not in (None, cfg.rope_theta):
+        raise UserError(f"cannot export model.local_rope_theta={cfg.local_rope_theta} as {arch}: one RoPE base")
     return hf
 
 
@@ -165,6 +211,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         return arch
     if cfg.n_experts:
         return _MOE_ARCH[guess_style(cfg)]
+    if cfg.sandwich_norms:
+        return "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
     return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
 
 

@@ -99,7 +99,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     values["mlp_act"] = hf.get("hidden_activation", hf.get("hidden_act", "silu"))
     if family.get("gemma"):
         values.update(_GEMMA, attn_scalar=float(hf["query_pre_attn_scalar"]),
-                      final_logit_softcap=hf.get("final_logit_softcapping"))
+                      final_logit_softcap=hf.get("final_logit_softcapping"),
+                      attn_softcap=hf.get("attn_logit_softcapping"))
     values["extra"] = {"architecture": arch, **{k: hf[k] for k in _PASSTHROUGH if k in hf}}
     values.update(window_config_from_hf(hf, arch))  # sliding windows (h4)
     if "moe" in family:
@@ -146,7 +147,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 # field (rule 9). Dropout (attention_dropout, resid_pdrop, embd_pdrop) is accepted: it changes nothing at
 # eval, and fine-tuning here runs without it (every released checkpoint of these families sets 0.0).
 _IMPLEMENTED = {"hidden_act": ("silu", "gelu_pytorch_tanh"), "hidden_activation": ("gelu_pytorch_tanh", "silu", None),
-                "mlp_bias": (False, None), "pretraining_tp": (1, None), "attn_logit_softcapping": (None,),
+                "mlp_bias": (False, None), "pretraining_tp": (1, None),
                 "use_bidirectional_attention": (False, None),
                 "logits_scaling": (1, 1.0, None), "embedding_multiplier": (1, 1.0, None),
                 "residual_multiplier": (1, 1.0, None), "attention_multiplier": (None,)}
@@ -193,7 +194,7 @@ def _gemma_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
                         "differently from this model")
     scalar = cfg.attn_scalar or cfg.head_size
     hf = {"hidden_activation": cfg.mlp_act, "query_pre_attn_scalar": int(scalar) if scalar == int(scalar) else scalar,
-          "final_logit_softcapping": cfg.final_logit_softcap, "attn_logit_softcapping": None}
+          "final_logit_softcapping": cfg.final_logit_softcap, "attn_logit_softcapping": cfg.attn_softcap}
     if ARCHITECTURES[arch].get("qk_norm"):  # Gemma 3: RoPE per layer type
         full = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
         local = cfg.local_rope_theta or cfg.rope_theta

@@ -25,6 +25,7 @@ from cybertron.models.masks import AttentionMask, masked_attention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.norms import RMSNorm, rms_norm
 from cybertron.models.rope import Rotary, apply_rope
+from cybertron.models.softcap import check_servable, softcapped_attention
 
 
 class KVCache(Protocol):
@@ -55,6 +56,7 @@ class Attention(nn.Module):
         # folded into q, so every attention path (SDPA, the paged cache, tensor parallel) stays as it is.
         scalar = cfg.attn_scalar or hd
         self.q_scale = (hd / scalar) ** 0.5 if scalar != hd else None
+        self.softcap = cfg.attn_softcap  # Gemma 2: scores soft-capped (models/softcap.py)
 
     def forward(
         self,
@@ -76,6 +78,8 @@ class Attention(nn.Module):
             q = q * self.q_scale
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
+        elif self.softcap is not None:
+            out = softcapped_attention(q, k, v, mask, self.softcap)
         else:
             out = causal_attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, t, -1))
@@ -190,6 +194,8 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
+        if cache is not None:
+            check_servable(self.config)
         if cache is not None and self.config.sliding_window is not None:
             self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens

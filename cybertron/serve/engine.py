@@ -34,6 +34,7 @@ from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
 from cybertron.models.rope import cached_context
+from cybertron.models.softcap import check_servable
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
@@ -152,6 +153,7 @@ class Engine:
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
                  kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
                  adapters: Sequence[LoraAdapter] = ()):
+        check_servable(model.config)  # h5: a model the paged cache cannot attend for is refused up front
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer

@@ -132,9 +132,12 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     scaling = dict(hf.get("rope_scaling") or (rope if rope_type(rope) != "default" else {}))
     scaling.pop("rope_theta", None)
     scaling.pop("partial_rotary_factor", None)
-    if scaling and "original_max_position_embeddings" in hf:
-        scaling.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
     kind = rope_type(scaling)
+    if kind in ("llama3", "yarn", "longrope"):  # as transformers standardises it: a top-level value wins (Phi-3)
+        if "original_max_position_embeddings" in hf:
+            scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        elif "max_position_embeddings" in hf:
+            scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
     scaling.pop("type", None)  # one spelling of the type, transformers' current one ("su" is LongRoPE)
     scaling = {**scaling, "rope_type": kind} if kind != "default" else {}
     values = {"rope_theta": theta, "rope_scaling": scaling or None, "partial_rotary_factor": partial}

@@ -1,4 +1,5 @@
-"""Llama-family decoder: RMSNorm, RoPE (HF convention), grouped-query attention, SwiGLU.
+"""Llama-family decoder: RMSNorm, RoPE (HF convention), grouped-query attention, gated MLP (SwiGLU; GeGLU and
+Gemma's norms, scales and soft-capping switched on by config fields).
 
 One plain single-device module. Parallelism is applied to it from outside (cybertron/parallel), so:
 - attention infers local head counts from tensor shapes (`view(b, t, -1, head_dim)`), which is what lets
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -103,7 +105,7 @@ def causal_attention(
 
 # Gated MLP activations by HF's name: SwiGLU (silu) or Gemma's GeGLU (gelu_pytorch_tanh).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+    "silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class MLP(nn.Module):

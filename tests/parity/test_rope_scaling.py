@@ -61,6 +61,14 @@ def test_dynamic_and_longrope_really_depend_on_length(tmp_path):
         assert torch.equal(short[0, 0], rotary.inv_freq(torch.device("cpu")))  # within the original context
 
 
+def test_yarn_without_original_context_defaults_to_max_position_embeddings(tmp_path):
+    scaling = {"rope_type": "yarn", "factor": 4.0}  # transformers fills original_max_position_embeddings itself
+    hf = _save(tmp_path, transformers.LlamaConfig(**COMMON, rope_scaling=scaling))
+    ours = load_hf_model(tmp_path / "hf").eval()
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == COMMON["max_position_embeddings"]
+    assert _diff(hf, ours, 40) <= 1e-5
+
+
 def test_export_keeps_scaling_and_partial_rotary(tmp_path):
     config = transformers.Phi3Config(**COMMON, partial_rotary_factor=0.5, pad_token_id=0,
                                      rope_scaling={"type": "longrope", "short_factor": [1.0] * HALF,
@@ -79,7 +87,7 @@ def test_export_keeps_scaling_and_partial_rotary(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("mlp_bias", True), ("attention_bias", True),
                                          ("rope_scaling", {"rope_type": "mrope", "factor": 2.0}),
-                                         ("rope_scaling", {"rope_type": "yarn", "factor": 2.0})])
+                                         ("rope_scaling", {"rope_type": "yarn"})])
 def test_unimplemented_fields_are_refused_naming_them(field, value):
     hf = {"architectures": ["LlamaForCausalLM"], **COMMON, field: value}
     with pytest.raises(UserError) as err:

@@ -201,8 +201,9 @@ class Transformer(nn.Module):
         if cache is not None and self.config.sliding_window is not None:
             self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        if self.config.embed_scale and self.embed_tokens is not None:  # Gemma: sqrt(dim), rounded to h's dtype
-            h = h * torch.tensor(self.config.dim**0.5, dtype=h.dtype)
+        if self.config.embed_scale and self.embed_tokens is not None:
+            # Gemma: sqrt(dim) rounded to h's dtype as HF does, as a Python number (h may be a DTensor under TP)
+            h = h * float(torch.tensor(self.config.dim**0.5, dtype=h.dtype))
         b, t = h.shape[:2]
         mask = None
         if positions is None:  # one row of angles, broadcast over the batch

@@ -49,7 +49,9 @@ from cybertron.serve.sampling import (
     sample,
 )
 from cybertron.serve.scheduler import PrefillChunk, Scheduler
+from cybertron.serve.speculative import SpeculativeConfig
 from cybertron.serve.structured import Matcher, token_mask
+from cybertron.serve.verify import Speculator
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
@@ -152,8 +154,12 @@ class Engine:
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
                  kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
-                 adapters: Sequence[LoraAdapter] = ()):
+                 adapters: Sequence[LoraAdapter] = (), speculative: SpeculativeConfig | None = None):
         check_servable(model.config)  # h5: a model the paged cache cannot attend for is refused up front
+        if speculative is not None and adapters:
+            # A verification forward carries rows of several requests; their adapter rows are not set for it.
+            raise UserError("speculative decoding cannot be combined with LoRA adapters (--lora) yet; use one "
+                            "or the other")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -185,6 +191,11 @@ class Engine:
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self.stats = EngineStats()
+        # ---- speculative decoding hook (serve/verify.py): built last, it reads the cache and model above ----
+        if speculative is not None and lockstep is not None:
+            raise ValueError("a lockstep engine cannot speculate: ranks would call the model different numbers "
+                             "of times")
+        self.speculator = Speculator(speculative, self) if speculative is not None else None
 
     # ---- requests -------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -291,11 +302,13 @@ class Engine:
             plan = self.scheduler.schedule()
             self.stats.preemptions += len(plan.preempted)
             self.stats.prefix_hit_tokens += plan.hit_tokens
-            groups = self._decode_groups(plan.decode)
+            decoding, produced = plan.decode, []
+            if self.speculator is not None:  # speculative decoding hook: returns the requests it did not take
+                decoding, produced = self.speculator.decode(self, decoding)
+            groups = self._decode_groups(decoding)
             calls = len(groups) + bool(plan.prefill)
             agreed = calls if self.lockstep is None else self.lockstep.agree(calls)
             self._peers_busy = agreed > 0
-            produced = []
             for group in groups:
                 produced += self._decode(group)
             if plan.prefill:

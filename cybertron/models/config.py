@@ -19,11 +19,21 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # Llama 3 style frequency scaling, e.g. {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
     # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}; None for plain RoPE.
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: dict[str, Any] | None = None  # also linear, dynamic (NTK), yarn, longrope: see models/rope.py
+    partial_rotary_factor: float = 1.0  # the leading fraction of each head that rotates (Phi-3 family)
     max_seq_len: int = 2048
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_embeddings: bool = False
+    # Gemma 2/3 (each keyed on its own field, never on the family's name):
+    mlp_act: str = "silu"  # the gated MLP's activation, HF's name: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), weights stored around 0
+    sandwich_norms: bool = False  # norms after attention and after the MLP as well (4 per block)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
+    attn_scalar: float | None = None  # scores scaled by attn_scalar ** -0.5 (query_pre_attn_scalar); None: head size
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2; not servable)
+    local_rope_theta: float | None = None  # sliding-window layers rotate with this base, unscaled (Gemma 3)
     init_std: float = 0.02
     # Mixture of experts (models/moe.py); n_experts = 0 is a dense model. Which layers are MoE follows the HF
     # families: none of the first `first_k_dense` (DeepSeek), none in `mlp_only_layers`, and then every
@@ -103,6 +113,16 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.rope_dim % 2:
             raise ValueError(f"rotary dimensions {self.rope_dim} per head must be even")
+        rotary_dim = int(self.rope_dim * self.partial_rotary_factor)
+        if not 0 < self.partial_rotary_factor <= 1 or rotary_dim % 2:
+            raise ValueError(f"model.partial_rotary_factor={self.partial_rotary_factor} must give an even rotary "
+                             f"dimension between 2 and the rotary size {self.rope_dim}")
+        from cybertron.models.rope import check_scaling  # late: rope.py imports torch, this module does not
+
+        check_scaling(self.rope_scaling, rotary_dim)
+        if self.mlp_act not in ("silu", "gelu_pytorch_tanh") or (self.n_experts and self.mlp_act != "silu"):
+            raise ValueError(f"model.mlp_act={self.mlp_act!r} is not implemented; use 'silu' or "
+                             "'gelu_pytorch_tanh' (experts: 'silu')")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -167,7 +187,8 @@ class ModelConfig:
         moe += 3 * d * self.shared_ffn_dim
         moe += d if self.shared_expert_gate else 0
         n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
-        total = self.n_layers * (attn + 2 * d) + n_moe * moe + (self.n_layers - n_moe) * dense_mlp + d
+        norms = (4 if self.sandwich_norms else 2) * d
+        total = self.n_layers * (attn + norms) + n_moe * moe + (self.n_layers - n_moe) * dense_mlp + d
         if include_embedding:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         elif not self.tie_embeddings:

@@ -16,7 +16,11 @@ from cybertron.errors import UserError
 from cybertron.models.config import ModelConfig
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-_EVERY_LAYER = {"MistralForCausalLM": 4096, "MixtralForCausalLM": None}  # arch -> transformers' default
+_EVERY_LAYER = {"MistralForCausalLM": 4096, "MixtralForCausalLM": None,
+                "Phi3ForCausalLM": None}  # arch -> transformers' default (h5: Phi-3 slides every layer)
+# h5: Gemma 2 / 3 list each layer's type (transformers writes layer_types); defaults: Gemma 2 alternates from a
+# sliding layer 0, Gemma 3 has every 6th layer full.
+_TYPED = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
 _SWITCHED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
@@ -26,6 +30,13 @@ def window_config_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
     if arch in _EVERY_LAYER:
         window = hf.get("sliding_window", _EVERY_LAYER[arch])
         return {"sliding_window": window or None, "layer_types": None}
+    if arch in _TYPED:
+        window = hf.get("sliding_window", 4096)
+        period = hf.get("sliding_window_pattern", _TYPED[arch])
+        types = list(hf.get("layer_types") or [FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers)])
+        if not window or SLIDING not in types:
+            return {"sliding_window": None, "layer_types": None}
+        return {"sliding_window": window, "layer_types": types}
     if arch not in _SWITCHED:
         return {}
     window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
@@ -52,6 +63,8 @@ def window_config_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
             raise UserError(f"cannot export model.layer_types with full-attention layers as {arch}: every "
                             "layer of that family slides")
         return {"sliding_window": cfg.sliding_window}
+    if arch in _TYPED:  # h5
+        return {"sliding_window": cfg.sliding_window or 4096, "layer_types": types}
     if arch in _SWITCHED:
         if cfg.sliding_window is None:
             return {"use_sliding_window": False}

@@ -33,6 +33,8 @@ import torch
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
+from cybertron.models.rope import cached_context
+from cybertron.models.softcap import check_servable
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
@@ -141,6 +143,7 @@ class Engine:
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
                  kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
                  adapters: Sequence[LoraAdapter] = (), speculative: SpeculativeConfig | None = None):
+        check_servable(model.config)  # h5: a model the paged cache cannot attend for is refused up front
         if speculative is not None and adapters:
             # A verification forward carries rows of several requests; their adapter rows are not set for it.
             raise UserError("speculative decoding cannot be combined with LoRA adapters (--lora) yet; use one "
@@ -187,7 +190,7 @@ class Engine:
         """InvalidParameter (a UserError) if the request can never run. Reads only fixed settings, so any
         thread may call it."""
         params.validate()
-        n, context = len(prompt_ids), self.config.max_seq_len
+        n, context = len(prompt_ids), cached_context(self.config.rope_scaling, self.config.max_seq_len)
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
         if n >= context:  # before the scan of every id below: a prompt of a million ids is refused at once

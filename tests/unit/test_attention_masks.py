@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from cybertron.models.config import ModelConfig
 from cybertron.models.llama import build_model, document_causal_mask
 from cybertron.models.masks import AttentionMask, dense_attention_mask, masked_attention
-from cybertron.models.rope import rope_cos_sin
 
 
 def _packed_positions() -> torch.Tensor:
@@ -74,7 +73,7 @@ def _tiny(**changes):
 def _dense_path_logits(model, tokens, positions):
     # The model's former forward: every block under the dense (B, 1, T, T) document mask.
     h = model.embed_tokens(tokens)
-    cos, sin = rope_cos_sin(positions, model._inv_freq(h.device), h.dtype)
+    cos, sin = model._rotary()(positions, h.dtype)  # (h5 merge: the rotary object replaced _inv_freq)
     dense = document_causal_mask(positions)
     for block in model.layers.values():
         h = block(h, cos, sin, dense)

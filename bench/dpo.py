@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.0, help="0 = 1e-6 for full weights, 1e-5 for LoRA")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadier on a shared machine)")
+    p.add_argument("--frameworks", default="cybertron,trl", help="comma-separated: cybertron, trl")
+    p.add_argument("--json-out", default="", help="append one JSON line per framework to this file")
     return p.parse_args()
 
 
@@ -116,8 +118,9 @@ def timed_train_step(timeline: Timeline) -> Iterator[None]:
 
     original = Trainer.train_step
 
-    def train_step(trainer: Trainer, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> Any:
-        result = original(trainer, step, micro_batches)
+    def train_step(trainer: Trainer, step: int, micro_batches: list[dict[str, torch.Tensor]], *rest: Any,
+                   **kwargs: Any) -> Any:  # rest: Trainer.train_step's optional arguments (the veto)
+        result = original(trainer, step, micro_batches, *rest, **kwargs)
         timeline.mark()
         timeline.losses.append(result.loss.detach())
         timeline.tokens.append(sum(b["chosen_len"].sum() + b["rejected_len"].sum() for b in micro_batches))
@@ -208,6 +211,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     runners: dict[str, Callable[..., Timeline]] = {"cybertron": run_cybertron, "trl": run_trl}
+    runners = {name: run for name, run in runners.items() if name in args.frameworks.split(",")}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     curves: dict[str, list[list[float]]] = {name: [] for name in runners}
     seq_len = 2 + args.prompt_words + args.response_words + 8  # bos, eos and slack: nothing is cut
@@ -218,15 +222,42 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
             for name in order:
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 timeline = runners[name](args, model_dir, data, seq_len, work / f"{name}-{repeat}")
                 assert len(timeline.ends) == len(timeline.losses) == args.steps, (name, len(timeline.ends))
                 results[name].append(timeline.rates(args.warmup, args.batch))
+                results[name][-1]["peak_gib"] = peak_gib(args.device)
                 curves[name].append(timeline.loss_curve())
                 gc.collect()  # the finished run's model and optimizer go before the next one is built
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
                 print(f"[{name} run {repeat + 1}] {json.dumps(results[name][-1])}", flush=True)
     report(args, results, curves)
+    if args.json_out:
+        write_json(args, results)
+
+
+def peak_gib(device: str) -> float:
+    """CUDA: max allocated since the run started; CPU: the process's peak resident set so far (an upper bound)."""
+    from results_jsonl import process_peak_gib
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else process_peak_gib()
+
+
+def write_json(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
+    from results_jsonl import append_rows
+
+    noise = f"median of {args.repeats} runs (alternating order) of {args.steps - args.warmup} timed steps " \
+            f"after {args.warmup}"
+    append_rows(args.json_out, "dpo", args.device, [
+        {"runner": name, "shape": args.shape or "grpo-small", "weights": args.weights, "batch_pairs": args.batch,
+         "prompt_words": args.prompt_words, "response_words": args.response_words,
+         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+         "pairs_per_s": statistics.median(r["pairs_per_s"] for r in runs),
+         "peak_mem_gib": max(r["peak_gib"] for r in runs),
+         "peak_mem_kind": "max allocated" if args.device == "cuda" else "process peak RSS", "noise": noise}
+        for name, runs in results.items()])
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
@@ -246,6 +277,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
         m = median[name]
         print(f"| {name} | {m['pairs_per_s']:,.1f} | {m['tokens_per_s']:,.0f} | {m['ms_per_step']:,.0f} | "
               f"{curve[0]:.4f} | {curve[-1]:.4f} | {statistics.mean(curve[-5:]):.4f} |")
+    if not {"cybertron", "trl"} <= set(median):
+        return
     ratio = median["cybertron"]["pairs_per_s"] / median["trl"]["pairs_per_s"]
     per_run = [c["pairs_per_s"] / t["pairs_per_s"] for c, t in zip(results["cybertron"], results["trl"], strict=True)]
     print(f"\ncybertron / TRL pairs/s: {ratio:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in per_run)}); "

@@ -39,6 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="runs of each framework, alternating")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--json-out", default="", help="append one JSON line per framework to this file")
     p.add_argument("--worker", choices=["cybertron", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -156,6 +157,20 @@ def main() -> None:
         label = "transformers+peft" if name == "peft" else name
         print(f"{label:<18} {rates[name]:>10,.0f} tokens/s   peak memory {peak:.2f} GiB{extra}")
     print(f"ratio cybertron / transformers+peft = {rates['cybertron'] / rates['peft']:.3f}")
+    if args.json_out:
+        write_json(args, results)
+
+
+def write_json(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
+    from results_jsonl import append_rows
+
+    noise = f"median of {args.repeats} runs (alternating order) of {args.steps} steps after {args.warmup} warm-up"
+    append_rows(args.json_out, "finetune", args.device, [
+        {"runner": "transformers+peft" if name == "peft" else name, "shape": args.shape, "batch": args.batch,
+         "seq": args.seq, "rank": args.rank, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+         "peak_mem_gib": max(r["peak_gib"] for r in runs),
+         "peak_mem_kind": "max allocated" if args.device.startswith("cuda") else "process peak RSS",
+         "noise": noise} for name, runs in results.items()])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU benchmark needs beyond what the GPU machine's image holds (it has no network):
-# torchao for train.fp8, and torchtitan 0.2.2 with the dependencies that image lacks.
+# torchao for train.fp8, torchtitan 0.2.2 with the dependencies that image lacks, and TRL (bench/dpo.py's peer).
 #
 #   bash bench/gpu_wheels.sh [DIR]        # default DIR: .whl (add it to .git/info/exclude to carry it)
 #
@@ -19,6 +19,7 @@ wheels=(
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.0
   tomli==2.5.0
+  trl==1.16.0                # bench/dpo.py's peer (its dependencies are in the image but datasets, above)
 )
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \

@@ -3,11 +3,16 @@
     python bench/serve_load.py                         # starts a server on a tiny random model, 64 clients, 30 s
     python bench/serve_load.py --clients 16 --seconds 5
     python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # an already running server
+    python bench/serve_load.py --workload prefix --clients 16 --seconds 60   # a long shared system prompt
+    python bench/serve_load.py --workload long --clients 4 --seconds 60      # long distinct prompts
 
 Each client loops: a streaming /v1/completions or /v1/chat/completions request with a random prompt and
 max_tokens; a share of them (--abort-share) hang up mid-stream, which must cancel the request server-side.
-Prints requests, tokens, errors, time to first token, and the KV blocks still in use once the server is
-idle (leaked blocks: must be 0). Exits 1 on any error or leak.
+Workloads: "mixed" (short prompts), "prefix" (every request starts with the same long system prompt,
+--prefix-words words, then a short question of its own: what a prefix cache serves from memory) and "long"
+(distinct prompts of --long-words words, few new tokens: prefill-bound). Prints requests, tokens, prompt
+tokens processed, errors, time to first token, any prefix-cache counters the server exports, and the KV
+blocks still in use once the server is idle (leaked blocks: must be 0). Exits 1 on any error or leak.
 """
 
 from __future__ import annotations
@@ -40,7 +45,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64, help="upper bound of each request's max_tokens")
     parser.add_argument("--abort-share", type=float, default=0.2, help="share of clients that hang up early")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads of a server started here")
+    parser.add_argument("--workload", choices=("mixed", "prefix", "long"), default="mixed")
+    parser.add_argument("--prefix-words", type=int, default=1000, help="shared system prompt (prefix workload)")
+    parser.add_argument("--long-words", type=int, default=2000, help="prompt length (long workload)")
     return parser.parse_args()
+
+
+WORDS = sorted({w for p in PROMPTS for w in p.split()})
+SYSTEM_SEED = 1234  # every client draws the same shared system prompt
+
+
+def words(rng: random.Random, n: int) -> str:
+    """n words drawn from the tokenizer's own corpus, so a word costs about one token."""
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_prompt(rng: random.Random, args) -> tuple[str, str | None]:
+    """(user text, system prompt or None) of one request for the chosen workload."""
+    if args.workload == "prefix":
+        return f"Question: {words(rng, 16)}", words(random.Random(SYSTEM_SEED), args.prefix_words)
+    if args.workload == "long":
+        return words(rng, args.long_words), None
+    return rng.choice(PROMPTS), None
 
 
 def make_tiny_model_dir(path: Path) -> Path:
@@ -51,7 +77,8 @@ def make_tiny_model_dir(path: Path) -> Path:
     from cybertron.models.presets import preset_config
 
     tokenizer = train_bpe_tokenizer([p * 20 for p in PROMPTS], vocab_size=512)
-    model = build_model(preset_config("tiny", vocab_size=tokenizer.vocab_size), seed=0)
+    # A 4k context, so the prefix and long workloads' prompts fit.
+    model = build_model(preset_config("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=4096), seed=0)
     save_hf_model(model.state_dict(), model.config, path)
     tokenizer.save(path)
     return path
@@ -94,11 +121,14 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, args, stats: 
     abort_after = rng.randint(1, 4) if rng.random() < args.abort_share else None
     common = {"max_tokens": rng.randint(1, args.max_tokens), "temperature": rng.choice([0.0, 0.7, 1.0]),
               "stream": True}
+    user, system = make_prompt(rng, args)
     if rng.random() < 0.5:
-        path, body = "/v1/completions", {"prompt": rng.choice(PROMPTS), **common}
+        prompt = user if system is None else f"{system}\n\n{user}"
+        path, body = "/v1/completions", {"prompt": prompt, **common}
     else:
-        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-                                              **common}
+        messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+            {"role": "user", "content": user}]
+        path, body = "/v1/chat/completions", {"messages": messages, **common}
     start, chunks, done = time.perf_counter(), 0, False
     async with http.stream("POST", path, json=body) as response:
         if response.status_code != 200:
@@ -162,6 +192,7 @@ def main() -> int:
             model_dir = args.model_dir or make_tiny_model_dir(Path(tmp) / "tiny")
             process, url = start_server(model_dir, args.api_key, args.clients, args.threads)
         try:
+            before = idle_metrics(url)
             start = time.perf_counter()
             stats = asyncio.run(run_clients(url, args))
             elapsed = time.perf_counter() - start
@@ -175,6 +206,11 @@ def main() -> int:
     print(f"{args.clients} clients for {elapsed:.1f} s: {stats.requests} requests completed, {stats.aborted} "
           f"aborted mid-stream, {stats.tokens} tokens streamed ({stats.tokens / elapsed:.0f}/s), "
           f"{stats.errors} errors")
+    prompt_tokens = m["cybertron_prompt_tokens_total"] - before["cybertron_prompt_tokens_total"]
+    print(f"workload {args.workload}: {int(prompt_tokens)} prompt tokens taken in ({prompt_tokens / elapsed:.0f}/s)")
+    prefix = {k: v for k, v in m.items() if "prefix" in k}
+    print("prefix cache: " + (", ".join(f"{k} {v - before.get(k, 0):.0f}" for k, v in prefix.items())
+                              if prefix else "the server exports no prefix-cache counters"))
     print(f"time to first token: p50 {statistics.median(ttft) * 1000:.0f} ms, "
           f"p95 {ttft[int(0.95 * (len(ttft) - 1))] * 1000:.0f} ms")
     print(f"server: {int(m['cybertron_requests_cancelled_total'])} cancelled, "

@@ -92,6 +92,10 @@ def parse() -> argparse.Namespace:
                                                     "saved ones with the same settings (split long runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    p.add_argument("--json-out", default="", help="append one JSON line per runner to this file "
+                                                  "(bench/results_jsonl.py: the fields every line has)")
+    p.add_argument("--peak-flops", type=float, default=0.0,
+                   help="the device's peak dense bf16 FLOP/s for MFU (0 = cybertron's table: H100/H200 989e12)")
     args = p.parse_args()
     args.fp8 = [r.strip() for r in args.fp8.split(",") if r.strip()]
     bad = [r for r in args.fp8 if r not in FP8_RECIPES[1:]]
@@ -366,7 +370,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, device: torch.device, results: dict[str, Result]) -> None:
-    peak = device_peak_flops(device)
+    peak = args.peak_flops or device_peak_flops(device)
     fpt = flops_per_token(build_model_config(cybertron_config(args, False), preset_config(args.shape).vocab_size),
                           args.seq)
     print(f"\nshape={args.shape} batch={args.batch} seq={args.seq} device={device} "
@@ -382,6 +386,26 @@ def report(args: argparse.Namespace, device: torch.device, results: dict[str, Re
     print()
     for label, ours, peer in ratio_pairs(rate):
         print(f"ratio {label}: {ours} / {peer} = {rate[ours] / rate[peer]:.3f}")
+    if args.json_out:
+        write_json(args, device, results, fpt, peak)
+
+
+def write_json(args: argparse.Namespace, device: torch.device, results: dict[str, Result], flops_per_tok: float,
+               peak: float | None) -> None:
+    from results_jsonl import append_rows, process_peak_gib
+
+    noise = f"median of {args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up steps"
+    rows = []
+    for name, r in results.items():
+        if r.peak_gib is not None:
+            mem, kind = r.peak_gib, "reserved" if name.startswith("torchtitan") else "max allocated"
+        else:  # CPU, or runners resident together: the whole process's peak, an upper bound for each
+            mem, kind = process_peak_gib(), "process peak RSS"
+        rows.append({"runner": name, "shape": args.shape, "batch": args.batch, "seq": args.seq,
+                     "tokens_per_s": r.tokens_per_s, "mfu": r.tokens_per_s * flops_per_tok / peak if peak else None,
+                     "peak_flops": peak, "flops_per_token": flops_per_tok, "peak_mem_gib": mem,
+                     "peak_mem_kind": kind, "noise": noise, "note": r.note})
+    append_rows(args.json_out, "train_throughput", device, rows)
 
 
 def ratio_pairs(rate: dict[str, float]) -> list[tuple[str, str, str]]:

@@ -51,6 +51,8 @@ class ModelSection:
     n_kv_heads: int | None = opt(None, "override the number of key/value heads (GQA)")
     ffn_dim: int | None = opt(None, "override the SwiGLU hidden size")
     max_seq_len: int | None = opt(None, "override the longest sequence the model accepts")
+    sliding_window: int | None = opt(None, "sliding-window attention: every layer sees only its last N keys "
+                                           "(Mistral style; 0 or unset: full attention)")
     tie_embeddings: bool | None = opt(None, "override whether the output head shares the embedding")
     n_experts: int | None = opt(None, "override the number of routed experts (mixture of experts; 0 = dense)")
     top_k: int | None = opt(None, "override how many experts each token is routed to")

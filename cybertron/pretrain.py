@@ -84,6 +84,7 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, check_vocab: bool = Tr
         overrides = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                 "max_seq_len", "tie_embeddings", "n_experts", "top_k",
                                                 "moe_ffn_dim", "aux_loss_coef", "bias_update_rate")}
+        overrides["sliding_window"] = m.sliding_window or None  # 0 means off, as HF's Qwen2-MoE writes it
         model_cfg = preset_config(m.preset, vocab_size=m.vocab_size or vocab_size, **overrides)
     try:
         model_cfg.validate()

@@ -3,6 +3,7 @@
     cybertron generate --model RUN_OR_HF_DIR --prompt "def fib(n):" [--max-new-tokens N] [--temperature T]
     cybertron generate --run RUN_DIR --prompt "..." [--greedy] [--stop "\\n"] [--config generate.toml]
     cybertron generate --model DIR --prompt "..." --tp 2     (the model sharded over 2 local ranks)
+    cybertron generate --model DIR --prompt "..." --speculative ngram|draft [--spec-k K] [--draft-model DIR]
 
 With --tp N every rank runs the same generation on its shard (same prompt, same seed); rank 0 prints it.
 """
@@ -22,8 +23,10 @@ from cybertron.serve.generate import generate_stream, prompt_ids, single_request
 from cybertron.serve.options import (
     MODEL_SHORTCUTS,
     OUT_IS_NOT_AN_INPUT,
+    SPECULATIVE_SHORTCUTS,
     ModelSourceSection,
     SamplingSection,
+    SpeculativeSection,
     validate_source,
 )
 from cybertron.serve.sampling import SamplingParams
@@ -51,13 +54,14 @@ class GenerateConfig:
     generate: PromptSection = field(default_factory=PromptSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     parallel: TensorParallelSection = field(default_factory=TensorParallelSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
 
 
 SHORTCUTS = {**MODEL_SHORTCUTS, "--prompt": "generate.prompt", "--max-new-tokens": "sampling.max_new_tokens",
              "--temperature": "sampling.temperature", "--top-k": "sampling.top_k", "--top-p": "sampling.top_p",
              "--seed": "sampling.seed", "--stop": "sampling.stop", "--greedy": "sampling.greedy",
              "--presence-penalty": "sampling.presence_penalty", "--frequency-penalty": "sampling.frequency_penalty",
-             "--tp": "parallel.tp"}
+             "--tp": "parallel.tp", **SPECULATIVE_SHORTCUTS}
 
 
 def main(argv: list[str]) -> int:
@@ -69,6 +73,9 @@ def main(argv: list[str]) -> int:
                                                            "--prompt '' samples unconditionally")])
     params = cfg.sampling.params()  # bad values fail before a model is loaded
     check_tp_section(cfg.parallel)
+    cfg.speculative.validate()
+    if cfg.parallel.tp > 1 and cfg.speculative.method != "off":
+        raise UserError("--speculative cannot be combined with --tp yet; use one or the other")
     device = validate_source(cfg.model)
     env = DistEnv.from_environ()  # torchrun's variables, read once here
     if cfg.parallel.tp > 1:  # from the model's config alone, before any rank starts or loads weights
@@ -83,7 +90,9 @@ def main(argv: list[str]) -> int:
         return 0
     model, tokenizer, _ = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
     check_length(model.config, tokenizer, cfg.generate.prompt, params)
-    write_stream(generate_stream(single_request_engine(model, tokenizer), tokenizer, cfg.generate.prompt, params))
+    engine = single_request_engine(model, tokenizer, cfg.speculative.build(
+        lambda path: load_for_inference(path, False, device=device, dtype=cfg.model.dtype)[0]))
+    write_stream(generate_stream(engine, tokenizer, cfg.generate.prompt, params))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     cybertron serve --model RUN_OR_HF_DIR [--lora NAME=PATH ...] [--host H] [--port P] [--api-key KEY]
                     [--config serve.toml] [--tp N]
+    cybertron serve --model DIR --speculative ngram|draft [--spec-k K] [--draft-model DIR]
 
 Each --lora serves a LoRA/DoRA adapter (a PEFT adapter directory or a cybertron fine-tuning run) over the base
 as a model of its own: a request's `model` field picks the base or an adapter by name, and requests for
@@ -28,7 +29,14 @@ from cybertron.runs import load_for_inference, read_base, read_served_adapter
 from cybertron.serve.async_engine import AsyncEngine
 from cybertron.serve.engine import Engine
 from cybertron.serve.mirror import LeaderEngine, command_channel, follow
-from cybertron.serve.options import MODEL_SHORTCUTS, OUT_IS_NOT_AN_INPUT, ModelSourceSection, validate_source
+from cybertron.serve.options import (
+    MODEL_SHORTCUTS,
+    OUT_IS_NOT_AN_INPUT,
+    SPECULATIVE_SHORTCUTS,
+    ModelSourceSection,
+    SpeculativeSection,
+    validate_source,
+)
 from cybertron.serve.server import MAX_BODY_BYTES, create_app
 from cybertron.serve.tensor_parallel import (
     TensorParallelSection,
@@ -63,13 +71,14 @@ class ServeConfig:
     model: ModelSourceSection = field(default_factory=ModelSourceSection)
     server: ServerSection = field(default_factory=ServerSection)
     parallel: TensorParallelSection = field(default_factory=TensorParallelSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
 
 
 SHORTCUTS = {**MODEL_SHORTCUTS, "--host": "server.host", "--port": "server.port", "--api-key": "server.api_key",
              "--max-batch-size": "server.max_batch_size", "--num-blocks": "server.num_blocks",
              "--block-size": "server.block_size", "--model-name": "server.model_name",
              "--max-body-bytes": "server.max_body_bytes", "--lora": "server.lora",
-             "--tp": "parallel.tp"}
+             "--tp": "parallel.tp", **SPECULATIVE_SHORTCUTS}
 
 
 def validate_server(s: ServerSection) -> None:
@@ -121,6 +130,9 @@ def main(argv: list[str]) -> int:
     if s.lora and cfg.parallel.tp > 1:
         raise UserError("--lora cannot be combined with --tp yet (adapters are not sharded over ranks); serve "
                         "the adapters on one device, or merge them into the base with `cybertron export --merge`")
+    cfg.speculative.validate()
+    if cfg.parallel.tp > 1 and cfg.speculative.method != "off":
+        raise UserError("--speculative cannot be combined with --tp yet; use one or the other")
     device = validate_source(cfg.model)
     env = DistEnv.from_environ()  # torchrun's variables, read once here
     if env.is_main:
@@ -141,7 +153,9 @@ def main(argv: list[str]) -> int:
     adapters = [read_served_adapter(n, path) for n, path in lora]  # before the base: their errors come first
     model, tokenizer, _ = load_for_inference(*source, device=device, dtype=cfg.model.dtype)
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, num_blocks=s.num_blocks or None,
-                    block_size=s.block_size, adapters=adapters)
+                    block_size=s.block_size, adapters=adapters,
+                    speculative=cfg.speculative.build(
+                        lambda path: load_for_inference(path, False, device=device, dtype=cfg.model.dtype)[0]))
     for adapter in adapters:
         if adapter.trained_on and Path(adapter.trained_on).resolve() != source[0].resolve():
             print(f"note: adapter {adapter.name!r} was trained over {adapter.trained_on}, not over the served "
@@ -160,8 +174,11 @@ def run_server(cfg: ServeConfig, engine: Engine, tokenizer, name: str, where: st
     app = create_app(runner, tokenizer, name, api_key=s.api_key or None, max_body_bytes=s.max_body_bytes)
     adapters = getattr(engine, "adapter_names", [])
     served = f"{name} (+ adapters {', '.join(adapters)})" if adapters else name
+    spec = cfg.speculative
+    speculating = f", speculative {spec.method} k={spec.k}" if spec.method != "off" else ""
     print(f"serving {served} on http://{s.host}:{s.port} ({where}, "
-          f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens)", file=sys.stderr, flush=True)
+          f"{engine.cache.num_total_blocks} KV blocks of {s.block_size} tokens{speculating})", file=sys.stderr,
+          flush=True)
     try:
         uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
     finally:

@@ -27,7 +27,7 @@ from torch import nn
 
 from cybertron.errors import UserError
 from cybertron.finetune.lora import LoRASpec, apply_lora, lora_expert_modules, lora_modules
-from cybertron.models.hf import hf_key_to_ours, our_key_to_hf, write_safetensors
+from cybertron.models.hf import ARCHITECTURES, hf_key_to_ours, our_key_to_hf, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,6 +68,10 @@ def write_peft_adapter(model: nn.Module, spec: LoRASpec, base_model: str, out: P
                         f"export the run whole with --merge")
     adapted = [name for name, _ in lora_modules(model)]
     assert adapted, "write_peft_adapter needs a model with adapters"
+    if ARCHITECTURES.get(model.config.extra.get("architecture"), {}).get("fused"):
+        raise UserError(f"{model.config.extra['architecture']} fuses q/k/v into qkv_proj and gate/up into "
+                        "gate_up_proj, where PEFT's adapters sit; ours are on the split projections: export the "
+                        "run whole with --merge")
     tensors = {}
     for name, module in lora_modules(model):
         key = PREFIX + our_key_to_hf(name)

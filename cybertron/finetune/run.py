@@ -94,6 +94,9 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
         check_shardable(model, world.dims.dp_shard)  # before FSDP2 splits the NF4 base (its own error is an assertion)
     if t.fused_loss and type(model.lm_head) is not nn.Linear:
         raise ConfigError("train.fused_loss needs a plain output head; finetune.targets adapts lm_head")
+    if t.fused_loss and model.config.final_logit_softcap is not None:
+        raise ConfigError(f"train.fused_loss does not apply model.final_logit_softcap="
+                          f"{model.config.final_logit_softcap} (Gemma 2); set train.fused_loss=false")
     schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     # Every rank loaded the same weights and seeded the same adapters: no start-up broadcast (which altered
     # torchao's NF4 bases under DDP).

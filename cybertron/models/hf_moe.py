@@ -23,6 +23,8 @@ STYLES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"prefix": "mlp", "names": ("gate_proj", "up_proj", "down_proj"), "experts_key": "num_experts"},
     "qwen3_moe": {"prefix": "mlp", "names": ("gate_proj", "up_proj", "down_proj"),
                   "experts_key": "num_local_experts"},
+    "deepseek_v3": {"prefix": "mlp", "names": ("gate_proj", "up_proj", "down_proj"),
+                    "experts_key": "n_routed_experts"},
 }
 _OURS = ("gate_proj", "up_proj", "down_proj")
 
@@ -31,14 +33,17 @@ _ROUTING_DEFAULTS = {"router_jitter_noise": (0, 0.0, None), "topk_method": ("gre
                      "n_group": (1, None), "topk_group": (1, None), "scoring_func": ("softmax", None),
                      "routed_scaling_factor": (1, 1.0, None), "moe_layer_freq": (1, None),
                      "first_k_dense_replace": (0, None), "n_shared_experts": (0, None)}
+# DeepSeek-V3 implements its own routing (sigmoid scores, groups, shared experts); these must still be plain.
+_DEEPSEEK_ROUTING = {"router_jitter_noise": (0, 0.0, None), "topk_method": ("noaux_tc", None),
+                     "scoring_func": ("sigmoid", None), "moe_layer_freq": (1, None)}
 
 
 def moe_config_from_hf(hf: dict[str, Any], style: str) -> dict[str, Any]:
     """ModelConfig values for the MoE fields of an HF config of this style; UserError naming a refused field."""
-    for key, allowed in _ROUTING_DEFAULTS.items():
+    for key, allowed in (_DEEPSEEK_ROUTING if style == "deepseek_v3" else _ROUTING_DEFAULTS).items():
         if hf.get(key) not in allowed:
             raise UserError(f"unsupported {key}={hf[key]!r} in config.json: only {allowed[0]!r} is implemented")
-    n_experts = hf.get("num_local_experts", hf.get("num_experts"))
+    n_experts = hf.get("num_local_experts", hf.get("num_experts", hf.get("n_routed_experts")))
     top_k = hf.get("num_experts_per_tok")
     if not isinstance(n_experts, int) or not isinstance(top_k, int):
         raise UserError("config.json of a mixture-of-experts model needs integer num_experts and "
@@ -62,7 +67,20 @@ def moe_config_from_hf(hf: dict[str, Any], style: str) -> dict[str, Any]:
     if style == "qwen2_moe":
         values["shared_ffn_dim"] = int(hf.get("shared_expert_intermediate_size", 0))
         values["shared_expert_gate"] = values["shared_ffn_dim"] > 0
+    if style == "deepseek_v3":
+        values.update(_deepseek_from_hf(hf))
     return values
+
+
+def _deepseek_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    # transformers builds every layer from first_k_dense_replace on as MoE, with n_shared_experts fused into one
+    # shared MLP, and the router's selection bias always present.
+    return {"score_func": "sigmoid", "selection_bias": True, "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+            "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+            "shared_ffn_dim": int(hf.get("n_shared_experts") or 0) * int(hf["moe_intermediate_size"]),
+            "first_k_dense": int(hf.get("first_k_dense_replace") or 0),
+            "n_group": int(hf.get("n_group") or 1), "topk_group": int(hf.get("topk_group") or 1),
+            "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
 def moe_config_to_hf(cfg: ModelConfig, style: str) -> dict[str, Any]:
@@ -81,6 +99,12 @@ def moe_config_to_hf(cfg: ModelConfig, style: str) -> dict[str, Any]:
     if style == "qwen2_moe":
         hf["shared_expert_intermediate_size"] = cfg.shared_ffn_dim
         hf["qkv_bias"] = cfg.qkv_bias
+    if style == "deepseek_v3":
+        for key in ("decoder_sparse_step", "mlp_only_layers"):
+            hf.pop(key)
+        hf.update(n_shared_experts=cfg.shared_ffn_dim // cfg.expert_ffn_dim, first_k_dense_replace=cfg.first_k_dense,
+                  routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                  scoring_func="sigmoid", topk_method="noaux_tc")
     return hf
 
 
@@ -89,8 +113,12 @@ def _check_expressible(cfg: ModelConfig, style: str) -> None:
         raise UserError(f"cannot export model.{field}={getattr(cfg, field)!r} as {style}: that family has no such "
                         f"setting")
 
-    if cfg.score_func != "softmax":
-        refuse("score_func")
+    if style == "deepseek_v3":
+        _check_deepseek(cfg, refuse)
+        return
+    for field, plain in (("score_func", "softmax"), ("n_group", 1), ("kv_lora_rank", 0)):
+        if getattr(cfg, field) != plain:
+            refuse(field)
     if cfg.routed_scaling_factor != 1.0:
         refuse("routed_scaling_factor")
     if cfg.shared_ffn_dim and (style != "qwen2_moe" or not cfg.shared_expert_gate):
@@ -108,8 +136,21 @@ def _check_expressible(cfg: ModelConfig, style: str) -> None:
         refuse("qk_norm")
 
 
+def _check_deepseek(cfg: ModelConfig, refuse) -> None:
+    for field, plain in (("score_func", "sigmoid"), ("decoder_sparse_step", 1), ("mlp_only_layers", []),
+                         ("shared_expert_gate", False)):
+        if getattr(cfg, field) != plain:
+            refuse(field)
+    if not cfg.shared_ffn_dim or cfg.shared_ffn_dim % cfg.expert_ffn_dim:
+        refuse("shared_ffn_dim")  # n_shared_experts (>= 1) x moe_intermediate_size
+    if not cfg.is_mla:
+        refuse("kv_lora_rank")
+
+
 def guess_style(cfg: ModelConfig) -> str:
     """The HF family for a MoE model trained here (no imported architecture to keep)."""
+    if cfg.is_mla:
+        return "deepseek_v3"
     if cfg.shared_ffn_dim:
         return "qwen2_moe"
     return "qwen3_moe" if cfg.qk_norm else "mixtral"
@@ -139,8 +180,9 @@ def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             else:  # (E, 2 ffn, dim): gate rows first, then up (transformers' Concatenate(dim=1))
                 gate, up = value.chunk(2, dim=1)
                 out[prefix + "gate_proj"], out[prefix + "up_proj"] = gate.contiguous(), up.contiguous()
-        else:
-            out[key.replace(".block_sparse_moe.", ".mlp.")] = value
+        else:  # Mixtral's block name, DeepSeek's plural shared expert
+            key = key.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+            out[key] = value
     for (layer, name), experts in per_expert.items():
         if sorted(experts) != list(range(len(experts))):
             raise UserError(f"{layer}: expert weights {name} are missing for some experts")
@@ -155,6 +197,8 @@ def unstack_experts(state: dict[str, torch.Tensor], style: str) -> dict[str, tor
     """Our stacked expert tensors -> HF's per-expert keys for this family (still without `model.`)."""
     prefix, names = STYLES[style]["prefix"], dict(zip(_OURS, STYLES[style]["names"]))
     out: dict[str, torch.Tensor] = {}
+    if style == "deepseek_v3":
+        return _unstack_deepseek(state, names)
     for key, value in state.items():
         if key.endswith(".mlp.gate.e_score_correction_bias"):
             if value.abs().max() > 0:
@@ -169,4 +213,21 @@ def unstack_experts(state: dict[str, torch.Tensor], style: str) -> dict[str, tor
         else:
             for j, expert in enumerate(value.unbind(0)):
                 out[f"{m.group(1)}.{prefix}.experts.{j}.{names[m.group(3)]}.weight"] = expert.clone()
+    return out
+
+
+def _unstack_deepseek(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 keeps the selection bias (a zero one when this model has none: HF expects it)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _STACKED.match(key)
+        if m is None:
+            out[key.replace(".mlp.shared_expert.", ".mlp.shared_experts.")] = value
+        elif m.group(3) is None:
+            out[key] = value
+            bias = f"{m.group(1)}.mlp.gate.e_score_correction_bias"
+            out[bias] = state.get(bias, torch.zeros(value.shape[0], dtype=torch.float32))
+        else:
+            for j, expert in enumerate(value.unbind(0)):
+                out[f"{m.group(1)}.mlp.experts.{j}.{names[m.group(3)]}.weight"] = expert.clone()
     return out

@@ -1,4 +1,5 @@
-"""Llama-family decoder: RMSNorm, RoPE (HF convention), grouped-query attention, SwiGLU.
+"""Llama-family decoder: RMSNorm, RoPE (HF convention), grouped-query attention, gated MLP (SwiGLU; GeGLU and
+Gemma's norms, scales and soft-capping switched on by config fields).
 
 One plain single-device module. Parallelism is applied to it from outside (cybertron/parallel), so:
 - attention infers local head counts from tensor shapes (`view(b, t, -1, head_dim)`), which is what lets
@@ -13,15 +14,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
+from cybertron.models.masks import AttentionMask, dense_attention_mask, masked_attention
+from cybertron.models.mla import LatentAttention
 from cybertron.models.moe import GroupedExperts, MoE, Router
-from cybertron.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from cybertron.models.norms import RMSNorm, rms_norm
+from cybertron.models.rope import Rotary, apply_rope
+from cybertron.models.softcap import check_servable, softcapped_attention
 
 
 class KVCache(Protocol):
@@ -30,29 +37,10 @@ class KVCache(Protocol):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (batch, seq, kv_heads, head_dim) for this layer and return attention output
-        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally."""
+        (batch, seq, heads, head_dim) of q over everything cached for these sequences, causally (and, for a
+        model with sliding layers, within each layer's window: such a cache has `layer_windows`, a list
+        equal to the config's, and the model refuses a cache without it)."""
         ...
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # PyTorch's fused kernel: the same arithmetic as below in fp32 (bitwise equal in our tests), with
-            # fewer kernels forward and backward (a small saving per training step; bench/RESULTS.md).
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalise in fp32 and cast back before the scale, exactly as HF does (parity under bf16 too).
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 class Attention(nn.Module):
@@ -65,8 +53,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = rms_norm(hd, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        self.k_norm = rms_norm(hd, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        # Scores scaled by attn_scalar ** -0.5 rather than head_dim ** -0.5 (Gemma's query_pre_attn_scalar):
+        # folded into q, so every attention path (SDPA, the paged cache, tensor parallel) stays as it is.
+        scalar = cfg.attn_scalar or hd
+        self.q_scale = (hd / scalar) ** 0.5 if scalar != hd else None
+        self.softcap = cfg.attn_softcap  # Gemma 2: scores soft-capped (models/softcap.py)
         # The seam for parallelisms that change attention itself (context parallelism): a callable
         # (q, k, v, mask) -> out that parallel/ may replace from outside; this file stays single-device.
         self.attention: Callable[..., torch.Tensor] = causal_attention
@@ -76,7 +69,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: AttentionMask | torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -87,17 +80,24 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
+        elif self.softcap is not None:
+            out = softcapped_attention(q, k, v, mask, self.softcap)
         else:
             out = self.attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, t, -1))
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """SDPA over (B, T, heads, hd) tensors; `mask` (B, 1, T, T) bool replaces the plain causal mask."""
+    """SDPA over (B, T, heads, hd) tensors. `mask`: an AttentionMask (packed documents and/or a sliding
+    window, no dense tensor), or a (B, 1, T, T) bool tensor that replaces the plain causal mask."""
+    if isinstance(mask, AttentionMask):
+        return masked_attention(q, k, v, mask)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
@@ -107,27 +107,46 @@ def causal_attention(
     return out.transpose(1, 2)
 
 
+# Gated MLP activations by HF's name: SwiGLU (silu) or Gemma's GeGLU (gelu_pytorch_tanh).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.act = ACTIVATIONS[cfg.mlp_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        norm = (cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.input_layernorm = rms_norm(*norm)
+        if cfg.is_mla:  # multi-head latent attention (DeepSeek)
+            self.self_attn = LatentAttention(cfg, layer_idx, RMSNorm, causal_attention)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = rms_norm(*norm)
         # A mixture of experts or a dense MLP, per layer, as the config says (the same name either way, as HF).
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
+        # Sandwich norms (Gemma 2/3): post_attention_layernorm then normalises the attention *output*, and two
+        # more norms wrap the MLP. HF's names, so checkpoints convert by the rename table.
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms_norm(*norm)
+            self.post_feedforward_layernorm = rms_norm(*norm)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask: AttentionMask | torch.Tensor | None = None, cache=None):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -142,7 +161,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm: RMSNorm | None = rms_norm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
 
@@ -172,36 +191,70 @@ class Transformer(nn.Module):
             h = h.gather(1, logits_at[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         if self.lm_head is None:
             return h
-        return head(h, self.lm_head) if head is not None else self.lm_head(h)
+        cap = self.config.final_logit_softcap
+        if head is not None:
+            if cap is not None:
+                raise ConfigError(f"model.final_logit_softcap={cap} is not applied by the fused output head and "
+                                  "loss; set train.fused_loss=false")
+            return head(h, self.lm_head)
+        logits = self.lm_head(h)
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2: logits kept within +-cap
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
+        if cache is not None:
+            check_servable(self.config)
+        if cache is not None and self.config.sliding_window is not None:
+            self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        if self.config.embed_scale and self.embed_tokens is not None:
+            # Gemma: sqrt(dim) rounded to h's dtype as HF does, as a Python number (h may be a DTensor under TP)
+            h = h * float(torch.tensor(self.config.dim**0.5, dtype=h.dtype))
         b, t = h.shape[:2]
-        mask = None
+        packed = positions is not None and cache is None
         if positions is None:  # one row of angles, broadcast over the batch
             positions = torch.arange(t, device=h.device)[None]
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
-            if cache is None:
-                mask = document_causal_mask(positions)
-        cos, sin = rope_cos_sin(positions, self._inv_freq(h.device), h.dtype)
-        for block in self.layers.values():
-            h = block(h, cos, sin, mask, cache)
+        angles = self._rotary()(positions, h.dtype)
+        # Gemma 3: sliding layers rotate with their own base (local_rope_theta), unscaled.
+        local = self._rotary(local=True)(positions, h.dtype) if self.config.local_rope_theta else angles
+        masks: dict[tuple, AttentionMask | torch.Tensor | None] = {}  # by (window, dense), shared by layers
+        for name, block in self.layers.items():
+            layer_window = self.config.layer_window(int(name))
+            cos, sin = local if layer_window is not None else angles
+            # A cache owns its attention (and the windows: serve/cache.py).
+            window = layer_window if cache is None else None
+            # Under torch.compile (the whole forward, or this block: Module.compile sets _compiled_call_impl)
+            # a dense mask: document boundaries are host-side ints, which dynamo would specialise on (a
+            # recompilation for every new packing).
+            dense = torch.compiler.is_compiling() or getattr(block, "_compiled_call_impl", None) is not None
+            if (window, dense) not in masks:
+                masks[window, dense] = _row_mask(positions if packed else None, window, t, h.device, dense)
+            h = block(h, cos, sin, masks[window, dense], cache)
         if self.norm is not None:
             h = self.norm(h)
         return h
 
-    def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        # Cached per device as a plain attribute, not a buffer: a buffer would be lost by meta-device
-        # construction + to_empty and would travel into checkpoints, and it is a pure function of config.
-        cached = self.__dict__.get("_inv_freq_cache")
-        if cached is None or cached.device != device:
+    def _check_cache_windows(self, cache: KVCache) -> None:
+        cfg = self.config
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        if any(w is not None for w in windows) and getattr(cache, "layer_windows", None) != windows:
+            raise ConfigError(f"model.sliding_window={cfg.sliding_window} needs a KV cache that masks keys "
+                              f"outside the window; {type(cache).__name__} was not set up for it")
+
+    def _rotary(self, local: bool = False) -> Rotary:
+        # A plain attribute, not buffers: buffers would be lost by meta-device construction + to_empty and would
+        # travel into checkpoints, and the frequencies are a pure function of config (cached per device inside).
+        name = "_local_rotary_cache" if local else "_rotary_cache"
+        rotary = self.__dict__.get(name)
+        if rotary is None:
             cfg = self.config
-            cached = inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, device=device)
-            self.__dict__["_inv_freq_cache"] = cached
-        return cached
+            theta, scaling = (cfg.local_rope_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+            rotary = Rotary(cfg.rope_dim, theta, scaling, cfg.max_seq_len, cfg.partial_rotary_factor)
+            self.__dict__[name] = rotary
+        return rotary
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -237,16 +290,23 @@ def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator | None) -> N
     weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
 
 
+def _row_mask(positions: torch.Tensor | None, window: int | None, t: int, device: torch.device,
+              dense: bool) -> AttentionMask | torch.Tensor | None:
+    """The attention pattern of one forward: packed documents (positions given) and/or a window; None is
+    SDPA's plain causal kernel."""
+    if dense:
+        if positions is None and window is None:
+            return None
+        return dense_attention_mask(positions, window, t, device)
+    if positions is None:
+        return AttentionMask(window=window) if window is not None else None
+    return AttentionMask.from_positions(positions, window)
+
+
 def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row. A document starts
-    wherever the position restarts at 0 (or drops), so packed examples never see each other."""
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
-    doc = starts.cumsum(dim=1)
-    t = positions.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    return (same_doc & causal)[:, None]
+    """(B, 1, T, T) bool: causal, and no attention across documents packed into one row (the model's former
+    dense mask; a compiled forward still uses it, see _row_mask)."""
+    return dense_attention_mask(positions, None, positions.shape[1], positions.device)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:

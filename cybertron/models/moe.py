@@ -45,8 +45,9 @@ class Router(nn.Module):
         self.score_func = cfg.score_func
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim))
-        if cfg.bias_update_rate > 0:
+        if cfg.bias_update_rate > 0 or cfg.selection_bias:
             # Added to the scores for top-k selection only, never to the combine weights (DeepSeek-V3).
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
         else:
@@ -57,6 +58,8 @@ class Router(nn.Module):
         logits = F.linear(x, self.weight)
         scores = logits.float().softmax(-1) if self.score_func == "softmax" else logits.float().sigmoid()
         select = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            select = limit_to_groups(select, self.n_group, self.topk_group)
         idx = torch.topk(select, self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
@@ -64,6 +67,16 @@ class Router(nn.Module):
         if self.scaling != 1.0:
             weights = weights * self.scaling
         return logits, weights, idx
+
+
+def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3 group-limited routing: experts form n_group equal groups, a group scores the sum of its two
+    best selection scores, and only experts of the topk_group best groups stay selectable (others -inf)."""
+    n, e = select.shape
+    grouped = select.view(n, n_group, e // n_group)
+    best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices  # (N, topk_group)
+    keep = torch.zeros(n, n_group, dtype=torch.bool, device=select.device).scatter_(1, best_groups, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
 
 
 class GroupedExperts(nn.Module):

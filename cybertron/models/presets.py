@@ -30,6 +30,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # for the CPU test suite and bench/moe.py. The balancing loss is on (HF's router_aux_loss_coef scale).
     "moe": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024,
                 tie_embeddings=False, rope_theta=10000.0, n_experts=8, top_k=2, aux_loss_coef=0.01),
+    # A small DeepSeek-V3 shape (exports as DeepseekV3ForCausalLM): multi-head latent attention with a low-rank
+    # query and HF's interleaved rope, a dense first layer, then 8 sigmoid-scored experts in 4 groups (2 groups
+    # selectable per token), one shared expert and auxiliary-loss-free balancing through the selection bias.
+    "deepseek-moe": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=256,
+                         max_seq_len=1024, tie_embeddings=False, rope_theta=10000.0, kv_lora_rank=32,
+                         q_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                         rope_interleave=True, n_experts=8, top_k=2, moe_ffn_dim=64, shared_ffn_dim=64,
+                         first_k_dense=1, score_func="sigmoid", selection_bias=True, routed_scaling_factor=2.5,
+                         n_group=4, topk_group=2, bias_update_rate=1e-3),
     "llama3-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                       norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
                       tie_embeddings=True),

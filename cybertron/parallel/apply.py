@@ -144,7 +144,7 @@ def _tp_plan(model: nn.Module, sp: bool, lp: bool) -> dict:
     """The family's plan for this model's shape: which of its layers are mixtures of experts."""
     cfg = transformer_of(model).config
     moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
-    return llama_tp_plan(sp, lp, moe, cfg.n_layers)
+    return llama_tp_plan(sp, lp, moe, cfg.n_layers, cfg.sandwich_norms)
 
 
 def _tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, plan: dict, float8: bool = False) -> None:

@@ -121,6 +121,9 @@ class ParallelDims:
         if self.ep > 1 and n_experts % self.ep:
             raise ConfigError(f"parallel.ep={self.ep} must divide model.n_experts={n_experts} (each expert-"
                               "parallel rank holds the same number of whole experts)")
+        if self.tp > 1 and getattr(cfg, "kv_lora_rank", 0):
+            raise ConfigError(f"parallel.tp={self.tp} is not implemented for multi-head latent attention "
+                              f"(model.kv_lora_rank > 0); use fsdp and ep")
         if self.tp > 1:
             for name in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
                 value = getattr(cfg, name)
@@ -136,6 +139,10 @@ class ParallelDims:
         if self.cp > 1 and window:
             raise ConfigError(f"parallel.cp={self.cp} does not support sliding-window attention yet "
                               f"(model.sliding_window={window}); use parallel.cp=1")
+        for key, what in (("attn_softcap", "soft-capped attention scores"), ("is_mla", "latent attention")):
+            if self.cp > 1 and getattr(cfg, key, None):
+                raise ConfigError(f"parallel.cp={self.cp} does not support {what} yet (model.{key}="
+                                  f"{getattr(cfg, key)}); use parallel.cp=1")
         if self.pp > 1 and cfg.tie_embeddings:
             raise ConfigError("pipeline parallelism (parallel.pp > 1) needs model.tie_embeddings=false: the "
                               "embedding and the output head live on different stages")

@@ -29,9 +29,10 @@ _ATTN_EXTRA_ARGS = (None, None, None, None)
 
 
 def llama_tp_plan(sequence_parallel: bool, loss_parallel: bool, moe_layers: Collection[int] = (),
-                  n_layers: int = 0) -> dict[str, ParallelStyle]:
+                  n_layers: int = 0, sandwich_norms: bool = False) -> dict[str, ParallelStyle]:
     """The plan for cybertron.models.llama.Transformer (embed_tokens / layers.* / norm / lm_head).
-    moe_layers: indices of the mixture-of-experts layers among the n_layers (ModelConfig.is_moe_layer)."""
+    moe_layers: indices of the mixture-of-experts layers among the n_layers (ModelConfig.is_moe_layer).
+    sandwich_norms: the blocks also have pre_/post_feedforward_layernorm (Gemma; ModelConfig.sandwich_norms)."""
     stream = Shard(1) if sequence_parallel else Replicate()
     # With sequence parallelism the stream stays a DTensor so the model sees global shapes (RoPE positions).
     keep_dtensor = sequence_parallel
@@ -60,6 +61,9 @@ def llama_tp_plan(sequence_parallel: bool, loss_parallel: bool, moe_layers: Coll
         plan["layers.*.input_layernorm"] = SequenceParallel()
         plan["layers.*.post_attention_layernorm"] = SequenceParallel()
         plan["norm"] = SequenceParallel()
+        if sandwich_norms:
+            plan["layers.*.pre_feedforward_layernorm"] = SequenceParallel()
+            plan["layers.*.post_feedforward_layernorm"] = SequenceParallel()
     return plan
 
 

@@ -6,6 +6,7 @@ fragmentation, and a finished or cancelled request returns its blocks at once.
 
 The model never sees any of this: it calls `cache.attend(layer, q, k, v)` on a `CacheBatch`, the per-step
 view that knows which sequence each batch row is, where the new tokens go and how much context each row has.
+Attention reads the pool through the block table (serve/paged_attention.py).
 
 Block 0 is a scratch block that belongs to no sequence: padded token slots of a ragged batch are written
 there, so a batch needs no masking of its writes (and no host-side branching, which CUDA graphs forbid).
@@ -21,8 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from cybertron.models.llama import causal_attention
+from cybertron.models.masks import window_visible_keys
+from cybertron.serve.paged_attention import paged_attention
 
 SCRATCH_BLOCK = 0
+ATTENTION_METHODS = ("paged", "gather")
 
 
 class OutOfBlocks(RuntimeError):
@@ -61,7 +65,13 @@ class BlockAllocator:
 
 class PagedKVCache:
     """K and v pools of shape (n_layers, 1 + num_blocks, block_size, n_kv_heads, head_dim), an allocator
-    and one block table per sequence id."""
+    and one block table per sequence id.
+
+    `attention` picks how CacheBatch attends over cached context: "paged" reads the pool through the block
+    table; "gather" first copies each row's blocks into one dense tensor (the earlier path, kept so
+    bench/decode.py can compare the two)."""
+
+    attention = "paged"
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -75,6 +85,8 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.allocator = BlockAllocator(num_blocks, first_id=SCRATCH_BLOCK + 1)
         self.tables: dict[int, list[int]] = {}
+        # Sliding window per layer (None: full); the engine sets it from the model config (h4).
+        self.layer_windows: list[int | None] = [None] * n_layers
 
     @property
     def num_total_blocks(self) -> int:
@@ -132,7 +144,8 @@ class CacheBatch:
     context_lens: torch.Tensor  # (B,) tokens cached after this step, new ones included
     fresh: bool  # no row has cached context: attention runs over the new k/v alone
     span: tuple[int, int] | None  # one sequence in consecutive blocks: (first pool row, context length)
-    mask: torch.Tensor | None  # (B, 1, T, S) for the gathered path, built once and shared by all layers
+    mask: torch.Tensor | None  # (B, 1, T, S) for the gather path, built once and shared by all layers
+    visible: int = 0  # keys below this position are visible to every query (the smallest start in the batch)
 
     @classmethod
     def build(cls, cache: PagedKVCache, seq_ids: Sequence[int], starts: Sequence[int],
@@ -158,10 +171,14 @@ class CacheBatch:
 
         batch = cls(cache=cache, positions=put(positions), slots=put(slots),
                     block_table=put([tb + [SCRATCH_BLOCK] * (width - len(tb)) for tb in tables]),
-                    context_lens=put(lens), fresh=fresh, span=span, mask=None)
-        if not fresh and span is None:
+                    context_lens=put(lens), fresh=fresh, span=span, mask=None, visible=min(starts))
+        if not fresh and span is None and cache.attention == "gather":
             batch.mask = visible_keys(batch.positions, width * bs)
         return batch
+
+    @property
+    def layer_windows(self) -> list[int | None]:  # h4: what the model checks before trusting a windowed cache
+        return self.cache.layer_windows
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into the pool, then attend q over each row's whole cached context."""
@@ -170,6 +187,13 @@ class CacheBatch:
         v_pool = self.cache.v[layer_idx].view(-1, n_kv, hd)
         k_pool.index_copy_(0, self.slots, k.reshape(b * t, n_kv, hd))
         v_pool.index_copy_(0, self.slots, v.reshape(b * t, n_kv, hd))
+        # --- sliding window (h4): a sliding layer masks keys older than its window (models/masks.py) ---
+        window = self.cache.layer_windows[layer_idx]
+        if window is not None:
+            keys = _gather(self.cache.k[layer_idx], self.block_table)
+            values = _gather(self.cache.v[layer_idx], self.block_table)
+            return _sdpa(q, keys, values, window_visible_keys(self.positions, keys.shape[1], window))
+        # --- end sliding window ---
         if self.fresh:
             # Prefill from position 0: the context is exactly the new tokens. Right padding is harmless
             # under a causal mask, since a real token never sees a later (padded) one.
@@ -179,9 +203,13 @@ class CacheBatch:
             first, length = self.span
             keys, values = k_pool[first:first + length][None], v_pool[first:first + length][None]
             return _sdpa(q, keys, values, None)
+        if self.cache.attention == "paged":
+            return paged_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], self.block_table,
+                                   self.positions, self.visible)
         keys = _gather(self.cache.k[layer_idx], self.block_table)  # (B, S, nkv, hd)
         values = _gather(self.cache.v[layer_idx], self.block_table)
-        return _sdpa(q, keys, values, self.mask)
+        mask = self.mask if self.mask is not None else visible_keys(self.positions, keys.shape[1])
+        return _sdpa(q, keys, values, mask)
 
 
 def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

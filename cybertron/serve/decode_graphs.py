@@ -74,7 +74,8 @@ class DecodeGraphs:
         positions = inputs[:, 1:2]
         if self.lora is not None:  # base rows (slot 0) add exactly zero, so one graph serves every mix
             self.lora.bind(inputs[:, 3])
-        batch = CacheBatch(cache=self.cache, positions=positions, slots=inputs[:, 2],
+        batch_class = getattr(self.cache, "batch_class", CacheBatch)  # a latent cache's (serve/latent_cache.py)
+        batch = batch_class(cache=self.cache, positions=positions, slots=inputs[:, 2],
                            block_table=inputs[:, self.table_col:],
                            context_lens=positions[:, 0] + 1, fresh=False, span=None,
                            mask=visible_keys(positions, width * self.cache.block_size))

@@ -33,10 +33,14 @@ import torch
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
+from cybertron.models.rope import cached_context
+from cybertron.models.softcap import check_servable
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
+from cybertron.serve.latent_cache import LatentKVCache, latent_bytes_per_block
 from cybertron.serve.multi_lora import LoraAdapter, MultiLoRA, attach_adapters
+from cybertron.serve.outputs import RequestOutput
 from cybertron.serve.runner import ModelRunner, build_decode_graphs
 from cybertron.serve.sampling import (
     NON_FINITE_LOGITS,
@@ -47,7 +51,9 @@ from cybertron.serve.sampling import (
     sample,
 )
 from cybertron.serve.scheduler import PrefillChunk, Scheduler
+from cybertron.serve.speculative import SpeculativeConfig
 from cybertron.serve.structured import Matcher, token_mask
+from cybertron.serve.verify import Speculator
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when neither num_blocks nor a budget is given
 CUDA_KV_FRACTION = 0.5  # default KV pool on CUDA: this share of the memory free after loading the model
@@ -64,20 +70,6 @@ class Lockstep(Protocol):
     def idle_forward(self) -> None:
         """A model call without a request that joins the other ranks' collectives."""
         ...
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (streamed to its consumer)."""
-
-    request_id: int
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[list[tuple[int, float]]]
-    text: str  # new text that is safe to show (stop strings already cut)
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None  # why the request failed (finish_reason "error"); the others are unaffected
 
 
 class GenerationError(UserError):
@@ -150,7 +142,12 @@ class Engine:
                  max_prefill_tokens: int = 4096, max_attention_keys: int = 1 << 20,
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
                  kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
-                 adapters: Sequence[LoraAdapter] = ()):
+                 adapters: Sequence[LoraAdapter] = (), speculative: SpeculativeConfig | None = None):
+        check_servable(model.config)  # h5: a model the paged cache cannot attend for is refused up front
+        if speculative is not None and adapters:
+            # A verification forward carries rows of several requests; their adapter rows are not set for it.
+            raise UserError("speculative decoding cannot be combined with LoRA adapters (--lora) yet; use one "
+                            "or the other")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -182,13 +179,18 @@ class Engine:
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self.stats = EngineStats()
+        # ---- speculative decoding hook (serve/verify.py): built last, it reads the cache and model above ----
+        if speculative is not None and lockstep is not None:
+            raise ValueError("a lockstep engine cannot speculate: ranks would call the model different numbers "
+                             "of times")
+        self.speculator = Speculator(speculative, self) if speculative is not None else None
 
     # ---- requests -------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """InvalidParameter (a UserError) if the request can never run. Reads only fixed settings, so any
         thread may call it."""
         params.validate()
-        n, context = len(prompt_ids), self.config.max_seq_len
+        n, context = len(prompt_ids), cached_context(self.config.rope_scaling, self.config.max_seq_len)
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
         if n >= context:  # before the scan of every id below: a prompt of a million ids is refused at once
@@ -288,11 +290,13 @@ class Engine:
             plan = self.scheduler.schedule()
             self.stats.preemptions += len(plan.preempted)
             self.stats.prefix_hit_tokens += plan.hit_tokens
-            groups = self._decode_groups(plan.decode)
+            decoding, produced = plan.decode, []
+            if self.speculator is not None:  # speculative decoding hook: returns the requests it did not take
+                decoding, produced = self.speculator.decode(self, decoding)
+            groups = self._decode_groups(decoding)
             calls = len(groups) + bool(plan.prefill)
             agreed = calls if self.lockstep is None else self.lockstep.agree(calls)
             self._peers_busy = agreed > 0
-            produced = []
             for group in groups:
                 produced += self._decode(group)
             if plan.prefill:
@@ -467,8 +471,12 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
     cfg, dtype = model.config, next(model.parameters()).dtype
     if num_blocks is None:
         num_blocks = default_num_blocks(model, block_size, dtype, device, max_batch_size, kv_memory_bytes)
-    return PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
-                        device)
+    if cfg.is_mla:  # multi-head latent attention caches one compressed latent per token (serve/latent_cache.py)
+        return LatentKVCache(cfg, num_blocks, block_size, dtype, device)
+    cache = PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
+                         device)
+    cache.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]  # sliding layers mask old keys
+    return cache
 
 
 def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, device: torch.device,
@@ -477,6 +485,8 @@ def default_num_blocks(model: Transformer, block_size: int, dtype: torch.dtype, 
     budget (1 GiB on CPU; half the free memory on CUDA)."""
     cfg = model.config
     per_block = PagedKVCache.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, block_size, dtype)
+    if cfg.is_mla:
+        per_block = latent_bytes_per_block(cfg, block_size, dtype)
     if kv_memory_bytes is None:
         want = max_batch_size * -(-cfg.max_seq_len // block_size)
         if device.type == "cuda":

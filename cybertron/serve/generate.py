@@ -8,14 +8,17 @@ from cybertron.data.tokenizer import TextTokenizer
 from cybertron.models.llama import Transformer
 from cybertron.serve.engine import Engine
 from cybertron.serve.sampling import SamplingParams
+from cybertron.serve.speculative import SpeculativeConfig
 
 
-def single_request_engine(model: Transformer, tokenizer: TextTokenizer, **options) -> Engine:
+def single_request_engine(model: Transformer, tokenizer: TextTokenizer,
+                          speculative: SpeculativeConfig | None = None, **options) -> Engine:
     """An engine sized for one sequence of the model's full context (what a one-off generation needs);
     `options` go to the Engine (a tensor-parallel rank's KV heads, say)."""
     block_size = 16
     num_blocks = -(-model.config.max_seq_len // block_size)
-    return Engine(model, tokenizer, max_batch_size=1, num_blocks=num_blocks, block_size=block_size, **options)
+    return Engine(model, tokenizer, max_batch_size=1, num_blocks=num_blocks, block_size=block_size,
+                  speculative=speculative, **options)
 
 
 def prompt_ids(tokenizer: TextTokenizer, prompt: str) -> list[int]:

@@ -34,6 +34,14 @@ def render_metrics(runner: AsyncEngine, http: dict[str, int]) -> str:
         ("cybertron_kv_blocks_cached", "gauge", "KV cache blocks holding a cached prefix (in use or free)",
          engine.blocks.num_cached),
     ]
+    if engine.speculator is not None:  # speculative decoding hook (serve/verify.py)
+        spec = engine.speculator.stats
+        rows += [
+            ("cybertron_spec_verifications_total", "counter", "speculative steps (one per request verified)",
+             spec.steps),
+            ("cybertron_spec_proposed_tokens_total", "counter", "draft tokens checked by the model", spec.proposed),
+            ("cybertron_spec_accepted_tokens_total", "counter", "draft tokens the model accepted", spec.accepted),
+        ]
     lines = []
     for name, kind, help_, value in rows:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -1,8 +1,9 @@
 """The config sections `cybertron generate` and `cybertron serve` share — the model source with its device and
-dtype, and the sampling settings — each with its validator, and the device they name."""
+dtype, the sampling settings and speculative decoding — each with its validator, and the device they name."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 from cybertron.config import DTYPE_NAMES, check_dtype, opt, raise_first_failure
 from cybertron.data.escapes import decode_escapes
 from cybertron.errors import ConfigError, UserError
+from cybertron.models.llama import Transformer
 from cybertron.serve.sampling import SamplingParams
+from cybertron.serve.speculative import METHODS, SpeculativeConfig
 
 # The model flags both commands take: {flag: key}.
 MODEL_SHORTCUTS = {"--model": "model.path", "--run": "model.run", "--device": "model.device",
@@ -69,6 +72,47 @@ class SamplingSection:
         except UserError as err:
             raise ConfigError(f"sampling.{err}") from err
         return params
+
+
+@dataclass
+class SpeculativeSection:
+    method: str = opt("off", "speculative decoding: off, ngram (prompt lookup: propose what followed the last "
+                             "tokens earlier in the context) or draft (a smaller model, --draft-model)")
+    k: int = opt(4, "tokens proposed per step at most")
+    ngram_min: int = opt(1, "shortest suffix looked up in the context (ngram)")
+    ngram_max: int = opt(3, "longest suffix looked up in the context, tried first (ngram)")
+    draft_model: str = opt("", "the draft model (draft): a Hugging Face or cybertron run directory whose "
+                               "vocabulary is the target's; loaded on the target's device and dtype")
+
+    def validate(self) -> None:
+        """ConfigError naming the first bad value, before any model is loaded."""
+        raise_first_failure([
+            (self.method in ("off", *METHODS), f"speculative.method must be one of off, {', '.join(METHODS)}, "
+                                               f"got {self.method!r}"),
+            (self.k >= 1, f"speculative.k must be >= 1, got {self.k}"),
+            (1 <= self.ngram_min <= self.ngram_max, f"speculative n-gram sizes need 1 <= ngram_min <= ngram_max, "
+                                                    f"got {self.ngram_min} and {self.ngram_max}"),
+            (self.method != "draft" or bool(self.draft_model), "--speculative draft needs --draft-model PATH"),
+            (self.method == "draft" or not self.draft_model, "--draft-model is only used with --speculative draft"),
+            (not self.draft_model or Path(self.draft_model).is_dir(),
+             f"--draft-model {self.draft_model} is not a directory; give a Hugging Face model directory or a "
+             "cybertron run directory"),
+        ])
+
+    def build(self, load_draft: Callable[[Path], Transformer]) -> SpeculativeConfig | None:
+        """The engine's config (None when off), with the draft model from `load_draft(path)` if there is one
+        (the command loads it: reading a run directory is above this layer)."""
+        if self.method == "off":
+            return None
+        draft = load_draft(Path(self.draft_model)) if self.method == "draft" else None
+        return SpeculativeConfig(self.method, k=self.k, ngram_min=self.ngram_min, ngram_max=self.ngram_max,
+                                 draft=draft)
+
+
+# The speculative flags both commands take: {flag: key}.
+SPECULATIVE_SHORTCUTS = {"--speculative": "speculative.method", "--spec-k": "speculative.k",
+                         "--spec-ngram-min": "speculative.ngram_min", "--spec-ngram-max": "speculative.ngram_max",
+                         "--draft-model": "speculative.draft_model"}
 
 
 def validate_source(m: ModelSourceSection) -> torch.device:

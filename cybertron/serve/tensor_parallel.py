@@ -54,6 +54,9 @@ def check_tp_section(p: TensorParallelSection) -> None:
 
 def check_tp_degree(cfg: ModelConfig, tp: int) -> None:
     """UserError unless `tp` splits the model evenly (checked from its config, before any weight is read)."""
+    if tp > 1 and cfg.is_mla:
+        raise UserError(f"--tp {tp} is not implemented for multi-head latent attention (DeepSeek); serve it with "
+                        f"--tp 1")
     for name in SPLIT_FIELDS:
         value = getattr(cfg, name)
         if value % tp:

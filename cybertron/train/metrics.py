@@ -25,7 +25,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     matmul_params = cfg.num_params(include_embedding=False, active=True)
     if cfg.tie_embeddings:
         matmul_params += cfg.vocab_size * cfg.dim  # the tied head still multiplies
-    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
+    hd = cfg.head_size
+    if cfg.is_mla:  # q.k over nope + rope dims, attention x v over v_head_dim: their mean stands for hd
+        hd = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * hd * seq_len
 
 
 def device_peak_flops(device: torch.device) -> float | None:

@@ -27,14 +27,16 @@ from cybertron.serve.sampling import SamplingParams
 from cybertron.serve.tensor_parallel import shard_model
 
 pytestmark = pytest.mark.distributed
-# dim 64, 4 heads / 2 kv heads; an odd vocabulary, as tokenizers often have, splits unevenly.
-MODEL = preset_config("debug", vocab_size=257, n_layers=2)
+# dim 64, 4 heads / 2 kv heads; an odd vocabulary, as tokenizers often have, splits unevenly. The MoE preset
+# (experts computed whole on every rank, attention split) and a sliding-window model run in the slow suite.
+VARIANTS = {"debug": ("debug", {}), "moe": ("moe", {}), "window": ("debug", {"sliding_window": 6})}
+VOCAB = 257
 OPTIONS = dict(max_batch_size=2, num_blocks=24, block_size=8, decode_graphs=False)
 
 
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, MODEL.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 3)]
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 3)]
 
 
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=9, logprobs=True),
@@ -84,7 +86,9 @@ def _scenario(engine: Engine) -> dict:
             "kept": [t for o in kept for t in o.token_ids], "after": [after.token_ids, after.logprobs]}
 
 
-def _rank_run(rank: int) -> dict:
+def _rank_run(rank: int, variant: str) -> dict:
+    preset, overrides = VARIANTS[variant]
+    MODEL = preset_config(preset, vocab_size=VOCAB, n_layers=2, **overrides)
     sharded = build_model(MODEL, seed=0)
     shard_model(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
     digests = _logit_digests(sharded)
@@ -101,25 +105,25 @@ def _rank_run(rank: int) -> dict:
     return {"got": got, "want": want, "steps": leader.steps, "digests": digests}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, preset: str) -> None:
     torch.set_num_threads(1)  # ARCHITECTURE.md pitfall 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     try:
-        result = _rank_run(rank)
+        result = _rank_run(rank, preset)
     except Exception:
         result = {"error": traceback.format_exc()[-3000:]}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+@pytest.fixture(scope="module", params=["debug", *(pytest.param(v, marks=pytest.mark.slow) for v in ("moe", "window"))])
+def ranks(request, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("serve_tp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, str(out), request.param), nprocs=2, join=True)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert "error" not in r, r["error"]

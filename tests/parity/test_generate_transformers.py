@@ -21,6 +21,10 @@ CASES = {
                                                  sliding_window=None)),
     "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
                                                     moe_intermediate_size=32, norm_topk_prob=True)),
+    # Sliding windows shorter than the prompts: the paged cache masks keys older than each layer's window.
+    "mistral-window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=7)),
+    "qwen2-window-layers": (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=True,
+                                                           sliding_window=5, max_window_layers=1)),
 }
 NEW_TOKENS = 24
 

@@ -52,13 +52,19 @@ def write_tokenizer(out: Path, template: str | None = CHATML) -> None:
 
 def make_hf_dir(out: Path, family: str = "llama", template: str | None = CHATML, seed: int = 0,
                 max_shard_size: str | None = None, **overrides) -> Path:
-    """A random tiny `family` (llama, qwen2, mistral, mixtral) model saved by transformers, with tokenizer files
-    (weights sharded with an index when max_shard_size is given, e.g. "150KB")."""
+    """A random tiny `family` (llama, qwen2, mistral, mixtral, phi3, gemma2, gemma3) model saved by transformers,
+    with tokenizer files (weights sharded with an index when max_shard_size is given, e.g. "150KB")."""
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig}[family]
-    extra = {"sliding_window": None} if family in ("mistral", "mixtral") else {}
+                  "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig,
+                  "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config,
+                  "gemma3": transformers.Gemma3TextConfig}[family]
+    extra = {"sliding_window": None} if family in ("mistral", "mixtral", "phi3") else {}
+    if family == "phi3":  # token ids inside the tiny vocabulary; half of each head rotates
+        extra.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5)
+    if family.startswith("gemma"):  # small heads and a window the chats outgrow
+        extra.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16, sliding_window=16)
     if family == "mixtral":  # a mixture of experts: 4 experts, 2 per token
         extra.update(num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(seed)

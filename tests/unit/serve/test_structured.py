@@ -165,3 +165,20 @@ def test_a_llama2_style_tokenizer_is_bridged_too():
     for result in engine.generate([tokenizer.encode("Hello")] * 3, params):
         assert result.finish_reason == "stop", result.text
         Person.model_validate_json(result.text)
+
+
+def test_constrained_rows_decode_plainly_beside_speculated_ones(text_model, tokenizer, compiler):
+    """An engine that speculates (prompt lookup) still gives a constrained request valid output, token for token
+    what a plain engine gives, while a free greedy request beside it is speculated."""
+    from cybertron.serve.speculative import SpeculativeConfig
+
+    grammar = compiler.json_schema(Person.model_json_schema(), "response_format")
+    prompts = [tokenizer.encode("Hello world"), tokenizer.encode("Hello world Hello world Hello")]
+    params = [SamplingParams(temperature=0.0, max_tokens=120, grammar=grammar),
+              SamplingParams(temperature=0.0, max_tokens=24)]
+    plain = Engine(text_model, tokenizer, num_blocks=64, block_size=8).generate(prompts, params)
+    engine = Engine(text_model, tokenizer, num_blocks=64, block_size=8, speculative=SpeculativeConfig("ngram", k=4))
+    speculated = engine.generate(prompts, params)
+    assert [r.token_ids for r in speculated] == [r.token_ids for r in plain]
+    Person.model_validate_json(speculated[0].text)
+    assert engine.speculator.stats.proposed > 0

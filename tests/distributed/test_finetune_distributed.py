@@ -54,11 +54,12 @@ def one_process(inputs, tmp_path_factory):
 DP = "--parallel.data_parallel"
 # (method, layout flags, ranks, description of the layout in the announcement)
 DEFAULT_LAYOUTS = {
-    "dora-tp2-checkpointed": ("dora", ["--parallel.tp", "2", "--parallel.activation_checkpoint", "full"], 2,
-                              "ddp tp=2"),
     "full-pp2": ("full", ["--parallel.pp", "2", "--train.micro_batch_size", "2"], 2, "ddp pp=2"),
 }
 SLOW_LAYOUTS = {
+    # DoRA under tp=2 with activation checkpointing runs by default in test_adapters_parallel.py (the library path)
+    "dora-tp2-checkpointed": ("dora", ["--parallel.tp", "2", "--parallel.activation_checkpoint", "full"], 2,
+                              "ddp tp=2"),
     # QLoRA with the NF4 base sharded runs by default in test_qlora_zero3.py (the library path)
     "qlora-zero3": ("qlora", [DP, "zero3"], 2, "zero3 dp_shard=2"),
     "lora-ddp": ("lora", [DP, "ddp"], 2, "ddp dp_replicate=2"),

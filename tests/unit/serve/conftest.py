@@ -3,6 +3,7 @@
 import pytest
 
 from cybertron.data.tokenizer import train_bpe_tokenizer
+from cybertron.models.hf import save_hf_model
 from cybertron.models.llama import build_model
 from cybertron.models.presets import preset_config
 
@@ -28,3 +29,12 @@ def tokenizer():
 def text_model(tokenizer):
     """A debug-shaped model whose vocabulary is the tokenizer's, for text-level tests."""
     return build_model(preset_config("debug", vocab_size=tokenizer.vocab_size), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(text_model, tokenizer, tmp_path_factory):
+    """text_model and its tokenizer saved as a Hugging Face directory (what the CLI loads)."""
+    out = tmp_path_factory.mktemp("hf")
+    save_hf_model(text_model.state_dict(), text_model.config, out)
+    tokenizer.save(out)
+    return out

@@ -3,18 +3,9 @@
 import pytest
 
 from cybertron.cli import main as cli_main
-from cybertron.models.hf import save_hf_model
 from cybertron.serve.engine import Engine
 from cybertron.serve.generate import generate_stream
 from cybertron.serve.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def hf_dir(text_model, tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    save_hf_model(text_model.state_dict(), text_model.config, out)
-    tokenizer.save(out)
-    return out
 
 
 def test_generate_stream_yields_the_engines_text_piece_by_piece(text_model, tokenizer):

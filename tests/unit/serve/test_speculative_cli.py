@@ -9,14 +9,6 @@ from cybertron.models.presets import preset_config
 
 
 @pytest.fixture(scope="module")
-def hf_dir(text_model, tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    save_hf_model(text_model.state_dict(), text_model.config, out)
-    tokenizer.save(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def other_vocab_dir(tokenizer, tmp_path_factory):
     """A model over 256 tokens, not the tokenizer's 320."""
     out = tmp_path_factory.mktemp("hf256")

@@ -6,18 +6,9 @@ import torch
 
 from cybertron.cli import main as cli_main
 from cybertron.errors import UserError
-from cybertron.models.hf import save_hf_model
 from cybertron.models.presets import preset_config
 from cybertron.parallel.runtime import DistEnv
 from cybertron.serve.tensor_parallel import check_tp_degree, check_tp_devices, needs_launch
-
-
-@pytest.fixture(scope="module")
-def hf_dir(text_model, tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    save_hf_model(text_model.state_dict(), text_model.config, out)
-    tokenizer.save(out)
-    return out
 
 
 def test_tp_must_divide_the_heads_and_ffn_but_not_the_vocabulary():

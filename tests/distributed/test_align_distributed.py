@@ -1,7 +1,7 @@
 """`cybertron align` on 2 gloo ranks (DDP, ZeRO-3, tensor parallelism with and without sequence and loss
 parallelism) against the same run in one process: the same losses, gradient norms, rewards and held-out
-metrics, and checkpoints that resume in one process. Default: dpo-lora-ddp, reward-lora-zero3, dpo-lora-tp2
-and GRPO under DDP; the rest with `-m slow`."""
+metrics, and checkpoints that resume in one process. Default: reward-full-tp2 and GRPO
+under ZeRO-3; the rest with `-m slow`."""
 
 from __future__ import annotations
 
@@ -56,8 +56,10 @@ LAYOUTS = {"ddp": ([DP, "ddp"], "ddp dp_replicate=2"), "zero3": ([DP, "zero3"], 
 
 # The default run keeps one case per method and layout; the other combinations run with `-m slow`.
 @pytest.mark.parametrize("method, weights, layout", [
-    ("dpo", "lora", "tp2"),
-    pytest.param("reward", "full", "tp2", marks=pytest.mark.slow),  # DPO tp2 keeps TP in the default run
+    ("reward", "full", "tp2"),
+    # DPO's sharded log-probs run by default in test_vocab_parallel_logprobs.py, LoRA under tp in
+    # test_adapters_parallel.py
+    pytest.param("dpo", "lora", "tp2", marks=pytest.mark.slow),
     pytest.param("reward", "lora", "zero3", marks=pytest.mark.slow),  # zero3 by default: GRPO and finetune
     pytest.param("dpo", "lora", "ddp", marks=pytest.mark.slow),  # finetune's default run has lora under ddp
     pytest.param("dpo", "full", "zero3", marks=pytest.mark.slow),  # full ZeRO-3: finetune's default test has it

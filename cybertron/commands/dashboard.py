@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cybertron.config import help_text, opt, parse_args, raise_first_failure
+from cybertron.dashboard.folder import RunsFolder
+from cybertron.dashboard.server import bind, serve_forever, url_of
 
 
 @dataclass
@@ -50,13 +52,11 @@ def main(argv: list[str]) -> int:
         (d.serve_url.startswith(("http://", "https://")),
          f"--serve-url must be an http:// or https:// URL, got {d.serve_url!r}"),
     ])
-    from cybertron.dashboard.app import create_app  # fastapi: the [dashboard] extra, needed from here on
-    from cybertron.dashboard.folder import RunsFolder
-    from cybertron.dashboard.proxy import ServeProxy
-    from cybertron.dashboard.server import bind, serve_forever, url_of
-
     folder = RunsFolder(Path(d.runs_dir))
     sock = bind(d.host, d.port)
+    from cybertron.dashboard.app import create_app  # fastapi and httpx: the [dashboard] extra
+    from cybertron.dashboard.proxy import ServeProxy
+
     print(f"dashboard for {folder.root} ({len(folder.runs())} runs) on {url_of(sock)}; chat playground -> "
           f"{d.serve_url}", file=sys.stderr, flush=True)
     serve_forever(create_app(folder, ServeProxy(d.serve_url, d.serve_api_key)), sock)

@@ -145,3 +145,18 @@ def test_cli_bad_runs_dir_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: RUNS_DIR {tmp_path / 'nope'} is not a directory; give the folder that holds your run directories "
         "(e.g. runs/)")
+
+
+@pytest.mark.slow  # a real training run: seconds on 2 cores; the files' format is covered above by the same writers
+def test_a_real_training_run_is_summarized_and_tailed(tmp_path, fast_run_args):
+    runs = tmp_path / "runs"
+    assert cli_main(["train", *fast_run_args, "--steps", "3", "--eval.every", "0", "--out", str(runs / "real")]) == 0
+    expected = [json.loads(line) for line in (runs / "real" / "metrics.jsonl").read_text().splitlines()]
+    with client_for(runs) as client:
+        [row] = client.get("/api/runs").json()
+        tail = client.get("/api/runs/real/metrics").json()
+    last_loss = [r for r in expected if "loss" in r][-1]
+    assert (row["name"], row["method"], row["status"], row["step"], row["total_steps"]) == \
+        ("real", "pretrain", "finished", 3, 3)
+    assert (row["loss"], row["tokens_per_s"], row["checkpoints"]) == (last_loss["loss"], last_loss["tokens_per_s"], 1)
+    assert row["val_loss"] == expected[-1]["val_loss"] and tail["records"] == expected

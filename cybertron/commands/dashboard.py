@@ -40,8 +40,7 @@ SHORTCUTS = {"--runs-dir": "dashboard.runs_dir", "--host": "dashboard.host", "--
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print("usage: cybertron dashboard RUNS_DIR [options]\n")
-        print(help_text(DashboardConfig(), "dashboard", SHORTCUTS))
+        print(help_text(DashboardConfig(), "dashboard", SHORTCUTS).replace("dashboard", "dashboard RUNS_DIR", 1))
         return 0
     positional = [] if not argv or argv[0].startswith("-") else [argv[0]]
     d = parse_args(argv[len(positional):], DashboardConfig(), SHORTCUTS).dashboard

@@ -26,8 +26,9 @@ from cybertron.errors import UserError
 RUN_MARKERS = ("run.json", "finetune.json", "config.toml", METRICS_FILE)  # any of these: a run directory
 CHECKPOINTS = "checkpoints"
 # A run whose files changed this recently is running (a step, an evaluation or a save in progress rarely leaves
-# the files untouched this long on a run worth watching live).
+# the files untouched this long), or within 3 of its intervals between logged steps when those are longer.
 RUNNING_WINDOW_S = 120.0
+QUIET_INTERVALS = 3
 KIND_NAMES = {"pretrain": "pretrain", "finetune": "sft", "reward": "reward"}
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 
@@ -99,28 +100,39 @@ def summarize(name: str, run_dir: Path, now: float) -> RunSummary:
     steps = checkpoint_steps(run_dir)
     updated = last_modified(run_dir)
     last = records[-1] if records else {}
+    window = max(RUNNING_WINDOW_S, QUIET_INTERVALS * log_interval_s(records))
     return RunSummary(
-        name=name, method=describe_method(run_dir),
-        status=run_status(last, total, steps, now - updated),
+        name=name, method=describe_method(run_dir), status=run_status(last, total, steps, now - updated, window),
         step=last.get("step"), total_steps=total,
         loss=_newest(records, "loss"), val_loss=_newest(records, "val_loss"),
         tokens_per_s=_newest(records, "tokens_per_s"), checkpoints=len(steps), updated=updated)
 
 
-def run_status(last: dict[str, Any], total: int | None, checkpoint_steps: list[int], age_s: float) -> str:
+def run_status(last: dict[str, Any], total: int | None, checkpoint_steps: list[int], age_s: float,
+               window_s: float = RUNNING_WINDOW_S) -> str:
     """finished: the final checkpoint exists (train.steps known), or, when the length follows from epochs, the
     run went quiet right after an evaluation at its newest checkpoint's step (a run ends by evaluating, then
-    saving). running: its files changed within RUNNING_WINDOW_S. failed: it went quiet on a skipped step (the
+    saving). running: its files changed within `window_s`. failed: it went quiet on a skipped step (the
     divergence guard stops a run there, train.max_skipped_steps). stopped: quiet otherwise (killed or crashed)."""
     if total and total in checkpoint_steps:
         return "finished"
-    if age_s < RUNNING_WINDOW_S:
+    if age_s < window_s:
         return "running"
     if "skipped" in last:
         return "failed"
     if not total and checkpoint_steps and "val_loss" in last and last.get("step") == checkpoint_steps[-1]:
         return "finished"
     return "stopped"
+
+
+def log_interval_s(records: list[dict[str, Any]]) -> float:
+    """Seconds between the last two logged training steps, from their cumulative `tokens` and the last
+    `tokens_per_s` (measured over that interval); 0 when the records do not say (no `tokens` field)."""
+    logged = [r for r in records if isinstance(r.get("tokens"), (int, float)) and "loss" in r]
+    if len(logged) < 2 or not isinstance(logged[-1].get("tokens_per_s"), (int, float)) \
+            or logged[-1]["tokens_per_s"] <= 0:
+        return 0.0
+    return max(0.0, (logged[-1]["tokens"] - logged[-2]["tokens"]) / logged[-1]["tokens_per_s"])
 
 
 def describe_method(run_dir: Path) -> str:

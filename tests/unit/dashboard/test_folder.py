@@ -4,10 +4,11 @@ finetune.json), the status of a run sized in epochs, and the tail read in bounde
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from cybertron.dashboard.folder import RunsFolder, describe_method, run_status
+from cybertron.dashboard.folder import RunsFolder, describe_method, log_interval_s, run_status
 from cybertron.dashboard.tail import read_new
 from cybertron.finetune.lora import LoRASpec
 from cybertron.runs import Adapters, RunMeta
@@ -41,6 +42,18 @@ def test_a_run_sized_in_epochs_is_finished_when_it_ends_on_an_evaluation_at_its_
     assert run_status({"step": 12, "loss": 2.1}, None, [6, 12], age_s=600) == "stopped"
     assert run_status(end, None, [6, 12], age_s=5) == "running"
     assert run_status({"step": 9, "loss": 2.1}, 20, [6], age_s=5) == "running"
+
+
+def test_a_slow_run_is_running_for_three_of_its_log_intervals(tmp_path):
+    records = [{"step": 10, "loss": 3.0, "tokens": 10_000, "tokens_per_s": 20.0},
+               {"step": 20, "loss": 2.9, "tokens": 20_000, "tokens_per_s": 25.0}]
+    assert log_interval_s(records) == 400.0  # 10,000 tokens at 25 tokens/s
+    run_dir = make_run(tmp_path, "slow", [5.0], total_steps=100, extra=tuple(records), age_s=1000)
+    assert RunsFolder(tmp_path).summaries()[0].status == "running"  # quiet 1000 s < 3 x 400 s
+    old = run_dir.stat().st_mtime - 300
+    for p in [run_dir, *run_dir.rglob("*")]:
+        os.utime(p, (old, old))
+    assert RunsFolder(tmp_path).summaries()[0].status == "stopped"  # 1300 s
 
 
 def test_the_folder_itself_may_be_one_run(tmp_path):

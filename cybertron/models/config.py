@@ -165,9 +165,11 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive with multi-head latent attention")
         if self.qk_nope_head_dim < 0 or (self.q_lora_rank is not None and self.q_lora_rank <= 0):
             raise ValueError("model.qk_nope_head_dim must be >= 0 and model.q_lora_rank positive or None")
-        if self.rope_scaling is not None:
-            raise ValueError("model.rope_scaling is not implemented for multi-head latent attention (YaRN's "
-                             "softmax scale is not)")
+        from cybertron.models.rope import rope_type  # late: rope.py imports torch, this module does not
+
+        if rope_type(self.rope_scaling) not in ("default", "yarn"):
+            raise ValueError(f"model.rope_scaling of type {rope_type(self.rope_scaling)!r} is not implemented "
+                             "for multi-head latent attention (YaRN is)")
         if self.qkv_bias or self.qk_norm:
             raise ValueError("model.qkv_bias and model.qk_norm do not apply to multi-head latent attention")
 

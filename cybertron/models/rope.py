@@ -102,6 +102,15 @@ def attention_factor(scaling: dict[str, Any] | None, max_position: int) -> float
     return _yarn_mscale(factor)
 
 
+def softmax_scale_factor(scaling: dict[str, Any] | None) -> float:
+    """What DeepSeek's attention multiplies its softmax scale by under YaRN: mscale(factor, mscale_all_dim)^2
+    (transformers' yarn_apply_mscale; 1 without mscale_all_dim). Only multi-head latent attention applies it."""
+    if rope_type(scaling) == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    mscale = _yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"])
+    return mscale * mscale
+
+
 def _yarn_mscale(scale: float, mscale: float = 1) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 

@@ -32,7 +32,7 @@ class ModelConfig:
     embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
     attn_scalar: float | None = None  # scores scaled by attn_scalar ** -0.5 (query_pre_attn_scalar); None: head size
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
-    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2; not servable)
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
     local_rope_theta: float | None = None  # sliding-window layers rotate with this base, unscaled (Gemma 3)
     init_std: float = 0.02
     # Mixture of experts (models/moe.py); n_experts = 0 is a dense model. Which layers are MoE follows the HF

@@ -34,7 +34,6 @@ from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
 from cybertron.models.rope import cached_context
-from cybertron.models.softcap import check_servable
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
@@ -143,7 +142,6 @@ class Engine:
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
                  kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
                  adapters: Sequence[LoraAdapter] = (), speculative: SpeculativeConfig | None = None):
-        check_servable(model.config)  # h5: a model the paged cache cannot attend for is refused up front
         if speculative is not None and adapters:
             # A verification forward carries rows of several requests; their adapter rows are not set for it.
             raise UserError("speculative decoding cannot be combined with LoRA adapters (--lora) yet; use one "
@@ -476,6 +474,7 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
     cache = PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
                          device)
     cache.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]  # sliding layers mask old keys
+    cache.attn_softcap = cfg.attn_softcap  # Gemma 2: capped attention scores
     return cache
 
 

@@ -217,7 +217,8 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=h.device)[None]
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
-        angles = self._rotary()(positions, h.dtype)
+        # A cache may name each row's sequence length for length-dependent RoPE (a prefill chunk: the prompt's).
+        angles = self._rotary()(positions, h.dtype, getattr(cache, "rope_lengths", None))
         # Gemma 3: sliding layers rotate with their own base (local_rope_theta), unscaled.
         local = self._rotary(local=True)(positions, h.dtype) if self.config.local_rope_theta else angles
         masks: dict[tuple, AttentionMask | torch.Tensor | None] = {}  # by (window, dense), shared by layers

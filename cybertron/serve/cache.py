@@ -130,10 +130,13 @@ class PagedKVCache:
         """Return a sequence's blocks to the pool (finished, cancelled or preempted); no-op if it has none."""
         self.allocator.free(self.tables.pop(seq_id, []))
 
-    def batch(self, seq_ids: Sequence[int], starts: Sequence[int], num_new: Sequence[int]) -> CacheBatch:
+    def batch(self, seq_ids: Sequence[int], starts: Sequence[int], num_new: Sequence[int],
+              rope_lengths: Sequence[int] | None = None) -> CacheBatch:
         """The view for one forward: row i is sequence seq_ids[i], whose first starts[i] tokens are cached
-        and whose num_new[i] new tokens are in this batch (rows padded on the right to max(num_new))."""
-        return CacheBatch.build(self, seq_ids, starts, num_new)
+        and whose num_new[i] new tokens are in this batch (rows padded on the right to max(num_new)).
+        rope_lengths: each row's whole length when this is one chunk of a longer prefill (length-dependent
+        RoPE takes its angles from it)."""
+        return CacheBatch.build(self, seq_ids, starts, num_new, rope_lengths)
 
 
 @dataclass
@@ -150,10 +153,13 @@ class CacheBatch:
     span: tuple[int, int] | None  # one sequence in consecutive blocks: (first pool row, context length)
     mask: torch.Tensor | None  # (B, 1, T, S) for the gather path, built once and shared by all layers
     visible: int = 0  # keys below this position are visible to every query (the smallest start in the batch)
+    # (B, 1) the length each row's sequence reaches in the forward this chunk belongs to, for length-dependent
+    # RoPE (models/rope.py); None: each row's last position + 1
+    rope_lengths: torch.Tensor | None = None
 
     @classmethod
     def build(cls, cache: PagedKVCache, seq_ids: Sequence[int], starts: Sequence[int],
-              num_new: Sequence[int]) -> CacheBatch:
+              num_new: Sequence[int], rope_lengths: Sequence[int] | None = None) -> CacheBatch:
         bs, t = cache.block_size, max(num_new)
         positions, slots, tables = [], [], []
         for seq_id, start, n in zip(seq_ids, starts, num_new):
@@ -175,7 +181,8 @@ class CacheBatch:
 
         batch = cls(cache=cache, positions=put(positions), slots=put(slots),
                     block_table=put([tb + [SCRATCH_BLOCK] * (width - len(tb)) for tb in tables]),
-                    context_lens=put(lens), fresh=fresh, span=span, mask=None, visible=min(starts))
+                    context_lens=put(lens), fresh=fresh, span=span, mask=None, visible=min(starts),
+                    rope_lengths=None if rope_lengths is None else put([[n] for n in rope_lengths]))
         if not fresh and span is None and cache.attention == "gather":
             batch.mask = visible_keys(batch.positions, width * bs)
         return batch

@@ -1,6 +1,7 @@
 """Greedy generation of a tiny DeepSeek-V3 through the paged engine equals `transformers` generate, token for
 token, with the cache holding only the compressed latent + rope key per token (serve/latent_cache.py) and
-attention in latent space (with YaRN's softmax scale too); prompts are prefilled in chunks and, the second time, from the prefix cache."""
+attention in latent space (with YaRN's softmax scale too); prompts are prefilled in chunks and, the second
+time, from the prefix cache."""
 
 import pytest
 import torch

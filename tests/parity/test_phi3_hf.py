@@ -15,6 +15,7 @@ from cybertron.errors import UserError  # noqa: E402
 from cybertron.models.hf import load_hf_model, save_hf_model  # noqa: E402
 from cybertron.serve.engine import Engine  # noqa: E402
 from cybertron.serve.sampling import SamplingParams  # noqa: E402
+from cybertron.serve.speculative import SpeculativeConfig  # noqa: E402
 
 PAIRS = 6  # rotary pairs of a 16-wide head with partial_rotary_factor 0.75
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -83,3 +84,13 @@ def test_phi3_greedy_serving_matches_transformers_across_the_long_factor_switch(
     assert engine.stats.prefix_hit_tokens >= 24 + 16
     with pytest.raises(UserError, match="context of 48"):
         engine.generate([prompts[3]], SamplingParams(temperature=0.0, max_tokens=new_tokens + 1))
+
+
+def test_speculative_serving_stops_at_the_switch_in_one_line(tmp_path):
+    _phi3(tmp_path / "hf")
+    engine = Engine(load_hf_model(tmp_path / "hf"), max_batch_size=1, num_blocks=8, block_size=8,
+                    speculative=SpeculativeConfig("ngram", k=2))
+    with pytest.raises(UserError, match="original context \\(24 tokens") as err:
+        engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=22))
+    assert "\n" not in str(err.value)
+    assert len(engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=21))[0].token_ids) == 21

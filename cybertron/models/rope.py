@@ -160,7 +160,8 @@ class Rotary:
     in a batch gets the angles HF's generate gives it alone. HF differs where its own state shows: it keeps the
     largest dynamic length seen (a shorter forward after a longer one, both past max_position, reuses the
     longer one's base). A chunk of a longer prefill passes `seq_len`, the length the whole prefill reaches,
-    so its angles are those of HF's one-call prefill of the prompt."""
+    so its angles are those of HF's one-call prefill of the prompt (a dynamic-NTK sequence recomputed after a
+    preemption gets its whole length's base, where HF's cached keys kept the bases they were written with)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_position: int,
                  partial_rotary_factor: float = 1.0):

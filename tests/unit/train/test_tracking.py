@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cybertron.cli import main as cli_main
@@ -186,3 +187,55 @@ def test_a_missing_backend_package_is_one_line_and_exit_2(monkeypatch, capsys, t
     assert err == "error: log.backends includes wandb, but the wandb package is not installed: " \
                   "pip install 'cybertron[wandb]'\n"
     assert not (tmp_path / "run").exists()
+
+
+def _train(run_dir: Path, log: LogSection, steps: int = 4):
+    """A real training run through the one driver (session.run): the tiny token-stream task of test_session."""
+    from cybertron.config import CheckpointSection, EvalSection
+    from cybertron.models.llama import build_model
+    from cybertron.models.presets import preset_config
+    from cybertron.train import session
+    from cybertron.train.optim import build_optimizer
+    from cybertron.train.trainer import LanguageModelStep, Trainer
+    from tests.unit.train.test_session import SEQ_LEN, TokenStreamTask
+
+    model_cfg = preset_config("debug", vocab_size=64, n_layers=1, max_seq_len=SEQ_LEN)
+    model = build_model(model_cfg, seed=0)
+    trainer = Trainer(model, build_optimizer(model, 1e-2, 0.0, (0.9, 0.95), 1e-8), LanguageModelStep(),
+                      lambda step: 1e-2, 1.0)
+    tokens = np.random.default_rng(0).integers(0, 64, 2000).astype(np.int32)
+    driver = session.Driver(run_dir, None, trainer, [model], model_cfg, steps, EvalSection(every=2),
+                            CheckpointSection(every=0, async_save=False), log,
+                            write_run_files=lambda d: (d / "config.toml").write_text(CONFIG))
+    session.run(driver, TokenStreamTask(trainer, tokens[:1600], tokens[1600:]), model)
+    return _records(run_dir)
+
+
+def test_a_training_run_writes_its_losses_and_config_to_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = _train(tmp_path / "run", LogSection(every=1, backends=["tensorboard"], progress="lines"))
+    for key in ("loss", "val_loss", "grad_norm"):
+        assert tensorboard_scalars(tmp_path / "run", key) == pytest.approx(_series(records, key))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    (text,) = events.Tensors("config/text_summary")
+    assert "lr = 0.01" in text.tensor_proto.string_val[0].decode()
+
+
+@pytest.mark.slow  # wandb and mlflow imports and run starts: several seconds of CPU
+def test_a_training_run_logs_to_wandb_and_mlflow(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_dir = tmp_path / "run"
+    records = _train(run_dir, LogSection(every=1, backends=["wandb", "mlflow"], tensorboard=False,
+                                         progress="lines", wandb_mode="offline"))
+    ids = json.loads((run_dir / TRACKING_FILE).read_text())
+    history, _, _ = wandb_history(run_dir)
+    client = mlflow_client(run_dir)
+    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
+        assert history[key] == _series(records, key)
+        assert [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], key)] == \
+            sorted(_series(records, key).items())
+    assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
+    assert not (run_dir / "tensorboard").exists()

@@ -127,7 +127,7 @@ class WandbTracker:
                 # the records below already carry what the run prints.
                 settings=wandb.Settings(console="off"))
         except Exception as err:  # no API key, no network, a bad entity: one line instead of a traceback
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
             raise UserError(f"wandb could not start a run: {first}; run `wandb login`, or log offline with "
                             "--log.wandb_mode=offline") from err
         self.run_id = self.run.id

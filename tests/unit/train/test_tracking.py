@@ -16,7 +16,7 @@ import pytest
 
 from cybertron.cli import main as cli_main
 from cybertron.config import LogSection, check_log_section
-from cybertron.errors import ConfigError
+from cybertron.errors import ConfigError, UserError
 from cybertron.train.metrics import MetricsLogger
 from cybertron.train.tracking import TRACKING_FILE
 
@@ -239,3 +239,15 @@ def test_a_training_run_logs_to_wandb_and_mlflow(tmp_path, monkeypatch, capsys):
             sorted(_series(records, key).items())
     assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
     assert not (run_dir / "tensorboard").exists()
+
+
+@pytest.mark.slow  # imports wandb
+def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(UserError) as err:
+        MetricsLogger(tmp_path, None, LogSection(backends=["wandb"], tensorboard=False, wandb_mode="online"))
+    assert str(err.value).startswith("wandb could not start a run: No API key configured")
+    assert str(err.value).endswith("run `wandb login`, or log offline with --log.wandb_mode=offline")

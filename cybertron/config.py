@@ -239,6 +239,7 @@ def validate_shared_sections(cfg: Any) -> None:
                                                          f"got {cfg.log.progress!r}"),
     ])
     check_log_section(cfg.log)
+    cfg.log.backends = log_backends(cfg.log)  # config.toml records the resolved list
     if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")

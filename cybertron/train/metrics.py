@@ -97,8 +97,8 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.trackers: list[Tracker] = []
         self.dropped_lines = 0  # unreadable lines left out on resume (a write torn by a kill)
-        # Steps a tracker that cannot rewind was already sent before a resume: the resumed run repeats them
-        # (identically, from the checkpoint), and wandb ignores a step below its last one with a warning.
+        # The highest step sent before a resume: a tracker that continues its run already holds the steps the
+        # resumed run repeats (identically, from the checkpoint), and wandb refuses a step below its last one.
         self.sent_through = -1
         if not enabled:
             return
@@ -139,7 +139,7 @@ class MetricsLogger:
         values = {k: float(v) for k, v in record.items()
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for tracker in self.trackers:
-            if values and (tracker.rewinds or step > self.sent_through):
+            if values and (step > self.sent_through or not tracker.continued):
                 tracker.log(step, values)
         if self.display is not None and "loss" in record:
             self.display.step(record["step"], record)

@@ -30,9 +30,9 @@ MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
 class Tracker(Protocol):
-    # True when the tracker can drop what it was sent after a step (TensorBoard's purge_step); the others get
-    # no records of steps they were already sent before a resume (metrics.py).
-    rewinds: bool
+    # True when the tracker goes on with a run that already holds the steps sent before a resume, which it
+    # cannot drop: it is not sent them again (metrics.py). TensorBoard drops them (purge_step): always False.
+    continued: bool
 
     def log(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -91,7 +91,7 @@ class TensorBoardTracker:
     """Events in RUN/tensorboard. Resumed, purge_step hides the old events from the checkpoint's step on, as
     metrics.jsonl drops its records."""
 
-    rewinds = True
+    continued = False
 
     def __init__(self, run_dir: Path, resumed_at: int | None, config_text: str):
         from torch.utils.tensorboard import SummaryWriter
@@ -112,7 +112,6 @@ class TensorBoardTracker:
 class WandbTracker:
     """A Weights & Biases run (offline: files under RUN/wandb that `wandb sync` uploads later)."""
 
-    rewinds = False
     key = "wandb"
 
     def __init__(self, log: LogSection, run_dir: Path, name: str, run_id: str | None, config_text: str):
@@ -131,6 +130,7 @@ class WandbTracker:
             raise UserError(f"wandb could not start a run: {first}; run `wandb login`, or log offline with "
                             "--log.wandb_mode=offline") from err
         self.run_id = self.run.id
+        self.continued = run_id is not None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -157,7 +157,6 @@ def _file_store_allowed(uri: str) -> Iterator[None]:
 class MlflowTracker:
     """An MLflow run: metrics by step, the config as params and as the artifact config.toml."""
 
-    rewinds = False
     key = "mlflow"
 
     def __init__(self, log: LogSection, run_dir: Path, name: str, run_id: str | None, config_text: str):
@@ -171,6 +170,7 @@ class MlflowTracker:
             with _file_store_allowed(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
             self.run_id = self._continue(run_id) if run_id else None
+            self.continued = self.run_id is not None
             if self.run_id is None:
                 experiment = self.client.get_experiment_by_name(log.mlflow_experiment)
                 experiment_id = (experiment.experiment_id if experiment is not None

@@ -251,3 +251,17 @@ def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
         MetricsLogger(tmp_path, None, LogSection(backends=["wandb"], tensorboard=False, wandb_mode="online"))
     assert str(err.value).startswith("wandb could not start a run: No API key configured")
     assert str(err.value).endswith("run `wandb login`, or log offline with --log.wandb_mode=offline")
+
+
+@pytest.mark.slow  # imports mlflow
+def test_a_tracker_added_on_resume_gets_every_step_the_resumed_run_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    first = MetricsLogger(tmp_path, None, LogSection(tensorboard=False))
+    _log_steps(first, range(1, 6))
+    first.close(ok=False)
+    resumed = MetricsLogger(tmp_path, None, LogSection(backends=["mlflow"], tensorboard=False), resumed_at=3)
+    _log_steps(resumed, range(4, 8))
+    resumed.close()
+    run_id = json.loads((tmp_path / TRACKING_FILE).read_text())["mlflow"]
+    history = mlflow_client(tmp_path).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 5.0 / s) for s in range(4, 8)]

@@ -49,8 +49,13 @@ def open_trackers(log: LogSection, run_dir: Path, resumed_at: int | None) -> lis
     name = log.run_name or run_dir.resolve().name
     trackers: list[Tracker] = []
     try:
-        if "tensorboard" in names or (log.tensorboard and importlib.util.find_spec("tensorboard") is not None):
+        if "tensorboard" in names:
             trackers.append(TensorBoardTracker(run_dir, resumed_at, config_text))
+        elif log.tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            try:  # not asked for by name: a tensorboard that does not import with this torch is passed over
+                trackers.append(TensorBoardTracker(run_dir, resumed_at, config_text))
+            except ImportError:
+                pass
         if "wandb" in names:
             trackers.append(WandbTracker(log, run_dir, name, ids.get("wandb"), config_text))
         if "mlflow" in names:

@@ -73,7 +73,7 @@ class SequenceSums:
                             "chunks; pad the preference batches to a multiple of it")
         mine = zigzag_indices(t, cp, self.attention.rank, ids.device)
         self.attention.set_batch(t, None, ids.device)  # one causal sequence per row (right-padded)
-        return mine, mine.expand(b, -1)
+        return mine, mine.expand(b, -1).contiguous()
 
     def response_logprobs(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:

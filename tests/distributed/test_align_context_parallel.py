@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import read_metrics
@@ -38,7 +39,7 @@ def _config(args: list[str]):
 
 
 def _worker(rank: int, world_size: int, port: int, args: list[str]) -> None:
-    """mp.spawn entry: one rank of the run, as torchrun would start it."""
+    """mp.start_processes entry: one rank of the run, as torchrun would start it."""
     from cybertron.commands.align import run
     from cybertron.parallel.runtime import DistEnv
 
@@ -59,7 +60,11 @@ def _run(args: list[str], out, world_size: int = 1, port: int = 0) -> list[dict]
         finally:
             torch.set_num_threads(threads)
     else:
-        mp.spawn(_worker, args=(world_size, port, args), nprocs=world_size, join=True)
+        # fork: the ranks start with pytest's modules already imported (spawning re-imports torch and
+        # cybertron in each, most of this test's time); no process group exists here to be inherited.
+        # (A process group of an earlier in-process test would be inherited: spawn then.)
+        mp.start_processes(_worker, args=(world_size, port, args), nprocs=world_size, join=True,
+                           start_method="spawn" if dist.is_initialized() else "fork")
     return read_metrics(out)
 
 
@@ -82,7 +87,8 @@ def prefs(tmp_path_factory):
 CASES = {  # name -> (world size, layout flags)
     "cp2": (2, ["--parallel.cp", "2"]),
     "dp_shard2xcp2": (4, ["--parallel.cp", "2", "--parallel.data_parallel", "zero3", "--parallel.dp_shard", "2"]),
-    "cp2xtp2": (4, ["--parallel.cp", "2", "--parallel.tp", "2"]),
+    # DDP (align's default) does not compose with tensor parallelism: FSDP2 over the cp ranks
+    "cp2xtp2": (4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.data_parallel", "zero3"]),
 }
 
 
@@ -117,3 +123,7 @@ def test_grpo_with_context_parallelism_is_refused_in_one_line(prefs, tmp_path, c
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
     assert "parallel.cp=2 does not run with grpo" in err and "KV cache" in err
     assert not (tmp_path / "x").exists()
+    # DDP would replicate tensor-parallel weights over the cp ranks: refused before any process starts
+    assert cli_main(["align", "--model", str(hf), "--data", str(data), "--parallel.cp", "2", "--parallel.tp", "2",
+                     "--nproc", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "does not compose with tp/pp" in capsys.readouterr().err

@@ -101,7 +101,8 @@ CASES = {  # name -> (world size, layout flags)
     pytest.param("simpo", "full", "cp2", marks=pytest.mark.slow),
     pytest.param("orpo", "lora", "cp2", marks=pytest.mark.slow),
     pytest.param("reward", "full", "cp2", marks=pytest.mark.slow),
-    pytest.param("reward", "lora", "dp_shard2xcp2", marks=pytest.mark.slow)])
+    pytest.param("reward", "lora", "dp_shard2xcp2", marks=pytest.mark.slow),
+    pytest.param("reward", "full", "cp2xtp2", marks=pytest.mark.slow)])
 def test_preference_methods_under_context_parallelism_match_one_process(prefs, tmp_path, method, weights, case):
     hf, data = prefs
     world_size, flags = CASES[case]

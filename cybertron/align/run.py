@@ -85,7 +85,8 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
-    # the layout is applied (every rank computes the same values, with no communication).
+    # the layout is applied (every rank computes the same values, with no communication but, under context
+    # parallelism, that of its cp group).
     if isinstance(setup, GRPOSetup):
         engine, reference = grpo_model_state(cfg, model, tokenizer, world, seq_len,
                                              plan.batch_size // world.dp_size,

@@ -75,8 +75,13 @@ class Parallelized:
     context: ContextParallelAttention | None = None  # under cp: a method's own step function needs wrap_step
 
     def wrap_step(self, step_fn: StepFunction) -> StepFunction:
-        """A method's step function made to run on this layout (context parallelism slices its batches)."""
-        return ContextParallelStep(step_fn, self.context) if self.context is not None else step_fn
+        """A method's step function made to run on this layout (context parallelism slices its batches, or
+        the step cuts them itself when it defines `under_context_parallel(attention)`: the preference losses,
+        which need whole-sequence sums)."""
+        if self.context is None:
+            return step_fn
+        own = getattr(step_fn, "under_context_parallel", None)
+        return own(self.context) if own is not None else ContextParallelStep(step_fn, self.context)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,

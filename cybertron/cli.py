@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "export": "write a run as an HF directory (--merge adapters)",
     "convert": "HF directory <-> run directory (--from-hf HF --out RUN, --run RUN --out HF)",
     "serve": "OpenAI-compatible HTTP server",
+    "eval": "perplexity on text files and lm-evaluation-harness tasks (run or HF model)",
 }
 
 

@@ -112,7 +112,8 @@ def main(argv: list[str]) -> int:
         record["lm_eval"] = run_tasks(model, tokenizer, request, e.batch_size, manager)
         for task, metrics in record["lm_eval"]["results"].items():
             for metric, value in metrics.items():
-                if metric != "alias" and "_stderr" not in metric and isinstance(value, (int, float)):
+                if metric not in ("alias", "sample_len") and "_stderr" not in metric and \
+                        isinstance(value, (int, float)):
                     print(f"{task} {metric.removesuffix(',none')}: {value:.4f}")
     print(f"results: {write_results(out_path, record)}")
     return 0

@@ -50,18 +50,26 @@ def task_manager(request: TaskRequest):
 
 def run_tasks(model: Transformer, tokenizer: TextTokenizer, request: TaskRequest, batch_size: int,
               manager=None) -> dict[str, Any]:
-    """{"results": {task: {metric: value}}, "n-shot", "n-samples", "versions", "lm_eval_version"}. lm_eval's
-    global seeds are left alone (the library changes no process-wide state); only the few-shot sampler's is set."""
+    """{"results": {task: {metric: value}}, "n-shot", "n-samples", "versions", "lm_eval_version"}.
+
+    The tasks are set up as lm_eval's simple_evaluate sets them up (few-shot count, the sampler's seed) and run
+    by its `evaluate`; simple_evaluate itself is skipped: it seeds the global RNGs (the library changes no
+    process-wide state) and collects the environment with `pip list` subprocesses (seconds per run)."""
     manager = manager or task_manager(request)
     import lm_eval
-    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.evaluator import evaluate
 
     from cybertron.eval.harness import CybertronLM
 
-    out = simple_evaluate(model=CybertronLM(model, tokenizer, batch_size), tasks=list(request.names),
-                          num_fewshot=request.num_fewshot, limit=request.limit, task_manager=manager,
-                          log_samples=False, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-                          fewshot_random_seed=request.seed)
+    loaded = manager.load(list(request.names))
+    for task in loaded["tasks"].values():
+        if request.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=request.num_fewshot)  # a task fixed at 0 shots stays so
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=request.seed)
+    out = evaluate(lm=CybertronLM(model, tokenizer, batch_size), task_dict=loaded, limit=request.limit,
+                   log_samples=False)
     if out is None:  # lm_eval returns None on ranks other than 0; there is one rank here
         raise UserError("lm_eval returned no results")
     keep = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")

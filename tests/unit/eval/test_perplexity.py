@@ -76,3 +76,18 @@ def test_sliding_and_whole_windows_match_transformers(hf_dir, text_files):
     _, expected_whole = reference_perplexity(hf_dir, text_files, seq_len=256, stride=256)
     assert whole["total"]["perplexity"] == pytest.approx(expected_whole, rel=1e-5)
     assert whole["total"]["tokens"] == sliding["total"]["tokens"]
+
+
+def test_results_of_a_run_go_into_its_eval_folder(hf_dir, text_files, tmp_path, capsys):
+    """A run directory holds its own results (RUN/eval/<UTC time>.json); the converted weights score as the
+    Hugging Face directory they came from."""
+    from cybertron.hf_runs import convert_from_hf
+
+    run = tmp_path / "run"
+    convert_from_hf(hf_dir, run)
+    assert eval_main(["--run", str(run), "--perplexity", str(text_files[1]), "--seq-len", "32"]) == 0
+    (written,) = (run / "eval").glob("*.json")
+    got = json.loads(written.read_text())["perplexity"]["total"]["perplexity"]
+    _, expected = reference_perplexity(hf_dir, text_files[1:], seq_len=32, stride=32)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert f"results: {written}" in capsys.readouterr().out

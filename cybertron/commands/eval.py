@@ -24,6 +24,7 @@ from cybertron.finetune.peft_format import is_peft_dir
 from cybertron.runs import is_hf_dir, load_for_inference
 from cybertron.serve.options import MODEL_SHORTCUTS, ModelSourceSection, validate_source
 from cybertron.train.checkpoint import resolve_checkpoint
+from cybertron.train.precision import DTYPES
 
 
 @dataclass
@@ -94,6 +95,8 @@ def main(argv: list[str]) -> int:
     request = TaskRequest(tasks, e.num_fewshot, e.limit, e.include_path, e.builtin_tasks, e.seed)
     manager = task_manager(request) if tasks else None  # a missing extra or unknown task fails before loading
     model, tokenizer, name = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
+    if cfg.model.dtype != "auto":  # a run loads in its checkpoint's dtype; --dtype applies to it too here
+        model = model.to(DTYPES[cfg.model.dtype])
     record = {"model": str(cfg.model.source()[0].resolve()), "model_name": name,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": {section: dataclasses.asdict(getattr(cfg, section)) for section in ("model", "eval")}}

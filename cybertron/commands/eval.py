@@ -61,13 +61,13 @@ SHORTCUTS = {**MODEL_SHORTCUTS, "--perplexity": "eval.perplexity", "--text-field
 
 def normalize_argv(argv: list[str]) -> list[str]:
     """`eval MODEL ...` -> `--model MODEL ...`; `--perplexity A B` -> `--perplexity A --perplexity B`."""
-    out = ["--model", argv[0]] if argv and not argv[0].startswith("-") else argv[:1]
-    i = 1
-    while i < len(argv):
-        out.append(argv[i])
-        if argv[i] == "--perplexity":
-            while i + 2 < len(argv) and not argv[i + 2].startswith("--"):
-                out += [argv[i + 1], "--perplexity"]
+    out, rest = (["--model", argv[0]], argv[1:]) if argv and not argv[0].startswith("-") else ([], argv)
+    i = 0
+    while i < len(rest):
+        out.append(rest[i])
+        if rest[i] == "--perplexity":
+            while i + 2 < len(rest) and not rest[i + 2].startswith("--"):
+                out += [rest[i + 1], "--perplexity"]
                 i += 1
         i += 1
     return out

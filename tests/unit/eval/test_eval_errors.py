@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cybertron.cli import main as cli_main
+from cybertron.commands.eval import normalize_argv
 from tests.conftest import cli_env
 
 
@@ -16,6 +17,14 @@ def error_line(argv, capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def test_model_may_come_first_and_perplexity_takes_several_files():
+    assert normalize_argv(["M", "--perplexity", "a", "b", "--seq-len", "8"]) == \
+        ["--model", "M", "--perplexity", "a", "--perplexity", "b", "--seq-len", "8"]
+    assert normalize_argv(["--perplexity", "a", "b", "c", "--model", "M"]) == \
+        ["--perplexity", "a", "--perplexity", "b", "--perplexity", "c", "--model", "M"]
+    assert normalize_argv(["--run", "R", "--perplexity", "a"]) == ["--run", "R", "--perplexity", "a"]
 
 
 def test_missing_model_is_one_line_with_exit_code_2(tmp_path):

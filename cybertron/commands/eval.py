@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cybertron.config import help_text, opt, parse_args, raise_first_failure
+from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.eval.perplexity import perplexity_of_files
 from cybertron.eval.results import EVAL_DIR, default_name, results_file, write_results
-from cybertron.eval.tasks import TaskRequest, run_tasks, task_manager
+from cybertron.eval.tasks import TaskRequest, load_tasks, run_tasks
 from cybertron.finetune.peft_format import is_peft_dir
+from cybertron.models.llama import Transformer
 from cybertron.runs import is_hf_dir, load_for_inference
 from cybertron.serve.options import MODEL_SHORTCUTS, ModelSourceSection, validate_source
 from cybertron.train.checkpoint import resolve_checkpoint
@@ -93,33 +95,44 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--perplexity {file} is not a file; give text, .jsonl or .parquet files")
     out_path = results_file(results_dir(cfg), e.name or default_name())
     request = TaskRequest(tasks, e.num_fewshot, e.limit, e.include_path, e.builtin_tasks, e.seed)
-    manager = task_manager(request) if tasks else None  # a missing extra or unknown task fails before loading
+    loaded = load_tasks(request) if tasks else None  # a missing extra, unknown task or absent data fails first
     model, tokenizer, name = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
     if cfg.model.dtype != "auto":  # a run loads in its checkpoint's dtype; --dtype applies to it too here
         model = model.to(DTYPES[cfg.model.dtype])
+    weights = next(model.parameters())
     record = {"model": str(cfg.model.source()[0].resolve()), "model_name": name,
+              "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": {section: dataclasses.asdict(getattr(cfg, section)) for section in ("model", "eval")}}
     if e.perplexity:
-        seq_len = e.seq_len or model.config.max_seq_len
-        if seq_len > model.config.max_seq_len:
-            raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_seq_len}")
-        stride = e.stride or seq_len
-        if stride > seq_len:
-            raise UserError(f"--stride {stride} exceeds --seq-len {seq_len}; use at most {seq_len}")
-        record["perplexity"] = {"seq_len": seq_len, "stride": stride, **perplexity_of_files(
-            model, tokenizer, [Path(f) for f in e.perplexity], seq_len, stride, e.batch_size, e.text_field)}
-        for file, result in record["perplexity"]["files"].items():
-            print(f"perplexity {file}: {result['perplexity']:.4f} ({result['tokens']} tokens)")
+        record["perplexity"] = measure_perplexity(e, model, tokenizer)
     if tasks:
-        record["lm_eval"] = run_tasks(model, tokenizer, request, e.batch_size, manager)
-        for task, metrics in record["lm_eval"]["results"].items():
-            for metric, value in metrics.items():
-                if metric not in ("alias", "sample_len") and "_stderr" not in metric and \
-                        isinstance(value, (int, float)):
-                    print(f"{task} {metric.removesuffix(',none')}: {value:.4f}")
+        record["lm_eval"] = run_tasks(model, tokenizer, loaded, e.limit, e.batch_size)
+        print_task_metrics(record["lm_eval"]["results"])
     print(f"results: {write_results(out_path, record)}")
     return 0
+
+
+def measure_perplexity(e: EvalSection, model: Transformer, tokenizer: TextTokenizer) -> dict:
+    """The results file's perplexity section (windows, per-file and total results), each file printed."""
+    seq_len = e.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    stride = e.stride or seq_len
+    if stride > seq_len:
+        raise UserError(f"--stride {stride} exceeds --seq-len {seq_len}; use at most {seq_len}")
+    section = {"seq_len": seq_len, "stride": stride, **perplexity_of_files(
+        model, tokenizer, [Path(f) for f in e.perplexity], seq_len, stride, e.batch_size, e.text_field)}
+    for file, result in section["files"].items():
+        print(f"perplexity {file}: {result['perplexity']:.4f} ({result['tokens']} tokens)")
+    return section
+
+
+def print_task_metrics(results: dict) -> None:
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if metric not in ("alias", "sample_len") and "_stderr" not in metric and isinstance(value, (int, float)):
+                print(f"{task} {metric.removesuffix(',none')}: {value:.4f}")
 
 
 def results_dir(cfg: EvalConfig) -> Path:

@@ -48,28 +48,38 @@ def task_manager(request: TaskRequest):
     return manager
 
 
-def run_tasks(model: Transformer, tokenizer: TextTokenizer, request: TaskRequest, batch_size: int,
-              manager=None) -> dict[str, Any]:
-    """{"results": {task: {metric: value}}, "n-shot", "n-samples", "versions", "lm_eval_version"}.
+def load_tasks(request: TaskRequest) -> dict[str, Any]:
+    """lm_eval's loaded tasks (their datasets read), set up as its simple_evaluate sets them up: the few-shot
+    count (a task fixed at 0 shots stays so) and the sampler's seed. UserError for a missing extra, an unknown
+    task or data that cannot be loaded; call it before loading the model, so these fail first."""
+    manager = task_manager(request)
+    try:
+        loaded = manager.load(list(request.names))
+    except (OSError, ValueError) as err:  # datasets' ConnectionError and DatasetNotFoundError are OSErrors
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"lm_eval could not load the data of {', '.join(request.names)} ({type(err).__name__}: "
+                        f"{detail}); a built-in task downloads its dataset from the Hugging Face Hub on first "
+                        "use") from err
+    for task in loaded["tasks"].values():
+        if request.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=request.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=request.seed)
+    return loaded
 
-    The tasks are set up as lm_eval's simple_evaluate sets them up (few-shot count, the sampler's seed) and run
-    by its `evaluate`; simple_evaluate itself is skipped: it seeds the global RNGs (the library changes no
-    process-wide state) and collects the environment with `pip list` subprocesses (seconds per run)."""
-    manager = manager or task_manager(request)
+
+def run_tasks(model: Transformer, tokenizer: TextTokenizer, loaded: dict[str, Any], limit: int | None,
+              batch_size: int) -> dict[str, Any]:
+    """{"results": {task: {metric: value}}, "n-shot", "n-samples", "versions", "lm_eval_version"} of the tasks
+    from load_tasks, run by lm_eval's `evaluate`. Its simple_evaluate is not used: it seeds the global RNGs (the
+    library changes no process-wide state) and collects the environment with `pip list` subprocesses."""
     import lm_eval
     from lm_eval.evaluator import evaluate
 
     from cybertron.eval.harness import CybertronLM
 
-    loaded = manager.load(list(request.names))
-    for task in loaded["tasks"].values():
-        if request.num_fewshot is not None and task.get_config("num_fewshot") != 0:
-            task.set_config(key="num_fewshot", value=request.num_fewshot)  # a task fixed at 0 shots stays so
-        elif task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=request.seed)
-    out = evaluate(lm=CybertronLM(model, tokenizer, batch_size), task_dict=loaded, limit=request.limit,
-                   log_samples=False)
+    out = evaluate(lm=CybertronLM(model, tokenizer, batch_size), task_dict=loaded, limit=limit, log_samples=False)
     if out is None:  # lm_eval returns None on ranks other than 0; there is one rank here
         raise UserError("lm_eval returned no results")
     keep = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")

@@ -66,6 +66,12 @@ def test_unknown_task_and_missing_extra(hf_dir, tmp_path, capsys, monkeypatch):
     line = error_line([str(hf_dir), "--tasks", "my_tsak", "--include-path", str(tasks),
                        "--eval.builtin_tasks=false", "--out", str(tmp_path)], capsys)
     assert line == "error: unknown lm_eval task 'my_tsak'; did you mean my_task?"
+    (tasks / "mine.yaml").write_text(f"task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                     f"    test: {tmp_path / 'gone.jsonl'}\ntest_split: test\n"
+                                     "output_type: loglikelihood\ndoc_to_text: x\ndoc_to_target: y\n")
+    assert "lm_eval could not load the data of my_task (FileNotFoundError" in error_line(
+        [str(hf_dir), "--tasks", "my_task", "--include-path", str(tasks), "--eval.builtin_tasks=false", "--out",
+         str(tmp_path)], capsys)
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # what an install without the [eval] extra sees
     assert "pip install 'cybertron[eval]'" in error_line([str(hf_dir), "--tasks", "x", "--out", str(tmp_path)],
                                                          capsys)

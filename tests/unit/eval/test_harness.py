@@ -63,13 +63,51 @@ def test_loglikelihoods_generations_and_metrics_match_hflm(hf_dir, include_path)
                 assert ours["results"][task][metric] == pytest.approx(value, abs=1e-6), (task, metric)
 
 
+def hf_model(hf_dir):
+    import transformers
+
+    return (transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir),
+            transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())
+
+
+@torch.no_grad()
+def test_requests_match_transformers(hf_dir):
+    """The three request types on their own, against transformers: loglikelihood (context split as lm_eval
+    splits it: the whole text's tokens after the context's), loglikelihood_rolling of a short text (every token
+    given the prefix token) and generate_until (transformers' greedy generate, cut at the stop sequence)."""
+    from types import SimpleNamespace as Request
+
+    tok, ref = hf_model(hf_dir)
+    model, tokenizer, _ = load_for_inference(hf_dir, False, torch.device("cpu"))
+    lm = CybertronLM(model, tokenizer, batch_size=2)
+    pairs = [("the cat sat", " on the mat"), ("hello", " hi"), ("what is the color of", " the sky please")]
+    got = lm.loglikelihood([Request(args=pair) for pair in pairs], disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        n = len(tok(context)["input_ids"])
+        whole = tok(context + continuation)["input_ids"]
+        logprobs = ref(torch.tensor([whole])).logits[0].log_softmax(-1)
+        targets = torch.tensor(whole[n:])
+        assert logprob == pytest.approx(logprobs[n - 1:-1].gather(-1, targets[:, None]).sum().item(), abs=1e-4)
+        assert greedy == bool((logprobs[n - 1:-1].argmax(-1) == targets).all())
+    text = "one two three red blue green"
+    ids = [tok.eos_token_id] + tok(text)["input_ids"]  # no bos in this tokenizer: the prefix is eos, as in HFLM
+    expected = ref(torch.tensor([ids])).logits[0, :-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])
+    (rolling,) = lm.loglikelihood_rolling([Request(args=(text,))], disable_tqdm=True)
+    assert rolling == pytest.approx(expected.sum().item(), abs=1e-4)
+    prompts = ["tell me a story about", "the sky is"]
+    outs = lm.generate_until([Request(args=(p, {"until": [" dog"], "max_gen_toks": 10})) for p in prompts])
+    assert all(outs)  # something to compare
+    for prompt, out in zip(prompts, outs):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        generated = ref.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        assert out == tok.decode(generated, skip_special_tokens=True).split(" dog")[0]
+
+
 def reference_accuracy(hf_dir, records):
     """Multiple-choice accuracy from transformers' logits: the choice (after lm_eval's " " delimiter) with the
     highest summed log-probability given the question, split into tokens as lm_eval does (whole minus context)."""
-    import transformers
-
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tok, model = hf_model(hf_dir)
     correct = 0
     for r in records:
         context = tok(r["question"], add_special_tokens=False)["input_ids"]

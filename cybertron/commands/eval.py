@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
         if not Path(file).is_file():
             raise UserError(f"--perplexity {file} is not a file; give text, .jsonl or .parquet files")
     out_path = results_file(results_dir(cfg), e.name or default_name())
-    request = TaskRequest(tasks, e.num_fewshot, e.limit, e.include_path, e.builtin_tasks, e.seed)
+    request = TaskRequest(tasks, e.num_fewshot, e.include_path, e.builtin_tasks, e.seed)
     loaded = load_tasks(request) if tasks else None  # a missing extra, unknown task or absent data fails first
     model, tokenizer, name = load_for_inference(*cfg.model.source(), device=device, dtype=cfg.model.dtype)
     if cfg.model.dtype != "auto":  # a run loads in its checkpoint's dtype; --dtype applies to it too here

@@ -22,7 +22,6 @@ MISSING_EXTRA = "--tasks needs lm-evaluation-harness; install it with `pip insta
 class TaskRequest:
     names: list[str]
     num_fewshot: int | None = None
-    limit: int | None = None
     include_path: str = ""  # a folder of task YAMLs added to lm_eval's own
     builtin_tasks: bool = True  # False: only the tasks under include_path (indexing lm_eval's own takes seconds)
     seed: int = 1234  # the few-shot sampler's seed (lm_eval's default)
@@ -43,7 +42,7 @@ def task_manager(request: TaskRequest):
     for name in request.names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; `lm_eval ls tasks` lists every name"
+            hint = f"; did you mean {close[0]}?" if close else "; `lm-eval ls tasks` lists every name"
             raise UserError(f"unknown lm_eval task {name!r}{hint}")
     return manager
 

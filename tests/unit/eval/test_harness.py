@@ -134,3 +134,14 @@ def test_cli_task_accuracy_matches_transformers(hf_dir, include_path, tmp_path, 
     assert "exact_match,none" in results["tiny_gen"]
     assert record["config"]["eval"]["tasks"] == "tiny_mc,tiny_gen"
     assert "tiny_mc acc:" in capsys.readouterr().out
+
+
+def test_num_fewshot_reaches_the_tasks(include_path):
+    from cybertron.eval.tasks import TaskRequest, load_tasks
+
+    loaded = load_tasks(TaskRequest(["tiny_mc", "tiny_gen"], num_fewshot=2, include_path=str(include_path),
+                                    builtin_tasks=False, seed=7))
+    assert {name: task.get_config("num_fewshot") for name, task in loaded["tasks"].items()} == \
+        {"tiny_mc": 2, "tiny_gen": 2}
+    default = load_tasks(TaskRequest(["tiny_mc"], include_path=str(include_path), builtin_tasks=False))
+    assert default["tasks"]["tiny_mc"].get_config("num_fewshot") == 0

@@ -14,7 +14,8 @@ the whole sequence.
 
 A block is one call of PyTorch's CPU flash-attention kernel (out and logsumexp forward; its backward takes
 the merged out and lse, which is exactly what a block's gradient needs) on CPU, and plain matmuls elsewhere
-(`matmul_block_*`; scores of one block at a time, in fp32)."""
+(`matmul_block_*`: fp32 scores a tile of query rows at a time; CUDA's flash kernels would be faster, but no
+GPU was at hand to test them, so this portable path is what runs there for now)."""
 
 from __future__ import annotations
 
@@ -135,36 +136,57 @@ def flash_cpu_block_backward(dout, q, k, v, out, lse, block: Block):
         dout, q, k, v, out, lse, 0.0, block.causal, attn_mask=mask)
 
 
-def _scores(q, k, block: Block) -> torch.Tensor:
-    """(B, nh, nq, nk) fp32 scaled scores of one block, masked with -inf; K repeated for grouped queries."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if block.causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+# The matmul kernel holds this many fp32 scores (over batch, heads, query rows and keys) at a time: a block's
+# whole score matrix would be (2 x chunk)^2 per head, the term ring attention exists to avoid.
+TILE_ELEMENTS = 1 << 22
+
+
+def _row_tiles(q: torch.Tensor, n_keys: int, tile_elements: int) -> list[slice]:
+    rows = max(1, tile_elements // max(1, q.shape[0] * n_keys))
+    return [slice(r, min(r + rows, q.shape[2])) for r in range(0, q.shape[2], rows)]
+
+
+def _scores(q, k, block: Block, rows: slice) -> torch.Tensor:
+    """(B, nh, rows, nk) fp32 scaled scores of query rows `rows` of a block, masked with -inf; k already has
+    as many heads as q."""
+    s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if block.causal:  # row i of the block sees keys 0..i (own K/V: the same local order)
+        i = torch.arange(rows.start, rows.stop, device=s.device)[:, None]
+        s = s.masked_fill(torch.arange(k.shape[2], device=s.device)[None, :] > i, float("-inf"))
     if block.mask is not None:
-        s = s.masked_fill(~block.mask, float("-inf"))
+        s = s.masked_fill(~block.mask[:, :, rows], float("-inf"))
     return s
 
 
-def matmul_block_forward(q, k, v, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-    s = _scores(q, k, block)
-    lse = s.logsumexp(dim=-1)
-    p = (s - lse.nan_to_num(neginf=0.0)[..., None]).exp()
-    out = p @ v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return out.to(q.dtype), lse
-
-
-def matmul_block_backward(dout, q, k, v, out, lse, block: Block):
+def matmul_block_forward(q, k, v, block: Block, tile_elements: int = TILE_ELEMENTS):
+    """Plain-matmul block: any device, fp32 scores, about `tile_elements` of them at a time."""
     groups = q.shape[1] // k.shape[1]
-    p = (_scores(q, k, block) - lse[..., None]).exp()  # probabilities under the merged lse
-    dout, vf = dout.float(), v.float().repeat_interleave(groups, dim=1)
-    dv = p.transpose(-1, -2) @ dout
-    dp = dout @ vf.transpose(-1, -2)
-    ds = p * (dp - (dout * out.float()).sum(dim=-1, keepdim=True)) * q.shape[-1] ** -0.5
-    dq = ds @ k.float().repeat_interleave(groups, dim=1)
-    dk = ds.transpose(-1, -2) @ q.float()
+    k, v = k.repeat_interleave(groups, dim=1), v.float().repeat_interleave(groups, dim=1)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    for rows in _row_tiles(q, k.shape[2] * q.shape[1], tile_elements):
+        s = _scores(q, k, block, rows)
+        lse[:, :, rows] = s.logsumexp(dim=-1)
+        p = (s - lse[:, :, rows].nan_to_num(neginf=0.0)[..., None]).exp()  # rows with no key: all 0
+        out[:, :, rows] = p @ v
+    return out, lse
+
+
+def matmul_block_backward(dout, q, k, v, out, lse, block: Block, tile_elements: int = TILE_ELEMENTS):
+    groups = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(groups, dim=1), v.float().repeat_interleave(groups, dim=1)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    for rows in _row_tiles(q, k.shape[2] * q.shape[1], tile_elements):
+        p = (_scores(q, kf, block, rows) - lse[:, :, rows, None]).exp()  # probabilities under the merged lse
+        do = dout[:, :, rows].float()
+        dv += p.transpose(-1, -2) @ do
+        dp = do @ vf.transpose(-1, -2)
+        ds = p * (dp - (do * out[:, :, rows].float()).sum(dim=-1, keepdim=True)) * q.shape[-1] ** -0.5
+        dq[:, :, rows] = ds @ kf
+        dk += ds.transpose(-1, -2) @ q[:, :, rows].float()
     fold = lambda g: g.unflatten(1, (k.shape[1], groups)).sum(dim=2)  # grouped query heads -> their kv head
-    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    return dq, fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
 def _kernels(device: torch.device):

@@ -9,8 +9,8 @@ three, from the ranks alone (the design of zhuzilin/ring-flash-attention's zigza
 - the rank's own K/V: causal over its local order (local order is increasing global order);
 - K/V of an earlier rank (src < r): every query sees the visitor's first chunk, none its second;
 - K/V of a later rank (src > r): only the rank's second chunk of queries sees them, all of them.
-Packed documents add a (chunk x chunk) mask per block from the global document ids; nothing is built for
-the whole sequence.
+Packed documents split a step into (query chunk, key chunk) blocks, each with a chunk x chunk mask from the
+global document ids (blocks sharing no document are skipped); nothing is built for the whole sequence.
 
 A block is one call of PyTorch's CPU flash-attention kernel (out and logsumexp forward; its backward takes
 the merged out and lse, which is exactly what a block's gradient needs) on CPU, and plain matmuls elsewhere
@@ -92,24 +92,30 @@ class ZigzagLayout:
         self.documents = None if documents is None else [
             documents[:, zigzag_indices(seq_len, cp, r, documents.device)] for r in range(cp)]
 
-    def block(self, step: int) -> Block | None:
-        """The block of ring step `step` (K/V of rank rank - step), or None when nothing attends."""
+    def blocks(self, step: int) -> list[Block]:
+        """The blocks of ring step `step` (K/V of rank rank - step); none when nothing attends. Plain rows:
+        one block a step. Packed rows: one per (query chunk, key chunk) pair that shares a document, each
+        with its chunk x chunk mask."""
         src = (self.rank - step) % self.cp
-        everything, c = slice(None), self.chunk
-        if step == 0:
-            q, k = everything, everything
-        elif src < self.rank:
-            q, k = everything, slice(0, c)
-        else:
-            q, k = slice(c, None), everything
+        c = self.chunk
         if self.documents is None:
-            return Block(q, k, step == 0, None)
-        mask = self.documents[self.rank][:, q, None] == self.documents[src][:, None, k]
-        if step == 0:
-            mask = mask & torch.ones(mask.shape[1:], dtype=torch.bool, device=mask.device).tril()
-        if not mask.any():
-            return None
-        return Block(q, k, False, mask[:, None])
+            if step == 0:
+                return [Block(slice(None), slice(None), True, None)]
+            if src < self.rank:
+                return [Block(slice(None), slice(0, c), False, None)]
+            return [Block(slice(c, None), slice(None), False, None)]
+        blocks = []
+        for qi, q_chunk in enumerate((self.rank, 2 * self.cp - 1 - self.rank)):
+            for ki, k_chunk in enumerate((src, 2 * self.cp - 1 - src)):
+                if k_chunk > q_chunk:
+                    continue  # every key after every query
+                q, k = slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c)
+                mask = self.documents[self.rank][:, q, None] == self.documents[src][:, None, k]
+                if k_chunk == q_chunk:
+                    mask = mask & torch.ones(c, c, dtype=torch.bool, device=mask.device).tril()
+                if mask.any():
+                    blocks.append(Block(q, k, False, mask[:, None]))
+        return blocks
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -208,8 +214,7 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         for step in range(ring.size):
             arriving = ring.shift(kv, _KV_TAG) if step + 1 < ring.size else None
-            block = layout.block(step)
-            if block is not None:
+            for block in layout.blocks(step):
                 o_b, l_b = block_forward(q[:, :, block.q], kv[0][:, :, block.k], kv[1][:, :, block.k], block)
                 _merge(out[:, :, block.q], lse[:, :, block.q], o_b, l_b)
             if arriving is not None:
@@ -230,8 +235,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             kv_arriving = ring.shift(kv, _KV_TAG) if step + 1 < ring.size else None
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # for the visiting K/V
-            block = layout.block(step)
-            if block is not None:
+            for block in layout.blocks(step):
                 qs, ks = block.q, block.k
                 dq_b, dk_b, dv_b = ctx.block_backward(
                     dout[:, :, qs], q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], out[:, :, qs],

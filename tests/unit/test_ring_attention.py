@@ -90,13 +90,16 @@ def test_ring_matches_sdpa_forward_and_backward(cp, packed, kernels):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_layout_skips_blocks_with_no_shared_document():
-    # two documents of 8 tokens at cp 2 (chunks of 4): rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2;
-    # rank 1's visitor (rank 0's K/V: chunks 0 and 3) shares document 0 with rank 1's chunk 1 only
+def test_packed_blocks_are_chunk_pairs_that_share_a_document():
+    # cp 2, chunks of 4: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2; two documents of 8 tokens
     documents = document_ids(torch.cat([torch.arange(8), torch.arange(8)])[None])
-    block = ZigzagLayout(2, 1, 16, documents).block(1)
-    assert block.mask[0, 0].tolist() == [[True] * 4] * 4 + [[False] * 4] * 4
-    # one document per chunk pair: rank 0's second chunk (document 1) never sees rank 1's first (document 0)
-    documents = document_ids(torch.cat([torch.arange(4), torch.arange(12)])[None])
-    assert ZigzagLayout(2, 0, 16, documents).block(1).mask[0, 0].all()
-    assert ZigzagLayout(2, 0, 16, document_ids(torch.arange(16)[None] % 4)).block(1) is None
+    spans = lambda blocks: [(b.q.start, b.k.start, b.mask[0, 0].all().item()) for b in blocks]
+    # rank 1's chunk 1 sees rank 0's chunk 0 (document 0, all of it); its chunk 2 (document 1) sees neither
+    assert spans(ZigzagLayout(2, 1, 16, documents).blocks(1)) == [(0, 0, True)]
+    # rank 0's chunk 3 sees rank 1's chunk 2 (document 1); chunk 0 sees nothing later
+    assert spans(ZigzagLayout(2, 0, 16, documents).blocks(1)) == [(4, 4, True)]
+    # one document per chunk: only each chunk with itself, causally
+    layout = ZigzagLayout(2, 0, 16, document_ids(torch.arange(16)[None] % 4))
+    assert layout.blocks(1) == []
+    assert spans(layout.blocks(0)) == [(0, 0, False), (4, 4, False)]
+    assert layout.blocks(0)[0].mask[0, 0].equal(torch.ones(4, 4, dtype=torch.bool).tril())

@@ -65,9 +65,9 @@ class ProcessGroupRing:
         works = dist.batch_isend_irecv(ops)
 
         def wait() -> torch.Tensor:
-            del ops[:]  # the sent tensor lives until here
             for work in works:
                 work.wait()
+            ops.clear()  # the sent tensor is referenced until its send has completed
             return received
 
         return wait
@@ -75,7 +75,7 @@ class ProcessGroupRing:
 
 @dataclass
 class Block:
-    """One step's attention: queries q_slice of this rank against keys k_slice of the visiting K/V."""
+    """One attention call of a step: this rank's query rows `q` against rows `k` of the visiting K/V."""
 
     q: slice
     k: slice

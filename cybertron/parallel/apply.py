@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor, Shard
 
 from cybertron.config import ParallelSection, TrainSection
@@ -267,6 +266,8 @@ def _pipeline_strategy(stages: dict[int, nn.Module], n_stages: int, dims: Parall
     else:
         loss_fn = PipelineLoss(loss_sum=cross_entropy_sum)
     pp_group = mesh["pp"].get_group()
+    from torch.distributed.pipelining import PipelineStage  # lazily, as parallel/pipeline.py says why
+
     pipeline_stages = [PipelineStage(part, s, n_stages, device, group=pp_group) for s, part in stages.items()]
     n_micro = cfg.pp_microbatches or n_stages
     schedule = build_schedule(cfg.pp_schedule, pipeline_stages, n_micro, loss_fn)

@@ -31,8 +31,9 @@ def test_online_methods_raise_the_reward_with_generator_and_trainer_logprobs_equ
     assert late > early + 0.15, (early, late)
     assert max(r["logprob_gap"] for r in steps) < 1e-5
     assert json.loads((out / "run.json").read_text())["align_method"] == method
-    if method == "ppo":  # the critic learned the reward's scale: values moved from 0 towards the returns
-        assert steps[-1]["value"] > 0.1 and steps[-1]["value_loss"] < steps[0]["value_loss"]
+    if method == "ppo":  # the critic (zero at first) learned the reward's level: the mean value tracks it
+        values = sum(r["value"] for r in steps[-10:]) / 10
+        assert abs(values - sum(rewards[-10:]) / 10) < 0.2 and values > 0.2, values
 
 
 def _ppo_config(root, out):

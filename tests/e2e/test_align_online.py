@@ -79,3 +79,25 @@ def test_ppo_resume_restores_the_critic_and_repeats_the_uninterrupted_run(tmp_pa
     got = [[r[k] for k in keys] for r in read_metrics(cut) if "loss" in r]
     assert got == expected  # steps 3-4 need the restored value head (values, value loss) and its Adam moments
     assert torch.tensor(expected)[2:, 4].abs().sum() > 0  # the critic had moved away from its zero init
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "ppo"], "error: align.reward (--reward) is required for ppo: FILE.py:FUNCTION or a reward-model "
+                          "run directory"),
+    (["--method", "ppo", "--reward", "r.py:f", "--align.gae_lambda", "1.5"],
+     "error: align.gae_lambda must be in [0, 1], got 1.5"),
+    (["--method", "reinforce++", "--reward", "r.py:f", "--align.gamma", "0"],
+     "error: align.gamma must be in (0, 1], got 0.0"),
+    (["--method", "ppo", "--reward", "r.py:f", "--align.vf_coef", "0"],
+     "error: align.vf_coef must be > 0 (the value head learns from it), got 0.0"),
+    (["--method", "ppo", "--reward", "r.py:f", "--nproc", "2", "--parallel.tp", "2", "--parallel.sequence_parallel",
+      "false", "--parallel.loss_parallel", "false"],
+     "error: ppo's value head reads whole hidden states, which tensor parallelism splits: use parallel.tp=1"),
+])
+def test_bad_online_config_is_one_line(tmp_path, capsys, flags, message):
+    from cybertron.cli import main as cli_main
+
+    args = ["align", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "r")]
+    assert cli_main([*args, *flags]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "r").exists()

@@ -131,7 +131,7 @@ class GRPOStep:
 
     def policy_loss(self, logp: torch.Tensor, batch: Batch, mask: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-token clipped policy-gradient loss (+ k3 KL when the batch has ref_logprobs) of the trainer's
+        """Per-token clipped policy-gradient loss (+ kl_coef x k3 KL when the batch has ref_logprobs) of the trainer's
         log-probabilities `logp` (B, T-1). Advantages are one per completion (B,) or one per token (B, T),
         aligned with the sequence as gen_logprobs is (token-level estimators)."""
         metrics: dict[str, torch.Tensor] = {}
@@ -150,7 +150,8 @@ class GRPOStep:
         if "ref_logprobs" in batch:
             delta = batch["ref_logprobs"][:, 1:] - logp
             kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0 (Schulman 2020)
-            per_token = per_token + self.kl_coef * kl
+            if self.kl_coef > 0:  # 0: logged only (reinforce++ and ppo shape the KL into the rewards instead)
+                per_token = per_token + self.kl_coef * kl
             metrics["kl"] = self._reduce(kl.detach(), mask)
         return per_token, metrics
 

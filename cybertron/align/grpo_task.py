@@ -46,6 +46,7 @@ from cybertron.serve.engine import Engine
 from cybertron.train.trainer import Batch
 
 KV_BLOCK_SIZE = 16
+KL_LOSS_METHODS = ("grpo", "rloo")  # the KL to the reference is a loss term; reinforce++ and ppo shape rewards
 
 
 @dataclass
@@ -75,8 +76,8 @@ def grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device:
     train, val = split(prompts, cfg.data.val_fraction, cfg.train.seed)
     reward = load_reward(a.reward, device, reward_model)
     step = (PPOStep(a.clip_eps, a.value_clip, a.vf_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
-            if a.method == "ppo" else GRPOStep(a.clip_eps, a.kl_coef, a.loss_type, a.check_logprobs,
-                                                 a.logprob_tolerance))
+            if a.method == "ppo" else GRPOStep(a.clip_eps, a.kl_coef if a.method in KL_LOSS_METHODS else 0.0,
+                                                 a.loss_type, a.check_logprobs, a.logprob_tolerance))
     description = (f"{len(prompts)} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} "
                    f"train / {len(val)} val; {a.group_size} completions per prompt; reward {reward.name}")
     return GRPOSetup(step, train, val, reward, description)
@@ -224,7 +225,7 @@ class GRPOTask(AlignTask):
             advantages, returns = gae(shaped_rewards(rewards, mask, old, ref, a.kl_coef), values, mask, a.gamma,
                                       a.gae_lambda)
             rows.update(advantages=whiten(advantages, mask, self._sum_over_dp), returns=returns, old_values=values)
-        if ref is not None and a.method in ("grpo", "rloo"):  # the KL is a loss term (shaped into the rewards else)
+        if ref is not None:  # a loss term for grpo and rloo; logged only where it is shaped into the rewards
             rows["ref_logprobs"] = ref
         if old is not None and a.updates_per_rollout > 1:
             rows["old_logprobs"] = old

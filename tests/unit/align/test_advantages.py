@@ -169,3 +169,14 @@ def test_ppo_step_is_policy_loss_plus_weighted_value_loss(model):
     assert metrics["value_loss"].item() == pytest.approx((value * m).sum().item(), rel=1e-5)
     loss.backward()
     assert model.value_head.weight.grad.abs().sum() > 0  # the critic learns through the one step
+
+
+def test_kl_is_only_logged_when_it_is_shaped_into_the_rewards():
+    logp, mask = torch.log(torch.tensor([[0.5, 0.25]])), torch.ones(1, 2)
+    batch = {"advantages": torch.tensor([1.0]), "ref_logprobs": torch.log(torch.tensor([[1.0, 0.5, 0.5]]))}
+    loss, metrics = GRPOStep(kl_coef=0.0).policy_loss(logp, batch, mask)
+    _close(loss, [[-1.0, -1.0]], 1e-6)  # on-policy: -A, no KL term
+    delta = torch.log(torch.tensor([0.5 / 0.5, 0.5 / 0.25]))
+    assert metrics["kl"].item() == pytest.approx(float((delta.exp() - delta - 1).sum()), abs=1e-6)
+    with_kl, _ = GRPOStep(kl_coef=0.1).policy_loss(logp, batch, mask)
+    _close(with_kl - loss, 0.1 * (delta.exp() - delta - 1)[None], 1e-6)

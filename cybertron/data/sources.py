@@ -1,6 +1,7 @@
 """Documents from the bundled default corpus (the stdlib's own source) or from user text/jsonl/parquet files.
 
-A *source* is a path (file or directory) or None for the default corpus. Every file is read by its
+A *source* is a path (file or directory) or None for the default corpus; a Hugging Face data set (`hf:...`
+or a save_to_disk directory) is read through data/hf.py. Every file is read by its
 suffix: `.jsonl`/`.json` are JSON Lines (one document per line, from a named field), `.parquet` is a
 column of a table, anything else is one UTF-8 document per file.
 """
@@ -14,7 +15,10 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from cybertron.data import hf
+from cybertron.data.hf import HF_DEFAULTS, HFOptions, is_hf_source
 from cybertron.errors import DataError
 
 # Installed third-party packages and bytecode are not "the stdlib"; they also differ between machines.
@@ -22,6 +26,7 @@ _DEFAULT_CORPUS_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pyca
 _JSON_LINES_SUFFIXES = frozenset({".jsonl", ".json"})
 _PARQUET_SUFFIX = ".parquet"
 _PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch: bounds memory on large tables
+_HASH_CHUNK_BYTES = 1 << 22  # bytes read per update when hashing content (data.verify)
 
 
 def default_corpus_root() -> Path:
@@ -180,8 +185,11 @@ def _iter_file(file: Path, text_field: str, in_directory: bool) -> Iterator[str]
     return _read_text_file(file, skip_undecodable=in_directory)
 
 
-def iter_documents(path: str | None, text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str | None, text_field: str = "text", hf_options: HFOptions = HF_DEFAULTS) -> Iterator[str]:
     """Yield every non-empty document of a source, in a stable order (files sorted by relative path)."""
+    if is_hf_source(path):
+        yield from _hf_documents(path, text_field, hf_options)
+        return
     files = list_source_files(path)
     in_directory = _is_default(path) or Path(path).is_dir()
     found_any = False
@@ -196,17 +204,61 @@ def iter_documents(path: str | None, text_field: str = "text") -> Iterator[str]:
                         f"non-empty {text_field!r} values")
 
 
-def fingerprint_source(path: str | None, text_field: str) -> str:
-    """sha256 over every file's relative name and bytes plus text_field: changes when any content does."""
-    root = _source_root(path)
-    digest = hashlib.sha256()
-    digest.update(f"text_field={text_field}\0".encode())
-    for file in list_source_files(path):
+def _hf_documents(path: str, text_field: str, options: HFOptions) -> Iterator[str]:
+    found_any = False
+    for where, record in hf.iter_records(path, options):
+        value = record.get(text_field)
+        if not isinstance(value, str):
+            raise DataError(f"{where} has no string field {text_field!r} (its fields: {sorted(record)}); set "
+                            "data.text_field to the name the data set uses")
+        if value:
+            found_any = True
+            yield value
+    if not found_any:
+        raise DataError(f"{hf.describe(path, options)} holds no non-empty {text_field!r} text")
+
+
+def approx_source_chars(path: str | None, hf_options: HFOptions = HF_DEFAULTS) -> int:
+    """About how many characters a source holds (its bytes; 0 when unknown), to spread a sample over it."""
+    if is_hf_source(path):
+        return hf.approx_chars(path, hf_options)
+    return sum(f.stat().st_size for f in list_source_files(path))
+
+
+def fingerprint_source(path: str | None, text_field: str, verify: bool = False,
+                       hf_options: HFOptions = HF_DEFAULTS) -> str:
+    """A key that changes when the source does: by default from each file's relative name, size, mtime_ns
+    and inode (no byte is read, so a restart on a large corpus costs one stat per file); verify=True hashes
+    every byte instead, for a file rewritten in place with its old size and mtime restored."""
+    if is_hf_source(path):
+        return hf.fingerprint(path, hf_options, verify) + f"/text_field={text_field}"
+    digest = hashlib.sha256(f"text_field={text_field}\0verify={verify}\0".encode())
+    return hash_files(list_source_files(path), _source_root(path), verify, digest)
+
+
+def hash_files(files: list[Path], root: Path, verify: bool, digest: Any) -> str:
+    """Add each file's name relative to root and its metadata (or bytes, verify) to digest; its hex."""
+    for file in files:
         name = file.relative_to(root).as_posix().encode()
-        with reading(file):
-            data = file.read_bytes()
         # Length prefixes keep (name, bytes) pairs unambiguous when concatenated.
         digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+        with reading(file):
+            if verify:
+                _hash_file(file, digest)
+            else:
+                _hash_metadata(file, digest)
     return digest.hexdigest()
+
+
+def _hash_metadata(file: Path, digest: Any) -> None:
+    stat = file.stat()  # follows a link: a dangling one is an OSError, named by reading()
+    if not os.access(file, os.R_OK):
+        raise PermissionError(13, "Permission denied", str(file))
+    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}\0".encode())
+
+
+def _hash_file(file: Path, digest: Any) -> None:
+    with open(file, "rb") as f:
+        digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)

@@ -7,12 +7,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cybertron.data.cache import atomic_directory, cache_key
 from cybertron.data.hf import HF_DEFAULTS, HFOptions
 from cybertron.data.shards import TokenShards, build_or_load_shards
 from cybertron.data.sources import approx_source_chars, fingerprint_source, iter_documents
 from cybertron.data.tokenizer import TOKENIZER_FILE, TextTokenizer, WordCutter, train_bpe_tokenizer
-from cybertron.errors import DataError
+from cybertron.errors import ConfigError, DataError
 
 # A BPE trained on the first 8M characters of the default corpus compresses held-out code almost as well as
 # one trained on all of it, in a fraction of the time (bench/RESULTS.md); tokenizing dominates a cold run.
@@ -29,6 +31,25 @@ class SourcePart:
     text_field: str = "text"
 
 
+def mix_parts(items: Sequence[dict], text_field: str) -> list[SourcePart]:
+    """data.mix tables -> SourceParts; ConfigError naming the bad entry."""
+    parts = []
+    for n, item in enumerate(items, start=1):
+        unknown = sorted(set(item) - {"path", "weight", "text_field"})
+        if unknown or not item.get("path"):
+            raise ConfigError(f"data.mix entry {n} ({item}) needs a path and may give weight and text_field"
+                              + (f"; unknown {unknown}" if unknown else ""))
+        try:
+            weight = float(item.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not weight > 0 or weight == float("inf"):
+            raise ConfigError(f"data.mix entry {n} ({item['path']}): weight must be a number > 0, "
+                              f"got {item.get('weight')!r}")
+        parts.append(SourcePart(str(item["path"]), weight, str(item.get("text_field", text_field))))
+    return parts
+
+
 @dataclass
 class PreparedData:
     tokenizer: TextTokenizer
@@ -41,6 +62,15 @@ class PreparedData:
     def __post_init__(self) -> None:
         self.parts = self.parts or (self.shards,)
         self.weights = self.weights or (1.0,)
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(p.train) for p in self.parts)
+
+    @property
+    def val(self) -> np.ndarray:
+        """Validation tokens of every source, one after another (a mixture is evaluated on all of them)."""
+        return self.shards.val if len(self.parts) == 1 else np.concatenate([p.val for p in self.parts])
 
 
 def prepare_data(source_path: str | None, text_field: str, tokenizer_path: str | None, vocab_size: int,

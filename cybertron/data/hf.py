@@ -133,19 +133,21 @@ def iter_records(path: str, options: HFOptions) -> Iterator[tuple[str, dict[str,
         yield f"{path} record {index}", record
 
 
-def fingerprint(path: str, options: HFOptions, verify: bool) -> str:
-    """A key that changes with the data set: its local files' metadata (content with verify), or for a Hub
-    name the data set's resolved revision as `datasets` reports it (the name and split when streaming)."""
-    digest = hashlib.sha256(repr((path, options)).encode())
+def fingerprint(path: str, options: HFOptions, verify: bool, index_dir: Path | None = None) -> str:
+    """A key that changes with the data set: its local files' content (memoized by their metadata in
+    index_dir, sources.hash_files), or for a Hub name the data set's fingerprint as `datasets` reports it
+    (only the name, subset and split when streaming: a streamed Hub data set is taken as fixed)."""
+    salt = repr((path, options)).encode()
     spec = path[len(PREFIX):] if path.startswith(PREFIX) else path
     local = Path(spec)
     files = ([p for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else
              [Path(f) for f in _local_files(spec)])
-    if files or local.exists():
+    if files:
         from cybertron.data.sources import hash_files
 
         root = local if local.is_dir() else Path(os.path.commonpath([f.parent for f in files]))
-        return hash_files(files, root, verify, digest)
+        return hash_files(files, root, salt, verify, index_dir)
+    digest = hashlib.sha256(salt)
     if not options.streaming:
         digest.update(str(getattr(load(path, options), "_fingerprint", "")).encode())
     return digest.hexdigest()

@@ -19,6 +19,7 @@ from cybertron.errors import ConfigError, DataError
 # A BPE trained on the first 8M characters of the default corpus compresses held-out code almost as well as
 # one trained on all of it, in a fraction of the time (bench/RESULTS.md); tokenizing dominates a cold run.
 DEFAULT_TOKENIZER_TRAIN_CHARS = 8_000_000
+FINGERPRINTS = "fingerprints"  # cache_dir's folder of content hashes remembered by file metadata
 TOKENIZER_FORMAT = 1  # bump when the training recipe changes, so old cached tokenizers are not reused
 
 
@@ -80,11 +81,12 @@ def prepare_data(source_path: str | None, text_field: str, tokenizer_path: str |
     """Tokenizer (loaded from tokenizer_path, else trained on the source and cached) + cached shards, one set
     per source of `mix` when given (instead of source_path).
 
-    vocab_size and tokenizer_train_chars only matter when a tokenizer is trained. Sources are fingerprinted
-    by file metadata, or by content with `verify` (fingerprint_source).
+    vocab_size and tokenizer_train_chars only matter when a tokenizer is trained. A source's content hash is
+    remembered by its files' metadata, so a restart reads none of it; `verify` hashes it again.
     """
     parts = list(mix) or [SourcePart(source_path, 1.0, text_field)]
-    fingerprints = [fingerprint_source(p.path, p.text_field, verify, hf_options) for p in parts]
+    fingerprints = [fingerprint_source(p.path, p.text_field, verify, hf_options, Path(cache_dir) / FINGERPRINTS)
+                    for p in parts]
     cutter = WordCutter()
     if tokenizer_path:
         tokenizer, cache_hit = TextTokenizer.load(tokenizer_path), False

@@ -20,6 +20,7 @@ from typing import Any
 from cybertron.data import hf
 from cybertron.data.hf import HF_DEFAULTS, HFOptions, is_hf_source
 from cybertron.errors import DataError
+from cybertron.files import write_text_atomic
 
 # Installed third-party packages and bytecode are not "the stdlib"; they also differ between machines.
 _DEFAULT_CORPUS_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -226,28 +227,46 @@ def approx_source_chars(path: str | None, hf_options: HFOptions = HF_DEFAULTS) -
 
 
 def fingerprint_source(path: str | None, text_field: str, verify: bool = False,
-                       hf_options: HFOptions = HF_DEFAULTS) -> str:
-    """A key that changes when the source does: by default from each file's relative name, size, mtime_ns
-    and inode (no byte is read, so a restart on a large corpus costs one stat per file); verify=True hashes
-    every byte instead, for a file rewritten in place with its old size and mtime restored."""
+                       hf_options: HFOptions = HF_DEFAULTS, index_dir: Path | None = None) -> str:
+    """sha256 over every file's relative name and bytes plus text_field: changes when any content does.
+
+    With index_dir, the hash is remembered there under the files' metadata (names, sizes, mtime_ns, inodes):
+    a later call on files with the same metadata returns it without reading a byte, so a restart on a large
+    corpus costs one stat per file. verify=True always reads every byte (and refreshes the memo), which
+    catches a file rewritten in place with its old size and mtime restored."""
     if is_hf_source(path):
-        return hf.fingerprint(path, hf_options, verify) + f"/text_field={text_field}"
-    digest = hashlib.sha256(f"text_field={text_field}\0verify={verify}\0".encode())
-    return hash_files(list_source_files(path), _source_root(path), verify, digest)
+        return hf.fingerprint(path, hf_options, verify, index_dir) + f"/text_field={text_field}"
+    return hash_files(list_source_files(path), _source_root(path), f"text_field={text_field}\0".encode(),
+                      verify, index_dir)
 
 
-def hash_files(files: list[Path], root: Path, verify: bool, digest: Any) -> str:
-    """Add each file's name relative to root and its metadata (or bytes, verify) to digest; its hex."""
+def hash_files(files: list[Path], root: Path, salt: bytes, verify: bool, index_dir: Path | None) -> str:
+    """Content hash of (salt, each file's name relative to root and bytes), memoized by metadata in index_dir."""
+    memo = None
+    if index_dir is not None:
+        by_metadata = hashlib.sha256(b"metadata\0" + salt)
+        for file in files:
+            _hash_name(file, root, by_metadata)
+            with reading(file):
+                _hash_metadata(file, by_metadata)
+        memo = Path(index_dir) / f"{by_metadata.hexdigest()}.txt"
+        if not verify and memo.is_file():
+            return memo.read_text(encoding="utf-8").strip()
+    digest = hashlib.sha256(salt)
     for file in files:
-        name = file.relative_to(root).as_posix().encode()
-        # Length prefixes keep (name, bytes) pairs unambiguous when concatenated.
-        digest.update(len(name).to_bytes(8, "little") + name)
+        _hash_name(file, root, digest)
         with reading(file):
-            if verify:
-                _hash_file(file, digest)
-            else:
-                _hash_metadata(file, digest)
+            _hash_file(file, digest)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, digest.hexdigest() + "\n")
     return digest.hexdigest()
+
+
+def _hash_name(file: Path, root: Path, digest: Any) -> None:
+    name = file.relative_to(root).as_posix().encode()
+    # Length prefixes keep (name, bytes) pairs unambiguous when concatenated.
+    digest.update(len(name).to_bytes(8, "little") + name)
 
 
 def _hash_metadata(file: Path, digest: Any) -> None:

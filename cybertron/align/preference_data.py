@@ -14,7 +14,6 @@ rows are right-padded into (N, L) tensors and each batch is cut to its own longe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cybertron.data.chat_template import Message, render, render_with_assistant_spans
-from cybertron.data.sources import utf8_lines
+from cybertron.data.records import read_records
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import DataError
 
@@ -65,21 +64,9 @@ class PromptRecord:
 
 
 def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("file:line", record) for each non-empty line; DataError naming the line for anything not an object."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist")
-    for lineno, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
+    """("file:line", record) for each non-empty line; DataError naming the line for anything not an object.
+    Hugging Face data sets (hf:NAME, save_to_disk folders, .parquet) are read too (data/records.py)."""
+    return read_records(path, what)
 
 
 def _messages(value: Any, where: str, name: str) -> list[Message]:

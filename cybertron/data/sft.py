@@ -1,8 +1,7 @@
 """Supervised fine-tuning data: chat examples -> tokens with a loss mask -> packed rows -> batches.
 
-Input is `.jsonl`, one example per line, in either format:
-  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   (OpenAI chat format)
-  {"prompt": "...", "response": "..."}                                              (one exchange)
+Input is `.jsonl` (one example per line) or any data set data/records.py reads (Hugging Face `datasets`),
+in OpenAI chat, ShareGPT, Alpaca or prompt/response format, tool calls included (data/sft_formats.py).
 Every example is rendered through the model's own chat template, and only the tokens the assistant wrote
 (its replies and their end-of-turn markers) carry loss. Several examples are packed into one row; each
 restarts its positions at 0, which makes the model's attention block-diagonal, so a packed batch gives the
@@ -11,20 +10,20 @@ same per-token losses as one example per row.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cybertron.data.chat_template import Message, render_with_assistant_spans
-from cybertron.data.sources import utf8_lines
+from cybertron.data.chat_template import ChatTemplateError, Message, render_with_assistant_spans
+from cybertron.data.hf import HF_DEFAULTS, HFOptions
+from cybertron.data.records import read_records
+from cybertron.data.sft_formats import Conversation, to_conversation
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import DataError
 
 IGNORE_INDEX = -100  # the label value the loss skips (same as cybertron.train.losses.IGNORE_INDEX)
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -38,57 +37,34 @@ class Example:
         return len(self.inputs)
 
 
-def read_conversations(path: str | Path) -> list[list[Message]]:
-    """Conversations from a .jsonl file; DataError naming the file and line for anything malformed."""
-    return [messages for _, messages in _read_numbered(Path(path))]
+def read_conversations(path: str | Path, fmt: str = "auto", hf_options: HFOptions = HF_DEFAULTS) -> list[list[Message]]:
+    """Conversations from a data set; DataError naming the file and line (or record) for anything malformed."""
+    return [c.messages for _, c in _read_numbered(path, fmt, hf_options)]
 
 
-def _read_numbered(path: Path) -> list[tuple[int, list[Message]]]:
-    """(line number, conversation) pairs, so later errors (a template rejecting one) can name the line."""
-    if not path.is_file():
-        raise DataError(f"SFT data file {path} does not exist")
-    conversations = []
-    for lineno, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-        conversations.append((lineno, _conversation(record, f"{path}:{lineno}")))
+def _read_numbered(path: str | Path, fmt: str = "auto",
+                   hf_options: HFOptions = HF_DEFAULTS) -> list[tuple[str, Conversation]]:
+    """(where, conversation) pairs, so later errors (a template rejecting one) can name the line or record."""
+    conversations = [(where, to_conversation(record, where, fmt))
+                     for where, record in read_records(path, "SFT data", hf_options)]
     if not conversations:
         raise DataError(f"SFT data file {path} holds no examples")
     return conversations
 
 
-def _conversation(record: object, where: str) -> list[Message]:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with 'messages' or 'prompt'/'response'")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for m in messages:
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise DataError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}"[:300])
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the conversation has no assistant message to learn from")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
-        return [*system, {"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["response"]}]
-    raise DataError(f"{where}: expected 'messages' (chat format) or string 'prompt' and 'response' fields, "
-                    f"got keys {sorted(record)}")
-
-
-def tokenize_conversation(tokenizer: TextTokenizer, messages: list[Message]) -> Example:
-    """Render with the tokenizer's chat template and mark each token the assistant wrote as a target."""
+def tokenize_conversation(tokenizer: TextTokenizer, messages: list[Message],
+                          tools: list[dict] | None = None) -> Example:
+    """Render with the tokenizer's chat template and mark each token the assistant wrote as a target.
+    `tools`: the function definitions the template shows (conversations with tool calls)."""
     if tokenizer.chat_template is None:
         raise DataError("the tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
                         "chat_template.jinja); SFT renders examples through the model's own template")
     text, spans = render_with_assistant_spans(tokenizer.chat_template, messages, tokenizer.bos_token or "",
-                                              tokenizer.eos_token)
+                                              tokenizer.eos_token, tools)
+    for call in (c for m in messages for c in m.get("tool_calls") or ()):
+        if call["function"]["name"] not in text:  # the template dropped the call: the model would learn nothing
+            raise ChatTemplateError(f"the chat template does not render tool calls (the call to "
+                                    f"{call['function']['name']!r} is missing from its output)")
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids = encoding.ids
     # A token is the assistant's when its first character lies in an assistant span.
@@ -101,13 +77,15 @@ def tokenize_conversation(tokenizer: TextTokenizer, messages: list[Message]) -> 
 
 
 def tokenize_examples(tokenizer: TextTokenizer, conversations: list[list[Message]], max_len: int,
-                      sources: list[str] | None = None) -> tuple[list[Example], int]:
+                      sources: list[str] | None = None,
+                      tools: list[list[dict] | None] | None = None) -> tuple[list[Example], int]:
     """Tokenized examples cut to max_len, dropping those left without a target; (examples, n_truncated).
-    `sources` (e.g. "file:line" per conversation) prefixes the error of a conversation that fails."""
+    `sources` (e.g. "file:line" per conversation) prefixes the error of a conversation that fails; `tools`
+    gives each conversation's function definitions."""
     examples, truncated = [], 0
     for i, messages in enumerate(conversations):
         try:
-            ex = tokenize_conversation(tokenizer, messages)
+            ex = tokenize_conversation(tokenizer, messages, tools[i] if tools else None)
         except DataError as err:
             if sources is None:
                 raise
@@ -157,11 +135,11 @@ class SFTData:
 
 
 def build_sft_data(path: str | Path, tokenizer: TextTokenizer, seq_len: int, val_fraction: float, seed: int,
-                   pack: bool = True) -> SFTData:
+                   pack: bool = True, fmt: str = "auto", hf_options: HFOptions = HF_DEFAULTS) -> SFTData:
     """Read, tokenize, split (seeded, by example) and pack. A held-out set is kept when it gets >= 1 example."""
-    numbered = _read_numbered(Path(path))
-    sources = [f"{path}:{lineno}" for lineno, _ in numbered]
-    examples, truncated = tokenize_examples(tokenizer, [m for _, m in numbered], seq_len, sources)
+    numbered = _read_numbered(path, fmt, hf_options)
+    examples, truncated = tokenize_examples(tokenizer, [c.messages for _, c in numbered], seq_len,
+                                            [where for where, _ in numbered], [c.tools for _, c in numbered])
     if not examples:
         raise DataError(f"no example in {path} has an assistant token within data.seq_len={seq_len}")
     order = np.random.default_rng(seed).permutation(len(examples))

@@ -20,6 +20,7 @@ from torch import nn
 
 from cybertron.config import ParallelSection
 from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_chat_format
+from cybertron.data.hf import HFOptions
 from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
 from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer, copy_tokenizer_files
 from cybertron.errors import ConfigError
@@ -85,7 +86,9 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
     check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
     t = cfg.train
     with remedy_on_failure():
-        data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+        d = cfg.data
+        data = build_sft_data(d.path, tokenizer, seq_len, d.val_fraction, t.seed, d.pack, d.format,
+                              HFOptions(d.split, d.subset, d.streaming))
     plan = plan_work(data.train["inputs"].shape[0], t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
                      unit=world.dp_size * (t.micro_batch_size or 1))
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))

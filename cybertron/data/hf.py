@@ -14,6 +14,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ PREFIX = "hf:"
 # load_dataset's builder for each file suffix (https://huggingface.co/docs/datasets/loading#local-and-remote-files).
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
              ".text": "text"}
+_HUB_TIMEOUT_S = 5  # seconds to wait for the Hub's host before calling it unreachable
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
@@ -101,17 +104,29 @@ def load(path: str, options: HFOptions) -> Any:
 
 
 def _load_hub(ds: Any, path: str, name: str, options: HFOptions) -> Any:
-    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise DataError(f"{path} is a Hugging Face Hub data set and the Hub cannot be reached ({unreachable}); "
+                        "download it where there is network (datasets' save_to_disk) and give that directory")
     try:
         return ds.load_dataset(name, name=options.subset or None, split=options.split, streaming=options.streaming)
     except Exception as err:
-        text = _one_line(err)
-        if offline or any(word in text.lower() for word in ("connection", "offline", "resolve", "network",
-                                                             "max retries", "couldn't reach", "timed out")):
-            raise DataError(f"{path} is a Hugging Face Hub data set and the Hub cannot be reached ({text[:160]}); "
-                            "download it where there is network (datasets' save_to_disk) and give that "
-                            "directory") from err
-        raise DataError(f"{path} cannot be loaded from the Hugging Face Hub: {text}") from err
+        raise DataError(f"{path} cannot be loaded from the Hugging Face Hub: {_one_line(err)}") from err
+
+
+def _hub_unreachable() -> str:
+    """Why the Hub cannot be reached (offline mode, no route to its host), or "" when it can: checked
+    up front, since `datasets` would retry for a minute and log each try before failing."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return "offline mode is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=_HUB_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{parsed.hostname}: {err.strerror or type(err).__name__}"
+    return ""
 
 
 def _one_line(err: BaseException) -> str:

@@ -86,3 +86,33 @@ def test_resuming_with_another_mixture_is_a_data_error():
 def test_a_source_too_small_for_one_sample_is_named():
     with pytest.raises(DataError, match="data.mix tiny.txt: data has 4 tokens"):
         MixtureLoader([SOURCES[0], SOURCES[1][:4]], [1, 1], SEQ_LEN, 8, names=["big.txt", "tiny.txt"])
+
+
+def test_mix_from_the_command_line_and_toml_round_trip(tmp_path):
+    from cybertron.config import TrainConfig, apply_toml, parse_args, to_toml
+    from cybertron.data.prepare import SourcePart, mix_parts
+
+    cfg = parse_args(["--data.mix", "path=a.jsonl,weight=0.7", "--data.mix", "path=hf:owner/name,text_field=body"],
+                     TrainConfig())
+    parts = mix_parts(cfg.data.mix, cfg.data.text_field)
+    assert parts == [SourcePart("a.jsonl", 0.7, "text"), SourcePart("hf:owner/name", 1.0, "body")]
+    (tmp_path / "run.toml").write_text(to_toml(cfg))
+    again = TrainConfig()
+    apply_toml(again, tmp_path / "run.toml")
+    assert mix_parts(again.data.mix, again.data.text_field) == parts
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--data.mix", "path=a,weight=-1"], "data.mix entry 1 \\(a\\): weight must be a number > 0"),
+    (["--data.mix", "weight=2"], "data.mix entry 1 .* needs a path"),
+    (["--data.mix", "path=a,wieght=2"], "unknown \\['wieght'\\]"),
+    (["--data.mix", "a.txt"], "data.mix expects a table such as path=FILE,weight=0.5"),
+    (["--data.path", "x.txt", "--data.mix", "path=a"], "give data.path \\(x.txt\\) or data.mix, not both"),
+])
+def test_a_bad_mix_is_one_config_error(argv, fragment):
+    from cybertron.config import TrainConfig, parse_args
+    from cybertron.errors import ConfigError
+    from cybertron.pretrain import validate
+
+    with pytest.raises(ConfigError, match=fragment):
+        validate(parse_args(argv, TrainConfig()))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cybertron.data.fingerprint import hash_files
 from cybertron.errors import DataError
 
 PREFIX = "hf:"
@@ -158,8 +159,6 @@ def fingerprint(path: str, options: HFOptions, verify: bool, index_dir: Path | N
     files = ([p for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else
              [Path(f) for f in _local_files(spec)])
     if files:
-        from cybertron.data.sources import hash_files
-
         root = local if local.is_dir() else Path(os.path.commonpath([f.parent for f in files]))
         return hash_files(files, root, salt, verify, index_dir)
     digest = hashlib.sha256(salt)

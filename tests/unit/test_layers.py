@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("finetune", "pretrain"),  # the methods
     ("align",),
     ("runs", "hf_runs"),  # the run-directory format and loading a run
+    ("dashboard",),  # reads run directories as files (no torch); serves a page
     ("commands", "cli", "__main__"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

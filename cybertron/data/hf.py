@@ -43,8 +43,12 @@ HF_DEFAULTS = HFOptions()
 
 
 def is_saved_dataset(path: Path) -> bool:
-    """A directory written by save_to_disk (a Dataset, or a DatasetDict with one folder per split)."""
-    return path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS[1:])
+    """A directory written by save_to_disk: a Dataset (dataset_info.json + state.json) or a DatasetDict
+    (dataset_dict.json, one folder per split). Both markers of a Dataset are required, so a text corpus that
+    happens to hold a state.json is still read as text."""
+    if not path.is_dir():
+        return False
+    return (path / "dataset_dict.json").is_file() or all((path / m).is_file() for m in _SAVED_MARKERS[:2])
 
 
 def is_hf_source(path: str | None) -> bool:

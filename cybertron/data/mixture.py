@@ -64,11 +64,8 @@ class MixtureLoader:
             mine = choices == i
             slot_in_source[mine] = self.per_source[i] + np.arange(int(mine.sum()))
         lo = self.dp_rank * self.local_batch_size
-        rows = []
-        for source, slot in zip(choices[lo:lo + self.local_batch_size], slot_in_source[lo:lo + self.local_batch_size]):
-            part = self._parts[int(source)]
-            start = int(part._sample_indices(np.array([slot]))[0]) * self.seq_len
-            rows.append(part._tokens[start:start + self.seq_len + 1])
+        mine = slice(lo, lo + self.local_batch_size)
+        rows = [self._parts[int(source)].window(int(slot)) for source, slot in zip(choices[mine], slot_in_source[mine])]
         for i in range(len(self._parts)):
             self.per_source[i] += int((choices == i).sum())
         self.samples_consumed += self.global_batch_size
@@ -94,8 +91,7 @@ class MixtureLoader:
         self.seed = int(state["seed"])
         self.per_source = [int(n) for n in state["per_source"]]
         for i, part in enumerate(self._parts):
-            part.seed = self.seed + 1 + i
-            part._permutations.clear()
+            part.load_state_dict({"samples_consumed": 0, "seed": self.seed + 1 + i, "seq_len": self.seq_len})
 
 
 def _rows(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

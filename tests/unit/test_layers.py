@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("parallel",),
     ("serve",),  # takes a built model: nothing above parallel/
-    ("finetune", "pretrain"),  # the methods
+    ("finetune", "pretrain", "eval"),  # the methods; eval/ scores a built model (and uses the serving engine)
     ("align",),
     ("runs", "hf_runs"),  # the run-directory format and loading a run
     ("dashboard",),  # reads run directories as files (no torch); serves a page

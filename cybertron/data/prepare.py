@@ -11,10 +11,11 @@ import numpy as np
 
 from cybertron.data.cache import atomic_directory, cache_key
 from cybertron.data.hf import HF_DEFAULTS, HFOptions
+from cybertron.data.mixture import parse_mix
 from cybertron.data.shards import TokenShards, build_or_load_shards
 from cybertron.data.sources import approx_source_chars, fingerprint_source, iter_documents
 from cybertron.data.tokenizer import TOKENIZER_FILE, TextTokenizer, WordCutter, train_bpe_tokenizer
-from cybertron.errors import ConfigError, DataError
+from cybertron.errors import DataError
 
 # A BPE trained on the first 8M characters of the default corpus compresses held-out code almost as well as
 # one trained on all of it, in a fraction of the time (bench/RESULTS.md); tokenizing dominates a cold run.
@@ -34,21 +35,8 @@ class SourcePart:
 
 def mix_parts(items: Sequence[dict], text_field: str) -> list[SourcePart]:
     """data.mix tables -> SourceParts; ConfigError naming the bad entry."""
-    parts = []
-    for n, item in enumerate(items, start=1):
-        unknown = sorted(set(item) - {"path", "weight", "text_field"})
-        if unknown or not item.get("path"):
-            raise ConfigError(f"data.mix entry {n} ({item}) needs a path and may give weight and text_field"
-                              + (f"; unknown {unknown}" if unknown else ""))
-        try:
-            weight = float(item.get("weight", 1.0))
-        except (TypeError, ValueError):
-            weight = float("nan")
-        if not weight > 0 or weight == float("inf"):
-            raise ConfigError(f"data.mix entry {n} ({item['path']}): weight must be a number > 0, "
-                              f"got {item.get('weight')!r}")
-        parts.append(SourcePart(str(item["path"]), weight, str(item.get("text_field", text_field))))
-    return parts
+    return [SourcePart(e.path, e.weight, e.option("text_field", text_field))
+            for e in parse_mix(items, ("text_field",))]
 
 
 @dataclass

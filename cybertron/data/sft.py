@@ -18,6 +18,14 @@ import torch
 
 from cybertron.data.chat_template import ChatTemplateError, Message, render_with_assistant_spans
 from cybertron.data.hf import HF_DEFAULTS, HFOptions
+from cybertron.data.mixture import (
+    MixEntry,
+    Mixture,
+    check_mixture_state,
+    concat_rows,
+    draw_sources,
+    mixture_probabilities,
+)
 from cybertron.data.records import read_records
 from cybertron.data.sft_formats import Conversation, to_conversation
 from cybertron.data.tokenizer import TextTokenizer
@@ -132,6 +140,7 @@ class SFTData:
     val: dict[str, torch.Tensor] | None
     n_examples: int
     n_truncated: int
+    mixture: Mixture | None = None  # data.mix: train holds each source's rows in turn
 
 
 def build_sft_data(path: str | Path, tokenizer: TextTokenizer, seq_len: int, val_fraction: float, seed: int,
@@ -150,6 +159,21 @@ def build_sft_data(path: str | Path, tokenizer: TextTokenizer, seq_len: int, val
     return SFTData(train=pack_examples(train, seq_len, pad_id, pack),
                    val=pack_examples(val, seq_len, pad_id, pack) if val else None,
                    n_examples=len(examples), n_truncated=truncated)
+
+
+def build_sft_mixture(entries: list[MixEntry], tokenizer: TextTokenizer, seq_len: int, val_fraction: float,
+                      seed: int, pack: bool = True, fmt: str = "auto",
+                      hf_options: HFOptions = HF_DEFAULTS) -> SFTData:
+    """data.mix: each source read (in its own data.format, else `fmt`), split and packed on its own, so a
+    row holds examples of one source; train rows are drawn by weight (RowMixtureLoader), validation covers
+    every source's held-out rows."""
+    parts = [build_sft_data(e.path, tokenizer, seq_len, val_fraction, seed, pack, e.option("format", fmt),
+                            hf_options) for e in entries]
+    vals = [p.val for p in parts if p.val is not None]
+    mixture = Mixture(tuple(p.train["inputs"].shape[0] for p in parts), tuple(e.weight for e in entries),
+                      tuple(e.path for e in entries))
+    return SFTData(concat_rows([p.train for p in parts]), concat_rows(vals) if vals else None,
+                   sum(p.n_examples for p in parts), sum(p.n_truncated for p in parts), mixture)
 
 
 class RowLoader:
@@ -171,10 +195,13 @@ class RowLoader:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
         return self._perms[epoch]
 
+    def row_indices(self, slots: np.ndarray) -> np.ndarray:
+        """The row at each position of the endless shuffled sequence: slot s is perm_{s // n}[s % n]."""
+        epochs, at = np.divmod(np.asarray(slots, dtype=np.int64), self.n_rows)
+        return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, at)], dtype=np.int64)
+
     def next_batch(self) -> dict[str, torch.Tensor]:
-        slots = np.arange(self.samples_consumed, self.samples_consumed + self.batch_size)
-        epochs, at = np.divmod(slots, self.n_rows)
-        index = np.array([self._permutation(int(e))[i] for e, i in zip(epochs, at)], dtype=np.int64)
+        index = self.row_indices(np.arange(self.samples_consumed, self.samples_consumed + self.batch_size))
         self.samples_consumed += self.batch_size
         picked = torch.from_numpy(index)
         return {key: value[picked] for key, value in self.rows.items()}
@@ -183,9 +210,71 @@ class RowLoader:
         return {"samples_consumed": self.samples_consumed, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if "per_source" in state:
+            raise DataError(f"the checkpoint's data loader mixed {len(state['per_source'])} sources (data.mix); "
+                            "this run reads one; resume with the data.mix it was saved with")
         self.samples_consumed = int(state["samples_consumed"])
         self.seed = int(state["seed"])
         self._perms.clear()
+
+
+class RowMixtureLoader:
+    """Shuffled global batches of rows over weighted sources (RowLoader's interface), resumable: its state
+    is the global sample count and how many samples each source has given. `rows` holds every source's rows,
+    one source after another (Mixture.sizes)."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], mixture: Mixture, batch_size: int, seed: int = 0):
+        self.probabilities = mixture_probabilities(len(mixture.sizes), mixture.weights)
+        n_rows = next(iter(rows.values())).shape[0]
+        assert sum(mixture.sizes) == n_rows, f"sources of {mixture.sizes} rows, {n_rows} rows given"
+        for name, size in zip(mixture.names, mixture.sizes):
+            if size == 0:
+                raise DataError(f"data.mix {name}: no training rows (every record went to validation or was "
+                                "dropped); give it more records or lower data.val_fraction")
+        self.rows = rows
+        self.n_rows = n_rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.samples_consumed = 0
+        self.per_source = [0] * len(mixture.sizes)
+        self._offsets = np.concatenate([[0], np.cumsum(mixture.sizes)[:-1]]).astype(np.int64)
+        self._parts = [_source_rows(size, batch_size, seed + 1 + i) for i, size in enumerate(mixture.sizes)]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        choices, slot_in_source = draw_sources(self.seed, self.samples_consumed, self.probabilities, self.batch_size,
+                                        self.per_source)
+        index = np.empty(self.batch_size, dtype=np.int64)
+        for i, part in enumerate(self._parts):
+            mine = choices == i
+            index[mine] = self._offsets[i] + part.row_indices(slot_in_source[mine])
+            self.per_source[i] += int(mine.sum())
+        self.samples_consumed += self.batch_size
+        picked = torch.from_numpy(index)
+        return {key: value[picked] for key, value in self.rows.items()}
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed,
+                "per_source": list(self.per_source), "weights": self.probabilities.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the mixture must be the saved one (same sources and weights)."""
+        check_mixture_state(state, len(self._parts), self.probabilities)
+        self.samples_consumed = int(state["samples_consumed"])
+        self.seed = int(state["seed"])
+        self.per_source = [int(n) for n in state["per_source"]]
+        self._parts = [_source_rows(part.n_rows, self.batch_size, self.seed + 1 + i)
+                       for i, part in enumerate(self._parts)]
+
+
+def _source_rows(size: int, batch_size: int, seed: int) -> RowLoader:
+    """A RowLoader over one source's row count, used only for its permutation rule (row_indices)."""
+    return RowLoader({"index": torch.empty(size, 0)}, batch_size, seed)
+
+
+def row_loader(rows: dict[str, torch.Tensor], batch_size: int, seed: int,
+               mixture: Mixture | None = None) -> RowLoader | RowMixtureLoader:
+    """The loader of a finetune/align run: one source's RowLoader, or a RowMixtureLoader under data.mix."""
+    return RowLoader(rows, batch_size, seed) if mixture is None else RowMixtureLoader(rows, mixture, batch_size, seed)
 
 
 def eval_batches(rows: dict[str, torch.Tensor], batch_size: int, max_batches: int) -> list[dict[str, torch.Tensor]]:

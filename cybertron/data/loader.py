@@ -95,6 +95,9 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the saved seed wins so the data order matches the saved run."""
+        if "per_source" in state:
+            raise DataError(f"the checkpoint's data loader mixed {len(state['per_source'])} sources (data.mix); "
+                            "this run reads one; resume with the data.mix it was saved with")
         missing = {"samples_consumed", "seed", "seq_len"} - set(state)
         if missing:
             raise DataError(f"data loader state lacks {sorted(missing)}; it needs samples_consumed, seed "

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cybertron.data.mixture import _MIX_STREAM, Mixture, concat_rows, parse_mix
+from cybertron.data.loader import PackedLoader
+from cybertron.data.mixture import _MIX_STREAM, Mixture, MixtureLoader, concat_rows, parse_mix
 from cybertron.data.sft import RowLoader, RowMixtureLoader, row_loader
 from cybertron.errors import ConfigError, DataError
 
@@ -55,6 +56,9 @@ def test_a_saved_mixture_and_a_single_source_do_not_mix():
     with pytest.raises(DataError, match="read one source; this run mixes 3"):
         RowMixtureLoader(ROWS, MIXTURE, 4).load_state_dict(RowLoader(ROWS, 4).state_dict())
     assert isinstance(row_loader(ROWS, 4, 0), RowLoader)
+    packed = MixtureLoader([np.arange(50), np.arange(50)], [1, 1], 4, 2).state_dict()
+    with pytest.raises(DataError, match="mixed 2 sources .*resume with the data.mix it was saved with"):
+        PackedLoader(np.arange(50), 4, 2).load_state_dict(packed)
 
 
 def test_a_source_without_train_rows_is_named():

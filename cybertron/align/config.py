@@ -110,9 +110,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (bool(d.path or d.mix), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for "
                                 "grpo), or data.mix"),
         (not (d.path and d.mix), f"give data.path ({d.path}) or data.mix, not both"),
+        (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
         (not d.mix or a.method in MIX_METHODS, f"data.mix is not supported by align.method={a.method} yet "
                                                f"(only {', '.join(MIX_METHODS)}); give data.path"),
-        (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
         *method_checks(f, " (--weights)"),
         *base_model_checks(cfg.model, f.method),
         (a.beta > 0, f"align.beta must be > 0, got {a.beta}"),

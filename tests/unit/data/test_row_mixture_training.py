@@ -19,6 +19,7 @@ from cybertron.align.config import validate as validate_align  # noqa: E402
 from cybertron.align.mix import preference_data, prompt_data  # noqa: E402
 from cybertron.commands.align import run as run_align  # noqa: E402
 from cybertron.commands.finetune import run as run_finetune  # noqa: E402
+from cybertron.data.sft import RowMixtureLoader  # noqa: E402
 from cybertron.data.tokenizer import TextTokenizer  # noqa: E402
 from cybertron.errors import ConfigError  # noqa: E402
 from cybertron.finetune.config import SHORTCUTS, FinetuneConfig  # noqa: E402
@@ -60,7 +61,10 @@ def interrupted_and_resumed(tmp_path, run, config):
     shutil.rmtree(killed / "checkpoints" / "step-4")
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     (killed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2))
-    run(config(killed, resume=True))
+    resumed = run(config(killed, resume=True))
+    # The resumed run continued from its checkpoint (logged steps 3 and 4 once each) on the mixture's loader.
+    assert [r["step"] for r in read_metrics(killed) if "loss" in r] == [1, 2, 3, 4]
+    assert isinstance(resumed.task.loader, RowMixtureLoader) and sum(resumed.task.loader.per_source) == 16
     losses = lambda run_dir: {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
     return losses(full), losses(killed)
 
@@ -73,7 +77,8 @@ def test_finetune_mixture_resumes_exactly(tmp_path, hf_dir):
 
     def config(out, resume):
         args = ["--config", str(tmp_path / "run.toml"), "--model", str(hf_dir), "--seq-len", "64",
-                "--data.pack", "false", "--data.val_fraction", "0", "--out", str(out), *COMMON, *(["--resume"] if resume else [])]
+                "--data.pack", "false", "--data.val_fraction", "0", "--out", str(out), *COMMON,
+                *(["--resume"] if resume else [])]
         cfg = parse_args(args, FinetuneConfig(), SHORTCUTS)
         validate_finetune(cfg)
         return cfg
@@ -82,7 +87,6 @@ def test_finetune_mixture_resumes_exactly(tmp_path, hf_dir):
     assert sorted(got) == [1, 2, 3, 4] and got == expected  # bitwise: float equality of every step's loss
 
 
-@pytest.mark.slow  # the finetune test above covers the row mixture's resume in the default suite
 def test_dpo_mixture_resumes_exactly(tmp_path, hf_dir):
     a, b = write_pairs(tmp_path / "a.jsonl", 10, seed=1), write_pairs(tmp_path / "b.jsonl", 6, seed=2)
 

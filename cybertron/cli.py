@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "export": "write a run as an HF directory (--merge adapters)",
     "convert": "HF directory <-> run directory (--from-hf HF --out RUN, --run RUN --out HF)",
     "serve": "OpenAI-compatible HTTP server",
+    "plan": "parallel layouts that fit N GPUs, with predicted memory and relative step time",
 }
 
 

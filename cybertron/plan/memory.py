@@ -1,0 +1,198 @@
+"""Peak memory of one rank of a training step, predicted from the model's shape and the layout alone.
+
+The terms follow what cybertron actually keeps, not a generic formula (validated on CPU against the peak RSS
+measured per rank by bench/plan_vs_memory.py; table in bench/RESULTS.md):
+
+- params: the rank's parameters in fp32 (cybertron trains fp32 master weights; bf16 is autocast or FSDP2's
+  mixed-precision gather). Tensor parallelism splits attention, dense-MLP, embedding and head weights over tp
+  (norms stay whole; a mixture-of-experts layer is replicated over tp and its routed experts split over ep);
+  pipeline parallelism keeps the largest stage's layers (the first stage also holds the embedding, the last
+  the final norm and head); FSDP2 (zero3, HSDP, zero2 composed with tp/pp/ep) shards them over dp_shard x cp.
+- grads: fp32 gradients kept through the step: DDP and ZeRO-1 hold a full copy (DDP's buckets, which the
+  gradients are views of); the paper's ZeRO-2 (pure data parallelism) and FSDP2 1/N of them.
+- optim: AdamW's exp_avg and exp_avg_sq (8 bytes per parameter) for the rank's partition: whole under DDP,
+  1/N under ZeRO-1/2/3 (ZeRO-1/2 partition whole tensors, so a rank may hold a little more than 1/N).
+- activations: what autograd saves for backward, per token of the rank's micro-batch (micro_batch x
+  seq_len / cp tokens), per layer of the stage, in activation bytes (4 at fp32, 2 under bf16):
+  the residual stream twice (each norm's input: sequence-sharded, so / tp, under tensor parallelism with
+  sequence parallelism), each norm's output (the input the q/k/v and gate/up Linears save, gathered whole
+  under sequence parallelism), four head-sized tensors (q after RoPE, the attention output, its reshaped
+  copy for o_proj, one more copy), k and v, four FFN-sized tensors (gate, its activation, up, their
+  product) and SDPA's fp32 log-sum-exp per head (all / tp). The model's end adds the final norm's input
+  and output and the fp32 log-softmax of the logits (vocab per token, / tp with loss parallelism).
+  With full activation checkpointing a layer keeps only its input (the residual stream), and backward
+  recomputes one layer at a time (one layer's activations are alive again, with its backward's gradient
+  temporaries: about half as much again, a transient). Under 1F1B a stage holds
+  min(pp_microbatches, pp) micro-batches in flight (GPipe: all of them).
+- transient: what exists only for part of the step, the larger of (a) the loss's backward: the gradient of
+  the fp32 log-softmax and of the logits (2 x vocab x 4 bytes per token, / tp with loss parallelism), and
+  (b) under FSDP2 the gathered weights of the blocks in flight (zero3: two blocks, current and prefetched;
+  zero2 composed: all of the stage's weights stay gathered after forward) plus one block's unsharded
+  gradient before its reduce-scatter; the paper's ZeRO-2 buckets its full gradients before reducing them
+  (one copy of the rank's gradients at worst). Plus a fixed per-process runtime term (`overhead`: the
+  allocator's and communication library's buffers; on a GPU the CUDA context and NCCL, about 1 GiB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from cybertron.models.config import ModelConfig
+from cybertron.plan.layouts import Layout
+
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_BYTES = {"adamw": 8}  # optimizer state per trained parameter (fp32); cybertron trains with AdamW
+GPU_OVERHEAD = 1 << 30  # CUDA context, NCCL buffers, allocator fragmentation: a rough, documented allowance
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: float
+    grads: float
+    optim: float
+    activations: float
+    transient: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optim + self.activations + self.transient + self.overhead
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Parameter counts of the model's parts, before any sharding."""
+
+    embed: int  # the input embedding
+    head: int  # the output head (0 when tied: the embedding is the head)
+    attn: int  # one layer's attention weights (split over tp)
+    dense_mlp: int  # one dense layer's MLP (split over tp)
+    moe_mlp_routed: int  # one MoE layer's routed experts (split over ep, replicated over tp)
+    moe_mlp_other: int  # one MoE layer's router and shared expert (replicated over tp and ep)
+    norms: int  # one layer's norm weights (whole)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Shapes:
+        d = cfg.dim
+        norms = (4 if cfg.sandwich_norms else 2) * d
+        one = replace(cfg, n_layers=1, n_experts=0, sandwich_norms=False, first_k_dense=0, mlp_only_layers=[],
+                      layer_types=None)
+        attn = one.num_params() - cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) - d - 2 * d - 3 * d * cfg.ffn_dim
+        routed = cfg.n_experts * 3 * d * cfg.expert_ffn_dim
+        other = cfg.n_experts * d + 3 * d * cfg.shared_ffn_dim + (d if cfg.shared_expert_gate else 0)
+        return cls(cfg.vocab_size * d, 0 if cfg.tie_embeddings else cfg.vocab_size * d, attn, 3 * d * cfg.ffn_dim,
+                   routed, other, norms)
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[list[int]]:
+    """parallel/pipeline.split_layers: contiguous, earlier stages take the remainder."""
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def _layer_params(cfg: ModelConfig, s: Shapes, i: int, tp: int, ep: int) -> float:
+    if cfg.is_moe_layer(i):
+        return s.attn / tp + s.norms + s.moe_mlp_routed / ep + s.moe_mlp_other
+    return (s.attn + s.dense_mlp) / tp + s.norms
+
+
+def _stage_params(cfg: ModelConfig, s: Shapes, layers: list[int], first: bool, last: bool, tp: int, ep: int
+                  ) -> float:
+    n = sum(_layer_params(cfg, s, i, tp, ep) for i in layers)
+    if first:
+        n += s.embed / tp
+    if last:
+        n += s.head / tp + cfg.dim + (s.embed / tp if cfg.tie_embeddings and not first else 0)
+    return n
+
+
+def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int) -> float:
+    """Bytes autograd saves per token for one layer (see the module docstring), sequence parallelism on."""
+    q, kv = cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size
+    ffn = cfg.ffn_dim
+    if cfg.n_experts:  # a MoE layer runs top_k experts per token (plus the shared one), replicated over tp
+        ffn_tokens = 4 * (cfg.top_k * cfg.expert_ffn_dim + cfg.shared_ffn_dim) + 3 * cfg.dim
+        mlp = ffn_tokens * act
+    else:
+        mlp = 4 * ffn * act / tp
+    return (2 * cfg.dim / tp + 2 * cfg.dim + (4 * q + 2 * kv) / tp) * act + mlp + 4 * cfg.n_heads / tp
+
+
+def estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16", optimizer: str = "adamw",
+             method: str = "full", overhead: float = GPU_OVERHEAD) -> MemoryEstimate:
+    """The peak bytes of the largest rank of `layout` for one training step at `seq_len` tokens per sequence.
+    method: full (pre-training or full fine-tuning) or lora (frozen base; adapters' gradients and optimizer
+    state are negligible beside it)."""
+    d = layout.dims
+    s = Shapes.of(cfg)
+    act = ACT_BYTES[dtype]
+    stages = stage_layers(cfg.n_layers, d.pp)
+    per_stage = [_stage_params(cfg, s, layers, i == 0, i == d.pp - 1, d.tp, d.ep) for i, layers in enumerate(stages)]
+    worst = max(range(d.pp), key=lambda i: per_stage[i])  # the largest stage (ties: the first)
+    n = per_stage[worst]
+    first, last = worst == 0, worst == d.pp - 1
+    layers = stages[worst]
+    block = max(_layer_params(cfg, s, i, d.tp, d.ep) for i in layers) if layers else 0
+
+    fsdp = _fsdp(layout)
+    shard = d.dp_shard * d.cp if fsdp else 1
+    zero_n = d.dp * d.cp
+    trained = 1.0 if method == "full" else 0.0
+    params = 4 * n / shard
+    if d.data_parallel in ("ddp", "zero1") or not fsdp:
+        grads = 4 * n * trained if not _paper_zero2(layout) else 4 * n * trained / zero_n
+        optim_div = zero_n if d.data_parallel in ("zero1", "zero2") and zero_n > 1 else 1
+        optim = OPTIMIZER_BYTES[optimizer] * n * trained / optim_div
+    else:
+        grads = 4 * n * trained / shard
+        optim = OPTIMIZER_BYTES[optimizer] * n * trained / shard
+
+    tokens = layout.micro_batch * seq_len / d.cp
+    in_flight = min(layout.pp_microbatches, d.pp) if d.pp > 1 else 1
+    per_layer = layer_activation_bytes(cfg, d.tp, act) * tokens
+    stream = cfg.dim * act / d.tp * tokens  # a block's input, all that full checkpointing keeps
+    lp = d.tp  # loss parallelism (cybertron's default with tp > 1) keeps the logits vocabulary-sharded
+    head = (cfg.dim / d.tp + cfg.dim) * act * tokens + 4 * cfg.vocab_size / lp * tokens if last else 0.0
+    if layout.activation_checkpoint == "full":
+        kept = len(layers) * stream * in_flight
+        # the recomputed layer, and its backward's gradient temporaries (about half a layer's activations)
+        recompute = 1.5 * per_layer if layers else 0.0
+    else:
+        kept = len(layers) * per_layer * in_flight
+        recompute = 0.0
+    if layout.activation_checkpoint == "selective":  # matmul and attention outputs kept: about half
+        kept = len(layers) * (stream + per_layer / 2) * in_flight
+    activations = kept + head
+
+    loss_backward = 2 * 4 * cfg.vocab_size / lp * tokens if last else 0.0
+    gathered = 0.0
+    param_bytes = act if dtype != "fp32" and fsdp else 4
+    if fsdp and d.data_parallel == "zero3":
+        gathered = 2 * param_bytes * block + 4 * block * trained
+    elif fsdp:  # zero2 composed: the stage's weights stay gathered from forward to backward
+        gathered = param_bytes * n + 4 * block * trained
+    elif _paper_zero2(layout):
+        gathered = 4 * n * trained * (1 - 1 / zero_n)
+    transient = max(loss_backward, recompute) + gathered
+    return MemoryEstimate(params, grads, optim, activations, transient, overhead)
+
+
+def _fsdp(layout: Layout) -> bool:
+    """apply.shards_parameters: zero3 / HSDP / zero2 composed with tp, pp, ep, cp (more than one dp x cp rank)."""
+    d = layout.dims
+    return d.data_parallel in ("zero2", "zero3") and d.dp * d.cp > 1 and not _paper_zero2(layout)
+
+
+def _paper_zero2(layout: Layout) -> bool:
+    """apply.paper_zero2: ZeRO-2 as in the paper for pure data parallelism."""
+    d = layout.dims
+    return (d.data_parallel == "zero2" and d.dp > 1 and d.tp == 1 and d.pp == 1 and d.dp_replicate == 1
+            and d.ep == 1 and d.cp == 1)

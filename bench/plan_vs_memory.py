@@ -44,6 +44,9 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "pp2": (2, {"pp": 2}),
     "cp2": (2, {"cp": 2}),
 }
+# The fixed per-process term on CPU (allocator, BLAS and gloo buffers made during the first step, the heap's
+# retained small blocks), fitted with the three constants of cybertron/plan/memory.py over these layouts.
+CPU_OVERHEAD = 12 * 2**20
 _EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
@@ -95,10 +98,20 @@ def _measure(world, fields: dict) -> dict:
     gc.collect()
     if world.is_distributed:
         world.barrier()
+    phases = {}
+    step = trainer.optimizer.step
+
+    def step_marking_phase(*args, **kwargs):  # the forward/backward's peak, then the optimizer step's
+        phases["fwd_bwd"] = _hwm() - before
+        _reset_hwm()
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = step_marking_phase
     _reset_hwm()
     steady = _rss() - before  # parameters + optimizer state (+ anything kept between steps)
     trainer.train_step(2, batch())
-    return {"peak": _hwm() - before, "steady": steady}
+    phases["optimizer"] = _hwm() - before
+    return {"peak": max(phases.values()), "steady": steady, **phases}
 
 
 def _worker(rank: int, world_size: int, port: int, fields: dict, out: str) -> None:
@@ -156,7 +169,7 @@ def predict(world_size: int, fields: dict):
     from cybertron.plan.memory import estimate
 
     layout = Layout.from_fields(world_size, fields, micro_batch=MICRO_BATCH)
-    return estimate(MODEL, layout, SEQ_LEN, dtype="fp32", optimizer="adamw")
+    return estimate(MODEL, layout, SEQ_LEN, dtype="fp32", optimizer="adamw", overhead=CPU_OVERHEAD)
 
 
 def compare(names: list[str]) -> list[dict]:

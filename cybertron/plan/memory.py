@@ -18,7 +18,8 @@ measured per rank by bench/plan_vs_memory.py; table in bench/RESULTS.md):
   sequence parallelism), each norm's output (the input the q/k/v and gate/up Linears save, gathered whole
   under sequence parallelism), four head-sized tensors (q after RoPE, the attention output, its reshaped
   copy for o_proj, one more copy), k and v, four FFN-sized tensors (gate, its activation, up, their
-  product) and SDPA's fp32 log-sum-exp per head (all / tp). The model's end adds the final norm's input
+  product) and SDPA's fp32 log-sum-exp per head (all / tp). Under context parallelism k and v are those of
+  the whole sequence (cybertron all-gathers them over the cp ranks), cp times the rank's own. The model's end adds the final norm's input
   and output and the fp32 log-softmax of the logits (vocab per token, / tp with loss parallelism).
   With full activation checkpointing a layer keeps only its input (the residual stream), and backward
   recomputes one layer at a time (one layer's activations are alive again, with its backward's gradient
@@ -42,6 +43,12 @@ from cybertron.plan.layouts import Layout
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_BYTES = {"adamw": 8}  # optimizer state per trained parameter (fp32); cybertron trains with AdamW
+# Calibrated on CPU against bench/plan_vs_memory.py (bench/RESULTS.md): a recomputed layer's backward holds
+# its activations and gradient temporaries of about RECOMPUTE x the layer's saved activations; the loss's
+# backward holds LOSS_COPIES fp32 logits-sized gradients beside the saved log-softmax.
+RECOMPUTE = 1.25
+LOSS_COPIES = 1.0
+TP_LOSS_COPIES = 4.0  # more under loss parallelism: DTensor's vocabulary-parallel cross-entropy backward
 GPU_OVERHEAD = 1 << 30  # CUDA context, NCCL buffers, allocator fragmentation: a rough, documented allowance
 
 
@@ -114,7 +121,7 @@ def _stage_params(cfg: ModelConfig, s: Shapes, layers: list[int], first: bool, l
     return n
 
 
-def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int) -> float:
+def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, cp: int = 1) -> float:
     """Bytes autograd saves per token for one layer (see the module docstring), sequence parallelism on."""
     q, kv = cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size
     ffn = cfg.ffn_dim
@@ -123,23 +130,29 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int) -> float:
         mlp = ffn_tokens * act
     else:
         mlp = 4 * ffn * act / tp
-    return (2 * cfg.dim / tp + 2 * cfg.dim + (4 * q + 2 * kv) / tp) * act + mlp + 4 * cfg.n_heads / tp
+    # context parallelism (all-gather attention, parallel/context_parallel.py): SDPA saves the whole
+    # sequence's k and v, cp times a rank's own share
+    return (2 * cfg.dim / tp + 2 * cfg.dim + (4 * q + 2 * kv * cp) / tp) * act + mlp + 4 * cfg.n_heads / tp
 
 
 def estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16", optimizer: str = "adamw",
              method: str = "full", overhead: float = GPU_OVERHEAD) -> MemoryEstimate:
-    """The peak bytes of the largest rank of `layout` for one training step at `seq_len` tokens per sequence.
-    method: full (pre-training or full fine-tuning) or lora (frozen base; adapters' gradients and optimizer
-    state are negligible beside it)."""
+    """The peak bytes of the largest rank of `layout` for one training step at `seq_len` tokens per sequence
+    (under pp: the largest of the stages). method: full (pre-training or full fine-tuning) or lora (frozen
+    base; the adapters' gradients and optimizer state are negligible beside it)."""
+    stages = stage_layers(cfg.n_layers, layout.dims.pp)
+    return max((_stage_estimate(cfg, layout, seq_len, dtype, optimizer, method, overhead, stages, i)
+                for i in range(len(stages))), key=lambda e: e.total)
+
+
+def _stage_estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str, optimizer: str, method: str,
+                    overhead: float, stages: list[list[int]], stage: int) -> MemoryEstimate:
     d = layout.dims
     s = Shapes.of(cfg)
     act = ACT_BYTES[dtype]
-    stages = stage_layers(cfg.n_layers, d.pp)
-    per_stage = [_stage_params(cfg, s, layers, i == 0, i == d.pp - 1, d.tp, d.ep) for i, layers in enumerate(stages)]
-    worst = max(range(d.pp), key=lambda i: per_stage[i])  # the largest stage (ties: the first)
-    n = per_stage[worst]
-    first, last = worst == 0, worst == d.pp - 1
-    layers = stages[worst]
+    layers = stages[stage]
+    first, last = stage == 0, stage == d.pp - 1
+    n = _stage_params(cfg, s, layers, first, last, d.tp, d.ep)
     block = max(_layer_params(cfg, s, i, d.tp, d.ep) for i in layers) if layers else 0
 
     fsdp = _fsdp(layout)
@@ -147,32 +160,34 @@ def estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16"
     zero_n = d.dp * d.cp
     trained = 1.0 if method == "full" else 0.0
     params = 4 * n / shard
-    if d.data_parallel in ("ddp", "zero1") or not fsdp:
-        grads = 4 * n * trained if not _paper_zero2(layout) else 4 * n * trained / zero_n
-        optim_div = zero_n if d.data_parallel in ("zero1", "zero2") and zero_n > 1 else 1
-        optim = OPTIMIZER_BYTES[optimizer] * n * trained / optim_div
-    else:
+    if fsdp:
         grads = 4 * n * trained / shard
         optim = OPTIMIZER_BYTES[optimizer] * n * trained / shard
+    else:
+        grads = 4 * n * trained / (zero_n if _paper_zero2(layout) else 1)
+        optim_div = zero_n if d.data_parallel in ("zero1", "zero2") and zero_n > 1 else 1
+        optim = OPTIMIZER_BYTES[optimizer] * n * trained / optim_div
 
     tokens = layout.micro_batch * seq_len / d.cp
-    in_flight = min(layout.pp_microbatches, d.pp) if d.pp > 1 else 1
-    per_layer = layer_activation_bytes(cfg, d.tp, act) * tokens
+    # 1F1B: stage s runs pp - s forwards before its first backward (GPipe would hold all m)
+    in_flight = min(layout.pp_microbatches, d.pp - stage) if d.pp > 1 else 1
+    per_layer = layer_activation_bytes(cfg, d.tp, act, d.cp) * tokens
     stream = cfg.dim * act / d.tp * tokens  # a block's input, all that full checkpointing keeps
     lp = d.tp  # loss parallelism (cybertron's default with tp > 1) keeps the logits vocabulary-sharded
     head = (cfg.dim / d.tp + cfg.dim) * act * tokens + 4 * cfg.vocab_size / lp * tokens if last else 0.0
+    recompute = 0.0
     if layout.activation_checkpoint == "full":
         kept = len(layers) * stream * in_flight
         # the recomputed layer, and its backward's gradient temporaries (about half a layer's activations)
-        recompute = 1.5 * per_layer if layers else 0.0
+        recompute = RECOMPUTE * per_layer if layers else 0.0
+    elif layout.activation_checkpoint == "selective":  # matmul and attention outputs kept: about half
+        kept = len(layers) * (stream + per_layer / 2) * in_flight
     else:
         kept = len(layers) * per_layer * in_flight
-        recompute = 0.0
-    if layout.activation_checkpoint == "selective":  # matmul and attention outputs kept: about half
-        kept = len(layers) * (stream + per_layer / 2) * in_flight
     activations = kept + head
 
-    loss_backward = 2 * 4 * cfg.vocab_size / lp * tokens if last else 0.0
+    copies = LOSS_COPIES + (TP_LOSS_COPIES if d.tp > 1 else 0.0)
+    loss_backward = copies * 4 * cfg.vocab_size / lp * tokens if last else 0.0
     gathered = 0.0
     param_bytes = act if dtype != "fp32" and fsdp else 4
     if fsdp and d.data_parallel == "zero3":

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -199,7 +199,7 @@ def main() -> None:
         sys.exit(f"unknown layouts {sorted(unknown)}; choose from {', '.join(all_layouts())}")
     rows = compare(names)
     mib = 2**20
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, gloo on CPU; model "
+    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, gloo on CPU; model "
           f"{MODEL.num_params() / 1e6:.2f}M params (dim {MODEL.dim}, {MODEL.n_layers} layers, ffn {MODEL.ffn_dim}, "
           f"vocab {MODEL.vocab_size}), seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, fp32 AdamW")
     print("\n| layout | ranks | params | grads | optim | activations | transient | predicted MiB | measured MiB "
@@ -208,8 +208,9 @@ def main() -> None:
     for r in rows:
         b = r["breakdown"]
         cols = [b[k] / mib for k in ("params", "grads", "optim", "activations", "transient")]
+        off = r["predicted"] / r["measured"] - 1
         print(f"| {r['layout']} | {r['world']} | " + " | ".join(f"{c:.1f}" for c in cols)
-              + f" | {r['predicted'] / mib:.1f} | {r['measured'] / mib:.1f} | {r['predicted'] / r['measured'] - 1:+.1%} |")
+              + f" | {r['predicted'] / mib:.1f} | {r['measured'] / mib:.1f} | {off:+.1%} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.check and any(abs(r["predicted"] / r["measured"] - 1) > 0.10 for r in rows):

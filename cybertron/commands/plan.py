@@ -93,7 +93,8 @@ def main(argv: list[str]) -> int:
                                          f"{', '.join(OPTIMIZER_BYTES)}"),
         (c.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {c.method!r}"),
         (bool(modes) and set(modes) <= set(CHECKPOINTING),
-         f"--activation-checkpoint takes {', '.join(CHECKPOINTING)} separated by commas, got {c.activation_checkpoint!r}"),
+         f"--activation-checkpoint takes {', '.join(CHECKPOINTING)} separated by commas, "
+         f"got {c.activation_checkpoint!r}"),
         (c.tflops > 0 and c.bandwidth > 0, "--tflops and --bandwidth must be positive"),
     ])
     gpu_memory = parse_bytes(c.gpu_memory)

@@ -18,20 +18,28 @@ measured per rank by bench/plan_vs_memory.py; table in bench/RESULTS.md):
   sequence parallelism), each norm's output (the input the q/k/v and gate/up Linears save, gathered whole
   under sequence parallelism), four head-sized tensors (q after RoPE, the attention output, its reshaped
   copy for o_proj, one more copy), k and v, four FFN-sized tensors (gate, its activation, up, their
-  product) and SDPA's fp32 log-sum-exp per head (all / tp). Under context parallelism k and v are those of
-  the whole sequence (cybertron all-gathers them over the cp ranks), cp times the rank's own. The model's end adds the final norm's input
-  and output and the fp32 log-softmax of the logits (vocab per token, / tp with loss parallelism).
-  With full activation checkpointing a layer keeps only its input (the residual stream), and backward
-  recomputes one layer at a time (one layer's activations are alive again, with its backward's gradient
-  temporaries: about half as much again, a transient). Under 1F1B a stage holds
-  min(pp_microbatches, pp) micro-batches in flight (GPipe: all of them).
-- transient: what exists only for part of the step, the larger of (a) the loss's backward: the gradient of
-  the fp32 log-softmax and of the logits (2 x vocab x 4 bytes per token, / tp with loss parallelism), and
-  (b) under FSDP2 the gathered weights of the blocks in flight (zero3: two blocks, current and prefetched;
-  zero2 composed: all of the stage's weights stay gathered after forward) plus one block's unsharded
-  gradient before its reduce-scatter; the paper's ZeRO-2 buckets its full gradients before reducing them
-  (one copy of the rank's gradients at worst). Plus a fixed per-process runtime term (`overhead`: the
-  allocator's and communication library's buffers; on a GPU the CUDA context and NCCL, about 1 GiB).
+  product) and SDPA's fp32 log-sum-exp per head (all / tp). Under context parallelism k and v are those
+  of the whole sequence (cybertron all-gathers them over the cp ranks), cp times the rank's own. The model's
+  end adds the final norm's input and output and the fp32 log-softmax of the logits (vocab per token, / tp
+  with loss parallelism). With full activation checkpointing a layer keeps only its input (the residual
+  stream). Under 1F1B stage s holds min(pp_microbatches, pp - s) micro-batches in flight; the estimate is
+  the largest stage's.
+- transient: what exists only for part of the step: the larger of (a) the loss's backward, LOSS_COPIES fp32
+  logits-sized gradients (vocab x 4 bytes per token, / tp with loss parallelism; DTensor's vocabulary-parallel
+  cross-entropy holds TP_LOSS_COPIES more) and (b) with full checkpointing, the recomputed layer and its
+  backward's gradient temporaries (RECOMPUTE x one layer's saved activations); plus, under FSDP2, the
+  gathered weights of the blocks in flight (zero3: two blocks, current and prefetched; zero2 composed with
+  tp/pp/ep/cp: the stage's weights stay gathered from forward to backward) and one block's unsharded
+  gradient before its reduce-scatter; the paper's ZeRO-2 buckets its full gradients before reducing them.
+- overhead: a fixed per-process term: on a GPU the CUDA context, NCCL's buffers and allocator fragmentation
+  (GPU_OVERHEAD, a rough allowance: the GPU side is not validated here); on CPU the allocator's, BLAS's and
+  gloo's buffers made during the first step (bench/plan_vs_memory.py's CPU_OVERHEAD).
+
+The three constants RECOMPUTE, LOSS_COPIES and TP_LOSS_COPIES (and the CPU overhead) were fitted once over the
+14 layouts of bench/plan_vs_memory.py (fp32, 2-4 gloo ranks); every other term is counted from the shapes.
+Not validated: bf16 (activations at 2 bytes, fp32 residual pieces ignored), selective checkpointing (about
+half a layer's activations kept), mixture-of-experts layers (top_k experts' FFN activations per token),
+LoRA (frozen base only), and GPU-side allocator behaviour.
 """
 
 from __future__ import annotations
@@ -87,7 +95,8 @@ class Shapes:
         norms = (4 if cfg.sandwich_norms else 2) * d
         one = replace(cfg, n_layers=1, n_experts=0, sandwich_norms=False, first_k_dense=0, mlp_only_layers=[],
                       layer_types=None)
-        attn = one.num_params() - cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) - d - 2 * d - 3 * d * cfg.ffn_dim
+        embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+        attn = one.num_params() - embeddings - d - 2 * d - 3 * d * cfg.ffn_dim  # minus final norm, norms, MLP
         routed = cfg.n_experts * 3 * d * cfg.expert_ffn_dim
         other = cfg.n_experts * d + 3 * d * cfg.shared_ffn_dim + (d if cfg.shared_expert_gate else 0)
         return cls(cfg.vocab_size * d, 0 if cfg.tie_embeddings else cfg.vocab_size * d, attn, 3 * d * cfg.ffn_dim,

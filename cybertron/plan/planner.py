@@ -22,8 +22,9 @@ class PlanRow:
 def plan(cfg: ModelConfig, world_size: int, seq_len: int, gpu_memory: float, micro_batches: list[int],
          dtype: str = "bf16", optimizer: str = "adamw", method: str = "full",
          checkpointing: tuple[str, ...] = ("none", "full"), overhead: float = GPU_OVERHEAD,
-         hw: Hardware = Hardware()) -> list[PlanRow]:
+         hw: Hardware | None = None) -> list[PlanRow]:
     """Layouts that cybertron can run, fitting ones first (fastest first), then the rest by memory."""
+    hw = hw or Hardware()
     rows = []
     for layout in candidate_layouts(cfg, world_size, seq_len, micro_batches, checkpointing):
         mem = estimate(cfg, layout, seq_len, dtype, optimizer, method, overhead)

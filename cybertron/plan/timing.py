@@ -32,14 +32,16 @@ class Hardware:
 
 
 def step_seconds(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16",
-                 hw: Hardware = Hardware()) -> tuple[float, float]:
+                 hw: Hardware | None = None) -> tuple[float, float]:
     """(modelled seconds per step, tokens the world processes per step)."""
+    hw = hw or Hardware()
     d = layout.dims
     act = ACT_BYTES[dtype]
     tokens_rank = layout.micro_batch * seq_len / d.cp  # per micro-batch, per rank
     world_tokens = layout.sequences_per_step * seq_len * d.dp
     attn_width = cfg.n_heads * cfg.head_size
-    flops_token = 6 * cfg.num_params(include_embedding=False, active=True) + 6 * cfg.n_layers * attn_width * seq_len / 2
+    flops_token = (6 * cfg.num_params(include_embedding=False, active=True)
+                   + 6 * cfg.n_layers * attn_width * seq_len / 2)
     compute = flops_token * world_tokens / (d.world_size * hw.tflops * 1e12)
     compute *= {"none": 1.0, "full": 4 / 3, "selective": 1.1}[layout.activation_checkpoint]
     compute *= 1 + 0.1 * (d.tp - 1)
@@ -73,6 +75,6 @@ def step_seconds(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "b
 
 
 def time_per_token(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16",
-                   hw: Hardware = Hardware()) -> float:
+                   hw: Hardware | None = None) -> float:
     seconds, tokens = step_seconds(cfg, layout, seq_len, dtype, hw)
     return seconds / tokens

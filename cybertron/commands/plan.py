@@ -109,7 +109,9 @@ def main(argv: list[str]) -> int:
     if c.json:
         print(as_json(shown[:c.top] if c.top else shown))
         return 0
-    print(f"{c.model}: {cfg.num_params() / 1e9:.2f}B parameters, {c.world_size} GPUs of "
+    n = cfg.num_params()
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    print(f"{c.model}: {size} parameters, {c.world_size} GPUs of "
           f"{gpu_memory / 2**30:.0f} GiB, seq_len {c.seq_len}, {c.dtype}, {c.optimizer}, {c.method}")
     if not shown:
         print(f"no layout of {len(rows)} runnable ones fits; the smallest needs "

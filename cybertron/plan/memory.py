@@ -19,11 +19,13 @@ measured per rank by bench/plan_vs_memory.py; table in bench/RESULTS.md):
   under sequence parallelism), four head-sized tensors (q after RoPE, the attention output, its reshaped
   copy for o_proj, one more copy), k and v, four FFN-sized tensors (gate, its activation, up, their
   product) and SDPA's fp32 log-sum-exp per head (all / tp). Under context parallelism k and v are those
-  of the whole sequence (cybertron all-gathers them over the cp ranks), cp times the rank's own. The model's
-  end adds the final norm's input and output and the fp32 log-softmax of the logits (vocab per token, / tp
-  with loss parallelism). With full activation checkpointing a layer keeps only its input (the residual
-  stream). Under 1F1B stage s holds min(pp_microbatches, pp - s) micro-batches in flight; the estimate is
-  the largest stage's.
+  of the whole sequence (cybertron all-gathers them over the cp ranks), cp times the rank's own, and each
+  micro-batch keeps one (seq_len / cp x seq_len) mask over the gathered keys, as bool and as the additive
+  copy in the activation dtype SDPA saves (shared by all layers and, for unpacked pretraining rows, by the
+  batch; packed documents make one per row, not modelled). The model's end adds the final norm's input
+  and output and the fp32 log-softmax of the logits (vocab per token, / tp with loss parallelism). With full
+  activation checkpointing a layer keeps only its input (the residual stream). Under 1F1B stage s holds
+  min(pp_microbatches, pp - s) micro-batches in flight; the estimate is the largest stage's.
 - transient: what exists only for part of the step: the larger of (a) the loss's backward, LOSS_COPIES fp32
   logits-sized gradients (vocab x 4 bytes per token, / tp with loss parallelism; DTensor's vocabulary-parallel
   cross-entropy holds TP_LOSS_COPIES more) and (b) with full checkpointing, the recomputed layer and its
@@ -193,6 +195,8 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str, 
         kept = len(layers) * (stream + per_layer / 2) * in_flight
     else:
         kept = len(layers) * per_layer * in_flight
+    if d.cp > 1:  # each micro-batch's (seq_len / cp x seq_len) mask over the gathered keys, bool and additive
+        kept += in_flight * seq_len / d.cp * seq_len * (1 + act)
     activations = kept + head
 
     copies = LOSS_COPIES + (TP_LOSS_COPIES if d.tp > 1 else 0.0)

@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
         (c.tflops > 0 and c.bandwidth > 0, "--tflops and --bandwidth must be positive"),
     ])
     gpu_memory = parse_bytes(c.gpu_memory)
-    overhead = parse_bytes(c.overhead) if c.overhead.strip() not in ("0", "0GiB") else 0.0
+    overhead = parse_bytes(c.overhead, "--overhead", allow_zero=True)
     cfg = load_model_config(c.model)
     if c.seq_len > cfg.max_seq_len:
         raise UserError(f"--seq-len {c.seq_len} is above the model's maximum sequence length {cfg.max_seq_len}")

@@ -132,11 +132,11 @@ def _stage_params(cfg: ModelConfig, s: Shapes, layers: list[int], first: bool, l
     return n
 
 
-def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, cp: int = 1) -> float:
+def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, cp: int = 1, moe: bool = False) -> float:
     """Bytes autograd saves per token for one layer (see the module docstring), sequence parallelism on."""
     q, kv = cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size
     ffn = cfg.ffn_dim
-    if cfg.n_experts:  # a MoE layer runs top_k experts per token (plus the shared one), replicated over tp
+    if moe:  # a MoE layer runs top_k experts per token (plus the shared one), replicated over tp
         ffn_tokens = 4 * (cfg.top_k * cfg.expert_ffn_dim + cfg.shared_ffn_dim) + 3 * cfg.dim
         mlp = ffn_tokens * act
     else:
@@ -182,7 +182,8 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str, 
     tokens = layout.micro_batch * seq_len / d.cp
     # 1F1B: stage s runs pp - s forwards before its first backward (GPipe would hold all m)
     in_flight = min(layout.pp_microbatches, d.pp - stage) if d.pp > 1 else 1
-    per_layer = layer_activation_bytes(cfg, d.tp, act, d.cp) * tokens
+    saved = [layer_activation_bytes(cfg, d.tp, act, d.cp, cfg.is_moe_layer(i)) * tokens for i in layers]
+    per_layer = max(saved, default=0.0)
     stream = cfg.dim * act / d.tp * tokens  # a block's input, all that full checkpointing keeps
     lp = d.tp  # loss parallelism (cybertron's default with tp > 1) keeps the logits vocabulary-sharded
     head = (cfg.dim / d.tp + cfg.dim) * act * tokens + 4 * cfg.vocab_size / lp * tokens if last else 0.0
@@ -190,11 +191,11 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str, 
     if layout.activation_checkpoint == "full":
         kept = len(layers) * stream * in_flight
         # the recomputed layer, and its backward's gradient temporaries (about half a layer's activations)
-        recompute = RECOMPUTE * per_layer if layers else 0.0
+        recompute = RECOMPUTE * per_layer
     elif layout.activation_checkpoint == "selective":  # matmul and attention outputs kept: about half
-        kept = len(layers) * (stream + per_layer / 2) * in_flight
+        kept = (len(layers) * stream + sum(saved) / 2) * in_flight
     else:
-        kept = len(layers) * per_layer * in_flight
+        kept = sum(saved) * in_flight
     if d.cp > 1:  # each micro-batch's (seq_len / cp x seq_len) mask over the gathered keys, bool and additive
         kept += in_flight * seq_len / d.cp * seq_len * (1 + act)
     activations = kept + head

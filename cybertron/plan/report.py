@@ -12,12 +12,12 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_bytes(text: str) -> float:
+def parse_bytes(text: str, flag: str = "--gpu-memory", allow_zero: bool = False) -> float:
     """'80GiB', '80GB', '141 GB', '1.5TiB' -> bytes (a bare number is bytes)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"--gpu-memory {text!r} is not a memory size; write e.g. 80GiB, 141GB or 24GiB")
+    if not match or unit not in _UNITS or float(match.group(1)) < 0 or (float(match.group(1)) == 0 and not allow_zero):
+        raise UserError(f"{flag} {text!r} is not a memory size; write e.g. 80GiB, 141GB or 24GiB")
     return float(match.group(1)) * _UNITS[unit]
 
 

@@ -202,12 +202,12 @@ def main() -> None:
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, gloo on CPU; model "
           f"{MODEL.num_params() / 1e6:.2f}M params (dim {MODEL.dim}, {MODEL.n_layers} layers, ffn {MODEL.ffn_dim}, "
           f"vocab {MODEL.vocab_size}), seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, fp32 AdamW")
-    print("\n| layout | ranks | params | grads | optim | activations | transient | predicted MiB | measured MiB "
-          "| off by |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| layout | ranks | params | grads | optim | activations | transient | overhead | predicted MiB "
+          "| measured MiB | off by |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["breakdown"]
-        cols = [b[k] / mib for k in ("params", "grads", "optim", "activations", "transient")]
+        cols = [b[k] / mib for k in ("params", "grads", "optim", "activations", "transient", "overhead")]
         off = r["predicted"] / r["measured"] - 1
         print(f"| {r['layout']} | {r['world']} | " + " | ".join(f"{c:.1f}" for c in cols)
               + f" | {r['predicted'] / mib:.1f} | {r['measured'] / mib:.1f} | {off:+.1%} |")

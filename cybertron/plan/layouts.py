@@ -12,7 +12,6 @@ from cybertron.config import ParallelSection, TrainSection
 from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
 from cybertron.parallel.dims import ParallelDims
-from cybertron.parallel.runtime import layout_dims
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,9 @@ def _data_parallel_variants(dp: int, tp: int, pp: int, cp: int, cfg: ModelConfig
 
 def _accepted(cfg: ModelConfig, world_size: int, seq_len: int, fields: dict, ac: str, micro_batch: int
               ) -> Layout | None:
+    # late: runtime imports torch, which a mistyped flag should not wait for
+    from cybertron.parallel.runtime import layout_dims
+
     pp = fields["pp"]
     m = 2 * pp if pp > 1 else 1
     parallel = replace(ParallelSection(), **fields, activation_checkpoint=ac, pp_microbatches=m if pp > 1 else 0)

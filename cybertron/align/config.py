@@ -129,8 +129,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (t.fp8 == "none", "train.fp8 is not supported by `cybertron align` yet"),
-        (cfg.parallel.cp == 1, f"parallel.cp={cfg.parallel.cp} is not supported by `cybertron align` yet (its "
-                               "losses need whole-sequence log-probabilities); use parallel.cp=1"),
+        (not (grpo and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with grpo: its rollouts "
+                                             "generate token by token from a KV cache that context parallelism does "
+                                             "not split over ranks; use parallel.cp=1"),
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])

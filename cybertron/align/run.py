@@ -9,15 +9,18 @@ reward-model run) through runs.py and hands it here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cybertron.align.config import AlignConfig
+from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
 from cybertron.align.preference_data import build_preference_data
@@ -30,6 +33,7 @@ from cybertron.data.tokenizer import TextTokenizer
 from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model
 from cybertron.finetune.run import check_layout, resolve_seq_len, run_adapter_task
 from cybertron.parallel.build_trainer import build_trainer
+from cybertron.parallel.context_parallel import apply_context_parallel
 from cybertron.parallel.runtime import DistEnv, layout_dims
 from cybertron.parallel.world import World, run_on_world
 from cybertron.train.epochs import plan_work
@@ -81,16 +85,18 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
-    # the layout is applied (every rank computes the same values, with no communication).
+    # the layout is applied (every rank computes the same values, with no communication but, under context
+    # parallelism, that of its cp group).
     if isinstance(setup, GRPOSetup):
         engine, reference = grpo_model_state(cfg, model, tokenizer, world, seq_len,
                                              plan.batch_size // world.dp_size,
                                              torch.bfloat16 if dtype_name == "bf16" else None)
     elif getattr(setup.step, "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
-        setup.train = _shared_reference(world, model, setup.train, micro, device, amp)
+        share = _shared_reference if world.dims.cp == 1 else _context_parallel_reference
+        setup.train = share(world, model, setup.train, micro, device, amp)
         if setup.val is not None:
-            setup.val = _shared_reference(world, model, setup.val, micro, device, amp)
+            setup.val = share(world, model, setup.val, micro, device, amp)
     schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     trainer, parts = build_trainer(model, world, cfg.parallel, t, dtype_name, schedule, step_fn=setup.step,
                                    replicas_equal=True)
@@ -115,6 +121,31 @@ def _shared_reference(world: World, model: nn.Module, rows: Batch, micro: int, d
         part = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp)
     return {**rows, "ref_chosen": world.gather_rows(part["ref_chosen"], n),
             "ref_rejected": world.gather_rows(part["ref_rejected"], n)}
+
+
+def _context_parallel_reference(world: World, model: nn.Module, rows: Batch, micro: int, device: torch.device,
+                                amp: Callable) -> Batch:
+    """Reference log-probabilities under context parallelism: the ranks of each cp group hold 1/cp of every
+    sequence of their share of the pairs (the long sequences a rank could not hold whole), through the
+    plain model with a context-parallel attention for this pass (parallelize() installs its own later)."""
+    d = world.dims
+    # rank = (dp_rank x cp + cp_rank) x tp + tp_rank (pp = 1): a cp group is one (dp_rank, tp_rank)
+    groups, group = world.size // d.cp, world.dp_rank * d.tp + world.rank % d.tp
+    n = rows["chosen_ids"].shape[0]
+    per_group = -(-n // groups)
+    mine = slice(min(group * per_group, n), min((group + 1) * per_group, n))
+    part = torch.zeros(2, per_group)
+    if mine.start < mine.stop:  # every rank of a cp group has the same rows: their collectives pair up
+        logprobs = SequenceSums(apply_context_parallel(model, world.mesh["cp"].get_group())).response_logprobs
+        ref = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp,
+                                 2 * d.cp, logprobs)
+        part[0, :mine.stop - mine.start], part[1, :mine.stop - mine.start] = ref["ref_chosen"], ref["ref_rejected"]
+    parts = [torch.empty_like(part, device=device) for _ in range(world.size)]
+    dist.all_gather(parts, part.to(device))
+    # One copy per cp group (its cp rank 0), in group order.
+    owners = [r for r in range(world.size) if (r // d.tp) % d.cp == 0]
+    both = torch.cat([parts[r] for r in owners], dim=1)[:, :n].cpu()
+    return {**rows, "ref_chosen": both[0], "ref_rejected": both[1]}
 
 
 # ---- preference pairs: dpo, ipo, simpo, orpo, reward -------------------------------------------------------
@@ -158,9 +189,12 @@ class PreferenceTask(AlignTask):
     @property
     def seq_multiple(self) -> int:
         """What every batch's sequence length is a multiple of: sequence parallelism gives each tensor-parallel
-        rank an equal slice of it (the padding scores nothing, so the loss is that of one process)."""
-        tp = self.world.dims.tp
-        return tp if tp > 1 and self.cfg.parallel.sequence_parallel else 1
+        rank an equal slice of it (the padding scores nothing, so the loss is that of one process); so does
+        context parallelism."""
+        d = self.world.dims
+        sp = d.tp if d.tp > 1 and self.cfg.parallel.sequence_parallel else 1
+        # Context parallelism cuts each sequence into 2 x cp chunks, each cp rank's share split over tp.
+        return sp if d.cp == 1 else math.lcm(2 * d.cp, d.cp * sp)
 
     def tokens_in(self, micro_batches: list[Batch]) -> int:
         return sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in micro_batches)

@@ -32,7 +32,7 @@ class ModelConfig:
     embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
     attn_scalar: float | None = None  # scores scaled by attn_scalar ** -0.5 (query_pre_attn_scalar); None: head size
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
-    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2; not servable)
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
     local_rope_theta: float | None = None  # sliding-window layers rotate with this base, unscaled (Gemma 3)
     init_std: float = 0.02
     # Mixture of experts (models/moe.py); n_experts = 0 is a dense model. Which layers are MoE follows the HF
@@ -165,9 +165,11 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive with multi-head latent attention")
         if self.qk_nope_head_dim < 0 or (self.q_lora_rank is not None and self.q_lora_rank <= 0):
             raise ValueError("model.qk_nope_head_dim must be >= 0 and model.q_lora_rank positive or None")
-        if self.rope_scaling is not None:
-            raise ValueError("model.rope_scaling is not implemented for multi-head latent attention (YaRN's "
-                             "softmax scale is not)")
+        from cybertron.models.rope import rope_type  # late: rope.py imports torch, this module does not
+
+        if rope_type(self.rope_scaling) not in ("default", "yarn"):
+            raise ValueError(f"model.rope_scaling of type {rope_type(self.rope_scaling)!r} is not implemented "
+                             "for multi-head latent attention (YaRN is)")
         if self.qkv_bias or self.qk_norm:
             raise ValueError("model.qkv_bias and model.qk_norm do not apply to multi-head latent attention")
 

@@ -17,9 +17,9 @@ def mla_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig values for the attention fields of a DeepSeek-V3 config.json; UserError naming a field
     whose setting we do not implement."""
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "yarn"):
         raise UserError(f"unsupported rope_scaling {rope.get('rope_type', rope.get('type'))!r} in config.json: "
-                        f"multi-head latent attention runs plain RoPE only (no YaRN)")
+                        f"multi-head latent attention runs plain RoPE or YaRN")
     if hf.get("attention_bias"):
         raise UserError("unsupported attention_bias=true in config.json for multi-head latent attention")
     missing = [k for k in _FIELDS if k not in hf and k != "q_lora_rank"]

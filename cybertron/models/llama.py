@@ -28,7 +28,7 @@ from cybertron.models.mla import LatentAttention
 from cybertron.models.moe import GroupedExperts, MoE, Router
 from cybertron.models.norms import RMSNorm, rms_norm
 from cybertron.models.rope import Rotary, apply_rope
-from cybertron.models.softcap import check_servable, softcapped_attention
+from cybertron.models.softcap import check_cache, softcapped_attention
 
 
 class KVCache(Protocol):
@@ -204,7 +204,7 @@ class Transformer(nn.Module):
                       cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, dim), before the output head: what a fused head + loss consumes."""
         if cache is not None:
-            check_servable(self.config)
+            check_cache(self.config, cache)  # a soft-capped model needs a cache that caps its scores
         if cache is not None and self.config.sliding_window is not None:
             self._check_cache_windows(cache)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
@@ -217,7 +217,8 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=h.device)[None]
         else:
             positions = positions.expand(b, t) if positions.dim() == 1 else positions
-        angles = self._rotary()(positions, h.dtype)
+        # A cache may name each row's sequence length for length-dependent RoPE (a prefill chunk: the prompt's).
+        angles = self._rotary()(positions, h.dtype, getattr(cache, "rope_lengths", None))
         # Gemma 3: sliding layers rotate with their own base (local_rope_theta), unscaled.
         local = self._rotary(local=True)(positions, h.dtype) if self.config.local_rope_theta else angles
         masks: dict[tuple, AttentionMask | torch.Tensor | None] = {}  # by (window, dense), shared by layers

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cybertron.models.config import ModelConfig
-from cybertron.models.rope import apply_rope
+from cybertron.models.rope import apply_rope, softmax_scale_factor
 
 # HF builds q_a_layernorm and kv_a_layernorm with their default eps, whatever rms_norm_eps says.
 _LATENT_NORM_EPS = 1e-6
@@ -42,9 +42,11 @@ class LatentAttention(nn.Module):
         self.rank = cfg.kv_lora_rank
         self.interleave = cfg.rope_interleave
         qk = self.nope + self.rope
-        # The softmax scale is 1/sqrt(qk), SDPA's default for qk-wide queries (YaRN's extra mscale is refused
-        # by ModelConfig.validate together with rope_scaling).
-        self.scale = qk ** -0.5
+        # The softmax scale is 1/sqrt(qk), SDPA's default for qk-wide queries, times YaRN's mscale^2 when the
+        # config has mscale_all_dim (DeepSeek-V3 checkpoints do). The latent path passes the whole scale; the
+        # up-projected path keeps SDPA's default and folds the extra factor into the queries.
+        self.extra_scale = softmax_scale_factor(cfg.rope_scaling)
+        self.scale = qk ** -0.5 * self.extra_scale
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * qk, bias=False)
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
@@ -78,7 +80,8 @@ class LatentAttention(nn.Module):
             kv = self.kv_b_proj(latent).view(b, t, -1, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_rot.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-            out = self.attention(torch.cat([q_nope, q_rot], dim=-1), k, v, mask)
+            q = torch.cat([q_nope, q_rot], dim=-1)
+            out = self.attention(q if self.extra_scale == 1.0 else q * self.extra_scale, k, v, mask)
         return self.o_proj(out.reshape(b, t, -1))
 
     def _attend_cached(self, cache, q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor,

@@ -74,13 +74,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
     raise ValueError(f"rope_scaling type {kind!r} is not implemented; supported: {', '.join(_TYPES)}")
 
 
-def cached_context(scaling: dict[str, Any] | None, max_position: int) -> int:
-    """The longest sequence a KV cache can hold with HF's angles. Past LongRoPE's original context, HF's
-    generate recomputes the whole cache with the long factors (Phi-3's prepare_inputs_for_generation); a paged
-    cache keeps the keys it wrote, so serving stops at the switch rather than diverge silently."""
+def longrope_switch(scaling: dict[str, Any] | None) -> int | None:
+    """LongRoPE's original context: a sequence longer than it runs with the long factors, all of it. HF's
+    generate recomputes the whole cache once when a sequence grows past it (Phi-3's
+    prepare_inputs_for_generation drops the cache), so a KV cache written with the short factors is stale
+    there and must be recomputed (serve/engine.py). None for the other types."""
     if rope_type(scaling) == "longrope":
-        return min(max_position, int(scaling["original_max_position_embeddings"]))
-    return max_position
+        return int(scaling["original_max_position_embeddings"])
+    return None
 
 
 def attention_factor(scaling: dict[str, Any] | None, max_position: int) -> float:
@@ -100,6 +101,15 @@ def attention_factor(scaling: dict[str, Any] | None, max_position: int) -> float
     if mscale and mscale_all_dim:
         return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
     return _yarn_mscale(factor)
+
+
+def softmax_scale_factor(scaling: dict[str, Any] | None) -> float:
+    """What DeepSeek's attention multiplies its softmax scale by under YaRN: mscale(factor, mscale_all_dim)^2
+    (transformers' yarn_apply_mscale; 1 without mscale_all_dim). Only multi-head latent attention applies it."""
+    if rope_type(scaling) == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    mscale = _yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"])
+    return mscale * mscale
 
 
 def _yarn_mscale(scale: float, mscale: float = 1) -> float:
@@ -149,7 +159,9 @@ class Rotary:
     take that length per row, on the device (no host sync, so CUDA graphs can capture it): a sequence served
     in a batch gets the angles HF's generate gives it alone. HF differs where its own state shows: it keeps the
     largest dynamic length seen (a shorter forward after a longer one, both past max_position, reuses the
-    longer one's base), and its prefill sees the whole prompt where a chunked prefill sees chunks."""
+    longer one's base). A chunk of a longer prefill passes `seq_len`, the length the whole prefill reaches,
+    so its angles are those of HF's one-call prefill of the prompt (a dynamic-NTK sequence recomputed after a
+    preemption gets its whole length's base, where HF's cached keys kept the bases they were written with)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_position: int,
                  partial_rotary_factor: float = 1.0):
@@ -166,8 +178,14 @@ class Rotary:
             self._cache[str(device)] = inverse_frequencies(self.dim, self.theta, self.scaling, device)
         return self._cache[str(device)]
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = positions.amax(dim=-1, keepdim=True) + 1 if self.length_dependent else None
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype,
+                 seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """seq_len: (B, 1) int64, each row's length for the length-dependent types (default: its largest
+        position + 1)."""
+        if not self.length_dependent:
+            seq_len = None
+        elif seq_len is None:
+            seq_len = positions.amax(dim=-1, keepdim=True) + 1
         return rope_cos_sin(positions, self.inv_freq(positions.device, seq_len), dtype, self.factor)
 
 

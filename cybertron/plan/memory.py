@@ -18,11 +18,8 @@ measured per rank by bench/plan_vs_memory.py; table in bench/RESULTS.md):
   sequence parallelism), each norm's output (the input the q/k/v and gate/up Linears save, gathered whole
   under sequence parallelism), four head-sized tensors (q after RoPE, the attention output, its reshaped
   copy for o_proj, one more copy), k and v, four FFN-sized tensors (gate, its activation, up, their
-  product) and SDPA's fp32 log-sum-exp per head (all / tp). Under context parallelism k and v are those
-  of the whole sequence (cybertron all-gathers them over the cp ranks), cp times the rank's own, and each
-  micro-batch keeps one (seq_len / cp x seq_len) mask over the gathered keys, as bool and as the additive
-  copy in the activation dtype SDPA saves (shared by all layers and, for unpacked pretraining rows, by the
-  batch; packed documents make one per row, not modelled). The model's end adds the final norm's input
+  product) and SDPA's fp32 log-sum-exp per head (all / tp). Under context parallelism (ring attention) a
+  rank saves the same terms for its own seq_len / cp tokens only. The model's end adds the final norm's input
   and output and the fp32 log-softmax of the logits (vocab per token, / tp with loss parallelism). With full
   activation checkpointing a layer keeps only its input (the residual stream). Under 1F1B stage s holds
   min(pp_microbatches, pp - s) micro-batches in flight; the estimate is the largest stage's.
@@ -32,7 +29,8 @@ measured per rank by bench/plan_vs_memory.py; table in bench/RESULTS.md):
   backward's gradient temporaries (RECOMPUTE x one layer's saved activations); plus, under FSDP2, the
   gathered weights of the blocks in flight (zero3: two blocks, current and prefetched; zero2 composed with
   tp/pp/ep/cp: the stage's weights stay gathered from forward to backward) and one block's unsharded
-  gradient before its reduce-scatter; the paper's ZeRO-2 buckets its full gradients before reducing them.
+  gradient before its reduce-scatter; the paper's ZeRO-2 buckets its full gradients before reducing them;
+  under context parallelism the ring's visiting K/V and dK/dV and its fp32 output accumulator (one layer).
 - overhead: a fixed per-process term: on a GPU the CUDA context, NCCL's buffers and allocator fragmentation
   (GPU_OVERHEAD, a rough allowance: the GPU side is not validated here); on CPU the allocator's, BLAS's and
   gloo's buffers made during the first step (bench/plan_vs_memory.py's CPU_OVERHEAD).
@@ -141,9 +139,9 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, cp: int = 1, moe
         mlp = ffn_tokens * act
     else:
         mlp = 4 * ffn * act / tp
-    # context parallelism (all-gather attention, parallel/context_parallel.py): SDPA saves the whole
-    # sequence's k and v, cp times a rank's own share
-    return (2 * cfg.dim / tp + 2 * cfg.dim + (4 * q + 2 * kv * cp) / tp) * act + mlp + 4 * cfg.n_heads / tp
+    # under context parallelism (ring attention) a rank saves its own tokens' q, k, v, out and lse: the same
+    # terms per local token
+    return (2 * cfg.dim / tp + 2 * cfg.dim + (4 * q + 2 * kv) / tp) * act + mlp + 4 * cfg.n_heads / tp
 
 
 def estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16", optimizer: str = "adamw",
@@ -196,8 +194,6 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str, 
         kept = (len(layers) * stream + sum(saved) / 2) * in_flight
     else:
         kept = sum(saved) * in_flight
-    if d.cp > 1:  # each micro-batch's (seq_len / cp x seq_len) mask over the gathered keys, bool and additive
-        kept += in_flight * seq_len / d.cp * seq_len * (1 + act)
     activations = kept + head
 
     copies = LOSS_COPIES + (TP_LOSS_COPIES if d.tp > 1 else 0.0)
@@ -210,7 +206,11 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, seq_len: int, dtype: str, 
         gathered = param_bytes * n + 4 * block * trained
     elif _paper_zero2(layout):
         gathered = 4 * n * trained * (1 - 1 / zero_n)
-    transient = max(loss_backward, recompute) + gathered
+    ring = 0.0
+    if d.cp > 1:  # ring attention, one layer at a time: the visiting K/V and dK/dV, fp32 out accumulators
+        kv = 2 * cfg.n_kv_heads * cfg.head_size / d.tp
+        ring = (2 * kv * act + cfg.n_heads * cfg.head_size / d.tp * 4) * tokens
+    transient = max(loss_backward, recompute) + gathered + ring
     return MemoryEstimate(params, grads, optim, activations, transient, overhead)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from cybertron.models.llama import causal_attention
 from cybertron.models.masks import window_visible_keys
+from cybertron.models.softcap import capped_attention
 from cybertron.serve.paged_attention import paged_attention
 
 SCRATCH_BLOCK = 0
@@ -87,6 +88,9 @@ class PagedKVCache:
         self.tables: dict[int, list[int]] = {}
         # Sliding window per layer (None: full); the engine sets it from the model config (h4).
         self.layer_windows: list[int | None] = [None] * n_layers
+        # Attention scores soft-capped at this value (Gemma 2's attn_logit_softcapping), None: uncapped; the
+        # engine sets it from the model config, and the model refuses a cache whose cap differs from its own.
+        self.attn_softcap: float | None = None
 
     @property
     def num_total_blocks(self) -> int:
@@ -126,10 +130,13 @@ class PagedKVCache:
         """Return a sequence's blocks to the pool (finished, cancelled or preempted); no-op if it has none."""
         self.allocator.free(self.tables.pop(seq_id, []))
 
-    def batch(self, seq_ids: Sequence[int], starts: Sequence[int], num_new: Sequence[int]) -> CacheBatch:
+    def batch(self, seq_ids: Sequence[int], starts: Sequence[int], num_new: Sequence[int],
+              rope_lengths: Sequence[int] | None = None) -> CacheBatch:
         """The view for one forward: row i is sequence seq_ids[i], whose first starts[i] tokens are cached
-        and whose num_new[i] new tokens are in this batch (rows padded on the right to max(num_new))."""
-        return CacheBatch.build(self, seq_ids, starts, num_new)
+        and whose num_new[i] new tokens are in this batch (rows padded on the right to max(num_new)).
+        rope_lengths: each row's whole length when this is one chunk of a longer prefill (length-dependent
+        RoPE takes its angles from it)."""
+        return CacheBatch.build(self, seq_ids, starts, num_new, rope_lengths)
 
 
 @dataclass
@@ -146,10 +153,13 @@ class CacheBatch:
     span: tuple[int, int] | None  # one sequence in consecutive blocks: (first pool row, context length)
     mask: torch.Tensor | None  # (B, 1, T, S) for the gather path, built once and shared by all layers
     visible: int = 0  # keys below this position are visible to every query (the smallest start in the batch)
+    # (B, 1) the length each row's sequence reaches in the forward this chunk belongs to, for length-dependent
+    # RoPE (models/rope.py); None: each row's last position + 1
+    rope_lengths: torch.Tensor | None = None
 
     @classmethod
     def build(cls, cache: PagedKVCache, seq_ids: Sequence[int], starts: Sequence[int],
-              num_new: Sequence[int]) -> CacheBatch:
+              num_new: Sequence[int], rope_lengths: Sequence[int] | None = None) -> CacheBatch:
         bs, t = cache.block_size, max(num_new)
         positions, slots, tables = [], [], []
         for seq_id, start, n in zip(seq_ids, starts, num_new):
@@ -171,7 +181,8 @@ class CacheBatch:
 
         batch = cls(cache=cache, positions=put(positions), slots=put(slots),
                     block_table=put([tb + [SCRATCH_BLOCK] * (width - len(tb)) for tb in tables]),
-                    context_lens=put(lens), fresh=fresh, span=span, mask=None, visible=min(starts))
+                    context_lens=put(lens), fresh=fresh, span=span, mask=None, visible=min(starts),
+                    rope_lengths=None if rope_lengths is None else put([[n] for n in rope_lengths]))
         if not fresh and span is None and cache.attention == "gather":
             batch.mask = visible_keys(batch.positions, width * bs)
         return batch
@@ -180,6 +191,10 @@ class CacheBatch:
     def layer_windows(self) -> list[int | None]:  # h4: what the model checks before trusting a windowed cache
         return self.cache.layer_windows
 
+    @property
+    def attn_softcap(self) -> float | None:  # what a soft-capped model checks before trusting the cache
+        return self.cache.attn_softcap
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into the pool, then attend q over each row's whole cached context."""
         b, t, n_kv, hd = k.shape
@@ -187,29 +202,32 @@ class CacheBatch:
         v_pool = self.cache.v[layer_idx].view(-1, n_kv, hd)
         k_pool.index_copy_(0, self.slots, k.reshape(b * t, n_kv, hd))
         v_pool.index_copy_(0, self.slots, v.reshape(b * t, n_kv, hd))
+        cap = self.cache.attn_softcap
         # --- sliding window (h4): a sliding layer masks keys older than its window (models/masks.py) ---
         window = self.cache.layer_windows[layer_idx]
         if window is not None:
             keys = _gather(self.cache.k[layer_idx], self.block_table)
             values = _gather(self.cache.v[layer_idx], self.block_table)
-            return _sdpa(q, keys, values, window_visible_keys(self.positions, keys.shape[1], window))
+            return _sdpa(q, keys, values, window_visible_keys(self.positions, keys.shape[1], window), cap)
         # --- end sliding window ---
         if self.fresh:
             # Prefill from position 0: the context is exactly the new tokens. Right padding is harmless
             # under a causal mask, since a real token never sees a later (padded) one.
+            if cap is not None:
+                return capped_attention(q, k, v, visible_keys(self.positions, t), cap)
             return causal_attention(q, k, v)
         if self.span is not None:
             # One sequence in consecutive blocks (the usual batch-1 decode): a view, no gather, no mask.
             first, length = self.span
             keys, values = k_pool[first:first + length][None], v_pool[first:first + length][None]
-            return _sdpa(q, keys, values, None)
+            return _sdpa(q, keys, values, None, cap)
         if self.cache.attention == "paged":
             return paged_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], self.block_table,
-                                   self.positions, self.visible)
+                                   self.positions, self.visible, softcap=cap)
         keys = _gather(self.cache.k[layer_idx], self.block_table)  # (B, S, nkv, hd)
         values = _gather(self.cache.v[layer_idx], self.block_table)
         mask = self.mask if self.mask is not None else visible_keys(self.positions, keys.shape[1])
-        return _sdpa(q, keys, values, mask)
+        return _sdpa(q, keys, values, mask, cap)
 
 
 def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -231,8 +249,10 @@ def visible_keys(positions: torch.Tensor, s: int) -> torch.Tensor:
     return (key_pos[None, None, :] <= positions[:, :, None])[:, None]
 
 
-def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-          mask: torch.Tensor | None) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+          cap: float | None = None) -> torch.Tensor:
+    if cap is not None:  # soft-capped scores (Gemma 2): SDPA has no hook for them
+        return capped_attention(q, keys, values, mask, cap)
     q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # (B, heads, ., hd)
     gqa = q.shape[1] != keys.shape[1]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)

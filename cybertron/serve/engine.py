@@ -33,8 +33,7 @@ import torch
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import UserError
 from cybertron.models.llama import Transformer
-from cybertron.models.rope import cached_context
-from cybertron.models.softcap import check_servable
+from cybertron.models.rope import longrope_switch
 from cybertron.serve.block_manager import BlockManager
 from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.detokenize import OutputText
@@ -120,10 +119,20 @@ class _Request:
     num_computed: int = 0  # tokens whose KV is in the cache (the scheduler's count)
     adapter: str | None = None  # part of the prefix-cache key (KV computed under another adapter differs)
     matcher: Matcher | None = None  # structured output: where the request stands in its grammar
+    rope_switch: int | None = None  # LongRoPE: a sequence longer than this runs with the long factors
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def long_rope(self) -> bool:
+        """Past LongRoPE's original context: all of this sequence's KV is computed with the long factors."""
+        return self.rope_switch is not None and len(self.prompt) + len(self.output) > self.rope_switch
+
+    @property
+    def prefix_key(self) -> object:
+        return (self.adapter, "longrope-long") if self.long_rope else self.adapter
 
 
 class Engine:
@@ -143,7 +152,6 @@ class Engine:
                  decode_graphs: bool | None = None, lockstep: Lockstep | None = None,
                  kv_heads: int | None = None, prefix_caching: bool = True, chunked_prefill: bool = True,
                  adapters: Sequence[LoraAdapter] = (), speculative: SpeculativeConfig | None = None):
-        check_servable(model.config)  # h5: a model the paged cache cannot attend for is refused up front
         if speculative is not None and adapters:
             # A verification forward carries rows of several requests; their adapter rows are not set for it.
             raise UserError("speculative decoding cannot be combined with LoRA adapters (--lora) yet; use one "
@@ -152,6 +160,9 @@ class Engine:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = model.config
+        # LongRoPE (Phi-3): a sequence that grows past the original context is recomputed with the long
+        # factors, as HF's generate does (_append); prefill chunks take their angles from the whole length.
+        self.rope_switch = longrope_switch(self.config.rope_scaling)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_attention_keys = max_attention_keys
@@ -190,7 +201,7 @@ class Engine:
         """InvalidParameter (a UserError) if the request can never run. Reads only fixed settings, so any
         thread may call it."""
         params.validate()
-        n, context = len(prompt_ids), cached_context(self.config.rope_scaling, self.config.max_seq_len)
+        n, context = len(prompt_ids), self.config.max_seq_len
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
         if n >= context:  # before the scan of every id below: a prompt of a million ids is refused at once
@@ -198,6 +209,11 @@ class Engine:
                                    f"{context}; shorten it", code="context_length_exceeded")
         if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
             raise InvalidParameter("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if self.speculator is not None and self.rope_switch is not None and n + params.max_tokens > self.rope_switch:
+            raise InvalidParameter("max_tokens", f"speculative decoding stops at LongRoPE's original context "
+                                   f"({self.rope_switch} tokens; past it the cache is recomputed with the long "
+                                   f"factors); ask for at most {self.rope_switch - n} or serve without "
+                                   f"speculation", code="context_length_exceeded")
         if n + params.max_tokens > context:
             raise InvalidParameter("max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
                                    f"exceeds the model's context of {context}; ask for at most "
@@ -223,7 +239,7 @@ class Engine:
         request = _Request(next(self._ids), list(prompt_ids), params, generator, text, on_output,
                            counts={} if params.penalized else None,
                            matcher=params.grammar.matcher() if params.grammar is not None else None,
-                           adapter=adapter)
+                           adapter=adapter, rope_switch=self.rope_switch)
         self._requests[request.id] = request
         self.scheduler.add(request)
         self.stats.requests_added += 1
@@ -326,7 +342,7 @@ class Engine:
         sampling = self._sampling([requests[i] for i in done]) if done else None
         logits = self.runner.prefill([r.id for r in requests], [c.start for c in chunks],
                                      [r.tokens[c.start:c.start + c.length] for r, c in zip(requests, chunks)],
-                                     self._adapter_slots(requests))
+                                     self._adapter_slots(requests), [len(r.tokens) for r in requests])
         self.stats.prefill_tokens += sum(c.length for c in chunks)
         for request, chunk in zip(requests, chunks):
             # A chunk mid-prompt: nothing to sample yet. Its blocks are registered only once the prompt's
@@ -361,7 +377,7 @@ class Engine:
                 out.append((request, self._fail(request, NON_FINITE_LOGITS)))
                 continue
             request.num_computed += n
-            self.blocks.commit(request.id, request.tokens, request.num_computed, request.adapter)
+            self.blocks.commit(request.id, request.tokens, request.num_computed, request.prefix_key)
             out.append((request, self._append(request, drawn.tokens[i], drawn.logprobs[i], drawn.top_logprobs[i])))
         return out
 
@@ -391,6 +407,10 @@ class Engine:
             if request.text is not None:
                 text += request.text.finish()
             self._finish(request, reason)
+        elif request.rope_switch is not None and len(request.tokens) == request.rope_switch + 1:
+            # LongRoPE: this sequence just outgrew the original context, so from its next token on HF runs
+            # all of it with the long factors: its KV, written with the short ones, is computed again.
+            self.scheduler.recompute(request)
         return RequestOutput(request.id, [token], [logprob], [top] if params.top_logprobs else [], text,
                              reason is not None, reason, error=request.matcher.error if request.matcher else None)
 
@@ -476,6 +496,7 @@ def build_cache(model: Transformer, device: torch.device, block_size: int, num_b
     cache = PagedKVCache(cfg.n_layers, kv_heads or cfg.n_kv_heads, cfg.head_size, num_blocks, block_size, dtype,
                          device)
     cache.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]  # sliding layers mask old keys
+    cache.attn_softcap = cfg.attn_softcap  # Gemma 2: capped attention scores
     return cache
 
 

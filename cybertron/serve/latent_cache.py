@@ -38,8 +38,9 @@ class LatentKVCache(PagedKVCache):
         self.k = torch.zeros((cfg.n_layers, 1 + num_blocks, block_size, 1, latent_width(cfg)), dtype=dtype,
                              device=self.device)
 
-    def batch(self, seq_ids: Sequence[int], starts: Sequence[int], num_new: Sequence[int]) -> LatentCacheBatch:
-        return LatentCacheBatch.build(self, seq_ids, starts, num_new)
+    def batch(self, seq_ids: Sequence[int], starts: Sequence[int], num_new: Sequence[int],
+              rope_lengths: Sequence[int] | None = None) -> LatentCacheBatch:
+        return LatentCacheBatch.build(self, seq_ids, starts, num_new, rope_lengths)
 
 
 class LatentCacheBatch(CacheBatch):

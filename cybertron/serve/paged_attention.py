@@ -12,6 +12,10 @@ attention call makes. Two ways to attend one chunk and merge:
 A context that fits in one chunk is looked up at once and attended by one SDPA call (on an accelerator,
 where chunks are large, that is most batches: a paged GPU kernel is not part of this module).
 
+Soft-capped scores (Gemma 2: cap * tanh(scores / cap)) have no fused kernel: with a cap every chunk goes the
+matmul way, which caps each chunk's scores before its online-softmax merge, and a one-chunk context is attended
+by models/softcap.py's explicit-score attention.
+
 Grouped-query attention is folded into the query rows: the query heads that share a KV head are stacked
 as extra queries of that head, so each key and value is read once per KV head, not once per query head.
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from cybertron.models.softcap import capped_attention
 
 # Chunk sizing on CPU: the looked-up keys (and values) of one chunk, over all rows, and its fp32 score matrix
 # stay within these bytes, so a chunk is read while it is still in cache and a long prefill chunk does not
@@ -40,7 +46,7 @@ ACCELERATOR_CHUNK_BYTES = 256 << 20
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                     positions: torch.Tensor, visible: int = 0, chunk_blocks: int | None = None,
-                    fused: bool | None = None) -> torch.Tensor:
+                    fused: bool | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of q over each row's cached context.
 
     q: (B, T, heads, hd); k_pool, v_pool: (num_blocks, block_size, kv_heads, hd) one layer's pool;
@@ -51,6 +57,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     batch, known on the host), so chunks entirely below it skip the mask.
     chunk_blocks: block-table columns per chunk (default: sized by the budgets above).
     fused: each chunk through PyTorch's fused CPU attention kernel (default on CPU), else through matmuls.
+    softcap: scores capped at cap * tanh(scores / cap) before the softmax (then always through matmuls).
     Returns (B, T, heads, hd) in q's dtype; scores and sums are accumulated in fp32.
     """
     b, t, n_heads, hd = q.shape
@@ -62,27 +69,30 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     score_bytes = CHUNK_SCORE_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
     per_block = b * block_size * n_kv * hd * k_pool.element_size()
     per_block_scores = b * n_heads * t * block_size * 4
-    fused = on_cpu if fused is None else fused
+    fused = (on_cpu if fused is None else fused) and softcap is None
     if fused:
         chunk = max(1, kv_bytes // per_block, FUSED_MIN_CHUNK_KEYS // block_size if t > 1 else 1)
     else:
         chunk = max(1, min(kv_bytes // per_block, score_bytes // per_block_scores))
     chunk = chunk_blocks or chunk
     if chunk >= block_table.shape[1]:
-        return _one_chunk(q, k_pool, v_pool, block_table, positions)
+        return _one_chunk(q, k_pool, v_pool, block_table, positions, softcap)
 
     # (B, T, kv, group, hd) -> (B, kv, group * T, hd): the heads of one group become query rows.
     qg = q.reshape(b, t, n_kv, group, hd).permute(0, 2, 3, 1, 4).reshape(b, n_kv, rows, hd)
     query_pos = positions.repeat(1, group)[:, None, :, None]  # (B, 1, rows, 1), same row order as qg
     k_flat, v_flat = k_pool.view(num_blocks, -1), v_pool.view(num_blocks, -1)
-    merge = _fused_chunks if fused else _matmul_chunks
-    out = merge(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, (block_size, n_kv, hd))
+    shape = (block_size, n_kv, hd)
+    if fused:
+        out = _fused_chunks(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, shape)
+    else:
+        out = _matmul_chunks(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, shape, softcap)
     out = out.view(b, n_kv, group, t, hd).permute(0, 3, 1, 2, 4)
     return out.reshape(b, t, n_heads, hd).to(q.dtype)
 
 
 def _one_chunk(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
+               positions: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """The whole context fits in one cache-sized chunk: look it up at once and run one attention call,
     which saves the merge's extra kernels on short contexts."""
     num_blocks, block_size, n_kv, hd = k_pool.shape
@@ -90,6 +100,8 @@ def _one_chunk(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, bloc
     keys = F.embedding(block_table, k_pool.view(num_blocks, -1)).view(b, width * block_size, n_kv, hd)
     values = F.embedding(block_table, v_pool.view(num_blocks, -1)).view(b, width * block_size, n_kv, hd)
     mask = torch.arange(width * block_size, device=q.device) <= positions[:, None, :, None]  # (B, 1, T, S)
+    if softcap is not None:
+        return capped_attention(q, keys, values, mask, softcap)
     gqa = q.shape[2] != n_kv
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=gqa)
@@ -138,13 +150,16 @@ def _fused_chunks(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, sh
     return out
 
 
-def _matmul_chunks(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, shape) -> torch.Tensor:
+def _matmul_chunks(qg, k_flat, v_flat, block_table, query_pos, visible, chunk, shape,
+                   softcap: float | None = None) -> torch.Tensor:
     """The online softmax with plain matmuls (any device): a running max, sum of exponentials and
-    weighted sum of values, rescaled whenever the max grows."""
+    weighted sum of values, rescaled whenever the max grows. A soft cap applies to each chunk's scores."""
     qf = qg.float() * shape[2] ** -0.5
     m = total = acc = None
     for first, keys, values in _chunks(k_flat, v_flat, block_table, chunk, shape):
         scores = qf @ keys.float().transpose(2, 3)  # (B, kv, rows, n_keys)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if first + scores.shape[-1] > visible:
             key_pos = torch.arange(first, first + scores.shape[-1], device=qg.device)
             scores.masked_fill_(key_pos > query_pos, float("-inf"))

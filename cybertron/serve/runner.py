@@ -26,15 +26,16 @@ class ModelRunner:
         self.lora = lora  # multi-LoRA: each call's rows name their adapter slots (`adapters`)
 
     def prefill(self, seq_ids: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]],
-                adapters: Sequence[int] | None = None) -> torch.Tensor:
-        """(B, vocab) logits at the last token of each row's chunk; chunks right-padded into one batch."""
+                adapters: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, vocab) logits at the last token of each row's chunk; chunks right-padded into one batch.
+        seq_lens: each row's whole length (its prompt's), what length-dependent RoPE takes its angles from."""
         if self.lora is not None:
             self.lora.select(adapters)
         lengths = [len(chunk) for chunk in chunks]
         width = max(lengths)
         tokens = torch.tensor([list(chunk) + [0] * (width - n) for chunk, n in zip(chunks, lengths)])
         last = torch.tensor(lengths).to(self.device, non_blocking=True) - 1
-        batch = self.cache.batch(list(seq_ids), list(starts), lengths)
+        batch = self.cache.batch(list(seq_ids), list(starts), lengths, seq_lens)
         # The output head on each chunk's last position only (logits_at), through the model's own call.
         return self.model(tokens.to(self.device, non_blocking=True), positions=batch.positions, cache=batch,
                           logits_at=last)

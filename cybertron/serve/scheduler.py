@@ -32,10 +32,15 @@ class Schedulable(Protocol):
 
     id: int
     num_computed: int  # tokens whose KV is in the cache
-    adapter: str | None  # part of the prefix-cache key: KV computed under another adapter differs
 
     @property
     def tokens(self) -> list[int]: ...
+
+    @property
+    def prefix_key(self) -> object:
+        """Part of the prefix-cache key: KV computed under another adapter (or LongRoPE's other factors)
+        differs."""
+        ...
 
 
 @dataclass
@@ -123,6 +128,14 @@ class Scheduler:
                 ready.append(seq)
         return [seq for seq in ready if seq in self.running]
 
+    def recompute(self, seq: Schedulable) -> None:
+        """Drop a running sequence's KV (its cached prefix too: its key changed) and queue it first, to be
+        prefilled again from its first token: LongRoPE's switch to the long factors (serve/engine.py)."""
+        self.blocks.forget(seq.id)
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
     def _preempt(self, seq: Schedulable) -> None:
         self.blocks.release(seq.id)
         seq.num_computed = 0
@@ -135,8 +148,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             tokens = seq.tokens
-            hits = self.blocks.match(seq.id, tokens, seq.adapter)
-            if self.blocks.waits_on_pending(seq.id, tokens, hits, seq.adapter):
+            hits = self.blocks.match(seq.id, tokens, seq.prefix_key)
+            if self.blocks.waits_on_pending(seq.id, tokens, hits, seq.prefix_key):
                 passed_over.append(self.waiting.popleft())
                 continue
             if self.blocks.blocks_to_admit(hits, len(tokens)) > self.blocks.num_free:
@@ -145,7 +158,7 @@ class Scheduler:
             if not self._fits(step.prefill, len(tokens) - start, budget):
                 break
             self.waiting.popleft()
-            seq.num_computed = self.blocks.admit(seq.id, tokens, hits, seq.adapter)
+            seq.num_computed = self.blocks.admit(seq.id, tokens, hits, seq.prefix_key)
             step.hit_tokens += seq.num_computed
             self.running.append(seq)
             self._add_chunk(step.prefill, seq, start, budget)

@@ -154,6 +154,7 @@ class DraftProposer:
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, num_blocks, block_size,
                                   next(model.parameters()).dtype, device)
         self.cache.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]  # a windowed draft
+        self.cache.attn_softcap = cfg.attn_softcap  # a soft-capped draft (Gemma 2)
         # id -> (tokens cached for sure, drafts written after them)
         self._written: dict[int, tuple[int, list[int]]] = {}
 

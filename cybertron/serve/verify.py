@@ -231,7 +231,7 @@ class Speculator:
             # As after a plain decode step: the KV of the token before this one is in the cache now (its
             # row of the verification forward), so its full blocks may join the prefix cache.
             request.num_computed += 1
-            engine.blocks.commit(request.id, request.tokens, request.num_computed, request.adapter)
+            engine.blocks.commit(request.id, request.tokens, request.num_computed, request.prefix_key)
             outputs.append(engine._append(request, token, logprob, []))
             self.stats.emitted += drafted
             if outputs[-1].finished:

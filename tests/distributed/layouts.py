@@ -28,25 +28,30 @@ WORLD_4_SLOW = {
 
 WORLD_2 = {
     "ddp": Layout({"data_parallel": "ddp"}),
-    "zero1": Layout({"data_parallel": "zero1"}),
-    "zero2": Layout({"data_parallel": "zero2"}),
-    "zero3": Layout({"data_parallel": "zero3"}),
     "zero3_cpu_offload": Layout({"data_parallel": "zero3", "cpu_offload": True}),
     "zero3_ac_full": Layout({"activation_checkpoint": "full"}),
     "zero3_ac_selective": Layout({"activation_checkpoint": "selective"}),
     "tp_sp_loss_parallel": Layout({"tp": 2}),
-    "tp_plain": Layout({"tp": 2, "sequence_parallel": False, "loss_parallel": False}),
     "pp_gpipe": Layout({**PP, "pp_schedule": "gpipe"}, micro_batch=4),
     "pp_1f1b": Layout({**PP, "pp_schedule": "1f1b", "pp_microbatches": 4}, micro_batch=4),
     "pp_interleaved_1f1b": Layout({**PP, "pp_schedule": "interleaved_1f1b", **INTERLEAVED}, micro_batch=4),
     "pp_interleaved_zero_bubble": Layout({**PP, "pp_schedule": "interleaved_zb", **INTERLEAVED}, micro_batch=4),
-    "pp_looped_bfs": Layout({**PP, "pp_schedule": "looped_bfs", **INTERLEAVED}, micro_batch=4),
     # resumed from checkpoints written by the 4-rank world (different layouts)
     "resume_zero3_as_tp": Layout({"tp": 2}, resume_from="zero3", record_batch=True),
     "resume_pp_as_zero3": Layout({"data_parallel": "zero3"}, resume_from="pp_fsdp", record_batch=True),
     "resume_zero1_as_pp": Layout({**PP, "pp_schedule": "1f1b"}, micro_batch=4, resume_from="zero1",
                                  record_batch=True),
     "resume_zero2_as_zero3": Layout({"data_parallel": "zero3"}, resume_from="zero2", record_batch=True),
+}
+# With -m slow: ZeRO-1/2/3 at world size 2 (the default world-4 run has them), TP without sequence or loss
+# parallelism (the same plan minus two styles), the looped-BFS schedule (interleaving runs by default), and a
+# second resume from a pipeline checkpoint.
+WORLD_2_SLOW = {
+    "zero1": Layout({"data_parallel": "zero1"}),
+    "zero2": Layout({"data_parallel": "zero2"}),
+    "zero3": Layout({"data_parallel": "zero3"}),
+    "tp_plain": Layout({"tp": 2, "sequence_parallel": False, "loss_parallel": False}),
+    "pp_looped_bfs": Layout({**PP, "pp_schedule": "looped_bfs", **INTERLEAVED}, micro_batch=4),
     "resume_pp_as_zero2": Layout({"data_parallel": "zero2"}, resume_from="pp_fsdp", record_batch=True),
 }
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from tests.distributed.harness import Layout, reference_run, run_world
-from tests.distributed.layouts import SAVE_AT, WORLD_2, WORLD_2_NEW_TORCH, WORLD_4, WORLD_4_SLOW, WORLD_8
+from tests.distributed.layouts import (
+    SAVE_AT,
+    WORLD_2,
+    WORLD_2_NEW_TORCH,
+    WORLD_2_SLOW,
+    WORLD_4,
+    WORLD_4_SLOW,
+    WORLD_8,
+)
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
@@ -41,6 +49,11 @@ def world2(ckpt_dir, world4) -> dict:  # after world4: it resumes world4's check
     return run_world(2, layouts, ckpt_dir / "w4", port=29612)
 
 
+@pytest.fixture(scope="module")
+def world2_slow(ckpt_dir, world4) -> dict:  # after world4: it resumes world4's checkpoints
+    return run_world(2, WORLD_2_SLOW, ckpt_dir / "w4", port=29620)
+
+
 def _assert_matches(result: dict, reference: dict) -> None:
     assert "error" not in result, result.get("trace")
     assert len(result["losses"]) == len(reference["losses"])
@@ -68,6 +81,12 @@ def test_layout_matches_single_process_at_world_2(name, world2, reference):
     _assert_matches(world2[name], reference)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(n for n in WORLD_2_SLOW if not n.startswith("resume")))
+def test_more_layouts_match_single_process_at_world_2(name, world2_slow, reference):
+    _assert_matches(world2_slow[name], reference)
+
+
 @pytest.mark.skipif(not NEW_TORCH, reason="ZBV / DualPipeV fail with gloo on torch < 2.12")
 @pytest.mark.parametrize("name", sorted(WORLD_2_NEW_TORCH))
 def test_v_schedules_match_single_process(name, world2, reference):
@@ -78,6 +97,12 @@ def _assert_resumed(result: dict, reference: dict) -> None:
     assert "error" not in result, result.get("trace")
     assert result["losses"] == pytest.approx([reference["losses"][SAVE_AT]], abs=TOL)
     assert result["batches"][0] == reference["batches"][SAVE_AT]  # same next global batch of tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(n for n in WORLD_2_SLOW if n.startswith("resume")))
+def test_checkpoint_resumes_on_yet_another_layout(name, world2_slow, reference):
+    _assert_resumed(world2_slow[name], reference)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in WORLD_2 if n.startswith("resume")))

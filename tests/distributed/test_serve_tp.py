@@ -28,8 +28,16 @@ from cybertron.serve.tensor_parallel import shard_model
 
 pytestmark = pytest.mark.distributed
 # dim 64, 4 heads / 2 kv heads; an odd vocabulary, as tokenizers often have, splits unevenly. The MoE preset
-# (experts computed whole on every rank, attention split) and a sliding-window model run in the slow suite.
-VARIANTS = {"debug": ("debug", {}), "moe": ("moe", {}), "window": ("debug", {"sliding_window": 6})}
+# (experts computed whole on every rank, attention split), a sliding-window model, a Gemma 2 shape (soft-capped
+# scores on each rank's heads, alternating windows) and a LongRoPE model whose sequences outgrow the original
+# context (each rank recomputes them in step) run in the slow suite.
+LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 12, "short_factor": [1.0 + 0.1 * i for i in
+            range(8)], "long_factor": [2.0 + i for i in range(8)]}
+VARIANTS = {"debug": ("debug", {}), "moe": ("moe", {}), "window": ("debug", {"sliding_window": 6}),
+            "gemma2": ("debug", dict(mlp_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
+                                     embed_scale=True, attn_scalar=24.0, final_logit_softcap=2.0, attn_softcap=0.05,
+                                     sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
+            "longrope": ("debug", dict(rope_scaling=LONGROPE, max_seq_len=64))}
 VOCAB = 257
 OPTIONS = dict(max_batch_size=2, num_blocks=24, block_size=8, decode_graphs=False)
 
@@ -117,7 +125,8 @@ def _worker(rank: int, port: int, out_dir: str, preset: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["debug", *(pytest.param(v, marks=pytest.mark.slow) for v in ("moe", "window"))])
+@pytest.fixture(scope="module", params=["debug", *(pytest.param(v, marks=pytest.mark.slow)
+                                                   for v in ("moe", "window", "gemma2", "longrope"))])
 def ranks(request, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("serve_tp")
     with socket.socket() as s:

@@ -99,11 +99,11 @@ def bad_inputs(tmp_path, small_corpus):
     }
 
 
-# An unknown key is refused by the config parser before any work, and tests/unit/test_cli_flags.py checks its
-# did-you-mean message in-process: its CLI run here is a slow duplicate.
-@pytest.mark.parametrize("case", ["missing data path", "empty data", "unreadable parquet",
-                                  "unreadable file in the folder", "seq_len above model max",
-                                  "negative learning rate", "bad value type",
+# A process per case costs seconds of imports, so the user's path (a subprocess: nothing but one line on stderr,
+# exit 2) runs for two cases that fail in different layers (the data reader, pyarrow's parquet), and the others
+# call the same entry point in-process. An unknown key is refused by the config parser before any work, and
+# tests/unit/test_cli_flags.py checks its did-you-mean message in-process: its CLI run here is a slow duplicate.
+@pytest.mark.parametrize("case", ["missing data path", "unreadable parquet",
                                   pytest.param("unknown key", marks=pytest.mark.slow)])
 def test_bad_input_is_one_clear_line_and_exit_2(case, bad_inputs, fast_run_args, tmp_path):
     extra, fragment = bad_inputs[case]
@@ -113,6 +113,20 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, bad_inputs, fast_run_args,
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not run_dir.exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", ["empty data", "unreadable file in the folder", "seq_len above model max",
+                                  "negative learning rate", "bad value type"])
+def test_bad_input_in_process_is_one_clear_line_and_exit_2(case, bad_inputs, fast_run_args, tmp_path, capsys):
+    from cybertron.cli import main as cli_main
+
+    extra, fragment = bad_inputs[case]
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", *fast_run_args, "--steps", "2", "--out", str(run_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert not run_dir.exists()  # nothing written
 
 
@@ -130,20 +144,24 @@ def test_corrupted_checkpoint_fails_resume_without_touching_the_run(tmp_path, fa
     assert after == before
 
 
-def test_refuses_to_overwrite_a_run_without_resume(tmp_path, fast_run_args):
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, fast_run_args, capsys):
+    from cybertron.cli import main as cli_main
+
     run_dir = tmp_path / "run"
     assert _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir)]).returncode == 0
-    result = _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir)])
-    assert result.returncode == 2 and "--resume" in result.stderr
+    assert cli_main(["train", *fast_run_args, "--steps", "1", "--out", str(run_dir)]) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
-def test_resume_of_a_mistyped_out_is_refused(tmp_path, fast_run_args):
+def test_resume_of_a_mistyped_out_is_refused(tmp_path, fast_run_args, capsys):
+    from cybertron.cli import main as cli_main
+
     run_dir = tmp_path / "rnu"
-    result = _cli([*fast_run_args, "--steps", "1", "--out", str(run_dir), "--resume"])
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert cli_main(["train", *fast_run_args, "--steps", "1", "--out", str(run_dir), "--resume"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"error: no checkpoint in {run_dir} to resume (the directory does not exist); "
-                     "drop --resume to start a new run"], result.stderr
+                     "drop --resume to start a new run"], err
     assert not run_dir.exists()  # nothing written
 
 

@@ -1,6 +1,7 @@
 """Greedy generation of a tiny DeepSeek-V3 through the paged engine equals `transformers` generate, token for
 token, with the cache holding only the compressed latent + rope key per token (serve/latent_cache.py) and
-attention in latent space; prompts are prefilled in chunks and, the second time, from the prefix cache."""
+attention in latent space (with YaRN's softmax scale too); prompts are prefilled in chunks and, the second
+time, from the prefix cache."""
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ NEW_TOKENS = 16
 
 
 @pytest.mark.parametrize("name", [pytest.param("q-lora-interleaved-groups", marks=pytest.mark.slow),
-                                  "plain-q-half-rope-no-groups"])
+                                  "plain-q-half-rope-no-groups", "yarn-mscale"])
 def test_greedy_generation_matches_transformers(name, tmp_path):
     hf = hf_deepseek(name)
     with torch.no_grad():  # larger weights: sharper distributions, so argmax ties are implausible

@@ -1,5 +1,6 @@
-"""DeepSeek-V3 (multi-head latent attention + sigmoid, group-limited routing with shared experts) against
-`transformers` on tiny random configs: import gives the same logits, our export loads back with them."""
+"""DeepSeek-V3 (multi-head latent attention + sigmoid, group-limited routing with shared experts, YaRN with
+mscale/mscale_all_dim) against `transformers` on tiny random configs: import gives the same logits, our export
+loads back with them."""
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ CASES = {
     "q-lora-interleaved-groups": {},
     "plain-q-half-rope-no-groups": dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
                                         norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0),
+    # YaRN as DeepSeek-V3 ships it: mscale != mscale_all_dim, so both the cos/sin factor and the softmax scale's
+    # mscale^2 differ from 1; a sequence past original_max_position_embeddings.
+    "yarn-mscale": dict(q_lora_rank=None, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}),
 }
 
 
@@ -57,12 +63,13 @@ def test_deepseek_v3_matches_transformers_and_exports_back(name, tmp_path):
     assert _max_diff(back, ours, tokens) <= 1e-5
 
 
-def test_yarn_rope_is_refused_in_one_line():
+def test_other_rope_scaling_is_refused_in_one_line():
     hf = transformers.DeepseekV3Config(**BASE).to_dict()
     hf["architectures"] = ["DeepseekV3ForCausalLM"]
-    hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-    with pytest.raises(UserError, match="rope_scaling 'yarn'"):
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    with pytest.raises(UserError, match="rope_scaling 'linear'") as err:
         config_from_hf(hf)
+    assert "\n" not in str(err.value)
 
 
 def test_multi_token_prediction_layers_are_skipped(tmp_path):

@@ -1,7 +1,7 @@
 """Phi-3 against `transformers`: fused qkv_proj / gate_up_proj split on load and fused again on export,
 LongRoPE with partial rotary, logits within 1e-5 on both sides of the original context, greedy serving equal to
-transformers generate within it, and a one-line refusal to serve past it (HF recomputes its whole cache with the
-long factors there; a paged cache keeps what it wrote)."""
+transformers generate across it (HF recomputes its whole cache with the long factors when a sequence outgrows
+the original context; the engine recomputes that sequence's KV the same way)."""
 
 import json
 
@@ -15,6 +15,7 @@ from cybertron.errors import UserError  # noqa: E402
 from cybertron.models.hf import load_hf_model, save_hf_model  # noqa: E402
 from cybertron.serve.engine import Engine  # noqa: E402
 from cybertron.serve.sampling import SamplingParams  # noqa: E402
+from cybertron.serve.speculative import SpeculativeConfig  # noqa: E402
 
 PAIRS = 6  # rotary pairs of a 16-wide head with partial_rotary_factor 0.75
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -60,20 +61,36 @@ def test_phi3_logits_and_export_match_transformers(tmp_path, window):
         assert _diff(back, ours, length) <= 1e-5
 
 
-def test_phi3_greedy_serving_matches_transformers_and_stops_at_the_long_factor_switch(tmp_path):
+def test_phi3_greedy_serving_matches_transformers_across_the_long_factor_switch(tmp_path):
+    """original_max_position_embeddings is 24: one prompt stays below it, one crosses it while decoding, one
+    crosses right after its prefill (24 tokens), one is past it from the start (prefilled in chunks of 8, each
+    with the long factors, as HF's one-call prefill). Twice: the second time from the prefix cache, whose
+    short- and long-factor blocks must not mix."""
     hf = _phi3(tmp_path / "hf", scale=3.0)  # sharper distributions: argmax ties implausible
     hf.generation_config.eos_token_id = None
     ours = load_hf_model(tmp_path / "hf")
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 11)]
-    new_tokens = 13  # up to position 23: the short factors throughout, on both sides
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 11, 24, 30)]
+    new_tokens = 18  # the longest reaches 48, max_position_embeddings
     expected = []
     for prompt in prompts:
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
-    engine = Engine(ours, max_batch_size=3, num_blocks=24, block_size=8, max_prefill_tokens=8)
-    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens))
-    assert [r.token_ids for r in results] == expected
-    with pytest.raises(UserError, match="context of 24"):
-        engine.generate([prompts[2]], SamplingParams(temperature=0.0, max_tokens=new_tokens + 1))
+    engine = Engine(ours, max_batch_size=3, num_blocks=40, block_size=8, max_prefill_tokens=8)
+    for _ in range(2):
+        results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens))
+        assert [r.token_ids for r in results] == expected
+    assert engine.stats.prefix_hit_tokens >= 24 + 16
+    with pytest.raises(UserError, match="context of 48"):
+        engine.generate([prompts[3]], SamplingParams(temperature=0.0, max_tokens=new_tokens + 1))
+
+
+def test_speculative_serving_stops_at_the_switch_in_one_line(tmp_path):
+    _phi3(tmp_path / "hf")
+    engine = Engine(load_hf_model(tmp_path / "hf"), max_batch_size=1, num_blocks=8, block_size=8,
+                    speculative=SpeculativeConfig("ngram", k=2))
+    with pytest.raises(UserError, match="original context \\(24 tokens") as err:
+        engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=22))
+    assert "\n" not in str(err.value)
+    assert len(engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=21))[0].token_ids) == 21

@@ -9,13 +9,16 @@ from cybertron.serve.cache import PagedKVCache
 from cybertron.serve.paged_attention import paged_attention
 
 
-def _reference(q, k, v, start):
+def _reference(q, k, v, start, cap=None):
     """softmax(q k^T / sqrt(d)) v in float64, query i (at position start + i) over keys 0..start + i; query
-    head h reads KV head h // (heads / kv_heads). q: (T, heads, hd); k, v: (S, kv_heads, hd)."""
+    head h reads KV head h // (heads / kv_heads). q: (T, heads, hd); k, v: (S, kv_heads, hd). cap: scores
+    soft-capped to cap * tanh(scores / cap) first (Gemma 2)."""
     t, heads, hd = q.shape
     group = heads // k.shape[1]
     k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
     scores = torch.einsum("thd,shd->hts", q.double(), k) / math.sqrt(hd)
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     future = torch.arange(k.shape[0])[None, :] > (start + torch.arange(t))[:, None]
     weights = scores.masked_fill(future, float("-inf")).softmax(-1)
     return torch.einsum("hts,shd->thd", weights, v)
@@ -57,6 +60,21 @@ def test_ragged_batch_with_cached_prefixes_equals_dense_softmax(n_kv, chunk_bloc
     for i, ((k, v), s, n) in enumerate(zip(rows, starts, new)):
         expected = _reference(q[i, :n], k, v, s).float()
         torch.testing.assert_close(out[i, :n], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3, None])
+def test_soft_capped_scores_merge_exactly_across_chunks(chunk_blocks):
+    """Gemma 2's capped scores, chunk by chunk with the online softmax (and one chunk through the explicit-score
+    attention): the same as capping the whole score matrix. A cap of 0.5 on scores that reach several units,
+    so uncapped attention is far off."""
+    starts, new = [0, 7, 21, 40, 3], [9, 5, 1, 1, 12]
+    q, k_pool, v_pool, table, positions, rows = _scattered_batch(2, 6, 16, 4, starts, new)
+    out = paged_attention(q * 4, k_pool, v_pool, table, positions, visible=min(starts), chunk_blocks=chunk_blocks,
+                          softcap=0.5)
+    for i, ((k, v), s, n) in enumerate(zip(rows, starts, new)):
+        expected = _reference(q[i, :n] * 4, k, v, s, cap=0.5).float()
+        torch.testing.assert_close(out[i, :n], expected, atol=1e-5, rtol=1e-5)
+        assert (_reference(q[i, :n] * 4, k, v, s).float() - expected).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])

@@ -25,6 +25,10 @@ class Seq:
     def tokens(self):
         return self.prompt + self.output
 
+    @property
+    def prefix_key(self):
+        return self.adapter
+
 
 def _scheduler(num_blocks=64, max_batch_size=8, budget=64, chunked=True, prefix_caching=True):
     cache = PagedKVCache(n_layers=1, n_kv_heads=1, head_dim=2, num_blocks=num_blocks, block_size=BS)

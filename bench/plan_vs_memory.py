@@ -78,6 +78,11 @@ def _measure(world, fields: dict) -> dict:
     import gc
     from dataclasses import replace
 
+    # cybertron imports these at first use (the pipeline schedules, dynamo for the experts' compiler.disable);
+    # their code and tables are the process's, not the layout's, so they belong before the baseline
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+
     from cybertron.config import ParallelSection, TrainSection
     from cybertron.models.llama import build_model
     from cybertron.parallel.build_trainer import build_trainer

@@ -29,8 +29,10 @@ from cybertron.finetune.config import (
 )
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
-METHODS = (*PREFERENCE_METHODS, "reward", "grpo")
-MIX_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward", "grpo")  # the methods that read a data.mix
+ONLINE_METHODS = ("grpo", "rloo", "reinforce++", "ppo")  # generation in the loop: GRPO's rollouts and task
+METHODS = (*PREFERENCE_METHODS, "reward", *ONLINE_METHODS)
+# The methods that read a data.mix (align/mix.py): the preference family's pairs and the online methods' prompts.
+MIX_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward", "grpo", "rloo", "reinforce++", "ppo")
 
 
 @dataclass
@@ -41,7 +43,7 @@ class AlignDataSection:
     split: str = opt("train", "Hugging Face data sets: the split to read")
     subset: str = opt("", "Hugging Face Hub data sets: the configuration (load_dataset's name)")
     streaming: bool = opt(False, "Hugging Face data sets: read record by record (an IterableDataset)")
-    mix: list[dict] = opt([], "a weighted mixture instead of data.path (dpo/ipo/simpo/orpo/reward/grpo): "
+    mix: list[dict] = opt([], "a weighted mixture instead of data.path (pairs or prompts): "
                               "[[data.mix]] tables with path and weight (default 1); on the command line "
                               "--data.mix path=FILE,weight=0.7 once per source")
     seq_len: int = opt(0, "most tokens of prompt + response; longer responses are cut (prompts keep their "
@@ -52,8 +54,10 @@ class AlignDataSection:
 
 @dataclass
 class AlignSection:
-    method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model) or "
-                             "grpo (group-relative policy optimisation with generation in the loop)")
+    method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model), "
+                             "or with generation in the loop: grpo (group-normalised advantages), rloo "
+                             "(leave-one-out baseline), reinforce++ (globally normalised KL-shaped returns) or ppo "
+                             "(a value head and GAE); the grpo keys below apply to all four")
     beta: float = opt(0.1, "dpo/ipo: strength of the pull towards the reference")
     label_smoothing: float = opt(0.0, "dpo: assumed share of flipped preference labels (conservative DPO)")
     simpo_beta: float = opt(2.0, "simpo: reward scale of the length-normalised log-probability")
@@ -74,6 +78,10 @@ class AlignSection:
     loss_type: str = opt("token", "grpo: token (every completion token weighs the same, as DAPO) or sequence "
                                   "(each completion's mean, as the GRPO paper)")
     scale_rewards: bool = opt(True, "grpo: divide advantages by the group's reward std (Dr. GRPO: false)")
+    gamma: float = opt(1.0, "reinforce++/ppo: discount of the token rewards")
+    gae_lambda: float = opt(0.95, "ppo: GAE lambda (0 = one-step TD, 1 = Monte-Carlo returns minus the value)")
+    vf_coef: float = opt(0.1, "ppo: weight of the value loss next to the policy loss")
+    value_clip: float = opt(0.2, "ppo: clipping range of the value change from the rollout's values")
     check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
                                       "log-probabilities equal the trainer's (needs fp32 and no dropout)")
     logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability")
@@ -103,12 +111,12 @@ SHORTCUTS = {**TRAINING_SHORTCUTS, "--model": "model.path", "--data": "data.path
 def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     """Reject impossible values before any work (or any process group) starts; each message names the key."""
     a, d, f, t = cfg.align, cfg.data, cfg.finetune, cfg.train
-    grpo = a.method == "grpo"
+    grpo = a.method in ONLINE_METHODS  # every online method shares GRPO's rollouts and checks
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
                                "directory"),
         (bool(d.path or d.mix), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for "
-                                "grpo), or data.mix"),
+                                "the online methods), or data.mix"),
         (not (d.path and d.mix), f"give data.path ({d.path}) or data.mix, not both"),
         (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
         (not d.mix or a.method in MIX_METHODS, f"data.mix is not supported by align.method={a.method} yet "
@@ -119,8 +127,12 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
         (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),
         (a.orpo_lambda >= 0, f"align.orpo_lambda must be >= 0, got {a.orpo_lambda}"),
-        (not grpo or bool(a.reward), "align.reward (--reward) is required for grpo: FILE.py:FUNCTION or a "
+        (not grpo or bool(a.reward), f"align.reward (--reward) is required for {a.method}: FILE.py:FUNCTION or a "
                                      "reward-model run directory"),
+        (0 < a.gamma <= 1, f"align.gamma must be in (0, 1], got {a.gamma}"),
+        (0 <= a.gae_lambda <= 1, f"align.gae_lambda must be in [0, 1], got {a.gae_lambda}"),
+        (a.vf_coef > 0, f"align.vf_coef must be > 0 (the value head learns from it), got {a.vf_coef}"),
+        (a.value_clip > 0, f"align.value_clip must be > 0, got {a.value_clip}"),
         (a.group_size >= 2, f"align.group_size must be >= 2 (advantages compare completions of a prompt), "
                             f"got {a.group_size}"),
         (a.max_new_tokens >= 1, f"align.max_new_tokens must be >= 1, got {a.max_new_tokens}"),
@@ -141,9 +153,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (t.fp8 == "none", "train.fp8 is not supported by `cybertron align` yet"),
-        (not (grpo and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with grpo: its rollouts "
-                                             "generate token by token from a KV cache that context parallelism does "
-                                             "not split over ranks; use parallel.cp=1"),
+        (not (grpo and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with {a.method}: its "
+                                             "rollouts generate token by token from a KV cache that context "
+                                             "parallelism does not split over ranks; use parallel.cp=1"),
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])
@@ -154,10 +166,12 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     p = cfg.parallel
     raise_first_failure([
         (not (grpo and p.data_parallel not in ("ddp", "zero3") and world_size > 1),
-         f"grpo runs on several processes with parallel.data_parallel=ddp (whole weights on every rank) or "
+         f"{a.method} runs on several processes with parallel.data_parallel=ddp (whole weights on every rank) or "
          f"zero3 (generation gathers the sharded weights block by block), got {p.data_parallel}"),
+        (not (a.method == "ppo" and p.tp > 1),
+         "ppo's value head reads whole hidden states, which tensor parallelism splits: use parallel.tp=1"),
         (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
-         "grpo with parallel.tp > 1 samples from whole logits of whole sequences: set "
+         f"{a.method} with parallel.tp > 1 samples from whole logits of whole sequences: set "
          "parallel.sequence_parallel=false and parallel.loss_parallel=false"),
         (p.pp == 1, f"`cybertron align` splits no pipeline stages (a pair's loss needs the whole model's "
                     f"output for both responses): use data or tensor parallelism, got parallel.pp={p.pp}"),

@@ -1,10 +1,10 @@
-"""Alignment (`cybertron align`): preference optimisation (dpo, ipo, simpo, orpo), reward models and GRPO on
-the one Trainer and the one training driver (train/session.py).
+"""Alignment (`cybertron align`): preference optimisation (dpo, ipo, simpo, orpo), reward models and the
+online methods (grpo, rloo, reinforce++, ppo) on the one Trainer and the one training driver (train/session.py).
 
 The methods differ by step function, data and a small typed task only (ARCHITECTURE.md rule 6): the
 optimizer, checkpoints (adapters alone under LoRA), resume and logging are those of `cybertron finetune`.
-GRPO's task lives in align/grpo_task.py. The command (cybertron/commands/align.py) opens the base (and a
-reward-model run) through runs.py and hands it here.
+The online methods' task lives in align/grpo_task.py. The command (cybertron/commands/align.py) opens the
+base (and a reward-model run) through runs.py and hands it here.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cybertron.align.config import AlignConfig
+from cybertron.align.config import ONLINE_METHODS, AlignConfig
 from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
 from cybertron.align.mix import preference_data
+from cybertron.align.ppo import attach_value_head
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader
 from cybertron.align.task import AlignTask, split_rows
@@ -31,6 +32,7 @@ from cybertron.data.chat_template import remedy_on_failure, resolve_chat_format
 from cybertron.data.mixture import Mixture
 from cybertron.data.sft import row_loader
 from cybertron.data.tokenizer import TextTokenizer
+from cybertron.errors import ConfigError
 from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model
 from cybertron.finetune.run import check_layout, resolve_seq_len, run_adapter_task
 from cybertron.parallel.build_trainer import build_trainer
@@ -70,19 +72,24 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     tokenizer.chat_template = chat.template
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
+    if cfg.align.method == "ppo" and model_cfg.final_logit_softcap is not None:
+        raise ConfigError("ppo reads logits and values through the model's output-head hook, which does not "
+                          f"apply model.final_logit_softcap={model_cfg.final_logit_softcap} yet; use grpo, rloo "
+                          "or reinforce++")
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
     setup: GRPOSetup | PreferenceSetup
     with remedy_on_failure():
-        if method == "grpo":  # prompts and the reward before the model
+        if method in ONLINE_METHODS:  # prompts and the reward before the model
             setup = grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
         else:
             setup = preference_setup(cfg, tokenizer, seq_len)
     n_rows = next(iter(setup.train.values())).shape[0]
     plan = plan_work(n_rows, t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
                      unit=world.dp_size * (t.micro_batch_size or 1),
-                     steps_per_batch=cfg.align.updates_per_rollout if method == "grpo" else 1)
-    wrap = (lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward" else None
+                     steps_per_batch=cfg.align.updates_per_rollout if method in ONLINE_METHODS else 1)
+    wrap = ((lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward"
+            else attach_value_head if method == "ppo" else None)
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before

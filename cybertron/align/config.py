@@ -18,6 +18,7 @@ from cybertron.config import (
     validate_shared_sections,
 )
 from cybertron.data.escapes import decode_escapes
+from cybertron.data.mixture import parse_mix
 from cybertron.finetune.config import (
     CHAT_TEMPLATE_HELP,
     BaseModelSection,
@@ -30,6 +31,8 @@ from cybertron.finetune.config import (
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
 ONLINE_METHODS = ("grpo", "rloo", "reinforce++", "ppo")  # generation in the loop: GRPO's rollouts and task
 METHODS = (*PREFERENCE_METHODS, "reward", *ONLINE_METHODS)
+# The methods that read a data.mix (align/mix.py): the preference family's pairs and the online methods' prompts.
+MIX_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward", "grpo", "rloo", "reinforce++", "ppo")
 
 
 @dataclass
@@ -37,6 +40,12 @@ class AlignDataSection:
     path: str = opt("", "dpo/ipo/simpo/orpo/reward: .jsonl of {'prompt', 'chosen', 'rejected'} (plain text, or "
                         "chat messages rendered by the model's template); grpo: .jsonl of {'prompt', ...} whose "
                         "other fields are passed to the reward function")
+    split: str = opt("train", "Hugging Face data sets: the split to read")
+    subset: str = opt("", "Hugging Face Hub data sets: the configuration (load_dataset's name)")
+    streaming: bool = opt(False, "Hugging Face data sets: read record by record (an IterableDataset)")
+    mix: list[dict] = opt([], "a weighted mixture instead of data.path (pairs or prompts): "
+                              "[[data.mix]] tables with path and weight (default 1); on the command line "
+                              "--data.mix path=FILE,weight=0.7 once per source")
     seq_len: int = opt(0, "most tokens of prompt + response; longer responses are cut (prompts keep their "
                           "end); 0 = the model's maximum, at most 1024")
     val_fraction: float = opt(0.05, "fraction of records held out for evaluation (none if it rounds to 0)")
@@ -106,8 +115,12 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
                                "directory"),
-        (bool(d.path), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for grpo)"),
+        (bool(d.path or d.mix), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for "
+                                "the online methods), or data.mix"),
+        (not (d.path and d.mix), f"give data.path ({d.path}) or data.mix, not both"),
         (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
+        (not d.mix or a.method in MIX_METHODS, f"data.mix is not supported by align.method={a.method} yet "
+                                               f"(only {', '.join(MIX_METHODS)}); give data.path"),
         *method_checks(f, " (--weights)"),
         *base_model_checks(cfg.model, f.method),
         (a.beta > 0, f"align.beta must be > 0, got {a.beta}"),
@@ -140,12 +153,13 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (t.fp8 == "none", "train.fp8 is not supported by `cybertron align` yet"),
-        (not (grpo and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with {a.method}: its rollouts "
-                                             "generate token by token from a KV cache that context parallelism does "
-                                             "not split over ranks; use parallel.cp=1"),
+        (not (grpo and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with {a.method}: its "
+                                             "rollouts generate token by token from a KV cache that context "
+                                             "parallelism does not split over ranks; use parallel.cp=1"),
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])
+    parse_mix(d.mix)
     decode_escapes(a.stop, "align.stop")  # an incomplete escape fails now, not at the first rollout
     validate_shared_sections(cfg)
     validate_layout(cfg, world_size)

@@ -85,6 +85,11 @@ class AlignSection:
     check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
                                       "log-probabilities equal the trainer's (needs fp32 and no dropout)")
     logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability")
+    # ---- multi-turn environments (align/multiturn.py, align/environments/) ----
+    environment: str = opt("", "grpo/rloo: multi-turn rollouts with an environment class, MODULE:CLASS or "
+                               "FILE.py:CLASS (e.g. cybertron.align.environments.calculator:Calculator); it gives "
+                               "the reward, so align.reward stays empty")
+    max_turns: int = opt(4, "grpo/rloo with align.environment: most assistant turns per episode")
 
 
 @dataclass
@@ -127,12 +132,18 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
         (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),
         (a.orpo_lambda >= 0, f"align.orpo_lambda must be >= 0, got {a.orpo_lambda}"),
-        (not grpo or bool(a.reward), f"align.reward (--reward) is required for {a.method}: FILE.py:FUNCTION or a "
-                                     "reward-model run directory"),
+        (not grpo or bool(a.reward) or bool(a.environment), f"align.reward (--reward) is required for {a.method}: "
+                                     "FILE.py:FUNCTION or a reward-model run directory"),
         (0 < a.gamma <= 1, f"align.gamma must be in (0, 1], got {a.gamma}"),
         (0 <= a.gae_lambda <= 1, f"align.gae_lambda must be in [0, 1], got {a.gae_lambda}"),
         (a.vf_coef > 0, f"align.vf_coef must be > 0 (the value head learns from it), got {a.vf_coef}"),
         (a.value_clip > 0, f"align.value_clip must be > 0, got {a.value_clip}"),
+        # ---- multi-turn environments ----
+        (not a.environment or a.method in ("grpo", "rloo"),
+         f"align.environment runs with grpo or rloo (one advantage per episode), not {a.method}: its per-token "
+         "returns would stop at the tokens the environment inserts between turns"),
+        (not (a.environment and a.reward), "align.environment gives the reward: leave align.reward empty"),
+        (a.max_turns >= 1, f"align.max_turns must be >= 1, got {a.max_turns}"),
         (a.group_size >= 2, f"align.group_size must be >= 2 (advantages compare completions of a prompt), "
                             f"got {a.group_size}"),
         (a.max_new_tokens >= 1, f"align.max_new_tokens must be >= 1, got {a.max_new_tokens}"),
@@ -170,6 +181,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
          f"zero3 (generation gathers the sharded weights block by block), got {p.data_parallel}"),
         (not (a.method == "ppo" and p.tp > 1),
          "ppo's value head reads whole hidden states, which tensor parallelism splits: use parallel.tp=1"),
+        (not (a.environment and world_size > 1 and p.data_parallel == "zero3"),
+         "align.environment runs on several processes with parallel.data_parallel=ddp only (multi-turn "
+         "rollouts do not run the engines of sharded weights in lockstep)"),
         (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
          f"{a.method} with parallel.tp > 1 samples from whole logits of whole sequences: set "
          "parallel.sequence_parallel=false and parallel.loss_parallel=false"),

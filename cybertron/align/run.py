@@ -24,6 +24,7 @@ from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
 from cybertron.align.mix import preference_data
+from cybertron.align.multiturn import MultiTurnGRPOTask
 from cybertron.align.ppo import attach_value_head
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader
@@ -110,7 +111,8 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
                                    replicas_equal=True)
     loader = row_loader(setup.train, plan.batch_size, t.seed, setup.mixture)
     common = (cfg, run_dir, device, tokenizer, model, trainer, loader, world, plan, chat, setup.description)
-    task: AlignTask = (GRPOTask(*common, setup, engine, reference) if isinstance(setup, GRPOSetup)
+    grpo_task = MultiTurnGRPOTask if cfg.align.environment else GRPOTask  # multi-turn: align/multiturn.py
+    task: AlignTask = (grpo_task(*common, setup, engine, reference) if isinstance(setup, GRPOSetup)
                        else PreferenceTask(*common, setup))
 
     return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, parts, model_cfg, plan.steps,

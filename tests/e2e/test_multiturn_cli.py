@@ -60,3 +60,28 @@ def test_multi_turn_grpo_from_the_cli(tmp_path):
     bad = _cli([*args, "--align.environment", f"{tmp_path / 'env.py'}:Nope", "--out", str(tmp_path / "bad")])
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: align.environment: {tmp_path / 'env.py'} defines no class 'Nope'"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_turn_grpo_under_ddp_is_one_process(tmp_path):
+    """Two ddp ranks each run the episodes of their share of the prompts, seeded by global position: the same
+    rollouts, losses and rewards as one process. zero3 is refused before any process starts."""
+    from cybertron.cli import main as cli_main
+    from tests.distributed.test_train_cli_distributed import _run
+
+    hf = make_hf_dir(tmp_path / "hf")
+    (tmp_path / "env.py").write_text(ENVIRONMENT)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("cat", "dog", "sky", "sea")))
+    args = ["align", "--method", "grpo", "--model", str(hf), "--data", str(prompts), "--weights", "full",
+            "--train.dtype", "fp32", "--align.max_new_tokens", "6", "--data.seq_len", "128", "--steps", "2",
+            "--train.global_batch_size", "4", "--align.group_size", "2", "--data.val_fraction", "0",
+            "--align.environment", f"{tmp_path / 'env.py'}:Chatty", "--align.check_logprobs", "true", *COMMON]
+    _run([*args, "--out", str(tmp_path / "one")])
+    _run([*args, "--out", str(tmp_path / "two")], torchrun=2)
+    keys = ("loss", "grad_norm", "reward", "turns")
+    one = [r[k] for r in read_metrics(tmp_path / "one") if "loss" in r for k in keys]
+    two = [r[k] for r in read_metrics(tmp_path / "two") if "loss" in r for k in keys]
+    assert len(one) == 2 * len(keys) and two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert cli_main([*args, "--out", str(tmp_path / "z"), "--nproc", "2", "--parallel.data_parallel", "zero3"]) == 2

@@ -2,8 +2,9 @@
 
 The model reads a problem ("Ann has 3 apples and gets 4 more. How many apples does Ann have now?"), may
 call `calculator` with an expression, reads the result (a `tool` message), and answers. The reward is 1
-for a final answer equal to the problem's (the last number of the reply that ends the episode), else 0.1
-if it made a well-formed calculator call: a partial credit a small model can find before it answers well.
+for a final answer equal to the problem's (the last number of the reply that ends the episode), else 0.5
+if it made a well-formed calculator call: partial credit that a small model finds (using the tool) before it
+answers well.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cybertron.align.environments import AssistantTurn, EnvStep, Message
 CALCULATOR = {"name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / and parentheses).",
               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
                              "required": ["expression"]}}
-CALL_CREDIT = 0.1  # reward for a well-formed call when the final answer is wrong
+CALL_CREDIT = 0.5  # reward for a well-formed call when the final answer is wrong
 NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Finn")
 THINGS = ("apples", "books", "coins", "cards", "pens", "shells")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

@@ -258,3 +258,41 @@ def test_grpo_on_the_calculator_raises_the_reward(tokenizer):
     early, late = sum(rewards[:3]) / 3, sum(rewards[-8:]) / 8
     assert late > early + 0.08, rewards
     assert sum(turns[-8:]) / 8 > sum(turns[:3]) / 3 + 0.1, turns  # by calling the calculator more often
+
+
+def test_inserted_text_closes_the_turn_the_model_left_open(tmp_path):
+    """ChatML (eos <|im_end|>): after a reply the model ended with eos, only the newline after it is the
+    template's; after a reply cut short (a tool call's end, or out of tokens), the whole end-of-turn marker is."""
+    from cybertron.align.multiturn import ChatRenderer
+    from cybertron.data.tokenizer import TextTokenizer
+    from tests.unit.finetune.tiny_hf import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    renderer = ChatRenderer(TextTokenizer.load(tmp_path), [])
+    before = [{"role": "user", "content": "q"}]
+    tool = [{"role": "tool", "content": "7"}]
+    rest = "<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n"
+    assert renderer.inserted_text(before, "hi", True, tool) == "\n" + rest
+    assert renderer.inserted_text(before, "hi", False, tool) == "<|im_end|>\n" + rest
+    assert renderer.inserted_text(before, "hi", False, []) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_environment_config_keys():
+    from cybertron.align.config import AlignConfig, validate
+    from cybertron.errors import ConfigError
+
+    def check(world_size=1, data_parallel="ddp", **align):
+        cfg = AlignConfig()
+        cfg.model.path, cfg.data.path, cfg.parallel.data_parallel = "m", "d.jsonl", data_parallel
+        for key, value in {"method": "grpo", "environment": "e.py:E", **align}.items():
+            setattr(cfg.align, key, value)
+        validate(cfg, world_size)
+
+    check()  # the environment gives the reward: no align.reward needed
+    check(world_size=2)
+    for kwargs, message in [({"reward": "r.py:f"}, "leave align.reward empty"),
+                            ({"method": "dpo"}, "applies to grpo only"),
+                            ({"max_turns": 0}, "align.max_turns must be >= 1"),
+                            ({"world_size": 2, "data_parallel": "zero3"}, "data_parallel=ddp only")]:
+        with pytest.raises(ConfigError, match=message):
+            check(**kwargs)

@@ -42,13 +42,14 @@ def _cli(args):
                           timeout=300)
 
 
-@pytest.mark.slow  # one CLI run (about 10 s); tests/unit/align/test_multiturn.py covers the pieces by default
-def test_multi_turn_grpo_from_the_cli(tmp_path):
+@pytest.mark.slow  # CLI runs (about 10 s each); tests/unit/align/test_multiturn.py covers the pieces by default
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_multi_turn_grpo_from_the_cli(tmp_path, method):
     hf = make_hf_dir(tmp_path / "hf")
     (tmp_path / "env.py").write_text(ENVIRONMENT)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("cat", "dog", "sky", "sea")))
-    args = ["align", "--method", "grpo", "--model", str(hf), "--data", str(prompts), "--weights", "full",
+    args = ["align", "--method", method, "--model", str(hf), "--data", str(prompts), "--weights", "full",
             "--train.dtype", "fp32", "--align.max_new_tokens", "6", "--align.max_turns", "4", "--data.seq_len",
             "128", "--train.global_batch_size", "2", "--align.group_size", "2", "--data.val_fraction", "0", *COMMON]
     result = _cli([*args, "--align.environment", f"{tmp_path / 'env.py'}:Chatty", "--steps", "2",

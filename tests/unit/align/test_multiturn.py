@@ -291,7 +291,8 @@ def test_environment_config_keys():
     check()  # the environment gives the reward: no align.reward needed
     check(world_size=2)
     for kwargs, message in [({"reward": "r.py:f"}, "leave align.reward empty"),
-                            ({"method": "dpo"}, "applies to grpo only"),
+                            ({"method": "dpo"}, "runs with grpo or rloo"),
+                            ({"method": "ppo"}, "runs with grpo or rloo"),
                             ({"max_turns": 0}, "align.max_turns must be >= 1"),
                             ({"world_size": 2, "data_parallel": "zero3"}, "data_parallel=ddp only")]:
         with pytest.raises(ConfigError, match=message):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cybertron.align.environments import AssistantTurn, EnvironmentFactory, EnvStep, Message
-from cybertron.align.grpo import rollout_checksum, rollout_stats, rollout_sums
+from cybertron.align.grpo import RolloutStats, rollout_checksum, rollout_stats, rollout_sums
 from cybertron.align.grpo_task import GRPOTask
 from cybertron.align.preference_data import PromptRecord
 from cybertron.data.chat_template import ChatTemplateError, render
@@ -243,7 +243,7 @@ class EpisodeRunner:
 
 @dataclass
 class MultiTurnGRPOTask(GRPOTask):
-    """GRPO whose rollouts are episodes of align.environment; the rest (advantages, loss, logging) is GRPO's."""
+    """GRPO (or RLOO) whose rollouts are episodes of align.environment; advantages, loss and logging are theirs."""
 
     runner: EpisodeRunner | None = None
     turn_sums: torch.Tensor | None = None  # turns, episodes, prefix-cache hit tokens, prompt tokens (all ranks)
@@ -261,7 +261,7 @@ class MultiTurnGRPOTask(GRPOTask):
                                     (decode_escapes(a.stop, "align.stop"),) if a.stop else ())
 
     def sample_and_score(self, step: int, records: list[PromptRecord], group_size: int, temperature: float,
-                         first_prompt: int = 0) -> tuple[list, torch.Tensor, Any]:
+                         first_prompt: int = 0) -> tuple[list, torch.Tensor, RolloutStats]:
         assert self.runner is not None
         c, a = self.cfg, self.cfg.align
         start = time.perf_counter()
@@ -283,6 +283,13 @@ class MultiTurnGRPOTask(GRPOTask):
         turns = torch.tensor([sum(r.turns for r in results), len(results), hits, prompts], dtype=torch.float64)
         self.turn_sums = self.world.sum_over_dp(turns.to(self.device)).cpu()
         return results, rewards, rollout_stats(sums, seconds)
+
+    def evaluate(self, step: int) -> dict[str, float] | None:
+        kept = self.turn_sums  # the training rollout's, which the log lines report (not the greedy episodes')
+        try:
+            return super().evaluate(step)
+        finally:
+            self.turn_sums = kept
 
     def extra_log_fields(self, seconds: float) -> dict[str, float]:
         fields = super().extra_log_fields(seconds)

@@ -28,14 +28,16 @@ from cybertron.finetune.config import (
 )
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
-METHODS = (*PREFERENCE_METHODS, "reward", "grpo")
+METHODS = (*PREFERENCE_METHODS, "reward", "grpo", "kto", "online_dpo")
+ON_POLICY = ("grpo", "online_dpo")  # generation in the loop (the engine samples from the policy)
 
 
 @dataclass
 class AlignDataSection:
     path: str = opt("", "dpo/ipo/simpo/orpo/reward: .jsonl of {'prompt', 'chosen', 'rejected'} (plain text, or "
-                        "chat messages rendered by the model's template); grpo: .jsonl of {'prompt', ...} whose "
-                        "other fields are passed to the reward function")
+                        "chat messages rendered by the model's template); grpo/online_dpo: .jsonl of "
+                        "{'prompt', ...} whose other fields are passed to the reward function; kto: .jsonl "
+                        "of {'prompt', 'completion', 'label': true/false} or {'messages', 'label'}")
     seq_len: int = opt(0, "most tokens of prompt + response; longer responses are cut (prompts keep their "
                           "end); 0 = the model's maximum, at most 1024")
     val_fraction: float = opt(0.05, "fraction of records held out for evaluation (none if it rounds to 0)")
@@ -45,13 +47,15 @@ class AlignDataSection:
 @dataclass
 class AlignSection:
     method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model) or "
-                             "grpo (group-relative policy optimisation with generation in the loop)")
-    beta: float = opt(0.1, "dpo/ipo: strength of the pull towards the reference")
+                             "grpo (group-relative policy optimisation with generation in the loop), kto (unpaired "
+                             "desirable/undesirable completions) or online_dpo (DPO on pairs sampled from the "
+                             "current policy and judged by align.reward)")
+    beta: float = opt(0.1, "dpo/ipo/kto/online_dpo: strength of the pull towards the reference")
     label_smoothing: float = opt(0.0, "dpo: assumed share of flipped preference labels (conservative DPO)")
     simpo_beta: float = opt(2.0, "simpo: reward scale of the length-normalised log-probability")
     simpo_gamma: float = opt(0.5, "simpo: target reward margin")
     orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term next to the chosen NLL")
-    reward: str = opt("", "grpo: FILE.py:FUNCTION called as f(prompts, completions, **fields) -> list of "
+    reward: str = opt("", "grpo/online_dpo: FILE.py:FUNCTION called as f(prompts, completions, **fields) -> list of "
                           "numbers, or a run directory of `cybertron align --method reward`")
     group_size: int = opt(8, "grpo: completions sampled per prompt (advantages are relative within a group); "
                              "train.global_batch_size and train.micro_batch_size count prompts")
@@ -69,6 +73,11 @@ class AlignSection:
     check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
                                       "log-probabilities equal the trainer's (needs fp32 and no dropout)")
     logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability")
+    # ---- kto and online_dpo (align/kto.py, align/online_dpo.py); online_dpo also reads align.reward,
+    # max_new_tokens, stop, temperature, top_p, check_logprobs and logprob_tolerance as grpo does
+    desirable_weight: float = opt(1.0, "kto: lambda_D, weight of desirable completions' losses")
+    undesirable_weight: float = opt(1.0, "kto: lambda_U, weight of undesirable completions' losses")
+    online_loss: str = opt("dpo", "online_dpo: the pair loss, dpo or ipo")
 
 
 @dataclass
@@ -96,6 +105,7 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     """Reject impossible values before any work (or any process group) starts; each message names the key."""
     a, d, f, t = cfg.align, cfg.data, cfg.finetune, cfg.train
     grpo = a.method == "grpo"
+    on_policy = a.method in ON_POLICY
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
                                "directory"),
@@ -107,8 +117,11 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
         (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),
         (a.orpo_lambda >= 0, f"align.orpo_lambda must be >= 0, got {a.orpo_lambda}"),
-        (not grpo or bool(a.reward), "align.reward (--reward) is required for grpo: FILE.py:FUNCTION or a "
-                                     "reward-model run directory"),
+        (not on_policy or bool(a.reward), f"align.reward (--reward) is required for {a.method}: FILE.py:FUNCTION "
+                                          "or a reward-model run directory"),
+        (a.desirable_weight > 0 and a.undesirable_weight > 0, f"align.desirable_weight and "
+         f"align.undesirable_weight must be > 0, got {a.desirable_weight} and {a.undesirable_weight}"),
+        (a.online_loss in ("dpo", "ipo"), f"align.online_loss must be dpo or ipo, got {a.online_loss!r}"),
         (a.group_size >= 2, f"align.group_size must be >= 2 (advantages compare completions of a prompt), "
                             f"got {a.group_size}"),
         (a.max_new_tokens >= 1, f"align.max_new_tokens must be >= 1, got {a.max_new_tokens}"),
@@ -119,9 +132,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (a.updates_per_rollout >= 1, f"align.updates_per_rollout must be >= 1, got {a.updates_per_rollout}"),
         (a.loss_type in ("token", "sequence"), f"align.loss_type must be token or sequence, got {a.loss_type!r}"),
         (a.logprob_tolerance > 0, f"align.logprob_tolerance must be > 0, got {a.logprob_tolerance}"),
-        (not (grpo and a.check_logprobs and f.dropout > 0 and f.method != "full"),
+        (not (on_policy and a.check_logprobs and f.dropout > 0 and f.method != "full"),
          "align.check_logprobs needs finetune.dropout=0: adapter dropout changes the trainer's log-probabilities"),
-        (not (grpo and a.check_logprobs and t.dtype in ("bf16", "fp16")),
+        (not (on_policy and a.check_logprobs and t.dtype in ("bf16", "fp16")),
          "align.check_logprobs compares fp32 log-probabilities: set train.dtype=fp32"),
         (not grpo or cfg.checkpoint.every % a.updates_per_rollout == 0,
          f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of align.updates_per_rollout "
@@ -139,11 +152,11 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     validate_layout(cfg, world_size)
     p = cfg.parallel
     raise_first_failure([
-        (not (grpo and p.data_parallel not in ("ddp", "zero3") and world_size > 1),
-         f"grpo runs on several processes with parallel.data_parallel=ddp (whole weights on every rank) or "
+        (not (on_policy and p.data_parallel not in ("ddp", "zero3") and world_size > 1),
+         f"{a.method} runs on several processes with parallel.data_parallel=ddp (whole weights on every rank) or "
          f"zero3 (generation gathers the sharded weights block by block), got {p.data_parallel}"),
-        (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
-         "grpo with parallel.tp > 1 samples from whole logits of whole sequences: set "
+        (not (on_policy and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
+         f"{a.method} with parallel.tp > 1 samples from whole logits of whole sequences: set "
          "parallel.sequence_parallel=false and parallel.loss_parallel=false"),
         (p.pp == 1, f"`cybertron align` splits no pipeline stages (a pair's loss needs the whole model's "
                     f"output for both responses): use data or tensor parallelism, got parallel.pp={p.pp}"),

@@ -20,6 +20,8 @@ from torch import nn
 from cybertron.align.config import AlignConfig
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
+from cybertron.align.kto import KTOSetup, KTOTask, kto_reference, kto_setup
+from cybertron.align.online_dpo import OnlineDPOSetup, OnlineDPOTask, online_dpo_model_state, online_dpo_setup
 from cybertron.align.preference_data import build_preference_data
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader
@@ -67,10 +69,14 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
-    setup: GRPOSetup | PreferenceSetup
+    setup: GRPOSetup | PreferenceSetup | KTOSetup
     with remedy_on_failure():
         if method == "grpo":  # prompts and the reward before the model
             setup = grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
+        elif method == "online_dpo":  # kto / online_dpo: align/kto.py, align/online_dpo.py
+            setup = online_dpo_setup(cfg, tokenizer, seq_len, device, reward_model)
+        elif method == "kto":
+            setup = kto_setup(cfg, tokenizer, seq_len)
         else:
             setup = preference_setup(cfg, tokenizer, seq_len)
     n_rows = next(iter(setup.train.values())).shape[0]
@@ -83,9 +89,14 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
     # the layout is applied (every rank computes the same values, with no communication).
     if isinstance(setup, GRPOSetup):
-        engine, reference = grpo_model_state(cfg, model, tokenizer, world, seq_len,
-                                             plan.batch_size // world.dp_size,
-                                             torch.bfloat16 if dtype_name == "bf16" else None)
+        state = online_dpo_model_state if isinstance(setup, OnlineDPOSetup) else grpo_model_state
+        engine, reference = state(cfg, model, tokenizer, world, seq_len, plan.batch_size // world.dp_size,
+                                  torch.bfloat16 if dtype_name == "bf16" else None)
+    elif isinstance(setup, KTOSetup):
+        micro = t.micro_batch_size or t.global_batch_size
+        setup.train = kto_reference(world, model, setup.train, micro, device, amp)
+        if setup.val is not None:
+            setup.val = kto_reference(world, model, setup.val, micro, device, amp)
     elif getattr(setup.step, "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
         setup.train = _shared_reference(world, model, setup.train, micro, device, amp)
@@ -96,8 +107,11 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
                                    replicas_equal=True)
     loader = RowLoader(setup.train, plan.batch_size, seed=t.seed)
     common = (cfg, run_dir, device, tokenizer, model, trainer, loader, world, plan, chat, setup.description)
-    task: AlignTask = (GRPOTask(*common, setup, engine, reference) if isinstance(setup, GRPOSetup)
-                       else PreferenceTask(*common, setup))
+    task: AlignTask
+    if isinstance(setup, GRPOSetup):
+        task = (OnlineDPOTask if isinstance(setup, OnlineDPOSetup) else GRPOTask)(*common, setup, engine, reference)
+    else:
+        task = KTOTask(*common, setup) if isinstance(setup, KTOSetup) else PreferenceTask(*common, setup)
 
     return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, parts, model_cfg, plan.steps,
                             base.path, chat.template, record_run, world)

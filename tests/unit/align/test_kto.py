@@ -164,3 +164,23 @@ def test_bad_records_name_their_line(tmp_path, record, message):
     with pytest.raises(DataError, match=None) as err:
         read_kto_records(path)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--align.method=kto", "--align.undesirable_weight=0"], "align.desirable_weight and align.undesirable_weight "
+                                                              "must be > 0, got 1.0 and 0.0"),
+    (["--align.method=online_dpo"], "align.reward (--reward) is required for online_dpo"),
+    (["--align.method=online_dpo", "--align.reward=r.py:f", "--align.online_loss=simpo"],
+     "align.online_loss must be dpo or ipo, got 'simpo'"),
+    (["--align.method=online_dpo", "--align.reward=r.py:f", "--align.check_logprobs=true", "--train.dtype=bf16"],
+     "align.check_logprobs compares fp32 log-probabilities"),
+])
+def test_bad_config_is_one_message_naming_the_key(flags, message):
+    from cybertron.align.config import AlignConfig, validate
+    from cybertron.config import parse_args
+    from cybertron.errors import ConfigError
+
+    cfg = parse_args(["--model.path=m", "--data.path=d.jsonl", *flags], AlignConfig())
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -72,7 +72,8 @@ class AlignSection:
     scale_rewards: bool = opt(True, "grpo: divide advantages by the group's reward std (Dr. GRPO: false)")
     check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
                                       "log-probabilities equal the trainer's (needs fp32 and no dropout)")
-    logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability")
+    logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability "
+                                         "(online_dpo: times max(1, |log p|))")
     # ---- kto and online_dpo (align/kto.py, align/online_dpo.py); online_dpo also reads align.reward,
     # max_new_tokens, stop, temperature, top_p, check_logprobs and logprob_tolerance as grpo does
     desirable_weight: float = opt(1.0, "kto: lambda_D, weight of desirable completions' losses")

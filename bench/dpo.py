@@ -318,8 +318,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
 # Cybertron's side only: TRL is not installed here, and its OnlineDPOTrainer generates with `transformers` or vLLM
 # rather than with the trained weights in place, so a comparison would time different work. KTO trains on the
 # pairs' responses as unpaired completions (chosen desirable, rejected undesirable: --batch completions per
-# step, each forwarded with its mismatched pair for the KL estimate); online DPO samples --response-words
-# tokens twice per prompt from the policy and prefers the sample with more words of the "good" half.
+# step, each forwarded with its mismatched pair for the KL estimate); online DPO samples up to --response-words
+# tokens twice per prompt from the policy and prefers the longer text (see write_kto_and_prompts).
 
 def write_kto_and_prompts(pairs: Path) -> None:
     """kto.jsonl, prompts.jsonl and reward.py next to the pairs file, from its records."""
@@ -330,11 +330,10 @@ def write_kto_and_prompts(pairs: Path) -> None:
             f.write(json.dumps({"prompt": r["prompt"], "completion": r["chosen" if good else "rejected"],
                                 "label": good}) + "\n")
     (pairs.parent / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in records))
-    good_words = WORDS[: len(WORDS) // 2]
-    (pairs.parent / "reward.py").write_text(
-        f"GOOD = set({list(good_words)!r})\n"
-        "def good(prompts, completions, **fields):\n"
-        "    return [float(sum(w in GOOD for w in c.split())) for c in completions]\n")
+    # A random model's samples seldom hold whole words: a reward on words would tie nearly every pair (weight 0,
+    # no gradient); the text's length in characters separates almost all of them.
+    (pairs.parent / "reward.py").write_text("def good(prompts, completions, **fields):\n"
+                                            "    return [float(len(c)) for c in completions]\n")
 
 
 def rollout_log(run_dir: Path, warmup: int) -> dict[str, float]:

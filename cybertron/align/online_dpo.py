@@ -56,13 +56,14 @@ class OnlineDPOStep:
         scored = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])[:, 1:].float()
         logp = next_token_logprobs(model(ids), ids)
         gap = (logp.detach() - torch.cat([batch["chosen_gen"], batch["rejected_gen"]])[:, 1:]).abs() * scored
-        # Relative beyond |log p| = 1: DPO drives rejected tokens to very low log-probabilities, whose fp32
-        # rounding grows with their magnitude (a token at log p = -40 differs by a few 1e-5 between batch shapes).
-        relative = gap / logp.detach().abs().clamp(min=1)
+        # Relative beyond |log p| = 1: DPO pushes rejected tokens to low log-probabilities, whose fp32 rounding
+        # grows with their magnitude (an absolute 1e-5 failed once at 2.5e-5 in a 60-step full-weight run).
+        lp = logp.detach()
+        relative = gap / lp.abs().clamp(min=1)
         if self.check and float(relative.max()) > self.tolerance:
             row, col = divmod(int(relative.argmax()), gap.shape[1])
             raise LogprobMismatch(f"generator and trainer log-probabilities differ by {float(gap[row, col]):.3g} "
-                                  f"at log p {float(logp[row, col]):.3g} (tolerance {self.tolerance:g} x max(1, "
+                                  f"at log p {float(lp[row, col]):.3g} (tolerance {self.tolerance:g} x max(1, "
                                   f"|log p|)) at completion row {row}, token {col + 1} (id {int(ids[row, col + 1])})")
         sums, tokens = (logp * scored).sum(-1), scored.sum(-1).clamp(min=1)
         pc, pr, nc, nr = sums[:n], sums[n:], tokens[:n], tokens[n:]

@@ -4,12 +4,14 @@ one long sequence, for cp in 1, 2, 4.
     python bench/context_parallel.py [--seq 16384] [--cps 1,2,4]
 
 cp 1 is one process running the plain model (PyTorch's causal SDPA, no mask); cp > 1 is cp gloo ranks, each
-holding 2 of the 2 x cp zigzag chunks of the sequence and attending over all-gathered K/V
-(parallel/context_parallel.py). Per rank:
+holding 2 of the 2 x cp zigzag chunks of the sequence and running ring attention over them
+(parallel/context_parallel.py, parallel/ring_attention.py). Every setting runs in a fresh process with
+bench/memory.py's fixed glibc mmap threshold, so RSS follows live tensors. Per rank:
 - saved: the bytes autograd saves for backward during the forward (activations, counted by a
   saved_tensors_hooks pack hook, each storage once), which is what context parallelism divides;
-- of which attention: the same for the attention calls alone (its mask and the gathered K/V are whole-
-  sequence sized in columns, so they do not fall as fast);
+- of which attention: the same for the attention calls alone;
+- activation peak: peak RSS during forward + backward above the RSS before it, minus the gradients
+  (bench/memory.py's measure: everything the step allocates, transients included);
 - peak RSS: the process's maximum resident memory (weights, allocator and interpreter included);
 - step seconds.
 """
@@ -21,6 +23,7 @@ import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,14 +93,26 @@ def _measure(rank: int, cp: int, seq: int) -> dict:
 
     for block in model.layers.values():
         block.self_attn.attention = counted_attention
+    before = _rss_now()
     start = time.perf_counter()
     with saved.hooks():
         loss, _ = run_step(model, batch)
     loss.backward()
     seconds = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     return {"cp": cp, "rank": rank, "seq": seq, "tokens_per_rank": seq // cp, "saved_bytes": saved.total,
-            "attention_saved_bytes": attention_bytes.total, "peak_rss_bytes": peak_rss, "seconds": seconds}
+            "attention_saved_bytes": attention_bytes.total, "activation_bytes": peak_rss - before - grads,
+            "peak_rss_bytes": peak_rss, "seconds": seconds}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# bench/memory.py's fixed mmap threshold: tensors above 128 KiB get their own mapping, returned when freed
+_EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def _worker(rank: int, cp: int, seq: int, port: int, out: str) -> None:
@@ -112,6 +127,14 @@ def _worker(rank: int, cp: int, seq: int, port: int, out: str) -> None:
 
 
 def run(cp: int, seq: int, port: int) -> list[dict]:
+    """One setting in a fresh process (and its spawned ranks) started with the fixed mmap threshold."""
+    out = subprocess.run([sys.executable, __file__, "--child", str(cp), "--seq", str(seq), "--port", str(port)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **_EXACT_MALLOC})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(cp: int, seq: int, port: int) -> list[dict]:
     if cp == 1:
         return [_measure(0, 1, seq)]
     import torch.multiprocessing as mp
@@ -126,18 +149,24 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--cps", default="1,2,4")
     parser.add_argument("--port", type=int, default=29771)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.seq, args.port)))
+        return
     mib = 1 << 20
     print(f"model dim {MODEL.dim}, {MODEL.n_layers} layers, {MODEL.n_heads} heads / {MODEL.n_kv_heads} kv, "
           f"sequence {args.seq}, fp32, torch {torch.__version__}")
-    print("| cp | tokens/rank | saved for backward MiB/rank | of which attention | peak RSS MiB/rank | step s |")
-    print("|---|---|---|---|---|---|")
+    print("| cp | tokens/rank | saved for backward MiB/rank | of which attention | activation peak MiB/rank "
+          "| peak RSS MiB/rank | step s |")
+    print("|---|---|---|---|---|---|---|")
     for i, cp in enumerate(int(c) for c in args.cps.split(",")):
         results = run(cp, args.seq, args.port + i)
         worst = max(results, key=lambda r: r["saved_bytes"])
         rss = max(r["peak_rss_bytes"] for r in results)
         print(f"| {cp} | {worst['tokens_per_rank']} | {worst['saved_bytes'] / mib:.0f} | "
-              f"{worst['attention_saved_bytes'] / mib:.0f} | {rss / mib:.0f} | "
+              f"{worst['attention_saved_bytes'] / mib:.0f} | "
+              f"{max(r['activation_bytes'] for r in results) / mib:.0f} | {rss / mib:.0f} | "
               f"{max(r['seconds'] for r in results):.1f} |", flush=True)
 
 

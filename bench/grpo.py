@@ -1,9 +1,11 @@
-"""GRPO on one device: rollout tokens/s and where a step's time goes (generate, reference, train).
+"""The online alignment methods on one device: rollout tokens/s and where a step's time goes (generate,
+reference, train) for grpo, rloo, reinforce++ and ppo.
 
     python bench/grpo.py                                       # CPU: a small random model (below), 12 steps
+    python bench/grpo.py --methods all                         # the four methods, one after the other
     python bench/grpo.py --shape llama3-1b --device cuda --max-new-tokens 256 --steps 20    # one GPU
 
-Runs the real `cybertron align --method grpo` (an AlignConfig -> validate -> run_align) on a random-weight
+Runs the real `cybertron align --method METHOD` (an AlignConfig -> validate -> run_align) on a random-weight
 Hugging Face directory written here (default: dim 256, 4 layers, 4 heads / 2 kv heads, FFN 512, vocab 384;
 `--shape PRESET` uses a cybertron preset instead), prompts of 4-12 random words, and a deterministic reward
 in a temporary file (the share of the completion's characters that are letters of `--word`); `--prompt-words`
@@ -15,7 +17,9 @@ optimizer step.
 Measured over the steps after the first `--warmup` (totals over those steps):
   rollout tokens/s  generated completion tokens / seconds of generation (from metrics.jsonl)
   generate share    generation seconds / step seconds (metrics.jsonl `generate_share`)
-  reference share   seconds in `token_logprobs` (the KL reference's forward) / step seconds
+  reference share   seconds in the rollout's no-grad forwards: `token_logprobs` (the KL reference; the old
+                    policy when align.updates_per_rollout > 1 or for reinforce++'s KL-shaped rewards) and, for
+                    ppo, `rollout_logprobs_and_values` (old policy + the value head) / step seconds
   train share       seconds in `Trainer.train_step` (forward, backward, clip, AdamW) / step seconds
   other share       the rest: reward function, padding rows, moving them to the device
   step time, steps/s
@@ -64,6 +68,8 @@ def parse_args() -> argparse.Namespace:
                                                "the small CPU model")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", help="train.dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16")
+    p.add_argument("--methods", default="grpo", help="comma-separated align.method values (grpo, rloo, "
+                                                     "reinforce++, ppo) or all; each runs on the same model")
     p.add_argument("--weights", default="full", choices=["full", "lora"], help="finetune.method")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
@@ -186,7 +192,10 @@ def instrumented(clock: StepClock, prefix_caching: bool) -> Iterator[None]:
 
     original_logprobs, original_step = grpo_task.token_logprobs, Trainer.train_step
     original_generate, original_engine = Engine.generate, grpo_task.Engine
+    original_values = getattr(grpo_task, "rollout_logprobs_and_values", None)  # None in a checkout before ppo
     grpo_task.token_logprobs = clock.wrap_reference(original_logprobs)
+    if original_values is not None:
+        grpo_task.rollout_logprobs_and_values = clock.wrap_reference(original_values)
     Trainer.train_step = clock.wrap_train_step(original_step)
     Engine.generate = clock.wrap_generate(original_generate)
     if not prefix_caching:
@@ -196,15 +205,19 @@ def instrumented(clock: StepClock, prefix_caching: bool) -> Iterator[None]:
     finally:
         grpo_task.token_logprobs, Trainer.train_step = original_logprobs, original_step
         Engine.generate, grpo_task.Engine = original_generate, original_engine
+        if original_values is not None:
+            grpo_task.rollout_logprobs_and_values = original_values
 
 
-def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], StepClock]:
-    """Run `cybertron align --method grpo` through run_align; (its per-step metrics records, the clock)."""
+def run_grpo(args: argparse.Namespace, work: Path, method: str = "grpo") -> tuple[list[dict[str, Any]], StepClock]:
+    """Run `cybertron align --method METHOD` through run_align; (its per-step metrics records, the clock)."""
     from cybertron.align.config import AlignConfig, validate
     from cybertron.commands.align import run as run_align
     from cybertron.train.precision import resolve_device
 
-    model_dir = make_model_dir(work / "model", args.shape)
+    model_dir = work / "model"
+    if not (model_dir / "config.json").is_file():  # one random model for every method of this run
+        make_model_dir(model_dir, args.shape)
     prompt_count = args.prompts * (args.steps + 1)
     cfg = AlignConfig()
     cfg.model.path = str(model_dir)
@@ -212,7 +225,7 @@ def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]]
     cfg.data.path = str(write_prompts(work / "prompts.jsonl", prompt_count, words))
     cfg.data.seq_len = 2 * words[1] + 40 + args.max_new_tokens  # a prompt is ~1-2 tokens a word + the template
     cfg.data.val_fraction = 0.0
-    cfg.align.method = "grpo"
+    cfg.align.method = method
     cfg.align.reward = write_reward(work / "reward.py", args.word)
     cfg.align.group_size = args.group_size
     cfg.align.max_new_tokens = args.max_new_tokens
@@ -224,7 +237,7 @@ def run_grpo(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]]
     cfg.eval.every = 0
     cfg.checkpoint.every = 0
     cfg.log.every, cfg.log.tensorboard, cfg.log.progress = 1, False, "lines"
-    cfg.run.out = str(work / "run")
+    cfg.run.out = str(work / f"run-{method}")
     validate(cfg)
     clock = StepClock(resolve_device(args.device))
     with instrumented(clock, args.prefix_caching == "on"):
@@ -266,9 +279,9 @@ def summarize(records: list[dict[str, Any]], clock: list[dict[str, float]], roll
             "zero_adv_groups": statistics.mean(r["zero_adv_groups"] for r, _ in measured)}
 
 
-def print_table(args: argparse.Namespace, summary: dict[str, float], measured: int) -> None:
+def print_table(args: argparse.Namespace, summary: dict[str, float], measured: int, method: str = "grpo") -> None:
     shape = args.shape or "small (dim 256, 4 layers, vocab 384)"
-    print(f"\nGRPO, {shape}, {args.weights} weights, {args.prompts} prompts x {args.group_size} completions, "
+    print(f"\n{method}, {shape}, {args.weights} weights, {args.prompts} prompts x {args.group_size} completions, "
           f"max_new_tokens {args.max_new_tokens}, kl_coef {args.kl_coef}, prefix caching {args.prefix_caching}; "
           f"{measured} steps after "
           f"{args.warmup} warmup, {torch.get_num_threads()} threads")
@@ -295,16 +308,31 @@ def _prefill_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
              f"{s['prefill_tokens']:,.0f} / {s['prefill_saved']:,.0f}")]
 
 
+def print_comparison(summaries: dict[str, dict[str, Any]]) -> None:
+    """One row per method: the figures that tell the methods' costs apart."""
+    print("\n| method | rollout tokens/s | generate | reference (+ old/values) | train | other | step time | reward |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for method, s in summaries.items():
+        print(f"| {method} | {s['rollout_tokens_per_s']:,.0f} | {s['generate_share']:.1%} | "
+              f"{s['reference_share']:.1%} | {s['train_share']:.1%} | {s['other_share']:.1%} | "
+              f"{s['step_s'] * 1e3:,.0f} ms | {s['reward']:.3f} |")
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = ["grpo", "rloo", "reinforce++", "ppo"] if args.methods == "all" else args.methods.split(",")
+    summaries: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         work = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        records, clock = run_grpo(args, work)
-    summary = {**summarize(records, clock.steps, args.prompts * args.group_size, args.warmup),
-               **summarize_prefill(clock.generations, args.warmup)}
-    print_table(args, summary, len(records) - args.warmup)
+        for method in methods:
+            records, clock = run_grpo(args, work, method)
+            summaries[method] = {**summarize(records, clock.steps, args.prompts * args.group_size, args.warmup),
+                                 **summarize_prefill(clock.generations, args.warmup)}
+            print_table(args, summaries[method], len(records) - args.warmup, method)
+    if len(methods) > 1:
+        print_comparison(summaries)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ COMMANDS: dict[str, str] = {
     "convert": "HF directory <-> run directory (--from-hf HF --out RUN, --run RUN --out HF)",
     "serve": "OpenAI-compatible HTTP server",
     "dashboard": "web page: runs, live metric curves, chat playground (RUNS_DIR [--port N] [--serve-url URL])",
+    "plot": "training curves of runs as a PNG (loss, val loss, lr, tokens/s, grad norm)",
+    "eval": "perplexity on text files and lm-evaluation-harness tasks (run or HF model)",
+    "plan": "parallel layouts that fit N GPUs, with predicted memory and relative step time",
 }
 
 

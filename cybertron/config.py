@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import tomllib
 import types
@@ -132,11 +133,31 @@ class CheckpointSection:
                                  "(costs host memory for one copy of the saved state until written)")
 
 
+# Where metrics can go: backend -> (the module it imports, the optional extra that installs it). metrics.jsonl
+# is always written (the run directory's contract), so "jsonl" needs nothing.
+LOG_BACKENDS: dict[str, tuple[str, str] | None] = {
+    "jsonl": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
 @dataclass
 class LogSection:
     every: int = opt(10, "log metrics every N steps")
-    tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
+    backends: list[str] = opt(["jsonl"], "where metrics go besides metrics.jsonl (always written): tensorboard, "
+                                         "wandb, mlflow; several at once: --log.backends=jsonl,wandb,mlflow")
+    tensorboard: bool = opt(True, "also write TensorBoard events whenever tensorboard is installed "
+                                  "(log.backends=tensorboard requires it)")
     progress: str = opt("auto", "auto (bar on a terminal), bar, or lines")
+    run_name: str = opt("", "the run's name in wandb and MLflow; empty = the run directory's name")
+    wandb_project: str = opt("cybertron", "Weights & Biases project")
+    wandb_entity: str = opt("", "Weights & Biases team or user; empty = your default entity")
+    wandb_mode: str = opt("", "online, offline (written under RUN/wandb; `wandb sync` uploads it later) or "
+                              "disabled; empty = wandb's own setting (WANDB_MODE, else online)")
+    mlflow_tracking_uri: str = opt("", "MLflow tracking URI (http://host:5000, databricks, file:/path, ...); "
+                                       "empty = a file store in RUN/mlruns")
+    mlflow_experiment: str = opt("cybertron", "MLflow experiment the run is filed under")
 
 
 @dataclass
@@ -217,9 +238,38 @@ def validate_shared_sections(cfg: Any) -> None:
         (cfg.log.progress in ("auto", "bar", "lines"), f"log.progress must be auto, bar or lines, "
                                                          f"got {cfg.log.progress!r}"),
     ])
+    check_log_section(cfg.log)
+    cfg.log.backends = log_backends(cfg.log)  # config.toml records the resolved list
     if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")
+
+
+def log_backends(log: LogSection) -> list[str]:
+    """log.backends as a clean list: commas split (`--log.backends=jsonl,wandb`), case folded, repeats
+    dropped, and jsonl always first."""
+    names = [n.strip().lower() for item in log.backends for n in item.split(",") if n.strip()]
+    return list(dict.fromkeys(["jsonl", *names]))
+
+
+def check_log_section(log: LogSection) -> None:
+    """Each backend is known and installed (one line naming the extra to install otherwise), before anything
+    is built: a run must not train for an hour and then find it cannot log."""
+    for name in log_backends(log):
+        if name not in LOG_BACKENDS:
+            close = difflib.get_close_matches(name, list(LOG_BACKENDS), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"log.backends: unknown backend {name!r}; {hint}choose from {', '.join(LOG_BACKENDS)}")
+        needs = LOG_BACKENDS[name]
+        if needs is not None and importlib.util.find_spec(needs[0]) is None:
+            raise ConfigError(f"log.backends includes {name}, but the {needs[0]} package is not installed: "
+                              f"pip install 'cybertron[{needs[1]}]'")
+    raise_first_failure([
+        (log.wandb_mode in WANDB_MODES, f"log.wandb_mode must be online, offline, disabled or empty, "
+                                        f"got {log.wandb_mode!r}"),
+        (log.tensorboard or "tensorboard" not in log_backends(log),
+         "log.backends includes tensorboard but log.tensorboard is false; drop one of them"),
+    ])
 
 
 # Shortcut flags -> full keys that every training command (train, finetune, align) has. Each command declares

@@ -28,8 +28,9 @@ from cybertron.finetune.config import (
 )
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
-METHODS = (*PREFERENCE_METHODS, "reward", "grpo", "kto", "online_dpo")
-ON_POLICY = ("grpo", "online_dpo")  # generation in the loop (the engine samples from the policy)
+ONLINE_METHODS = ("grpo", "rloo", "reinforce++", "ppo")  # generation in the loop: GRPO's rollouts and task
+METHODS = (*PREFERENCE_METHODS, "reward", *ONLINE_METHODS, "kto", "online_dpo")
+ON_POLICY = (*ONLINE_METHODS, "online_dpo")  # online_dpo samples through GRPO's rollouts too (its own task)
 
 
 @dataclass
@@ -46,8 +47,10 @@ class AlignDataSection:
 
 @dataclass
 class AlignSection:
-    method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model) or "
-                             "grpo (group-relative policy optimisation with generation in the loop), kto (unpaired "
+    method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model), "
+                             "or with generation in the loop: grpo (group-normalised advantages), rloo "
+                             "(leave-one-out baseline), reinforce++ (globally normalised KL-shaped returns) or ppo "
+                             "(a value head and GAE); the grpo keys below apply to all four; kto (unpaired "
                              "desirable/undesirable completions) or online_dpo (DPO on pairs sampled from the "
                              "current policy and judged by align.reward)")
     beta: float = opt(0.1, "dpo/ipo/kto/online_dpo: strength of the pull towards the reference")
@@ -70,6 +73,10 @@ class AlignSection:
     loss_type: str = opt("token", "grpo: token (every completion token weighs the same, as DAPO) or sequence "
                                   "(each completion's mean, as the GRPO paper)")
     scale_rewards: bool = opt(True, "grpo: divide advantages by the group's reward std (Dr. GRPO: false)")
+    gamma: float = opt(1.0, "reinforce++/ppo: discount of the token rewards")
+    gae_lambda: float = opt(0.95, "ppo: GAE lambda (0 = one-step TD, 1 = Monte-Carlo returns minus the value)")
+    vf_coef: float = opt(0.1, "ppo: weight of the value loss next to the policy loss")
+    value_clip: float = opt(0.2, "ppo: clipping range of the value change from the rollout's values")
     check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
                                       "log-probabilities equal the trainer's (needs fp32 and no dropout)")
     logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability "
@@ -105,8 +112,7 @@ SHORTCUTS = {**TRAINING_SHORTCUTS, "--model": "model.path", "--data": "data.path
 def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     """Reject impossible values before any work (or any process group) starts; each message names the key."""
     a, d, f, t = cfg.align, cfg.data, cfg.finetune, cfg.train
-    grpo = a.method == "grpo"
-    on_policy = a.method in ON_POLICY
+    grpo = a.method in ON_POLICY  # every online method (online_dpo too) shares GRPO's rollouts and checks
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
                                "directory"),
@@ -118,11 +124,17 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
         (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),
         (a.orpo_lambda >= 0, f"align.orpo_lambda must be >= 0, got {a.orpo_lambda}"),
-        (not on_policy or bool(a.reward), f"align.reward (--reward) is required for {a.method}: FILE.py:FUNCTION "
-                                          "or a reward-model run directory"),
+        (not grpo or bool(a.reward), f"align.reward (--reward) is required for {a.method}: FILE.py:FUNCTION or a "
+                                     "reward-model run directory"),
+        (0 < a.gamma <= 1, f"align.gamma must be in (0, 1], got {a.gamma}"),
+        (0 <= a.gae_lambda <= 1, f"align.gae_lambda must be in [0, 1], got {a.gae_lambda}"),
+        (a.vf_coef > 0, f"align.vf_coef must be > 0 (the value head learns from it), got {a.vf_coef}"),
+        (a.value_clip > 0, f"align.value_clip must be > 0, got {a.value_clip}"),
         (a.desirable_weight > 0 and a.undesirable_weight > 0, f"align.desirable_weight and "
          f"align.undesirable_weight must be > 0, got {a.desirable_weight} and {a.undesirable_weight}"),
         (a.online_loss in ("dpo", "ipo"), f"align.online_loss must be dpo or ipo, got {a.online_loss!r}"),
+        (not (a.method == "kto" and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with kto "
+                                                          "yet; use parallel.cp=1"),
         (a.group_size >= 2, f"align.group_size must be >= 2 (advantages compare completions of a prompt), "
                             f"got {a.group_size}"),
         (a.max_new_tokens >= 1, f"align.max_new_tokens must be >= 1, got {a.max_new_tokens}"),
@@ -133,9 +145,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (a.updates_per_rollout >= 1, f"align.updates_per_rollout must be >= 1, got {a.updates_per_rollout}"),
         (a.loss_type in ("token", "sequence"), f"align.loss_type must be token or sequence, got {a.loss_type!r}"),
         (a.logprob_tolerance > 0, f"align.logprob_tolerance must be > 0, got {a.logprob_tolerance}"),
-        (not (on_policy and a.check_logprobs and f.dropout > 0 and f.method != "full"),
+        (not (grpo and a.check_logprobs and f.dropout > 0 and f.method != "full"),
          "align.check_logprobs needs finetune.dropout=0: adapter dropout changes the trainer's log-probabilities"),
-        (not (on_policy and a.check_logprobs and t.dtype in ("bf16", "fp16")),
+        (not (grpo and a.check_logprobs and t.dtype in ("bf16", "fp16")),
          "align.check_logprobs compares fp32 log-probabilities: set train.dtype=fp32"),
         (not grpo or cfg.checkpoint.every % a.updates_per_rollout == 0,
          f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of align.updates_per_rollout "
@@ -143,8 +155,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (t.fp8 == "none", "train.fp8 is not supported by `cybertron align` yet"),
-        (cfg.parallel.cp == 1, f"parallel.cp={cfg.parallel.cp} is not supported by `cybertron align` yet (its "
-                               "losses need whole-sequence log-probabilities); use parallel.cp=1"),
+        (not (grpo and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with {a.method}: its "
+                                             "rollouts generate token by token from a KV cache that context "
+                                             "parallelism does not split over ranks; use parallel.cp=1"),
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])
@@ -153,10 +166,12 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     validate_layout(cfg, world_size)
     p = cfg.parallel
     raise_first_failure([
-        (not (on_policy and p.data_parallel not in ("ddp", "zero3") and world_size > 1),
+        (not (grpo and p.data_parallel not in ("ddp", "zero3") and world_size > 1),
          f"{a.method} runs on several processes with parallel.data_parallel=ddp (whole weights on every rank) or "
          f"zero3 (generation gathers the sharded weights block by block), got {p.data_parallel}"),
-        (not (on_policy and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
+        (not (a.method == "ppo" and p.tp > 1),
+         "ppo's value head reads whole hidden states, which tensor parallelism splits: use parallel.tp=1"),
+        (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
          f"{a.method} with parallel.tp > 1 samples from whole logits of whole sequences: set "
          "parallel.sequence_parallel=false and parallel.loss_parallel=false"),
         (p.pp == 1, f"`cybertron align` splits no pipeline stages (a pair's loss needs the whole model's "

@@ -17,8 +17,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from cybertron.align import losses
+from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.preference_data import trim_batch
 from cybertron.finetune.lora import adapters_disabled
+from cybertron.parallel.context_parallel import ContextParallelAttention
 from cybertron.parallel.tensor_parallel import sharded_next_token_logprobs
 from cybertron.train.losses import next_token_logprobs
 from cybertron.train.trainer import Batch, Trainer, to_device
@@ -39,13 +41,19 @@ def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -
     return (logp * scored).sum(-1), scored.sum(-1).float()
 
 
-def pair_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+# (model, ids, mask) -> (summed response log-probability (B,), response token count (B,)): response_logprobs,
+# or its context-parallel form (align/context_parallel.py).
+ResponseLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def pair_logprobs(model: nn.Module, batch: Batch, logprobs: ResponseLogprobs = response_logprobs
+                  ) -> tuple[torch.Tensor, ...]:
     """(chosen log-prob sums, rejected log-prob sums, chosen token counts, rejected token counts), each (B,).
     Chosen and rejected go through one forward: one pass over the weights."""
     n = batch["chosen_ids"].shape[0]
     ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
     mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
-    logp, tokens = response_logprobs(model, ids, mask)
+    logp, tokens = logprobs(model, ids, mask)
     return logp[:n], logp[n:], tokens[:n], tokens[n:]
 
 
@@ -53,10 +61,17 @@ class PreferenceStep:
     """Sum over pairs of the method's loss; metrics are sums over pairs (the Trainer divides by the count)."""
 
     def __init__(self, method: str, beta: float = 0.1, label_smoothing: float = 0.0, simpo_beta: float = 2.0,
-                 simpo_gamma: float = 0.5, orpo_lambda: float = 0.1):
+                 simpo_gamma: float = 0.5, orpo_lambda: float = 0.1, logprobs: ResponseLogprobs = response_logprobs):
         self.method = method
         self.beta, self.label_smoothing = beta, label_smoothing
         self.simpo_beta, self.simpo_gamma, self.orpo_lambda = simpo_beta, simpo_gamma, orpo_lambda
+        self.logprobs = logprobs
+
+    def under_context_parallel(self, attention: ContextParallelAttention) -> PreferenceStep:
+        """This step on a context-parallel layout (Parallelized.wrap_step): whole-sequence log-probabilities
+        summed over the cp ranks' chunks."""
+        return PreferenceStep(self.method, self.beta, self.label_smoothing, self.simpo_beta, self.simpo_gamma,
+                              self.orpo_lambda, SequenceSums(attention).response_logprobs)
 
     @property
     def needs_reference(self) -> bool:
@@ -67,7 +82,7 @@ class PreferenceStep:
         return torch.tensor(ids.shape[0], device=ids.device)
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pc, pr, nc, nr = pair_logprobs(model, batch)
+        pc, pr, nc, nr = pair_logprobs(model, batch, self.logprobs)
         if self.method == "dpo":
             per_pair, rc, rr = losses.dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], self.beta,
                                                self.label_smoothing)
@@ -87,7 +102,8 @@ class PreferenceStep:
 
 def pair_batches(rows: Batch, batch_size: int, multiple: int = 1) -> list[Batch]:
     """Consecutive batches of `rows` (in order), each cut to its own longest sequence rounded up to a
-    multiple of `multiple` (the tensor-parallel degree under sequence parallelism)."""
+    multiple of `multiple` (the tensor-parallel degree under sequence parallelism, 2 x cp under context
+    parallelism)."""
     n = rows["chosen_ids"].shape[0]
     return [trim_batch({k: v[i:i + batch_size] for k, v in rows.items()}, multiple)
             for i in range(0, n, batch_size)]
@@ -95,17 +111,19 @@ def pair_batches(rows: Batch, batch_size: int, multiple: int = 1) -> list[Batch]
 
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, rows: Batch, batch_size: int, device: torch.device,
-                       autocast: Callable[[], contextlib.AbstractContextManager]) -> Batch:
+                       autocast: Callable[[], contextlib.AbstractContextManager], multiple: int = 1,
+                       logprobs: ResponseLogprobs = response_logprobs) -> Batch:
     """`rows` plus `ref_chosen` / `ref_rejected` (N,) fp32: the reference's summed response log-probabilities,
-    i.e. the model as it is now with every LoRA adapter disabled, in eval mode."""
+    i.e. the model as it is now with every LoRA adapter disabled, in eval mode. multiple, logprobs: as the
+    batches of the run's layout (context parallelism cuts each sequence into 2 x cp chunks)."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     with adapters_disabled(model):
-        for batch in pair_batches(rows, batch_size):
+        for batch in pair_batches(rows, batch_size, multiple):
             batch = to_device(batch, device)
             with autocast():
-                pc, pr, _, _ = pair_logprobs(model, batch)
+                pc, pr, _, _ = pair_logprobs(model, batch, logprobs)
             chosen.append(pc.cpu())
             rejected.append(pr.cpu())
     model.train(was_training)

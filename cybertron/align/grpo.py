@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cybertron.align.advantages import group_advantages  # noqa: F401  (its home before advantages.py)
 from cybertron.align.preference_data import PromptRecord, TokenizedSequence, pad_sequences, trim_batch
 from cybertron.finetune.lora import adapters_disabled
 from cybertron.serve.engine import Engine, Result
@@ -56,17 +57,6 @@ def generate_rollouts(engine: Engine, prompts: list[PromptRecord], group_size: i
     # group's copies of a prompt share its cached blocks (prefilled once).
     engine.reset_prefix_cache()
     return engine.generate(requests, params)
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """(r - group mean) / (group std + eps) per completion (std unbiased, as TRL); scale=False leaves the
-    difference unscaled (Dr. GRPO). A group whose rewards are all equal gets zero advantage: no signal."""
-    groups = rewards.view(-1, group_size)
-    centered = groups - groups.mean(dim=1, keepdim=True)
-    if scale:
-        std = groups.std(dim=1, keepdim=True)
-        centered = torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
-    return centered.reshape(-1)
 
 
 def rollout_rows(prompts: list[PromptRecord], results: list[Result], advantages: torch.Tensor, group_size: int,
@@ -136,7 +126,14 @@ class GRPOStep:
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["seq_ids"]
         mask = batch["seq_mask"][:, 1:].float()
-        logp = next_token_logprobs(model(ids), ids)
+        per_token, metrics = self.policy_loss(next_token_logprobs(model(ids), ids), batch, mask)
+        return self._reduce(per_token, mask), metrics
+
+    def policy_loss(self, logp: torch.Tensor, batch: Batch, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-token clipped policy-gradient loss (+ kl_coef x k3 KL when the batch has ref_logprobs) of the trainer's
+        log-probabilities `logp` (B, T-1). Advantages are one per completion (B,) or one per token (B, T),
+        aligned with the sequence as gen_logprobs is (token-level estimators)."""
         metrics: dict[str, torch.Tensor] = {}
         if "gen_logprobs" in batch:
             gap = (logp.detach() - batch["gen_logprobs"][:, 1:]).abs() * mask
@@ -145,16 +142,18 @@ class GRPOStep:
             metrics["logprob_gap"] = self._reduce(gap, mask)
         old = batch["old_logprobs"][:, 1:] if "old_logprobs" in batch else logp.detach()
         ratio = torch.exp(logp - old)
-        advantages = batch["advantages"][:, None]
+        advantages = batch["advantages"]
+        advantages = advantages[:, 1:] if advantages.dim() == 2 else advantages[:, None]
         clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps)
         per_token = -torch.minimum(ratio * advantages, clipped * advantages)
         metrics["clip_fraction"] = self._reduce(((ratio - clipped).abs() > 0).float(), mask)
         if "ref_logprobs" in batch:
             delta = batch["ref_logprobs"][:, 1:] - logp
             kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0 (Schulman 2020)
-            per_token = per_token + self.kl_coef * kl
+            if self.kl_coef > 0:  # 0: logged only (reinforce++ and ppo shape the KL into the rewards instead)
+                per_token = per_token + self.kl_coef * kl
             metrics["kl"] = self._reduce(kl.detach(), mask)
-        return self._reduce(per_token, mask), metrics
+        return per_token, metrics
 
     def _assert_close(self, gap: torch.Tensor, batch: Batch) -> None:
         worst = float(gap.max())

@@ -1,5 +1,6 @@
-"""GRPO on the one training driver: prompts and the reward (GRPOSetup), the engine that samples with the
-policy itself, and the task (session.Task) that turns each step's prompts into scored rollouts."""
+"""The online methods (grpo, rloo, reinforce++, ppo) on the one training driver: prompts and the reward
+(GRPOSetup), the engine that samples with the policy itself, and the task (session.Task) that turns each
+step's prompts into scored rollouts with the method's advantages (align/advantages.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cybertron.align.advantages import (
+    gae,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    shaped_rewards,
+    whiten,
+)
 from cybertron.align.config import AlignConfig
 from cybertron.align.grpo import (
     GRPOStep,
     RolloutStats,
     generate_rollouts,
-    group_advantages,
     rollout_checksum,
     rollout_rows,
     rollout_stats,
@@ -23,6 +31,7 @@ from cybertron.align.grpo import (
     row_batches,
     token_logprobs,
 )
+from cybertron.align.ppo import PPOStep, rollout_logprobs_and_values
 from cybertron.align.preference_data import PromptRecord, read_prompts, split
 from cybertron.align.rewards import RewardModelLoader, RewardSource, load_reward
 from cybertron.align.task import AlignTask, split_rows
@@ -37,13 +46,14 @@ from cybertron.serve.engine import Engine
 from cybertron.train.trainer import Batch
 
 KV_BLOCK_SIZE = 16
+KL_LOSS_METHODS = ("grpo", "rloo")  # the KL to the reference is a loss term; reinforce++ and ppo shape rewards
 
 
 @dataclass
 class GRPOSetup:
     """What GRPO has before the model exists: its step function, prompts and reward."""
 
-    step: GRPOStep
+    step: GRPOStep  # PPOStep for ppo
     prompts: list[PromptRecord]
     val_prompts: list[PromptRecord]
     reward: RewardSource
@@ -65,7 +75,9 @@ def grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device:
     prompts, skipped = read_prompts(cfg.data.path, tokenizer, max_prompt)
     train, val = split(prompts, cfg.data.val_fraction, cfg.train.seed)
     reward = load_reward(a.reward, device, reward_model)
-    step = GRPOStep(a.clip_eps, a.kl_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
+    step = (PPOStep(a.clip_eps, a.value_clip, a.vf_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
+            if a.method == "ppo" else GRPOStep(a.clip_eps, a.kl_coef if a.method in KL_LOSS_METHODS else 0.0,
+                                                 a.loss_type, a.check_logprobs, a.logprob_tolerance))
     description = (f"{len(prompts)} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} "
                    f"train / {len(val)} val; {a.group_size} completions per prompt; reward {reward.name}")
     return GRPOSetup(step, train, val, reward, description)
@@ -98,7 +110,8 @@ def grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenize
 
 @dataclass
 class GRPOTask(AlignTask):
-    """Group-relative policy optimisation: each rollout's rows serve align.updates_per_rollout steps."""
+    """The online methods: each rollout's rows serve align.updates_per_rollout steps (PPO's epochs, each
+    over the whole rollout as one mini-batch, split into micro-batches for accumulation)."""
 
     setup: GRPOSetup
     engine: Engine
@@ -180,18 +193,43 @@ class GRPOTask(AlignTask):
 
     def make_rollout(self, step: int, records: list[PromptRecord], first_prompt: int = 0
                      ) -> tuple[Batch, RolloutStats]:
-        """Sample, score and turn into training rows (with reference log-probabilities when kl_coef > 0)."""
+        """Sample, score and turn into training rows with the method's advantages: grpo and rloo one per
+        completion (and reference log-probabilities for the loss's KL term when kl_coef > 0); reinforce++ and
+        ppo one per token, from rewards shaped with the KL to the reference (ppo adds the rollout's values and
+        the value targets)."""
         c, a = self.cfg, self.cfg.align
         results, rewards, stats = self.sample_and_score(step, records, a.group_size, a.temperature, first_prompt)
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
-        rows = rollout_rows(records, results, group_advantages(rewards, a.group_size, a.scale_rewards),
-                            a.group_size, pad_id)
+        rows = rollout_rows(records, results, torch.zeros(len(results)), a.group_size, pad_id)
         micro = c.train.micro_batch_size * a.group_size or rows["seq_ids"].shape[0]
+        ref = None
         if a.kl_coef > 0:
             reference = self.reference
-            rows["ref_logprobs"] = token_logprobs(reference if reference is not None else self.model, rows, micro,
-                                                  self.device, self.trainer.autocast,
-                                                  disable_adapters=reference is None)
-        if a.updates_per_rollout > 1:
-            rows["old_logprobs"] = token_logprobs(self.model, rows, micro, self.device, self.trainer.autocast)
+            ref = token_logprobs(reference if reference is not None else self.model, rows, micro, self.device,
+                                 self.trainer.autocast, disable_adapters=reference is None)
+        old = values = None
+        if a.method == "ppo":
+            old, values = rollout_logprobs_and_values(self.model, rows, micro, self.device, self.trainer.autocast)
+        elif a.updates_per_rollout > 1 or (a.method == "reinforce++" and ref is not None):
+            old = token_logprobs(self.model, rows, micro, self.device, self.trainer.autocast)
+        mask = rows["seq_mask"]
+        if a.method == "grpo":
+            rows["advantages"] = group_advantages(rewards, a.group_size, a.scale_rewards)
+        elif a.method == "rloo":
+            rows["advantages"] = rloo_advantages(rewards, a.group_size)
+        elif a.method == "reinforce++":
+            rows["advantages"] = reinforce_pp_advantages(rewards, mask, old, ref, a.kl_coef, a.gamma,
+                                                         self._sum_over_dp)
+        else:
+            assert old is not None and values is not None
+            advantages, returns = gae(shaped_rewards(rewards, mask, old, ref, a.kl_coef), values, mask, a.gamma,
+                                      a.gae_lambda)
+            rows.update(advantages=whiten(advantages, mask, self._sum_over_dp), returns=returns, old_values=values)
+        if ref is not None:  # a loss term for grpo and rloo; logged only where it is shaped into the rewards
+            rows["ref_logprobs"] = ref
+        if old is not None and a.updates_per_rollout > 1:
+            rows["old_logprobs"] = old
         return rows, stats
+
+    def _sum_over_dp(self, sums: torch.Tensor) -> torch.Tensor:
+        return self.world.sum_over_dp(sums.to(self.device)).cpu()

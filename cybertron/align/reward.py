@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.losses import bradley_terry_loss
 from cybertron.models.llama import Transformer
+from cybertron.parallel.context_parallel import ContextParallelAttention
 from cybertron.train.trainer import Batch
 
 HEAD = "reward"  # the run metadata's "head" of a reward-model run (runs.py)
@@ -49,7 +51,14 @@ class RewardModel(nn.Module):
 
 
 class RewardStep:
-    """Bradley-Terry: the sum over pairs of -log sigmoid(r(chosen) - r(rejected))."""
+    """Bradley-Terry: the sum over pairs of -log sigmoid(r(chosen) - r(rejected)). Under context parallelism
+    (`under_context_parallel`) the scores come from the cp ranks' chunks (align/context_parallel.py)."""
+
+    def __init__(self, sums: SequenceSums | None = None):
+        self.sums = sums
+
+    def under_context_parallel(self, attention: ContextParallelAttention) -> RewardStep:
+        return RewardStep(SequenceSums(attention))
 
     def weight(self, batch: Batch) -> torch.Tensor:
         ids = batch["chosen_ids"]
@@ -59,7 +68,7 @@ class RewardStep:
         n = batch["chosen_ids"].shape[0]
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
         lengths = torch.cat([batch["chosen_len"], batch["rejected_len"]])
-        scores = model(ids, lengths=lengths)
+        scores = model(ids, lengths=lengths) if self.sums is None else self.sums.last_token_scores(model, ids, lengths)
         chosen, rejected = scores[:n], scores[n:]
         metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
                    "score_chosen": chosen.detach().sum(), "score_rejected": rejected.detach().sum()}

@@ -1,27 +1,31 @@
-"""Alignment (`cybertron align`): preference optimisation (dpo, ipo, simpo, orpo), reward models and GRPO on
-the one Trainer and the one training driver (train/session.py).
+"""Alignment (`cybertron align`): preference optimisation (dpo, ipo, simpo, orpo), reward models and the
+online methods (grpo, rloo, reinforce++, ppo) on the one Trainer and the one training driver (train/session.py).
 
 The methods differ by step function, data and a small typed task only (ARCHITECTURE.md rule 6): the
 optimizer, checkpoints (adapters alone under LoRA), resume and logging are those of `cybertron finetune`.
-GRPO's task lives in align/grpo_task.py. The command (cybertron/commands/align.py) opens the base (and a
-reward-model run) through runs.py and hands it here.
+The online methods' task lives in align/grpo_task.py. The command (cybertron/commands/align.py) opens the
+base (and a reward-model run) through runs.py and hands it here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from cybertron.align.config import AlignConfig
+from cybertron.align.config import ONLINE_METHODS, AlignConfig
+from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
 from cybertron.align.kto import KTOSetup, KTOTask, kto_reference, kto_setup
 from cybertron.align.online_dpo import OnlineDPOSetup, OnlineDPOTask, online_dpo_model_state, online_dpo_setup
+from cybertron.align.ppo import attach_value_head
 from cybertron.align.preference_data import build_preference_data
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader
@@ -29,9 +33,11 @@ from cybertron.align.task import AlignTask, split_rows
 from cybertron.data.chat_template import remedy_on_failure, resolve_chat_format
 from cybertron.data.sft import RowLoader
 from cybertron.data.tokenizer import TextTokenizer
+from cybertron.errors import ConfigError
 from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model
 from cybertron.finetune.run import check_layout, resolve_seq_len, run_adapter_task
 from cybertron.parallel.build_trainer import build_trainer
+from cybertron.parallel.context_parallel import apply_context_parallel
 from cybertron.parallel.runtime import DistEnv, layout_dims
 from cybertron.parallel.world import World, run_on_world
 from cybertron.train.epochs import plan_work
@@ -67,11 +73,15 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     tokenizer.chat_template = chat.template
     seq_len = resolve_seq_len(cfg.data.seq_len, model_cfg)
     check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
+    if cfg.align.method == "ppo" and model_cfg.final_logit_softcap is not None:
+        raise ConfigError("ppo reads logits and values through the model's output-head hook, which does not "
+                          f"apply model.final_logit_softcap={model_cfg.final_logit_softcap} yet; use grpo, rloo "
+                          "or reinforce++")
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
     setup: GRPOSetup | PreferenceSetup | KTOSetup
     with remedy_on_failure():
-        if method == "grpo":  # prompts and the reward before the model
+        if method in ONLINE_METHODS:  # prompts and the reward before the model
             setup = grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
         elif method == "online_dpo":  # kto / online_dpo: align/kto.py, align/online_dpo.py
             setup = online_dpo_setup(cfg, tokenizer, seq_len, device, reward_model)
@@ -82,12 +92,14 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     n_rows = next(iter(setup.train.values())).shape[0]
     plan = plan_work(n_rows, t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
                      unit=world.dp_size * (t.micro_batch_size or 1),
-                     steps_per_batch=cfg.align.updates_per_rollout if method == "grpo" else 1)
-    wrap = (lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward" else None
+                     steps_per_batch=cfg.align.updates_per_rollout if method in ONLINE_METHODS else 1)
+    wrap = ((lambda backbone: RewardModel(backbone, seed=t.seed)) if method == "reward"
+            else attach_value_head if method == "ppo" else None)
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
     model = build_finetune_model(weights, cfg.finetune, t.seed, wrap=wrap)
     # References come from the weights as loaded: before a resumed checkpoint overwrites them, and before
-    # the layout is applied (every rank computes the same values, with no communication).
+    # the layout is applied (every rank computes the same values, with no communication but, under context
+    # parallelism, that of its cp group).
     if isinstance(setup, GRPOSetup):
         state = online_dpo_model_state if isinstance(setup, OnlineDPOSetup) else grpo_model_state
         engine, reference = state(cfg, model, tokenizer, world, seq_len, plan.batch_size // world.dp_size,
@@ -99,9 +111,10 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
             setup.val = kto_reference(world, model, setup.val, micro, device, amp)
     elif getattr(setup.step, "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
-        setup.train = _shared_reference(world, model, setup.train, micro, device, amp)
+        share = _shared_reference if world.dims.cp == 1 else _context_parallel_reference
+        setup.train = share(world, model, setup.train, micro, device, amp)
         if setup.val is not None:
-            setup.val = _shared_reference(world, model, setup.val, micro, device, amp)
+            setup.val = share(world, model, setup.val, micro, device, amp)
     schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     trainer, parts = build_trainer(model, world, cfg.parallel, t, dtype_name, schedule, step_fn=setup.step,
                                    replicas_equal=True)
@@ -129,6 +142,31 @@ def _shared_reference(world: World, model: nn.Module, rows: Batch, micro: int, d
         part = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp)
     return {**rows, "ref_chosen": world.gather_rows(part["ref_chosen"], n),
             "ref_rejected": world.gather_rows(part["ref_rejected"], n)}
+
+
+def _context_parallel_reference(world: World, model: nn.Module, rows: Batch, micro: int, device: torch.device,
+                                amp: Callable) -> Batch:
+    """Reference log-probabilities under context parallelism: the ranks of each cp group hold 1/cp of every
+    sequence of their share of the pairs (the long sequences a rank could not hold whole), through the
+    plain model with a context-parallel attention for this pass (parallelize() installs its own later)."""
+    d = world.dims
+    # rank = (dp_rank x cp + cp_rank) x tp + tp_rank (pp = 1): a cp group is one (dp_rank, tp_rank)
+    groups, group = world.size // d.cp, world.dp_rank * d.tp + world.rank % d.tp
+    n = rows["chosen_ids"].shape[0]
+    per_group = -(-n // groups)
+    mine = slice(min(group * per_group, n), min((group + 1) * per_group, n))
+    part = torch.zeros(2, per_group)
+    if mine.start < mine.stop:  # every rank of a cp group has the same rows: their collectives pair up
+        logprobs = SequenceSums(apply_context_parallel(model, world.mesh["cp"].get_group())).response_logprobs
+        ref = reference_logprobs(model, {k: v[mine] for k, v in rows.items()}, micro, device, amp,
+                                 2 * d.cp, logprobs)
+        part[0, :mine.stop - mine.start], part[1, :mine.stop - mine.start] = ref["ref_chosen"], ref["ref_rejected"]
+    parts = [torch.empty_like(part, device=device) for _ in range(world.size)]
+    dist.all_gather(parts, part.to(device))
+    # One copy per cp group (its cp rank 0), in group order.
+    owners = [r for r in range(world.size) if (r // d.tp) % d.cp == 0]
+    both = torch.cat([parts[r] for r in owners], dim=1)[:, :n].cpu()
+    return {**rows, "ref_chosen": both[0], "ref_rejected": both[1]}
 
 
 # ---- preference pairs: dpo, ipo, simpo, orpo, reward -------------------------------------------------------
@@ -172,9 +210,12 @@ class PreferenceTask(AlignTask):
     @property
     def seq_multiple(self) -> int:
         """What every batch's sequence length is a multiple of: sequence parallelism gives each tensor-parallel
-        rank an equal slice of it (the padding scores nothing, so the loss is that of one process)."""
-        tp = self.world.dims.tp
-        return tp if tp > 1 and self.cfg.parallel.sequence_parallel else 1
+        rank an equal slice of it (the padding scores nothing, so the loss is that of one process); so does
+        context parallelism."""
+        d = self.world.dims
+        sp = d.tp if d.tp > 1 and self.cfg.parallel.sequence_parallel else 1
+        # Context parallelism cuts each sequence into 2 x cp chunks, each cp rank's share split over tp.
+        return sp if d.cp == 1 else math.lcm(2 * d.cp, d.cp * sp)
 
     def tokens_in(self, micro_batches: list[Batch]) -> int:
         return sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in micro_batches)

@@ -90,6 +90,7 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int):
         super().__init__()
+        _keep_split_out_of_compile()
         self.gate_proj = nn.Parameter(torch.empty(n_experts, ffn_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, ffn_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, ffn_dim))
@@ -102,8 +103,8 @@ class GroupedExperts(nn.Module):
             return self._swiglu(x, PaddedLayout(tokens_per_expert, x.shape[0]))
         return self._forward_split(x, tokens_per_expert)
 
-    # Kept out of torch.compile: its per-expert sizes change every step (a recompile each time otherwise).
-    @torch.compiler.disable
+    # Kept out of torch.compile (its per-expert sizes change every step: a recompile each time otherwise) by
+    # _keep_split_out_of_compile, at the first construction.
     def _forward_split(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         layout = SplitLayout(tokens_per_expert, x.shape[0])
         if not self.fused_cpu_loop:
@@ -125,6 +126,17 @@ class GroupedExperts(nn.Module):
 
     def project(self, x: torch.Tensor, name: str, layout: Layout) -> torch.Tensor:
         return layout.matmul(x, getattr(self, name))
+
+
+def _keep_split_out_of_compile() -> None:
+    """Wrap GroupedExperts._forward_split in torch.compiler.disable, once. Done at the first construction rather
+    than as a decorator because applying it imports torch._dynamo, seconds of start-up that every command would
+    pay at import time while only models with experts need it. The class attribute stays a plain function, so
+    a deep copy of the module (a reference model) calls its own weights."""
+    if not getattr(GroupedExperts._forward_split, "_cybertron_uncompiled", False):
+        split = torch.compiler.disable(GroupedExperts._forward_split)
+        split._cybertron_uncompiled = True
+        GroupedExperts._forward_split = split
 
 
 class GroupedLayout:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor, Shard
 
 from cybertron.config import ParallelSection, TrainSection
@@ -75,8 +74,13 @@ class Parallelized:
     context: ContextParallelAttention | None = None  # under cp: a method's own step function needs wrap_step
 
     def wrap_step(self, step_fn: StepFunction) -> StepFunction:
-        """A method's step function made to run on this layout (context parallelism slices its batches)."""
-        return ContextParallelStep(step_fn, self.context) if self.context is not None else step_fn
+        """A method's step function made to run on this layout (context parallelism slices its batches, or
+        the step cuts them itself when it defines `under_context_parallel(attention)`: the preference losses,
+        which need whole-sequence sums)."""
+        if self.context is None:
+            return step_fn
+        own = getattr(step_fn, "under_context_parallel", None)
+        return own(self.context) if own is not None else ContextParallelStep(step_fn, self.context)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelSection,
@@ -262,6 +266,8 @@ def _pipeline_strategy(stages: dict[int, nn.Module], n_stages: int, dims: Parall
     else:
         loss_fn = PipelineLoss(loss_sum=cross_entropy_sum)
     pp_group = mesh["pp"].get_group()
+    from torch.distributed.pipelining import PipelineStage  # lazily, as parallel/pipeline.py says why
+
     pipeline_stages = [PipelineStage(part, s, n_stages, device, group=pp_group) for s, part in stages.items()]
     n_micro = cfg.pp_microbatches or n_stages
     schedule = build_schedule(cfg.pp_schedule, pipeline_stages, n_micro, loss_fn)

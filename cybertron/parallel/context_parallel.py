@@ -6,14 +6,13 @@ i holds chunks i and 2cp-1-i. Under a causal mask a late chunk attends to many k
 few; pairing them gives every rank the same work. Each rank's tokens carry their global positions
 explicitly (RoPE angles and the document mask need them, not the local order).
 
-Attention: every rank all-gathers K and V over the cp group and attends its own queries to the whole
-sequence under a mask built from the gathered positions (causal by global position, and no attention across
-packed documents: a document starts wherever a row's positions restart). All-gather rather than a ring:
-one collective per layer in each direction over plain torch.distributed calls (it runs on gloo), exactly
-the single-process arithmetic per query row, and no online-softmax merging to get wrong; its cost is
-holding the whole sequence's K and V (B x T x kv_heads x head_dim per layer) transiently, which is small
-beside the activations that context parallelism divides by cp (grouped-query attention keeps it smaller
-still). A ring that overlaps the exchange with compute is the next step when that memory matters.
+Attention is a ring (parallel/ring_attention.py): each rank keeps its queries and passes K/V to the next
+cp rank step by step, attending one block per step (full, causal or empty by the zigzag chunks' order, plus a
+per-block mask from global document ids for packed rows) and merging blocks by log-sum-exp; backward
+recomputes the blocks and passes dK/dV around the ring. The first version all-gathered K/V and masked a
+(t x T) block of the whole sequence: simplest, but that mask, the gathered K/V and SDPA's saved copies kept
+per-rank attention memory from falling with cp. The ring holds only the rank's own q/k/v/out/lse for backward
+and one visiting chunk at a time, over point-to-point sends that run on gloo and NCCL alike.
 
 The model knows nothing of this: `apply_context_parallel` replaces each Attention's `attention` callable
 (the seam in models/llama.py) and `ContextParallelStep` slices each batch before the method's step function
@@ -25,20 +24,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from cybertron.errors import DataError
 from cybertron.parallel.blocks import transformer_of
+from cybertron.parallel.ring_attention import ProcessGroupRing, ZigzagLayout, ring_attention, zigzag_indices
 from cybertron.train.trainer import Batch, StepFunction
-
-
-def zigzag_indices(seq_len: int, cp: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
-    """The global token indices cp rank `rank` holds, in its local order: chunks rank and 2cp-1-rank."""
-    chunk = seq_len // (2 * cp)
-    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
-    second = torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)
-    return torch.cat([first, second])
 
 
 def document_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -49,78 +40,33 @@ def document_ids(positions: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(dim=1)
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather a (B, t, ...) tensor from every cp rank -> (cp, B, t, ...). Backward: every rank used the
-    whole gathered tensor, so the gradient of this rank's piece is the sum over ranks of their gradients for
-    it (an all-reduce, then this rank's slice; gloo has no reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x, group=group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
-
-
 class ContextParallelAttention:
     """The attention callable every Attention of the model shares under context parallelism. `set_batch`
-    (once per micro-batch, before the forward) records which global tokens each rank holds and builds this
-    rank's mask over the gathered keys; every layer then reuses it. It stays valid through the backward
-    (activation checkpointing recomputes attention there) until the next micro-batch's `set_batch`."""
+    (once per micro-batch, before the forward) records the sequence length and, for packed rows, the global
+    document ids; every layer then reuses that layout. It stays valid through the backward (activation
+    checkpointing recomputes attention there) until the next micro-batch's `set_batch`."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
         self.cp = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.mask: torch.Tensor | None = None
-        self._additive: dict[torch.dtype, torch.Tensor] = {}
+        self.ring = ProcessGroupRing(group)
+        self.layout: ZigzagLayout | None = None
 
     def local_indices(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
         return zigzag_indices(seq_len, self.cp, self.rank, device)
 
     def set_batch(self, seq_len: int, positions: torch.Tensor | None, device: torch.device) -> None:
         """positions: (B, T) whole-row positions (packed documents) or None (one causal sequence per row)."""
-        mine = self.local_indices(seq_len, device)
-        # The gathered keys arrive rank by rank, each in its own zigzag order.
-        keys = torch.cat([zigzag_indices(seq_len, self.cp, r, device) for r in range(self.cp)])
-        mask = keys[None, :] <= mine[:, None]  # (t, T): causal by global index
-        if positions is not None:
-            doc = document_ids(positions)  # (B, T)
-            mask = mask & (doc[:, mine, None] == doc[:, None, keys])  # (B, t, T)
-        self.mask = mask[None, None] if mask.dim() == 2 else mask[:, None]  # (B or 1, 1, t, T)
-        self._additive = {}
-
-    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """The mask as 0 / -inf in the queries' dtype, made once per micro-batch: SDPA's CPU kernel converts
-        a bool mask to this form in every call and saves the copy for backward, so one shared copy keeps
-        every layer from holding its own (t x T) mask."""
-        if dtype not in self._additive:
-            additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-            self._additive[dtype] = additive.masked_fill_(~self.mask, float("-inf"))
-        return self._additive[dtype]
+        documents = None if positions is None else document_ids(positions.to(device))
+        self.layout = ZigzagLayout(self.cp, self.rank, seq_len, documents)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object = None) -> torch.Tensor:
         """q, k, v: (B, t, heads, hd) of this rank's tokens; the model's own `mask` (built from the local
-        positions alone) is ignored in favour of the one over the gathered sequence."""
-        assert self.mask is not None, "ContextParallelStep sets the batch before the forward"
-        b, t = k.shape[:2]
-        k_all = _GatherSequence.apply(k, self.group)  # (cp, B, t, nkv, hd)
-        v_all = _GatherSequence.apply(v, self.group)
-        k_all = k_all.permute(1, 3, 0, 2, 4).reshape(b, k.shape[2], -1, k.shape[3])  # (B, nkv, T, hd)
-        v_all = v_all.permute(1, 3, 0, 2, 4).reshape(b, v.shape[2], -1, v.shape[3])
-        q = q.transpose(1, 2)  # (B, nh, t, hd)
-        gqa = q.shape[1] != k_all.shape[1]
-        mask = self.additive_mask(q.dtype)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        positions alone) is ignored: the layout knows the whole sequence's."""
+        assert self.layout is not None, "ContextParallelStep sets the batch before the forward"
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, t, hd)
+        return ring_attention(q, k, v, self.ring, self.layout).transpose(1, 2)
 
 
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> ContextParallelAttention:

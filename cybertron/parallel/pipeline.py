@@ -14,25 +14,40 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.pipelining as pipelining
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
 
 from cybertron.errors import ConfigError
 from cybertron.train.losses import cross_entropy_sum
 from cybertron.train.trainer import Batch
 
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
+
+
+def pipelining() -> ModuleType:
+    """torch.distributed.pipelining, imported at first use: it imports torch._dynamo, seconds of start-up that
+    every command would pay while only pipeline-parallel runs need it."""
+    import torch.distributed.pipelining as module
+
+    return module
+
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    cls: type
+    class_name: str  # in torch.distributed.pipelining
     style: str  # "single": one stage per rank; "loop": stage r + k*pp; "v": stages r and 2*pp-1-r
 
+    @property
+    def cls(self) -> type:
+        return getattr(pipelining(), self.class_name)
 
-# name -> (torch class name, style); classes missing from the installed torch are left out
+
+# name -> (torch class name, style); torch >= 2.11 (the floor in pyproject.toml) has every one of them
 _SCHEDULE_CLASSES = {
     "gpipe": ("ScheduleGPipe", "single"),
     "1f1b": ("Schedule1F1B", "single"),
@@ -43,8 +58,7 @@ _SCHEDULE_CLASSES = {
     "zbv": ("ScheduleZBVZeroBubble", "v"),
     "dualpipev": ("ScheduleDualPipeV", "v"),
 }
-SCHEDULES = {name: ScheduleSpec(getattr(pipelining, cls), style)
-             for name, (cls, style) in _SCHEDULE_CLASSES.items() if hasattr(pipelining, cls)}
+SCHEDULES = {name: ScheduleSpec(cls, style) for name, (cls, style) in _SCHEDULE_CLASSES.items()}
 
 
 ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")

@@ -60,7 +60,8 @@ def layout_dims(cfg, world_size: int, model_cfg: ModelConfig | None = None) -> P
     if p.pp_virtual_stages < 1 or p.pp_microbatches < 0 or p.timeout_s < 1:
         raise ConfigError("parallel.pp_virtual_stages and parallel.timeout_s must be >= 1 and "
                           "parallel.pp_microbatches >= 0")
-    if dims.dp > 1 and dims.data_parallel in ("ddp", "zero1") and (dims.tp > 1 or dims.pp > 1):
+    # DDP (and ZeRO-1's) replicas span dp x cp: context parallelism counts, as in apply._apply_data_parallel.
+    if dims.dp_cp > 1 and dims.data_parallel in ("ddp", "zero1") and (dims.tp > 1 or dims.pp > 1):
         raise ConfigError(f"parallel.data_parallel={dims.data_parallel} does not compose with tp/pp; use zero2 "
                           "or zero3 (FSDP2) for the data-parallel part of a multi-dimensional layout")
     if p.cpu_offload and (dims.data_parallel not in ("zero2", "zero3") or world_size == 1):

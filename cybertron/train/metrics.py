@@ -1,5 +1,5 @@
 """Throughput, MFU and memory; console progress (a bar on a terminal, plain lines otherwise), metrics.jsonl
-and TensorBoard events."""
+and the experiment trackers it feeds (tracking.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any, TextIO
 
 import torch
 
+from cybertron.config import LogSection
 from cybertron.models.config import ModelConfig
+from cybertron.train.tracking import Tracker, open_trackers
 
 # Dense bf16 peak FLOP/s by device-name fragment; MFU is null where the peak is unknown (e.g. CPUs).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -81,64 +83,69 @@ def _clock(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl (one object per logged step / evaluation) and TensorBoard events.
+    """Writes metrics.jsonl (one object per logged step / evaluation) and hands each record's numbers to the
+    trackers of `log` (TensorBoard, wandb, MLflow: tracking.py).
 
     `resumed_at`: the step a resumed run goes on from; the records after it are dropped, so the file reads
     as one uninterrupted run. None, a new run: an old file (of a run that died before its first checkpoint,
     started again) is replaced, not appended to."""
 
-    def __init__(self, run_dir: Path, display: ProgressDisplay | None, tensorboard: bool, enabled: bool = True,
-                 resumed_at: int | None = None):
+    def __init__(self, run_dir: Path, display: ProgressDisplay | None, log: LogSection | None = None,
+                 enabled: bool = True, resumed_at: int | None = None):
         self.enabled = enabled
         self.display = display
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.trackers: list[Tracker] = []
         self.dropped_lines = 0  # unreadable lines left out on resume (a write torn by a kill)
-        if enabled:
-            if resumed_at is None:
-                self.path.unlink(missing_ok=True)
-            else:
-                self.truncate_after(resumed_at)
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # purge_step hides the old events from that step on, as the file above drops its records.
-                purge = 0 if resumed_at is None else resumed_at + 1
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
-            except ImportError:  # tensorboard is an optional extra
-                self.writer = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step`, and lines that do not parse: a kill during a write leaves a
-        torn last line."""
-        if not self.enabled or not self.path.exists():
+        # The highest step sent before a resume: a tracker that continues its run already holds the steps the
+        # resumed run repeats (identically, from the checkpoint), and wandb refuses a step below its last one.
+        self.sent_through = -1
+        if not enabled:
             return
-        kept = []
+        if resumed_at is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.sent_through = self.truncate_after(resumed_at)
+        if log is not None:
+            self.trackers = open_trackers(log, run_dir, resumed_at)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop records of steps after `step`, and lines that do not parse: a kill during a write leaves a
+        torn last line. Returns the highest step the file held before (-1: none)."""
+        if not self.enabled or not self.path.exists():
+            return -1
+        kept, highest = [], -1
         for line in self.path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 self.dropped_lines += bool(line.strip())
                 continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
+            if isinstance(record, dict):
+                highest = max(highest, int(record.get("step", 0)))
+                if record.get("step", 0) <= step:
+                    kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
+        return highest
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+        step = record["step"]
+        values = {k: float(v) for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            if values and (step > self.sent_through or not tracker.continued):
+                tracker.log(step, values)
         if self.display is not None and "loss" in record:
             self.display.step(record["step"], record)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, ok: bool = True) -> None:
+        """`ok`: the run finished (False: it stopped with an error; wandb and MLflow mark it failed)."""
+        for tracker in self.trackers:
+            tracker.close(ok)
+        self.trackers = []

@@ -152,7 +152,7 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
                               stream=None if d.is_main else open(os.devnull, "w"))  # noqa: SIM115
     # Resumed, the records after the checkpoint go (the file then reads as one uninterrupted run); new, an
     # old metrics.jsonl is from a run that died before its first checkpoint and is being redone: it goes.
-    logger = MetricsLogger(d.run_dir, display, d.log.tensorboard, enabled=d.is_main,
+    logger = MetricsLogger(d.run_dir, display, d.log, enabled=d.is_main,
                            resumed_at=start_step if d.resume_from is not None else None)
     if d.resume_from is not None:
         display.message(f"resumed from {d.resume_from} at step {start_step}")
@@ -163,11 +163,13 @@ def run(driver: Driver, task: Task, model: nn.Module) -> Finished:
         display.message(task.describe())
     saver = CheckpointSaver(d.run_dir, d.model_cfg, d.checkpoint.keep, d.checkpoint.async_save, d.is_main,
                             d.barrier)
+    finished = False
     try:
         path = _loop(d, task, logger, display, start_step, saver)
+        finished = True
     finally:
         saver.close()
-        logger.close()
+        logger.close(ok=finished)
     return Finished(d.run_dir, model, task, d.steps, path)
 
 

@@ -179,3 +179,21 @@ def test_layouts_that_cannot_run_fail_before_any_process_starts(prefs, tmp_path,
     assert cli_main([*base, "--train.global_batch_size", "7"]) == 2
     assert cli_main([*base, "--parallel.tp", "3"]) == 2  # does not divide the world size
     assert not (tmp_path / "x").exists()
+
+
+# ---- ppo (h10): the critic's value head is a root parameter, sharded by FSDP2 with the policy ----------------
+
+PPO_KEYS = ["loss", "grad_norm", "reward", "reward_std", "value", "value_loss", "completion_len"]
+
+
+@pytest.mark.slow
+def test_ppo_zero3_generates_and_trains_with_its_critic_like_one_process(grpo_run, tmp_path):
+    """PPO under ZeRO-3 against one process: rollouts from the sharded policy (log-probabilities asserted equal
+    to the trainer's), values from the sharded value head, GAE advantages normalised over both ranks' tokens."""
+    root, args = grpo_run
+    ppo = [*args, "--method", "ppo", "--align.updates_per_rollout", "2", "--steps", "4"]
+    _run([*ppo, "--out", str(tmp_path / "one")])
+    two = _run([*ppo, "--parallel.data_parallel", "zero3", "--out", str(tmp_path / "two")], torchrun=2)
+    assert "2 ranks (zero3" in two.stdout
+    _close(_steps(tmp_path / "two", PPO_KEYS), _steps(tmp_path / "one", PPO_KEYS), 1e-5)
+    assert any(r["value"] != 0 for r in read_metrics(tmp_path / "two") if "loss" in r)

@@ -29,6 +29,8 @@ BAD = {
                                                          "12"], "must divide the per-rank batch 6"),
     "unknown data parallel": (2, ["--parallel.data_parallel", "zero4"], "parallel.data_parallel must be one of"),
     "ddp with tp": (4, ["--parallel.data_parallel", "ddp", "--parallel.tp", "2"], "does not compose with tp/pp"),
+    "ddp with tp over cp ranks": (4, ["--parallel.data_parallel", "ddp", "--parallel.tp", "2", "--parallel.cp", "2"],
+                                  "does not compose with tp/pp"),
     "single-stage schedule with virtual stages": (2, ["--parallel.pp", "2", "--parallel.pp_virtual_stages", "2",
                                                       "--parallel.pp_schedule", "gpipe"], "one stage per rank"),
     "unknown schedule": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "chimera"], "pp_schedule must be one of"),

@@ -16,8 +16,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "data"),  # pure: no torch.distributed (test_import_rules.py)
     ("train",),
     ("parallel",),
+    ("plan",),  # the layout planner: model shapes and parallel/'s validators, no process group
     ("serve",),  # takes a built model: nothing above parallel/
-    ("finetune", "pretrain"),  # the methods
+    ("finetune", "pretrain", "eval"),  # the methods; eval/ scores a built model (and uses the serving engine)
     ("align",),
     ("runs", "hf_runs"),  # the run-directory format and loading a run
     ("dashboard",),  # reads run directories as files (no torch); serves a page

@@ -73,6 +73,15 @@ class DataSection:
     seq_len: int = opt(128, "tokens per training sequence")
     val_fraction: float = opt(0.05, "fraction of documents held out for validation")
     cache_dir: str = opt("", "where tokenized shards are cached; empty = ~/.cache/cybertron")
+    split: str = opt("train", "Hugging Face data sets (data.path hf:NAME, hf:FILES or a save_to_disk folder): "
+                              "the split to read")
+    subset: str = opt("", "Hugging Face Hub data sets: the configuration (load_dataset's name)")
+    streaming: bool = opt(False, "Hugging Face data sets: read record by record (an IterableDataset)")
+    mix: list[dict] = opt([], "a weighted mixture instead of data.path: [[data.mix]] tables with path, weight "
+                              "(default 1) and text_field (default data.text_field); on the command line "
+                              "--data.mix path=FILE,weight=0.7 once per source")
+    verify: bool = opt(False, "fingerprint the data by hashing its content instead of file size/mtime/inode "
+                              "(slower start; catches a file rewritten with its old size and mtime)")
 
 
 @dataclass
@@ -303,6 +312,8 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(typ)
         return [coerce(v, item, key) for v in (value if isinstance(value, list) else [value])]
+    if typ is dict or origin is dict:
+        return _coerce_table(value, key)
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -326,6 +337,24 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     else:
         return value
     raise ConfigError(f"{key} expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _coerce_table(value: Any, key: str) -> dict:
+    """A TOML table, or on the command line `k=v,k=v` (or a JSON object) with string values."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        elif text and all("=" in item for item in text.split(",")):
+            return {k.strip(): v.strip() for k, _, v in (item.partition("=") for item in text.split(","))}
+    raise ConfigError(f"{key} expects a table such as path=FILE,weight=0.5 (or [[{key}]] in TOML), got {value!r}")
 
 
 # Names users bring from other trainers (transformers, torchtitan, DeepSpeed) -> ours, for suggestions.

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from cybertron.config import TrainConfig, raise_first_failure, validate_shared_sections
+from cybertron.data.hf import HFOptions
 from cybertron.data.loader import PackedLoader, iter_eval_batches
-from cybertron.data.prepare import PreparedData, prepare_data
+from cybertron.data.mixture import MixtureLoader
+from cybertron.data.prepare import PreparedData, mix_parts, prepare_data
 from cybertron.errors import ConfigError
 from cybertron.models.config import ModelConfig
 from cybertron.models.llama import Transformer, build_model
@@ -48,7 +50,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     raise_first_failure([
         (d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}"),
         (0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (not (d.path and d.mix), f"give data.path ({d.path}) or data.mix, not both"),
     ])
+    mix_parts(d.mix, d.text_field)
     resolve_dtype(t.dtype, torch.device("cpu"))
     validate_float8(t.fp8, resolve_device(t.device), (t.micro_batch_size or t.global_batch_size) * d.seq_len)
     if cfg.parallel.pp > 1:
@@ -69,9 +73,21 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 def build_data(cfg: TrainConfig) -> PreparedData:
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "cybertron"
-    return prepare_data(cfg.data.path or None, cfg.data.text_field, cfg.data.tokenizer or None,
-                        cfg.data.vocab_size, cache_dir, cfg.data.val_fraction, cfg.train.seed,
-                        cfg.data.tokenizer_train_chars)
+    d = cfg.data
+    return prepare_data(d.path or None, d.text_field, d.tokenizer or None, d.vocab_size, cache_dir,
+                        d.val_fraction, cfg.train.seed, d.tokenizer_train_chars, verify=d.verify,
+                        hf_options=HFOptions(d.split, d.subset, d.streaming), mix=mix_parts(d.mix, d.text_field))
+
+
+def build_loader(cfg: TrainConfig, data: PreparedData, dp_rank: int = 0,
+                 dp_size: int = 1) -> PackedLoader | MixtureLoader:
+    """One source: PackedLoader; a data.mix: MixtureLoader over every source's train tokens."""
+    d, t = cfg.data, cfg.train
+    if len(data.parts) == 1:
+        return PackedLoader(data.shards.train, d.seq_len, t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                            seed=t.seed)
+    return MixtureLoader([p.train for p in data.parts], data.weights, d.seq_len, t.global_batch_size, dp_rank,
+                         dp_size, seed=t.seed, names=[str(m.get("path")) for m in d.mix])
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int, check_vocab: bool = True) -> ModelConfig:
@@ -135,8 +151,7 @@ def _run(cfg: TrainConfig, record_run: RecordRun, world: World) -> Finished:
     model = build_weights(cfg, model_cfg, world.device)  # full weights on every rank: identical to one process
     trainer, parts = build_trainer(cfg, model, dims, world.mesh, dtype_name, world.device)
     t = cfg.train
-    loader = PackedLoader(data.shards.train, cfg.data.seq_len, t.global_batch_size, dp_rank=world.dp_rank,
-                          dp_size=dims.dp, seed=t.seed)
+    loader = build_loader(cfg, data, world.dp_rank, dims.dp)
     task = PretrainTask(cfg, run_dir, world.device, model_cfg, trainer, loader, data,
                         dims.describe() if dims.is_distributed else "single process")
 
@@ -170,7 +185,7 @@ class PretrainTask:
     device: torch.device
     model_cfg: ModelConfig
     trainer: Trainer
-    loader: PackedLoader
+    loader: PackedLoader | MixtureLoader
     data: PreparedData
     layout: str = "single process"
 
@@ -180,10 +195,11 @@ class PretrainTask:
 
     def describe(self) -> str:
         n_params = self.model_cfg.num_params()
-        shards = self.data.shards
-        cached = "cached" if shards.cache_hit else "tokenized now"
+        data = self.data
+        cached = "cached" if all(p.cache_hit for p in data.parts) else "tokenized now"
+        mixed = f" from {len(data.parts)} sources" if len(data.parts) > 1 else ""
         return (f"model {n_params / 1e6:.1f}M parameters on {self.device} ({self.layout}); data "
-                f"{len(shards.train):,} train / {len(shards.val):,} val tokens ({cached}); vocab "
+                f"{data.train_tokens:,} train / {len(data.val):,} val tokens{mixed} ({cached}); vocab "
                 f"{self.data.tokenizer.vocab_size}; run dir {self.run_dir}")
 
     def next_micro_batches(self, step: int) -> list[Batch]:
@@ -202,7 +218,7 @@ class PretrainTask:
     def evaluate(self, step: int) -> dict[str, float]:
         c = self.cfg
         batches = [to_device({"inputs": i, "labels": t}, self.device)
-                   for i, t in iter_eval_batches(self.data.shards.val, c.data.seq_len, c.eval.batch_size,
+                   for i, t in iter_eval_batches(self.data.val, c.data.seq_len, c.eval.batch_size,
                                                  c.eval.batches)]
         val_loss = self.trainer.evaluate(batches)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

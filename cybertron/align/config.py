@@ -18,6 +18,7 @@ from cybertron.config import (
     validate_shared_sections,
 )
 from cybertron.data.escapes import decode_escapes
+from cybertron.data.mixture import parse_mix
 from cybertron.finetune.config import (
     CHAT_TEMPLATE_HELP,
     BaseModelSection,
@@ -31,6 +32,8 @@ PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
 ONLINE_METHODS = ("grpo", "rloo", "reinforce++", "ppo")  # generation in the loop: GRPO's rollouts and task
 METHODS = (*PREFERENCE_METHODS, "reward", *ONLINE_METHODS, "kto", "online_dpo")
 ON_POLICY = (*ONLINE_METHODS, "online_dpo")  # online_dpo samples through GRPO's rollouts too (its own task)
+# The methods that read a data.mix (align/mix.py): the preference family's pairs and the online methods' prompts.
+MIX_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward", "grpo", "rloo", "reinforce++", "ppo")
 
 
 @dataclass
@@ -39,6 +42,12 @@ class AlignDataSection:
                         "chat messages rendered by the model's template); grpo/online_dpo: .jsonl of "
                         "{'prompt', ...} whose other fields are passed to the reward function; kto: .jsonl "
                         "of {'prompt', 'completion', 'label': true/false} or {'messages', 'label'}")
+    split: str = opt("train", "Hugging Face data sets: the split to read")
+    subset: str = opt("", "Hugging Face Hub data sets: the configuration (load_dataset's name)")
+    streaming: bool = opt(False, "Hugging Face data sets: read record by record (an IterableDataset)")
+    mix: list[dict] = opt([], "a weighted mixture instead of data.path (pairs or prompts): "
+                              "[[data.mix]] tables with path and weight (default 1); on the command line "
+                              "--data.mix path=FILE,weight=0.7 once per source")
     seq_len: int = opt(0, "most tokens of prompt + response; longer responses are cut (prompts keep their "
                           "end); 0 = the model's maximum, at most 1024")
     val_fraction: float = opt(0.05, "fraction of records held out for evaluation (none if it rounds to 0)")
@@ -116,8 +125,12 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
                                "directory"),
-        (bool(d.path), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for grpo)"),
+        (bool(d.path or d.mix), "data.path (--data) is required: a .jsonl of preference pairs (or prompts for "
+                                "the online methods), or data.mix"),
+        (not (d.path and d.mix), f"give data.path ({d.path}) or data.mix, not both"),
         (a.method in METHODS, f"align.method must be one of {', '.join(METHODS)}, got {a.method!r}"),
+        (not d.mix or a.method in MIX_METHODS, f"data.mix is not supported by align.method={a.method} yet "
+                                               f"(only {', '.join(MIX_METHODS)}); give data.path"),
         *method_checks(f, " (--weights)"),
         *base_model_checks(cfg.model, f.method),
         (a.beta > 0, f"align.beta must be > 0, got {a.beta}"),
@@ -161,6 +174,7 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (not t.fused_loss, "train.fused_loss does not apply to `cybertron align` (its losses need per-token "
                            "log-probabilities)"),
     ])
+    parse_mix(d.mix)
     decode_escapes(a.stop, "align.stop")  # an incomplete escape fails now, not at the first rollout
     validate_shared_sections(cfg)
     validate_layout(cfg, world_size)

@@ -31,11 +31,13 @@ from cybertron.align.grpo import (
     row_batches,
     token_logprobs,
 )
+from cybertron.align.mix import prompt_data
 from cybertron.align.ppo import PPOStep, rollout_logprobs_and_values
-from cybertron.align.preference_data import PromptRecord, read_prompts, split
+from cybertron.align.preference_data import PromptRecord
 from cybertron.align.rewards import RewardModelLoader, RewardSource, load_reward
 from cybertron.align.task import AlignTask, split_rows
 from cybertron.data.escapes import decode_escapes
+from cybertron.data.mixture import Mixture
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
 from cybertron.parallel.apply import shard_frozen, shards_parameters
@@ -58,6 +60,7 @@ class GRPOSetup:
     val_prompts: list[PromptRecord]
     reward: RewardSource
     description: str
+    mixture: Mixture | None = None  # data.mix: prompts holds each source's train prompts in turn
 
     @property
     def train(self) -> Batch:
@@ -72,15 +75,15 @@ def grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device:
         raise ConfigError(f"align.max_new_tokens ({a.max_new_tokens}) leaves no room for a prompt in "
                           f"data.seq_len={seq_len}")
     max_prompt = seq_len - a.max_new_tokens
-    prompts, skipped = read_prompts(cfg.data.path, tokenizer, max_prompt)
-    train, val = split(prompts, cfg.data.val_fraction, cfg.train.seed)
+    train, val, n_read, skipped, mixture = prompt_data(cfg.data, tokenizer, max_prompt, cfg.train.seed)
     reward = load_reward(a.reward, device, reward_model)
     step = (PPOStep(a.clip_eps, a.value_clip, a.vf_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
             if a.method == "ppo" else GRPOStep(a.clip_eps, a.kl_coef if a.method in KL_LOSS_METHODS else 0.0,
                                                  a.loss_type, a.check_logprobs, a.logprob_tolerance))
-    description = (f"{len(prompts)} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} "
-                   f"train / {len(val)} val; {a.group_size} completions per prompt; reward {reward.name}")
-    return GRPOSetup(step, train, val, reward, description)
+    description = (f"{n_read} prompts ({skipped} longer than {max_prompt} tokens skipped): {len(train)} "
+                   f"train / {len(val)} val{'; ' + mixture.describe() if mixture else ''}; {a.group_size} "
+                   f"completions per prompt; reward {reward.name}")
+    return GRPOSetup(step, train, val, reward, description, mixture)
 
 
 def grpo_model_state(cfg: AlignConfig, model: nn.Module, tokenizer: TextTokenizer, world: World, seq_len: int,

@@ -211,6 +211,7 @@ class KTOSetup:
     train: Batch
     val: Batch | None
     description: str
+    mixture: None = None  # data.mix is not read by kto (config.MIX_METHODS)
 
 
 def kto_setup(cfg: Any, tokenizer: TextTokenizer, seq_len: int) -> KTOSetup:

@@ -119,7 +119,7 @@ def online_dpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, d
     step = OnlineDPOStep(a.online_loss, a.beta, a.check_logprobs, a.logprob_tolerance)
     description = base.description.replace(f"{SAMPLES} completions per prompt",
                                            f"{SAMPLES} completions per prompt judged into a pair ({a.online_loss})")
-    return OnlineDPOSetup(step, base.prompts, base.val_prompts, base.reward, description)
+    return OnlineDPOSetup(step, base.prompts, base.val_prompts, base.reward, description, base.mixture)
 
 
 def _as_grpo(cfg: AlignConfig) -> AlignConfig:

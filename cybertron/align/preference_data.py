@@ -14,7 +14,6 @@ rows are right-padded into (N, L) tensors and each batch is cut to its own longe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from cybertron.data.chat_template import Message, render, render_with_assistant_spans
-from cybertron.data.sources import utf8_lines
+from cybertron.data.hf import HF_DEFAULTS, HFOptions
+from cybertron.data.records import read_records
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import DataError
 
@@ -64,22 +64,11 @@ class PromptRecord:
     source: str
 
 
-def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("file:line", record) for each non-empty line; DataError naming the line for anything not an object."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist")
-    for lineno, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
+def read_jsonl(path: str | Path, what: str,
+               hf_options: HFOptions = HF_DEFAULTS) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", record) for each non-empty line; DataError naming the line for anything not an object.
+    Hugging Face data sets (hf:NAME, save_to_disk folders, .parquet) are read too (data/records.py)."""
+    return read_records(path, what, hf_options)
 
 
 def _messages(value: Any, where: str, name: str) -> list[Message]:
@@ -176,11 +165,11 @@ def truncate(seq: TokenizedSequence, max_len: int) -> TokenizedSequence:
     return TokenizedSequence(ids, mask)
 
 
-def read_preference_pairs(path: str | Path, tokenizer: TextTokenizer, max_len: int) -> tuple[list[PreferencePair],
-                                                                                              int]:
+def read_preference_pairs(path: str | Path, tokenizer: TextTokenizer, max_len: int,
+                          hf_options: HFOptions = HF_DEFAULTS) -> tuple[list[PreferencePair], int]:
     """(pairs, number cut to max_len). DataError naming the line for malformed or meaningless records."""
     pairs, n_truncated = [], 0
-    for where, record in read_jsonl(path, "preference data"):
+    for where, record in read_jsonl(path, "preference data", hf_options):
         prompt = _prompt(record, where)
         chat = isinstance(prompt, list)
         chosen, rejected = _response(record, "chosen", chat, where), _response(record, "rejected", chat, where)
@@ -201,10 +190,11 @@ def read_preference_pairs(path: str | Path, tokenizer: TextTokenizer, max_len: i
     return pairs, n_truncated
 
 
-def read_prompts(path: str | Path, tokenizer: TextTokenizer, max_prompt_len: int) -> tuple[list[PromptRecord], int]:
+def read_prompts(path: str | Path, tokenizer: TextTokenizer, max_prompt_len: int,
+                 hf_options: HFOptions = HF_DEFAULTS) -> tuple[list[PromptRecord], int]:
     """(GRPO prompts, number skipped for being longer than max_prompt_len tokens)."""
     records, skipped = [], 0
-    for where, record in read_jsonl(path, "prompt data"):
+    for where, record in read_jsonl(path, "prompt data", hf_options):
         prompt = _prompt(record, where)
         try:
             ids = prompt_ids(tokenizer, prompt)
@@ -275,8 +265,8 @@ class PreferenceData:
 
 
 def build_preference_data(path: str | Path, tokenizer: TextTokenizer, max_len: int, val_fraction: float,
-                          seed: int) -> PreferenceData:
-    pairs, n_truncated = read_preference_pairs(path, tokenizer, max_len)
+                          seed: int, hf_options: HFOptions = HF_DEFAULTS) -> PreferenceData:
+    pairs, n_truncated = read_preference_pairs(path, tokenizer, max_len, hf_options)
     train, val = split(pairs, val_fraction, seed)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     return PreferenceData(pair_rows(train, pad_id), pair_rows(val, pad_id) if val else None, len(pairs),

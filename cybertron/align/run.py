@@ -24,14 +24,15 @@ from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
 from cybertron.align.kto import KTOSetup, KTOTask, kto_reference, kto_setup
+from cybertron.align.mix import preference_data
 from cybertron.align.online_dpo import OnlineDPOSetup, OnlineDPOTask, online_dpo_model_state, online_dpo_setup
 from cybertron.align.ppo import attach_value_head
-from cybertron.align.preference_data import build_preference_data
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader
 from cybertron.align.task import AlignTask, split_rows
 from cybertron.data.chat_template import remedy_on_failure, resolve_chat_format
-from cybertron.data.sft import RowLoader
+from cybertron.data.mixture import Mixture
+from cybertron.data.sft import row_loader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import ConfigError
 from cybertron.finetune.model import OpenBase, base_dtype, build_finetune_model
@@ -118,7 +119,7 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     schedule = lambda step: lr_at(step, t.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
     trainer, parts = build_trainer(model, world, cfg.parallel, t, dtype_name, schedule, step_fn=setup.step,
                                    replicas_equal=True)
-    loader = RowLoader(setup.train, plan.batch_size, seed=t.seed)
+    loader = row_loader(setup.train, plan.batch_size, t.seed, setup.mixture)
     common = (cfg, run_dir, device, tokenizer, model, trainer, loader, world, plan, chat, setup.description)
     task: AlignTask
     if isinstance(setup, GRPOSetup):
@@ -179,17 +180,18 @@ class PreferenceSetup:
     train: Batch  # padded pair rows (+ reference log-probabilities once computed)
     val: Batch | None
     description: str
+    mixture: Mixture | None = None  # data.mix: train holds each source's pairs in turn
 
 
 def preference_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int) -> PreferenceSetup:
     a = cfg.align
-    data = build_preference_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, cfg.train.seed)
+    data, mixture = preference_data(cfg.data, tokenizer, seq_len, cfg.train.seed)
     step = RewardStep() if a.method == "reward" else PreferenceStep(
         a.method, a.beta, a.label_smoothing, a.simpo_beta, a.simpo_gamma, a.orpo_lambda)
     n_val = data.val["chosen_ids"].shape[0] if data.val is not None else 0
     description = (f"{data.n_pairs} preference pairs ({data.n_truncated} cut to seq_len {seq_len}): "
-                   f"{data.n_pairs - n_val} train / {n_val} val")
-    return PreferenceSetup(step, data.train, data.val, description)
+                   f"{data.n_pairs - n_val} train / {n_val} val" + (f"; {mixture.describe()}" if mixture else ""))
+    return PreferenceSetup(step, data.train, data.val, description, mixture)
 
 
 @dataclass

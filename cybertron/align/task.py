@@ -14,7 +14,7 @@ from torch import nn
 
 from cybertron.align.config import AlignConfig
 from cybertron.data.chat_template import ChatFormat
-from cybertron.data.sft import RowLoader
+from cybertron.data.sft import RowLoader, RowMixtureLoader
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.finetune.lora import count_params
 from cybertron.parallel.world import World
@@ -31,7 +31,7 @@ class AlignTask:
     tokenizer: TextTokenizer
     model: nn.Module  # the plain module (what generates and what checkpoints save); trainer.model may wrap it
     trainer: Trainer
-    loader: RowLoader
+    loader: RowLoader | RowMixtureLoader
     world: World
     plan: WorkPlan
     chat: ChatFormat

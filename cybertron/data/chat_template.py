@@ -20,13 +20,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cybertron.errors import DataError
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content and, for tool use, tool_calls / tool_call_id / name
 
 # Each message is `<|role|>\n` + content; an assistant turn ends with the eos token (the end-of-text token a
 # pretrained model already emits, so generation stops after a reply), any other turn with a newline. Renders
@@ -77,7 +78,8 @@ def render(template: str, messages: Sequence[Message], add_generation_prompt: bo
 
 
 def render_with_assistant_spans(template: str, messages: Sequence[Message], bos_token: str = "",
-                                eos_token: str = "") -> tuple[str, list[tuple[int, int]]]:
+                                eos_token: str = "",
+                                tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """(full text, [(start, end) character spans written by the assistant]).
 
     A reply's span is what rendering the conversation up to and including the reply adds to rendering it
@@ -85,13 +87,13 @@ def render_with_assistant_spans(template: str, messages: Sequence[Message], bos_
     model must learn to emit to stop. This relies on renders being prefixes of each other, which holds for
     the chat templates of the Llama, Qwen and Mistral families; a template where it does not is reported.
     """
-    full = render(template, messages, False, bos_token, eos_token)
+    full = render(template, messages, False, bos_token, eos_token, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(template, messages[:i], True, bos_token, eos_token)
-        upto = render(template, messages[:i + 1], False, bos_token, eos_token)
+        before = render(template, messages[:i], True, bos_token, eos_token, tools)
+        upto = render(template, messages[:i + 1], False, bos_token, eos_token, tools)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise ChatTemplateError("the chat template does not render a conversation as a prefix of its "
                                     "continuation, so assistant tokens cannot be located")

@@ -77,6 +77,11 @@ class PackedLoader:
             indices[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
         return indices
 
+    def window(self, slot: int) -> np.ndarray:
+        """The seq_len + 1 tokens of the sample at position `slot` of the endless shuffled sequence."""
+        start = int(self._sample_indices(np.array([slot], dtype=np.int64))[0]) * self.seq_len
+        return self._tokens[start:start + self.seq_len + 1]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (inputs, targets), each (global_batch_size / dp_size, seq_len) int64."""
         first = self.samples_consumed + self.dp_rank * self.local_batch_size
@@ -90,6 +95,9 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the saved seed wins so the data order matches the saved run."""
+        if "per_source" in state:
+            raise DataError(f"the checkpoint's data loader mixed {len(state['per_source'])} sources (data.mix); "
+                            "this run reads one; resume with the data.mix it was saved with")
         missing = {"samples_consumed", "seed", "seq_len"} - set(state)
         if missing:
             raise DataError(f"data loader state lacks {sorted(missing)}; it needs samples_consumed, seed "

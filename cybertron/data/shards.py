@@ -17,6 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 from cybertron.data.cache import atomic_directory, cache_key
+from cybertron.data.hf import HF_DEFAULTS, HFOptions
 from cybertron.data.sources import fingerprint_source, iter_documents
 from cybertron.data.tokenizer import TextTokenizer
 from cybertron.errors import DataError
@@ -40,11 +41,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def build_or_load_shards(source_path: str | None, text_field: str, tokenizer: TextTokenizer,
-                         cache_dir: Path, val_fraction: float, seed: int) -> TokenShards:
-    """Load the shards of (source, tokenizer, split) from cache_dir/shards/<key>/, building them if absent."""
+                         cache_dir: Path, val_fraction: float, seed: int,
+                         fingerprint: str | None = None, hf_options: HFOptions = HF_DEFAULTS) -> TokenShards:
+    """Load the shards of (source, tokenizer, split) from cache_dir/shards/<key>/, building them if absent.
+    `fingerprint`: the source's, when the caller has it already (fingerprint_source)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is out of range; use a value in [0, 1), e.g. 0.05")
-    fingerprint = fingerprint_source(source_path, text_field)
+    fingerprint = fingerprint or fingerprint_source(source_path, text_field, hf_options=hf_options)
     tokenizer_hash = tokenizer.content_hash()
     key = cache_key("shards", SHARDS_FORMAT, fingerprint, tokenizer_hash, float(val_fraction), seed)
     final = Path(cache_dir) / "shards" / key
@@ -57,7 +60,7 @@ def build_or_load_shards(source_path: str | None, text_field: str, tokenizer: Te
             "text_field": text_field, "fingerprint": fingerprint, "tokenizer_hash": tokenizer_hash,
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "seed": seed,
             "dtype": token_dtype(tokenizer.vocab_size).name, "val_fraction": float(val_fraction)}
-    documents = iter_documents(source_path, text_field)
+    documents = iter_documents(source_path, text_field, hf_options)
     with atomic_directory(final) as tmp:
         meta.update(_write_shards(tmp, documents, tokenizer, val_fraction, seed))
         # The rename publishes the directory; meta.json is also written last, as a second guard.

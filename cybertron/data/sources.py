@@ -1,20 +1,22 @@
 """Documents from the bundled default corpus (the stdlib's own source) or from user text/jsonl/parquet files.
 
-A *source* is a path (file or directory) or None for the default corpus. Every file is read by its
+A *source* is a path (file or directory) or None for the default corpus; a Hugging Face data set (`hf:...`
+or a save_to_disk directory) is read through data/hf.py. Every file is read by its
 suffix: `.jsonl`/`.json` are JSON Lines (one document per line, from a named field), `.parquet` is a
 column of a table, anything else is one UTF-8 document per file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from cybertron.data import hf
+from cybertron.data.fingerprint import hash_files, reading
+from cybertron.data.hf import HF_DEFAULTS, HFOptions, is_hf_source
 from cybertron.errors import DataError
 
 # Installed third-party packages and bytecode are not "the stdlib"; they also differ between machines.
@@ -31,17 +33,6 @@ def default_corpus_root() -> Path:
 
 def _is_default(path: str | None) -> bool:
     return path is None or path == ""
-
-
-@contextmanager
-def reading(file: Path) -> Iterator[None]:
-    """Report a file that cannot be read (no permission, a dangling link, an I/O error) as one DataError line
-    naming it, instead of an OSError traceback."""
-    try:
-        yield
-    except OSError as e:
-        raise DataError(f"{file} cannot be read ({e.strerror or type(e).__name__}); fix its permissions or "
-                        "remove it from the data folder") from e
 
 
 def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
@@ -180,8 +171,11 @@ def _iter_file(file: Path, text_field: str, in_directory: bool) -> Iterator[str]
     return _read_text_file(file, skip_undecodable=in_directory)
 
 
-def iter_documents(path: str | None, text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str | None, text_field: str = "text", hf_options: HFOptions = HF_DEFAULTS) -> Iterator[str]:
     """Yield every non-empty document of a source, in a stable order (files sorted by relative path)."""
+    if is_hf_source(path):
+        yield from _hf_documents(path, text_field, hf_options)
+        return
     files = list_source_files(path)
     in_directory = _is_default(path) or Path(path).is_dir()
     found_any = False
@@ -196,17 +190,36 @@ def iter_documents(path: str | None, text_field: str = "text") -> Iterator[str]:
                         f"non-empty {text_field!r} values")
 
 
-def fingerprint_source(path: str | None, text_field: str) -> str:
-    """sha256 over every file's relative name and bytes plus text_field: changes when any content does."""
-    root = _source_root(path)
-    digest = hashlib.sha256()
-    digest.update(f"text_field={text_field}\0".encode())
-    for file in list_source_files(path):
-        name = file.relative_to(root).as_posix().encode()
-        with reading(file):
-            data = file.read_bytes()
-        # Length prefixes keep (name, bytes) pairs unambiguous when concatenated.
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
+def _hf_documents(path: str, text_field: str, options: HFOptions) -> Iterator[str]:
+    found_any = False
+    for where, record in hf.iter_records(path, options):
+        value = record.get(text_field)
+        if not isinstance(value, str):
+            raise DataError(f"{where} has no string field {text_field!r} (its fields: {sorted(record)}); set "
+                            "data.text_field to the name the data set uses")
+        if value:
+            found_any = True
+            yield value
+    if not found_any:
+        raise DataError(f"{hf.describe(path, options)} holds no non-empty {text_field!r} text")
+
+
+def approx_source_chars(path: str | None, hf_options: HFOptions = HF_DEFAULTS) -> int:
+    """About how many characters a source holds (its bytes; 0 when unknown), to spread a sample over it."""
+    if is_hf_source(path):
+        return hf.approx_chars(path, hf_options)
+    return sum(f.stat().st_size for f in list_source_files(path))
+
+
+def fingerprint_source(path: str | None, text_field: str, verify: bool = False,
+                       hf_options: HFOptions = HF_DEFAULTS, index_dir: Path | None = None) -> str:
+    """sha256 over every file's relative name and bytes plus text_field: changes when any content does.
+
+    With index_dir, the hash is remembered there under the files' metadata (names, sizes, mtime_ns, inodes):
+    a later call on files with the same metadata returns it without reading a byte, so a restart on a large
+    corpus costs one stat per file. verify=True always reads every byte (and refreshes the memo), which
+    catches a file rewritten in place with its old size and mtime restored."""
+    if is_hf_source(path):
+        return hf.fingerprint(path, hf_options, verify, index_dir) + f"/text_field={text_field}"
+    return hash_files(list_source_files(path), _source_root(path), f"text_field={text_field}\0".encode(),
+                      verify, index_dir)

@@ -19,6 +19,8 @@ from cybertron.config import (
     raise_first_failure,
     validate_shared_sections,
 )
+from cybertron.data.mixture import parse_mix
+from cybertron.data.sft_formats import FORMATS
 from cybertron.finetune.lora import DEFAULT_TARGETS, LoRASpec
 from cybertron.finetune.quant import SHARD_UNIT
 
@@ -38,7 +40,17 @@ class BaseModelSection:
 
 @dataclass
 class SFTDataSection:
-    path: str = opt("", ".jsonl of {'messages': [...]} (OpenAI chat format) or {'prompt', 'response'} records")
+    path: str = opt("", ".jsonl (or .json array, .parquet, .csv, a save_to_disk folder, hf:NAME) of chat "
+                        "examples: {'messages': [...]} (OpenAI chat, tool calls too), ShareGPT 'conversations', "
+                        "Alpaca 'instruction'/'input'/'output' or {'prompt', 'response'}")
+    format: str = opt("auto", "the records' format: auto (by each record's keys), chat, sharegpt, alpaca or "
+                              "prompt_response")
+    split: str = opt("train", "Hugging Face data sets: the split to read")
+    subset: str = opt("", "Hugging Face Hub data sets: the configuration (load_dataset's name)")
+    streaming: bool = opt(False, "Hugging Face data sets: read record by record (an IterableDataset)")
+    mix: list[dict] = opt([], "a weighted mixture instead of data.path: [[data.mix]] tables with path, weight "
+                              "(default 1) and format (default data.format); on the command line "
+                              "--data.mix path=FILE,weight=0.7 once per source")
     seq_len: int = opt(0, "tokens per packed training row, longer examples are cut; 0 = the model's maximum, "
                           "at most 1024")
     pack: bool = opt(True, "pack several examples per row (attention never crosses examples)")
@@ -108,12 +120,19 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
     d, f = cfg.data, cfg.finetune
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory"),
-        (bool(d.path), "data.path (--data) is required: a .jsonl of chat examples"),
+        (bool(d.path or d.mix), "data.path (--data) is required: a .jsonl (or Hugging Face data set) of chat "
+                                "examples, or data.mix"),
+        (not (d.path and d.mix), f"give data.path ({d.path}) or data.mix, not both"),
         *method_checks(f),
         *base_model_checks(cfg.model, f.method),
         (d.seq_len == 0 or d.seq_len >= 2, f"data.seq_len must be >= 2 (or 0 = auto), got {d.seq_len}"),
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.format in FORMATS, f"data.format must be one of {', '.join(FORMATS)}, got {d.format!r}"),
     ])
+    for entry in parse_mix(d.mix, ("format",)):
+        fmt = entry.option("format", d.format)
+        raise_first_failure([(fmt in FORMATS, f"data.mix {entry.path}: format must be one of {', '.join(FORMATS)}, "
+                                              f"got {fmt!r}")])
     validate_shared_sections(cfg)
     validate_layout(cfg, world_size)
 

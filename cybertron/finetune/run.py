@@ -20,7 +20,17 @@ from torch import nn
 
 from cybertron.config import ParallelSection
 from cybertron.data.chat_template import ChatFormat, remedy_on_failure, resolve_chat_format
-from cybertron.data.sft import RowLoader, SFTData, build_sft_data, eval_batches
+from cybertron.data.hf import HFOptions
+from cybertron.data.mixture import parse_mix
+from cybertron.data.sft import (
+    RowLoader,
+    RowMixtureLoader,
+    SFTData,
+    build_sft_data,
+    build_sft_mixture,
+    eval_batches,
+    row_loader,
+)
 from cybertron.data.tokenizer import CHAT_TEMPLATE_FILE, TextTokenizer, copy_tokenizer_files
 from cybertron.errors import ConfigError
 from cybertron.files import write_text_atomic
@@ -85,7 +95,11 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
     check_layout(world.dims, cfg.parallel, model_cfg, seq_len)
     t = cfg.train
     with remedy_on_failure():
-        data = build_sft_data(cfg.data.path, tokenizer, seq_len, cfg.data.val_fraction, t.seed, cfg.data.pack)
+        d = cfg.data
+        hf_options = HFOptions(d.split, d.subset, d.streaming)
+        data = (build_sft_mixture(parse_mix(d.mix, ("format",)), tokenizer, seq_len, d.val_fraction, t.seed,
+                                  d.pack, d.format, hf_options) if d.mix else
+                build_sft_data(d.path, tokenizer, seq_len, d.val_fraction, t.seed, d.pack, d.format, hf_options))
     plan = plan_work(data.train["inputs"].shape[0], t.global_batch_size, t.steps, t.epochs, t.warmup_steps,
                      unit=world.dp_size * (t.micro_batch_size or 1))
     weights = base.load(device, base_dtype(cfg.model.dtype, dtype_name, cfg.finetune.method))
@@ -101,7 +115,7 @@ def _run_finetune(cfg: FinetuneConfig, open_base: OpenBase, record_run: RecordRu
     # Every rank loaded the same weights and seeded the same adapters: no start-up broadcast (which altered
     # torchao's NF4 bases under DDP).
     trainer, parts = build_trainer(model, world, cfg.parallel, t, dtype_name, schedule, replicas_equal=True)
-    loader = RowLoader(data.train, plan.batch_size, seed=t.seed)
+    loader = row_loader(data.train, plan.batch_size, t.seed, data.mixture)
     task = SFTTask(cfg, run_dir, device, model, trainer, loader, data, plan, chat, world)
     return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, parts, model_cfg, plan.steps,
                             base.path, chat.template, record_run, world)
@@ -161,7 +175,7 @@ class SFTTask:
     device: torch.device
     model: nn.Module
     trainer: Trainer
-    loader: RowLoader
+    loader: RowLoader | RowMixtureLoader
     data: SFTData
     plan: WorkPlan
     chat: ChatFormat
@@ -177,7 +191,8 @@ class SFTTask:
         where = self.world.describe()
         return (f"{method} fine-tuning on {where}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters "
                 f"train{extra}; {self.data.n_examples} examples ({self.data.n_truncated} cut to seq_len) in "
-                f"{self.data.train['inputs'].shape[0]} train / {val} val rows; {self.plan.describe()}; "
+                f"{self.data.train['inputs'].shape[0]} train / {val} val rows"
+                f"{'; ' + self.data.mixture.describe() if self.data.mixture else ''}; {self.plan.describe()}; "
                 f"{self.chat.describe()}; run dir {self.run_dir}")
 
     def next_micro_batches(self, step: int) -> list[Batch]:

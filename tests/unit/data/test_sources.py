@@ -183,3 +183,38 @@ def test_an_unreadable_subfolder_is_one_error_naming_it(tmp_path):
     (folder / "sub").chmod(0)
     with pytest.raises(DataError, match=f"{folder / 'sub'} cannot be read"):
         list_source_files(str(folder))
+
+
+def _rewrite_keeping_metadata(file, text):
+    """Rewrite a file in place with same-size content and its old mtime: only a content hash sees it."""
+    before = os.stat(file)
+    with open(file, "r+b") as f:  # in place: same inode
+        f.write(text.encode())
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(file)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def test_a_restart_trusts_file_metadata_and_verify_reads_the_bytes(tmp_path):
+    corpus, index = tmp_path / "corpus", tmp_path / "index"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha", encoding="utf-8")
+    (corpus / "b.txt").write_text("beta", encoding="utf-8")
+    first = fingerprint_source(str(corpus), "text", index_dir=index)
+    assert first == fingerprint_source(str(corpus), "text")  # the memoized value is the content hash
+    _rewrite_keeping_metadata(corpus / "b.txt", "BETA")
+    # Same names, sizes, mtimes and inodes: the remembered hash is returned without reading a byte (so the
+    # edit goes unseen), while verify hashes the content and refreshes the memo.
+    assert fingerprint_source(str(corpus), "text", index_dir=index) == first
+    verified = fingerprint_source(str(corpus), "text", verify=True, index_dir=index)
+    assert verified != first and verified == fingerprint_source(str(corpus), "text")
+    assert fingerprint_source(str(corpus), "text", index_dir=index) == verified
+    # A changed mtime (same size) or a changed size invalidates the memo: the content is hashed again.
+    before = os.stat(corpus / "a.txt")
+    (corpus / "a.txt").write_text("ALPHA", encoding="utf-8")
+    os.utime(corpus / "a.txt", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    touched = fingerprint_source(str(corpus), "text", index_dir=index)
+    assert touched not in (first, verified) and touched == fingerprint_source(str(corpus), "text")
+    (corpus / "a.txt").write_text("ALPHA, longer", encoding="utf-8")
+    resized = fingerprint_source(str(corpus), "text", index_dir=index)
+    assert resized != touched and resized == fingerprint_source(str(corpus), "text")

@@ -43,7 +43,8 @@ def test_frozen_base_is_stored_in_bf16_only_under_bf16_autocast():
 @pytest.mark.parametrize("override, fragment", [("--finetune.method=prefix", "finetune.method"),
                                                 ("--finetune.rank=0", "finetune.rank"),
                                                 ("--finetune.dropout=1.5", "finetune.dropout"),
-                                                ("--data.val_fraction=1", "data.val_fraction")])
+                                                ("--data.val_fraction=1", "data.val_fraction"),
+                                                ("--data.format=jsonl", "data.format must be one of auto, chat")])
 def test_invalid_values_name_their_key(override, fragment):
     cfg = parse_args(["--model.path=m", "--data.path=d", override], FinetuneConfig())
     with pytest.raises(ConfigError, match=fragment):

@@ -3,6 +3,10 @@
     python bench/dpo.py                                    # CPU: the small random model of bench/grpo.py, fp32
     python bench/dpo.py --weights lora                     # LoRA (peft on TRL's side, same rank/alpha/targets)
     python bench/dpo.py --shape llama3-1b --device cuda --batch 8 --prompt-words 256 --response-words 256
+    python bench/dpo.py --method kto --frameworks cybertron        # KTO: --batch labelled completions per step
+    python bench/dpo.py --method online_dpo --frameworks cybertron # online DPO: --batch prompts, 2 samples each
+
+kto and online_dpo run on cybertron's side only (see the section "kto and online_dpo" below).
 
 Both sides load the same random-weight Hugging Face directory and train on the same synthetic preference pairs
 (plain text: a prompt of --prompt-words random words, a chosen response drawn from one half of the vocabulary
@@ -70,7 +74,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadier on a shared machine)")
     p.add_argument("--frameworks", default="cybertron,trl", help="comma-separated: cybertron, trl")
     p.add_argument("--json-out", default="", help="append one JSON line per framework to this file")
-    return p.parse_args()
+    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "online_dpo"],
+                   help="kto and online_dpo: cybertron only (--frameworks cybertron)")
+    args = p.parse_args()
+    if args.method != "dpo" and args.frameworks != "cybertron":
+        p.error(f"--method {args.method} runs on cybertron's side only: add --frameworks cybertron")
+    return args
 
 
 def write_pairs(path: Path, n: int, prompt_words: int, response_words: int, seed: int = 0) -> Path:
@@ -91,6 +100,7 @@ class Timeline:
 
     device: torch.device
     ends: list[float] = field(default_factory=list)
+    rollout: dict[str, float] = field(default_factory=dict)  # online_dpo: rollout tokens/s and generate share
     losses: list[torch.Tensor] = field(default_factory=list)
     tokens: list[torch.Tensor] = field(default_factory=list)
 
@@ -123,7 +133,8 @@ def timed_train_step(timeline: Timeline) -> Iterator[None]:
         result = original(trainer, step, micro_batches, *rest, **kwargs)
         timeline.mark()
         timeline.losses.append(result.loss.detach())
-        timeline.tokens.append(sum(b["chosen_len"].sum() + b["rejected_len"].sum() for b in micro_batches))
+        # every sequence the step forwards: chosen + rejected (dpo, online_dpo), completion + mismatched pair (kto)
+        timeline.tokens.append(sum(v.sum() for b in micro_batches for k, v in b.items() if k.endswith("_len")))
         return result
 
     Trainer.train_step = train_step
@@ -139,7 +150,12 @@ def run_cybertron(args: argparse.Namespace, model_dir: Path, data: Path, seq_len
 
     cfg = AlignConfig()
     cfg.model.path, cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction = str(model_dir), str(data), seq_len, 0.0
-    cfg.align.method, cfg.align.beta = "dpo", args.beta
+    cfg.align.method, cfg.align.beta = args.method, args.beta
+    if args.method == "online_dpo":
+        cfg.data.path, cfg.align.reward = str(data.parent / "prompts.jsonl"), f"{data.parent / 'reward.py'}:good"
+        cfg.align.max_new_tokens = args.response_words
+    elif args.method == "kto":
+        cfg.data.path = str(data.parent / "kto.jsonl")
     cfg.finetune.method, cfg.finetune.rank, cfg.finetune.alpha = args.weights, args.rank, 2.0 * args.rank
     cfg.finetune.targets = ",".join(TARGETS)
     t = cfg.train
@@ -147,12 +163,16 @@ def run_cybertron(args: argparse.Namespace, model_dir: Path, data: Path, seq_len
     t.warmup_steps, t.min_lr_ratio, t.weight_decay, t.grad_clip = 0, 1.0, 0.0, 1.0
     t.device, t.dtype = args.device, "bf16" if args.device == "cuda" else "fp32"
     cfg.eval.every, cfg.checkpoint.every = 0, 0
-    cfg.log.every, cfg.log.tensorboard, cfg.log.progress = args.steps, False, "lines"
+    # online_dpo logs every step: its rollout statistics (rollout tokens/s, generate share) come from the log
+    cfg.log.every = 1 if args.method == "online_dpo" else args.steps
+    cfg.log.tensorboard, cfg.log.progress = False, "lines"
     cfg.run.out = str(out)
     validate(cfg)
     timeline = Timeline(torch.device(args.device))
     with timed_train_step(timeline):
         run_align(cfg)
+    if args.method == "online_dpo":
+        timeline.rollout = rollout_log(out, args.warmup)
     return timeline
 
 
@@ -219,6 +239,7 @@ def main() -> None:
         work = Path(tmp)
         model_dir = make_model_dir(work / "model", args.shape)
         data = write_pairs(work / "pairs.jsonl", args.pairs, args.prompt_words, args.response_words)
+        write_kto_and_prompts(data)
         for repeat in range(args.repeats):
             order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
             for name in order:
@@ -226,7 +247,7 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 timeline = runners[name](args, model_dir, data, seq_len, work / f"{name}-{repeat}")
                 assert len(timeline.ends) == len(timeline.losses) == args.steps, (name, len(timeline.ends))
-                results[name].append(timeline.rates(args.warmup, args.batch))
+                results[name].append({**timeline.rates(args.warmup, args.batch), **timeline.rollout})
                 results[name][-1]["peak_gib"] = peak_gib(args.device)
                 curves[name].append(timeline.loss_curve())
                 gc.collect()  # the finished run's model and optimizer go before the next one is built
@@ -251,7 +272,8 @@ def write_json(args: argparse.Namespace, results: dict[str, list[dict[str, float
     noise = f"median of {args.repeats} runs (alternating order) of {args.steps - args.warmup} timed steps " \
             f"after {args.warmup}"
     append_rows(args.json_out, "dpo", args.device, [
-        {"runner": name, "shape": args.shape or "grpo-small", "weights": args.weights, "batch_pairs": args.batch,
+        {"runner": name, "method": args.method, "shape": args.shape or "grpo-small", "weights": args.weights,
+         "batch_pairs": args.batch,
          "prompt_words": args.prompt_words, "response_words": args.response_words,
          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
          "pairs_per_s": statistics.median(r["pairs_per_s"] for r in runs),
@@ -264,7 +286,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
            curves: dict[str, list[list[float]]]) -> None:
     shape = args.shape or "small (dim 256, 4 layers, vocab 384)"
     tokens_per_pair = 2 * (args.prompt_words + args.response_words + 1)
-    print(f"\nDPO, {shape}, {args.weights} weights, {args.batch} pairs x ~{tokens_per_pair} tokens per step, "
+    unit = {"dpo": "pairs", "kto": "completions", "online_dpo": "prompts (2 samples each)"}[args.method]
+    print(f"\n{args.method}, {shape}, {args.weights} weights, {args.batch} {unit} x ~{tokens_per_pair} tokens per "
+          "step, "
           f"{args.device} ({'fp32' if args.device == 'cpu' else 'bf16 autocast'}, {torch.get_num_threads()} "
           f"threads), lr {args.lr:g}, {args.steps} steps of which the first {args.warmup} are not timed, "
           f"median of {args.repeats} runs (losses: the first run)")
@@ -277,6 +301,10 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
         m = median[name]
         print(f"| {name} | {m['pairs_per_s']:,.1f} | {m['tokens_per_s']:,.0f} | {m['ms_per_step']:,.0f} | "
               f"{curve[0]:.4f} | {curve[-1]:.4f} | {statistics.mean(curve[-5:]):.4f} |")
+        if "rollout_tokens_per_s" in m:
+            print(f"\nonline_dpo rollouts: {m['rollout_tokens_per_s']:,.0f} generated tokens/s while generating; "
+                  f"generation {100 * m['generate_share']:.0f}% of the step, training (reference log-probs, "
+                  f"forward, backward, optimizer) {100 * (1 - m['generate_share']):.0f}%")
     if not {"cybertron", "trl"} <= set(median):
         return
     ratio = median["cybertron"]["pairs_per_s"] / median["trl"]["pairs_per_s"]
@@ -284,6 +312,36 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
     print(f"\ncybertron / TRL pairs/s: {ratio:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in per_run)}); "
           f"tokens/s ratio {median['cybertron']['tokens_per_s'] / median['trl']['tokens_per_s']:.3f}; "
           f"ln 2 = {math.log(2):.4f}")
+
+
+# ---- kto and online_dpo ---------------------------------------------------------------------------------------
+# Cybertron's side only: TRL is not installed here, and its OnlineDPOTrainer generates with `transformers` or vLLM
+# rather than with the trained weights in place, so a comparison would time different work. KTO trains on the
+# pairs' responses as unpaired completions (chosen desirable, rejected undesirable: --batch completions per
+# step, each forwarded with its mismatched pair for the KL estimate); online DPO samples up to --response-words
+# tokens twice per prompt from the policy and prefers the longer text (see write_kto_and_prompts).
+
+def write_kto_and_prompts(pairs: Path) -> None:
+    """kto.jsonl, prompts.jsonl and reward.py next to the pairs file, from its records."""
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    with (pairs.parent / "kto.jsonl").open("w") as f:
+        for i, r in enumerate(records):
+            good = i % 2 == 0
+            f.write(json.dumps({"prompt": r["prompt"], "completion": r["chosen" if good else "rejected"],
+                                "label": good}) + "\n")
+    (pairs.parent / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in records))
+    # A random model's samples seldom hold whole words: a reward on words would tie nearly every pair (weight 0,
+    # no gradient); the text's length in characters separates almost all of them.
+    (pairs.parent / "reward.py").write_text("def good(prompts, completions, **fields):\n"
+                                            "    return [float(len(c)) for c in completions]\n")
+
+
+def rollout_log(run_dir: Path, warmup: int) -> dict[str, float]:
+    """Median rollout tokens/s and mean generate share of the steps after `warmup`, from the run's log."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [r for r in rows if "rollout_tokens_per_s" in r and r["step"] > warmup]
+    return {"rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in rows),
+            "generate_share": statistics.mean(r["generate_share"] for r in rows)}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from cybertron.finetune.config import (
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
 ONLINE_METHODS = ("grpo", "rloo", "reinforce++", "ppo")  # generation in the loop: GRPO's rollouts and task
-METHODS = (*PREFERENCE_METHODS, "reward", *ONLINE_METHODS)
+METHODS = (*PREFERENCE_METHODS, "reward", *ONLINE_METHODS, "kto", "online_dpo")
+ON_POLICY = (*ONLINE_METHODS, "online_dpo")  # online_dpo samples through GRPO's rollouts too (its own task)
 # The methods that read a data.mix (align/mix.py): the preference family's pairs and the online methods' prompts.
 MIX_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward", "grpo", "rloo", "reinforce++", "ppo")
 
@@ -38,8 +39,9 @@ MIX_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward", "grpo", "rloo", "reinfor
 @dataclass
 class AlignDataSection:
     path: str = opt("", "dpo/ipo/simpo/orpo/reward: .jsonl of {'prompt', 'chosen', 'rejected'} (plain text, or "
-                        "chat messages rendered by the model's template); grpo: .jsonl of {'prompt', ...} whose "
-                        "other fields are passed to the reward function")
+                        "chat messages rendered by the model's template); grpo/online_dpo: .jsonl of "
+                        "{'prompt', ...} whose other fields are passed to the reward function; kto: .jsonl "
+                        "of {'prompt', 'completion', 'label': true/false} or {'messages', 'label'}")
     split: str = opt("train", "Hugging Face data sets: the split to read")
     subset: str = opt("", "Hugging Face Hub data sets: the configuration (load_dataset's name)")
     streaming: bool = opt(False, "Hugging Face data sets: read record by record (an IterableDataset)")
@@ -57,13 +59,15 @@ class AlignSection:
     method: str = opt("dpo", "dpo, ipo, simpo, orpo (preference pairs), reward (a Bradley-Terry reward model), "
                              "or with generation in the loop: grpo (group-normalised advantages), rloo "
                              "(leave-one-out baseline), reinforce++ (globally normalised KL-shaped returns) or ppo "
-                             "(a value head and GAE); the grpo keys below apply to all four")
-    beta: float = opt(0.1, "dpo/ipo: strength of the pull towards the reference")
+                             "(a value head and GAE); the grpo keys below apply to all four; kto (unpaired "
+                             "desirable/undesirable completions) or online_dpo (DPO on pairs sampled from the "
+                             "current policy and judged by align.reward)")
+    beta: float = opt(0.1, "dpo/ipo/kto/online_dpo: strength of the pull towards the reference")
     label_smoothing: float = opt(0.0, "dpo: assumed share of flipped preference labels (conservative DPO)")
     simpo_beta: float = opt(2.0, "simpo: reward scale of the length-normalised log-probability")
     simpo_gamma: float = opt(0.5, "simpo: target reward margin")
     orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term next to the chosen NLL")
-    reward: str = opt("", "grpo: FILE.py:FUNCTION called as f(prompts, completions, **fields) -> list of "
+    reward: str = opt("", "grpo/online_dpo: FILE.py:FUNCTION called as f(prompts, completions, **fields) -> list of "
                           "numbers, or a run directory of `cybertron align --method reward`")
     group_size: int = opt(8, "grpo: completions sampled per prompt (advantages are relative within a group); "
                              "train.global_batch_size and train.micro_batch_size count prompts")
@@ -84,7 +88,18 @@ class AlignSection:
     value_clip: float = opt(0.2, "ppo: clipping range of the value change from the rollout's values")
     check_logprobs: bool = opt(False, "grpo debug: assert at every step that the generator's token "
                                       "log-probabilities equal the trainer's (needs fp32 and no dropout)")
-    logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability")
+    # ---- multi-turn environments (align/multiturn.py, align/environments/) ----
+    environment: str = opt("", "grpo/rloo: multi-turn rollouts with an environment class, MODULE:CLASS or "
+                               "FILE.py:CLASS (e.g. cybertron.align.environments.calculator:Calculator); it gives "
+                               "the reward, so align.reward stays empty")
+    max_turns: int = opt(4, "grpo/rloo with align.environment: most assistant turns per episode")
+    logprob_tolerance: float = opt(1e-5, "grpo debug: largest allowed |generator - trainer| log-probability "
+                                         "(online_dpo: times max(1, |log p|))")
+    # ---- kto and online_dpo (align/kto.py, align/online_dpo.py); online_dpo also reads align.reward,
+    # max_new_tokens, stop, temperature, top_p, check_logprobs and logprob_tolerance as grpo does
+    desirable_weight: float = opt(1.0, "kto: lambda_D, weight of desirable completions' losses")
+    undesirable_weight: float = opt(1.0, "kto: lambda_U, weight of undesirable completions' losses")
+    online_loss: str = opt("dpo", "online_dpo: the pair loss, dpo or ipo")
 
 
 @dataclass
@@ -111,7 +126,7 @@ SHORTCUTS = {**TRAINING_SHORTCUTS, "--model": "model.path", "--data": "data.path
 def validate(cfg: AlignConfig, world_size: int = 1) -> None:
     """Reject impossible values before any work (or any process group) starts; each message names the key."""
     a, d, f, t = cfg.align, cfg.data, cfg.finetune, cfg.train
-    grpo = a.method in ONLINE_METHODS  # every online method shares GRPO's rollouts and checks
+    grpo = a.method in ON_POLICY  # every online method (online_dpo too) shares GRPO's rollouts and checks
     raise_first_failure([
         (bool(cfg.model.path), "model.path (--model) is required: a Hugging Face model directory or a run "
                                "directory"),
@@ -127,12 +142,23 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
         (0 <= a.label_smoothing < 0.5, f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}"),
         (a.simpo_beta > 0, f"align.simpo_beta must be > 0, got {a.simpo_beta}"),
         (a.orpo_lambda >= 0, f"align.orpo_lambda must be >= 0, got {a.orpo_lambda}"),
-        (not grpo or bool(a.reward), f"align.reward (--reward) is required for {a.method}: FILE.py:FUNCTION or a "
-                                     "reward-model run directory"),
+        (not grpo or bool(a.reward) or bool(a.environment), f"align.reward (--reward) is required for {a.method}: "
+                                     "FILE.py:FUNCTION or a reward-model run directory"),
         (0 < a.gamma <= 1, f"align.gamma must be in (0, 1], got {a.gamma}"),
         (0 <= a.gae_lambda <= 1, f"align.gae_lambda must be in [0, 1], got {a.gae_lambda}"),
         (a.vf_coef > 0, f"align.vf_coef must be > 0 (the value head learns from it), got {a.vf_coef}"),
         (a.value_clip > 0, f"align.value_clip must be > 0, got {a.value_clip}"),
+        # ---- multi-turn environments ----
+        (not a.environment or a.method in ("grpo", "rloo"),
+         f"align.environment runs with grpo or rloo (one advantage per episode), not {a.method}: its per-token "
+         "returns would stop at the tokens the environment inserts between turns"),
+        (not (a.environment and a.reward), "align.environment gives the reward: leave align.reward empty"),
+        (a.max_turns >= 1, f"align.max_turns must be >= 1, got {a.max_turns}"),
+        (a.desirable_weight > 0 and a.undesirable_weight > 0, f"align.desirable_weight and "
+         f"align.undesirable_weight must be > 0, got {a.desirable_weight} and {a.undesirable_weight}"),
+        (a.online_loss in ("dpo", "ipo"), f"align.online_loss must be dpo or ipo, got {a.online_loss!r}"),
+        (not (a.method == "kto" and cfg.parallel.cp > 1), f"parallel.cp={cfg.parallel.cp} does not run with kto "
+                                                          "yet; use parallel.cp=1"),
         (a.group_size >= 2, f"align.group_size must be >= 2 (advantages compare completions of a prompt), "
                             f"got {a.group_size}"),
         (a.max_new_tokens >= 1, f"align.max_new_tokens must be >= 1, got {a.max_new_tokens}"),
@@ -170,6 +196,9 @@ def validate(cfg: AlignConfig, world_size: int = 1) -> None:
          f"zero3 (generation gathers the sharded weights block by block), got {p.data_parallel}"),
         (not (a.method == "ppo" and p.tp > 1),
          "ppo's value head reads whole hidden states, which tensor parallelism splits: use parallel.tp=1"),
+        (not (a.environment and world_size > 1 and p.data_parallel == "zero3"),
+         "align.environment runs on several processes with parallel.data_parallel=ddp only (multi-turn "
+         "rollouts do not run the engines of sharded weights in lockstep)"),
         (not (grpo and p.tp > 1 and (p.sequence_parallel or p.loss_parallel)),
          f"{a.method} with parallel.tp > 1 samples from whole logits of whole sequences: set "
          "parallel.sequence_parallel=false and parallel.loss_parallel=false"),

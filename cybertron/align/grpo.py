@@ -66,11 +66,14 @@ def rollout_rows(prompts: list[PromptRecord], results: list[Result], advantages:
     seqs = []
     for i, result in enumerate(results):
         prompt, completion = prompts[i // group_size].ids, result.token_ids
-        seqs.append(TokenizedSequence(prompt + completion, [False] * len(prompt) + [True] * len(completion)))
+        # multi-turn episodes (align/multiturn.py) carry their own prompt and mask only generated tokens
+        prompt = getattr(result, "prompt_ids", None) or prompt
+        mask = getattr(result, "generated", None) or [True] * len(completion)
+        seqs.append(TokenizedSequence(prompt + completion, [False] * len(prompt) + mask))
     rows = pad_sequences(seqs, pad_id, "seq")
     gen = torch.zeros(rows["seq_ids"].shape, dtype=torch.float32)
     for i, result in enumerate(results):
-        start = len(prompts[i // group_size].ids)
+        start = len(seqs[i]) - len(result.token_ids)
         gen[i, start:start + len(result.logprobs)] = torch.tensor(result.logprobs, dtype=torch.float32)
     return {**rows, "gen_logprobs": gen, "advantages": advantages.float()}
 

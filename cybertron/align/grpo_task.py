@@ -20,6 +20,7 @@ from cybertron.align.advantages import (
     whiten,
 )
 from cybertron.align.config import AlignConfig
+from cybertron.align.environments import EnvironmentReward
 from cybertron.align.grpo import (
     GRPOStep,
     RolloutStats,
@@ -76,7 +77,8 @@ def grpo_setup(cfg: AlignConfig, tokenizer: TextTokenizer, seq_len: int, device:
                           f"data.seq_len={seq_len}")
     max_prompt = seq_len - a.max_new_tokens
     train, val, n_read, skipped, mixture = prompt_data(cfg.data, tokenizer, max_prompt, cfg.train.seed)
-    reward = load_reward(a.reward, device, reward_model)
+    # multi-turn environments (align/multiturn.py): the episodes score themselves
+    reward = EnvironmentReward(a.environment) if a.environment else load_reward(a.reward, device, reward_model)
     step = (PPOStep(a.clip_eps, a.value_clip, a.vf_coef, a.loss_type, a.check_logprobs, a.logprob_tolerance)
             if a.method == "ppo" else GRPOStep(a.clip_eps, a.kl_coef if a.method in KL_LOSS_METHODS else 0.0,
                                                  a.loss_type, a.check_logprobs, a.logprob_tolerance))

@@ -60,3 +60,24 @@ def orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, la
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """Reward-model loss per pair: -log sigmoid(r(chosen) - r(rejected))."""
     return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
+# ---- KTO (align/kto.py) ------------------------------------------------------------------------------------
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """Ethayarajh et al. 2024 (as TRL's KTOTrainer): each completion alone, with r = policy - reference
+    log-ratio and the reference point z = `kl` (an estimate of KL(policy || reference), detached, >= 0):
+    lambda_D (1 - sigmoid(beta (r - z))) for a desirable completion, lambda_U (1 - sigmoid(beta (z - r))) for an
+    undesirable one. Returns (per-completion losses (B,), rewards beta r (B,))."""
+    ratio = policy_logps - ref_logps
+    kl = kl.detach()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return losses, beta * ratio.detach()
+
+
+def kto_reference_point(policy_kl_sum: torch.Tensor, ref_kl_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """z_ref = max(0, mean over mismatched (prompt, completion) pairs of the policy - reference log-ratio),
+    detached: from the sums of both log-probabilities and the pair count (sums add up over ranks)."""
+    return ((policy_kl_sum - ref_kl_sum) / count.clamp(min=1)).clamp(min=0).detach()

@@ -23,7 +23,10 @@ from cybertron.align.config import ONLINE_METHODS, AlignConfig
 from cybertron.align.context_parallel import SequenceSums
 from cybertron.align.dpo import PreferenceStep, evaluate_metrics, pair_batches, reference_logprobs
 from cybertron.align.grpo_task import GRPOSetup, GRPOTask, grpo_model_state, grpo_setup
+from cybertron.align.kto import KTOSetup, KTOTask, kto_reference, kto_setup
 from cybertron.align.mix import preference_data
+from cybertron.align.multiturn import MultiTurnGRPOTask
+from cybertron.align.online_dpo import OnlineDPOSetup, OnlineDPOTask, online_dpo_model_state, online_dpo_setup
 from cybertron.align.ppo import attach_value_head
 from cybertron.align.reward import RewardModel, RewardStep
 from cybertron.align.rewards import RewardModelLoader
@@ -78,10 +81,14 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
                           "or reinforce++")
     method, t = cfg.align.method, cfg.train
     amp = lambda: autocast(dtype_name, device)
-    setup: GRPOSetup | PreferenceSetup
+    setup: GRPOSetup | PreferenceSetup | KTOSetup
     with remedy_on_failure():
         if method in ONLINE_METHODS:  # prompts and the reward before the model
             setup = grpo_setup(cfg, tokenizer, seq_len, device, reward_model)
+        elif method == "online_dpo":  # kto / online_dpo: align/kto.py, align/online_dpo.py
+            setup = online_dpo_setup(cfg, tokenizer, seq_len, device, reward_model)
+        elif method == "kto":
+            setup = kto_setup(cfg, tokenizer, seq_len)
         else:
             setup = preference_setup(cfg, tokenizer, seq_len)
     n_rows = next(iter(setup.train.values())).shape[0]
@@ -96,9 +103,14 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
     # the layout is applied (every rank computes the same values, with no communication but, under context
     # parallelism, that of its cp group).
     if isinstance(setup, GRPOSetup):
-        engine, reference = grpo_model_state(cfg, model, tokenizer, world, seq_len,
-                                             plan.batch_size // world.dp_size,
-                                             torch.bfloat16 if dtype_name == "bf16" else None)
+        state = online_dpo_model_state if isinstance(setup, OnlineDPOSetup) else grpo_model_state
+        engine, reference = state(cfg, model, tokenizer, world, seq_len, plan.batch_size // world.dp_size,
+                                  torch.bfloat16 if dtype_name == "bf16" else None)
+    elif isinstance(setup, KTOSetup):
+        micro = t.micro_batch_size or t.global_batch_size
+        setup.train = kto_reference(world, model, setup.train, micro, device, amp)
+        if setup.val is not None:
+            setup.val = kto_reference(world, model, setup.val, micro, device, amp)
     elif getattr(setup.step, "needs_reference", False):
         micro = t.micro_batch_size or t.global_batch_size
         share = _shared_reference if world.dims.cp == 1 else _context_parallel_reference
@@ -110,8 +122,14 @@ def _run_align(cfg: AlignConfig, open_base: OpenBase, record_run: RecordRun,
                                    replicas_equal=True)
     loader = row_loader(setup.train, plan.batch_size, t.seed, setup.mixture)
     common = (cfg, run_dir, device, tokenizer, model, trainer, loader, world, plan, chat, setup.description)
-    task: AlignTask = (GRPOTask(*common, setup, engine, reference) if isinstance(setup, GRPOSetup)
-                       else PreferenceTask(*common, setup))
+    task: AlignTask
+    if isinstance(setup, OnlineDPOSetup):
+        task = OnlineDPOTask(*common, setup, engine, reference)
+    elif isinstance(setup, GRPOSetup):
+        grpo_task = MultiTurnGRPOTask if cfg.align.environment else GRPOTask  # multi-turn: align/multiturn.py
+        task = grpo_task(*common, setup, engine, reference)
+    else:
+        task = KTOTask(*common, setup) if isinstance(setup, KTOSetup) else PreferenceTask(*common, setup)
 
     return run_adapter_task(cfg, task, run_dir, resume_from, trainer, model, parts, model_cfg, plan.steps,
                             base.path, chat.template, record_run, world)

@@ -115,7 +115,8 @@ class ToolCallFormat:
             except json.JSONDecodeError:
                 break
             arguments = value.get(self.arguments_key, {}) if isinstance(value, dict) else None
-            if not (isinstance(arguments, dict) and value.get(self.name_key) in names):
+            name = value.get(self.name_key) if isinstance(value, dict) else None
+            if not (isinstance(arguments, dict) and isinstance(name, str) and name in names):  # {"name": {}}
                 break
             calls.append(new_call(value[self.name_key], arguments))
             position = _skip_separators(text, stop, self.end.strip(), (self.separator or "").strip())

@@ -38,7 +38,7 @@ def make_run(root: Path, name: str, losses: list[float], total_steps: int, meta:
     cfg.train.steps = total_steps
     write_config(run_dir, cfg)
     (meta or RunMeta("pretrain")).write(run_dir)
-    logger = MetricsLogger(run_dir, None, tensorboard=False)
+    logger = MetricsLogger(run_dir, None)
     logger.log({"step": 0, "val_loss": losses[0] + 0.1, "val_ppl": 300.0})
     for step, loss in enumerate(losses, 1):
         logger.log(train_record(step, loss))

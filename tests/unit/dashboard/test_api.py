@@ -49,7 +49,7 @@ def test_runs_table_has_method_status_step_loss_and_speed(tmp_path):
 
 def test_metrics_tail_returns_only_new_whole_lines_and_restarts_after_a_resume(tmp_path):
     run_dir = make_run(tmp_path, "live", [5.0, 4.5], total_steps=10)
-    logger = MetricsLogger(run_dir, None, tensorboard=False, resumed_at=2)  # the run goes on, appending
+    logger = MetricsLogger(run_dir, None, resumed_at=2)  # the run goes on, appending
     with client_for(tmp_path) as client:
         def poll(cursor):
             reply = client.get("/api/runs/live/metrics", params={"cursor": cursor})
@@ -69,7 +69,7 @@ def test_metrics_tail_returns_only_new_whole_lines_and_restarts_after_a_resume(t
             f.write('ss": 4.0}\n')
         third = poll(second["cursor"])
         assert third["records"] == [{"step": 4, "loss": 4.0}]
-        MetricsLogger(run_dir, None, tensorboard=False, resumed_at=1)  # resumed from step 1: later records go
+        MetricsLogger(run_dir, None, resumed_at=1)  # resumed from step 1: later records go
         after = poll(third["cursor"])
         assert after["reset"] and [r["step"] for r in after["records"]] == [0, 1]
 

@@ -10,7 +10,6 @@ the policy on a wrong signal.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from cybertron.align.reward import RewardModel, RewardModelScorer
+from cybertron.align.user_code import import_file
 from cybertron.errors import UserError
 
 # (run directory, device) -> the reward model of a `cybertron align --method reward` run, in eval mode.
@@ -106,16 +106,7 @@ def load_reward_function(spec: str) -> FunctionReward:
     if not sep or not path_text or not func_name:
         raise UserError(f"align.reward={spec!r}: expected FILE.py:FUNCTION or a reward-model run directory")
     path = Path(path_text)
-    if not path.is_file():
-        raise UserError(f"align.reward: {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"cybertron_reward_{path.stem}", path)
-    if module_spec is None or module_spec.loader is None:
-        raise UserError(f"align.reward: cannot import {path} as Python")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:  # noqa: BLE001 - user code: report, do not crash with a traceback
-        raise UserError(f"align.reward: importing {path} failed: {type(err).__name__}: {err}") from err
+    module = import_file(path, "align.reward", "cybertron_reward")
     fn = getattr(module, func_name, None)
     if not callable(fn):
         names = sorted(n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_"))

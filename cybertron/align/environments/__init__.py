@@ -14,12 +14,12 @@ cybertron.align.environments.calculator:Calculator) or FILE.py:CLASS (a file of 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from cybertron.align.user_code import import_file
 from cybertron.errors import UserError
 
 Message = dict[str, Any]
@@ -70,23 +70,12 @@ def load_environment(spec: str) -> EnvironmentFactory:
         raise UserError(f"align.environment={spec!r}: expected MODULE:CLASS (e.g. "
                         "cybertron.align.environments.calculator:Calculator) or FILE.py:CLASS")
     if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise UserError(f"align.environment: {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"cybertron_environment_{path.stem}", path)
-        if module_spec is None or module_spec.loader is None:
-            raise UserError(f"align.environment: cannot import {path} as Python")
-        module = importlib.util.module_from_spec(module_spec)
-        load = lambda: module_spec.loader.exec_module(module)  # noqa: E731
+        module = import_file(Path(where), "align.environment", "cybertron_environment")
     else:
-        module = None
-        load = lambda: None  # noqa: E731
-    try:
-        load()
-        if module is None:
+        try:
             module = importlib.import_module(where)
-    except Exception as err:  # noqa: BLE001 - user code: one line, not a traceback
-        raise UserError(f"align.environment: importing {where} failed: {type(err).__name__}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - user code: one line, not a traceback
+            raise UserError(f"align.environment: importing {where} failed: {type(err).__name__}: {err}") from err
     cls = getattr(module, name, None)
     if cls is None or not callable(cls):
         raise UserError(f"align.environment: {where} defines no class {name!r}")
